@@ -1,0 +1,1 @@
+fn main() { println!("{}", kube2iam_agent::EBPF_OBJECT.len()); }

@@ -1,0 +1,223 @@
+//! Types shared between the kernel programs (`kube2iam-ebpf`) and the agent.
+//!
+//! Every type here is `#[repr(C)]` with explicit padding and a size assertion, because the kernel
+//! and userspace must agree on the layout byte for byte. Byte order is noted on every field:
+//! addresses and ports are kept in the exact representation `struct bpf_sock_addr` uses, so the
+//! programs compare them without conversions.
+#![no_std]
+
+/// Pinned map names. The kernel limits object names to 15 bytes.
+pub mod maps {
+    /// Hash map, one entry under [`super::CONFIG_KEY`]: the [`super::Config`].
+    pub const CONFIG: &str = "K2I_CONFIG";
+    /// Per-CPU array indexed by [`super::Counter`].
+    pub const COUNTERS: &str = "K2I_COUNTERS";
+    /// LRU hash: socket cookie → [`super::RevNat`], so `getpeername` can undo a rewrite.
+    pub const REVNAT: &str = "K2I_REVNAT";
+}
+
+/// Program names (the function names in `kube2iam-ebpf`), also the names of their pinned links.
+pub mod programs {
+    pub const CONNECT4: &str = "k2i_connect4";
+    pub const CONNECT6: &str = "k2i_connect6";
+    pub const GETPEERNAME4: &str = "k2i_getpeername4";
+    pub const GETPEERNAME6: &str = "k2i_getpeername6";
+}
+
+/// The only key of the config map.
+pub const CONFIG_KEY: u32 = 0;
+
+/// Capacity of the reverse-NAT map. Entries are only needed while a redirected socket lives;
+/// the LRU evicts the oldest, and a stale entry is never applied (see [`RevNat`]).
+pub const REVNAT_CAPACITY: u32 = 65_536;
+
+/// The config is present and the agent is serving: redirect instead of refusing.
+pub const FLAG_ENABLED: u32 = 1 << 0;
+/// `agent_ip6` holds an address: IPv6 metadata connects are redirected there (else refused).
+pub const FLAG_AGENT_IP6: u32 = 1 << 1;
+
+/// Default metadata address, 169.254.169.254, as `bpf_sock_addr.user_ip4` holds it.
+pub const DEFAULT_METADATA_IP4: u32 = u32::from_ne_bytes([169, 254, 169, 254]);
+/// Default IPv6 metadata address, fd00:ec2::254, as `bpf_sock_addr.user_ip6` holds it.
+pub const DEFAULT_METADATA_IP6: [u32; 4] = ip6_words([
+    0xfd, 0x00, 0x0e, 0xc2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x02, 0x54,
+]);
+/// Default metadata port 80, as `bpf_sock_addr.user_port` holds it.
+pub const DEFAULT_METADATA_PORT: u32 = port_repr(80);
+
+/// An IPv6 address (16 bytes in network order) as the four `u32` words of `user_ip6`: each word
+/// holds four address bytes in network order, i.e. the native-endian reading of those bytes.
+pub const fn ip6_words(octets: [u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([octets[0], octets[1], octets[2], octets[3]]),
+        u32::from_ne_bytes([octets[4], octets[5], octets[6], octets[7]]),
+        u32::from_ne_bytes([octets[8], octets[9], octets[10], octets[11]]),
+        u32::from_ne_bytes([octets[12], octets[13], octets[14], octets[15]]),
+    ]
+}
+
+/// The inverse of [`ip6_words`].
+pub const fn ip6_octets(words: [u32; 4]) -> [u8; 16] {
+    let a = words[0].to_ne_bytes();
+    let b = words[1].to_ne_bytes();
+    let c = words[2].to_ne_bytes();
+    let d = words[3].to_ne_bytes();
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
+}
+
+/// The IPv4-mapped IPv6 form `::ffff:a.b.c.d` of an IPv4 address held as `user_ip4`.
+pub const fn ip4_mapped(ip4: u32) -> [u32; 4] {
+    [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip4]
+}
+
+/// A TCP port as `bpf_sock_addr.user_port` holds it: the big-endian u16 in the low 16 bits.
+pub const fn port_repr(port: u16) -> u32 {
+    u16::from_ne_bytes(port.to_be_bytes()) as u32
+}
+
+/// The inverse of [`port_repr`].
+pub const fn port_from_repr(repr: u32) -> u16 {
+    u16::from_be_bytes((repr as u16).to_ne_bytes())
+}
+
+/// What the agent tells the programs. Written by the agent as one map element, so the programs
+/// always see a whole config (the map is `BPF_F_NO_PREALLOC`, updates replace the element).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// The netns cookie of the host network namespace (native order). Sockets there are never
+    /// rewritten: the kubelet, hostNetwork pods and the agent's own upstream connections.
+    pub host_netns_cookie: u64,
+    /// The agent's IPv4 address, network order (as `user_ip4`).
+    pub agent_ip4: u32,
+    /// The agent's port, big-endian u16 in the low 16 bits (as `user_port`).
+    pub agent_port: u32,
+    /// The agent's IPv6 address, network order words (as `user_ip6`); valid with [`FLAG_AGENT_IP6`].
+    pub agent_ip6: [u32; 4],
+    /// The metadata service's IPv4 address, network order (as `user_ip4`).
+    pub metadata_ip4: u32,
+    /// The metadata service's port, big-endian u16 in the low 16 bits (as `user_port`).
+    pub metadata_port: u32,
+    /// The metadata service's IPv6 address, network order words (as `user_ip6`).
+    pub metadata_ip6: [u32; 4],
+    /// `FLAG_*` bits (native order).
+    pub flags: u32,
+    /// The aya-log level the running programs were loaded with (native order); lets a restarted
+    /// agent notice that the programs must be replaced because the level changed.
+    pub log_level: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<Config>() == 64);
+
+/// Outcome counters, the indices of the per-CPU counters map.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// A connect that was not to the metadata service.
+    Passed = 0,
+    /// An IPv4 metadata connect redirected to the agent.
+    Redirected4 = 1,
+    /// An IPv6 (fd00:ec2::254) metadata connect redirected to the agent.
+    Redirected6 = 2,
+    /// An IPv4-mapped IPv6 metadata connect redirected to the agent's mapped address.
+    RedirectedMapped = 3,
+    /// A metadata connect from the host network namespace, left alone.
+    SkippedHostNetns = 4,
+    /// A metadata connect refused because the config is missing or disabled.
+    RefusedNoConfig = 5,
+    /// An IPv6 metadata connect refused because the agent has no IPv6 address.
+    RefusedNoIpv6 = 6,
+    /// `getpeername` reported the original metadata address of a redirected socket.
+    PeerRestored = 7,
+}
+
+impl Counter {
+    pub const ALL: [Counter; 8] = [
+        Counter::Passed,
+        Counter::Redirected4,
+        Counter::Redirected6,
+        Counter::RedirectedMapped,
+        Counter::SkippedHostNetns,
+        Counter::RefusedNoConfig,
+        Counter::RefusedNoIpv6,
+        Counter::PeerRestored,
+    ];
+
+    /// Stable snake_case name, used in logs and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Passed => "passed",
+            Counter::Redirected4 => "redirected_ipv4",
+            Counter::Redirected6 => "redirected_ipv6",
+            Counter::RedirectedMapped => "redirected_ipv4_mapped",
+            Counter::SkippedHostNetns => "skipped_host_netns",
+            Counter::RefusedNoConfig => "refused_no_config",
+            Counter::RefusedNoIpv6 => "refused_no_ipv6",
+            Counter::PeerRestored => "peer_restored",
+        }
+    }
+}
+
+/// Slots in the counters map; room to add counters without resizing a pinned map.
+pub const COUNTER_SLOTS: u32 = 32;
+
+/// What `getpeername` needs to undo a rewrite, keyed by socket cookie. Addresses are stored in
+/// the 16-byte `user_ip6` form; for IPv4 sockets the IPv4-mapped form (`ip4_mapped`).
+/// `getpeername` restores the original only while the socket's peer is still the rewritten
+/// address, so a stale entry (a socket that later connected elsewhere) is never applied.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RevNat {
+    /// The address the client asked for, network order words.
+    pub orig_addr: [u32; 4],
+    /// The address the connect was rewritten to, network order words.
+    pub new_addr: [u32; 4],
+    /// The port the client asked for, as `user_port`.
+    pub orig_port: u32,
+    /// The port the connect was rewritten to, as `user_port`.
+    pub new_port: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<RevNat>() == 40);
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain-old-data, `#[repr(C)]`, no padding (size assertions above), every bit
+    // pattern is a valid value.
+    unsafe impl aya::Pod for super::Config {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RevNat {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+
+    #[test]
+    fn port_repr_is_big_endian_in_low_half() {
+        let repr = port_repr(8181);
+        assert_eq!((repr as u16).to_ne_bytes(), 8181u16.to_be_bytes());
+        assert_eq!(repr >> 16, 0);
+        assert_eq!(port_from_repr(repr), 8181);
+    }
+
+    #[test]
+    fn ip6_words_round_trip() {
+        let octets = [
+            0xfd, 0, 0x0e, 0xc2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x02, 0x54,
+        ];
+        assert_eq!(ip6_octets(ip6_words(octets)), octets);
+        assert_eq!(ip6_octets(DEFAULT_METADATA_IP6), octets);
+    }
+
+    #[test]
+    fn mapped_form_matches_std() {
+        let v4 = std::net::Ipv4Addr::new(169, 254, 169, 254);
+        let mapped = ip4_mapped(u32::from_ne_bytes(v4.octets()));
+        assert_eq!(ip6_octets(mapped), v4.to_ipv6_mapped().octets());
+    }
+}

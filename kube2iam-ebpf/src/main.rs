@@ -1,0 +1,307 @@
+//! cgroup sock_addr programs: metadata connects from pods go to the node-local agent.
+//!
+//! * `connect4` / `connect6`: a connect to the metadata address from a socket outside the host
+//!   network namespace is rewritten to the agent's address, or refused when the agent has not
+//!   configured (or has disabled) interception. Never let through.
+//! * `getpeername4` / `getpeername6`: a redirected socket reports the address it asked for.
+//!
+//! Byte order: `user_ip4`, the words of `user_ip6` and the low 16 bits of `user_port` hold network
+//! order bytes; the config stores them in the same representation, so they are compared as-is.
+//! Cookies are native-order u64 values.
+#![no_std]
+#![no_main]
+
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{BPF_F_NO_PREALLOC, bpf_sock_addr},
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map},
+    maps::{HashMap, LruHashMap, PerCpuArray},
+    programs::SockAddrContext,
+};
+use aya_log_ebpf::debug;
+use kube2iam_common::{
+    CONFIG_KEY, COUNTER_SLOTS, Config, Counter, DEFAULT_METADATA_IP4, DEFAULT_METADATA_IP6,
+    DEFAULT_METADATA_PORT, FLAG_AGENT_IP6, FLAG_ENABLED, REVNAT_CAPACITY, RevNat, ip4_mapped,
+};
+
+/// Return value that lets the syscall proceed.
+const ALLOW: i32 = 1;
+/// Return value that fails connect() with EPERM.
+const DENY: i32 = 0;
+
+#[map]
+static K2I_CONFIG: HashMap<u32, Config> = HashMap::pinned(1, BPF_F_NO_PREALLOC);
+
+#[map]
+static K2I_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
+
+#[map]
+static K2I_REVNAT: LruHashMap<u64, RevNat> = LruHashMap::pinned(REVNAT_CAPACITY, 0);
+
+#[cgroup_sock_addr(connect4)]
+pub fn k2i_connect4(ctx: SockAddrContext) -> i32 {
+    try_connect4(&ctx)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn k2i_connect6(ctx: SockAddrContext) -> i32 {
+    try_connect6(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn k2i_getpeername4(ctx: SockAddrContext) -> i32 {
+    try_getpeername4(&ctx);
+    // getpeername hooks must return 1; they can only rewrite the reported address.
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn k2i_getpeername6(ctx: SockAddrContext) -> i32 {
+    try_getpeername6(&ctx);
+    ALLOW
+}
+
+/// What to do with a connect to the metadata address.
+enum Verdict {
+    /// The socket lives in the host network namespace: leave it alone.
+    Host,
+    /// Rewrite to the agent (the config is present and enabled).
+    Redirect(Config),
+    /// No usable config: refuse.
+    Refuse,
+}
+
+fn config() -> Option<Config> {
+    // SAFETY: the map is BPF_F_NO_PREALLOC, so an element is freed only after an RCU grace
+    // period; the copy below cannot observe a recycled element.
+    unsafe { K2I_CONFIG.get(CONFIG_KEY) }.copied()
+}
+
+fn verdict(ctx: &SockAddrContext, config: Option<Config>) -> Verdict {
+    // SAFETY: the helper takes the program context; it is valid for the whole invocation.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let host = match &config {
+        Some(config) => config.host_netns_cookie,
+        // Without a config the host namespace is unknown; only the initial namespace (the
+        // host's on a real node, which a NULL context names) keeps its access.
+        // SAFETY: the helper accepts a NULL context and then reports init_net's cookie.
+        None => unsafe { bpf_get_netns_cookie(core::ptr::null_mut()) },
+    };
+    if netns == host {
+        return Verdict::Host;
+    }
+    match config {
+        Some(config) if config.flags & FLAG_ENABLED != 0 => Verdict::Redirect(config),
+        _ => Verdict::Refuse,
+    }
+}
+
+fn try_connect4(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: `sa` is the kernel's context pointer. Volatile reads keep each access at the
+    // 4-byte width the verifier accepts for these fields.
+    let (dst_ip, dst_port) = unsafe {
+        (
+            read_volatile(addr_of!((*sa).user_ip4)),
+            read_volatile(addr_of!((*sa).user_port)),
+        )
+    };
+    let config = config();
+    let (metadata_ip, metadata_port) = match &config {
+        Some(config) => (config.metadata_ip4, config.metadata_port),
+        None => (DEFAULT_METADATA_IP4, DEFAULT_METADATA_PORT),
+    };
+    if dst_ip != metadata_ip || dst_port != metadata_port {
+        count(Counter::Passed);
+        return ALLOW;
+    }
+    match verdict(ctx, config) {
+        Verdict::Host => {
+            count(Counter::SkippedHostNetns);
+            ALLOW
+        }
+        Verdict::Refuse => {
+            count(Counter::RefusedNoConfig);
+            debug!(ctx, "kube2iam connect4: refused metadata connect, no config");
+            DENY
+        }
+        Verdict::Redirect(config) => {
+            remember(
+                ctx,
+                ip4_mapped(dst_ip),
+                dst_port,
+                ip4_mapped(config.agent_ip4),
+                config.agent_port,
+            );
+            // SAFETY: connect4 may write these context fields, 4 bytes each.
+            unsafe {
+                write_volatile(addr_of_mut!((*sa).user_ip4), config.agent_ip4);
+                write_volatile(addr_of_mut!((*sa).user_port), config.agent_port);
+            }
+            count(Counter::Redirected4);
+            debug!(ctx, "kube2iam connect4: redirected metadata connect to the agent");
+            ALLOW
+        }
+    }
+}
+
+fn try_connect6(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: as in connect4; each word of user_ip6 is read at 4 bytes.
+    let (dst, dst_port) = unsafe {
+        (
+            [
+                read_volatile(addr_of!((*sa).user_ip6[0])),
+                read_volatile(addr_of!((*sa).user_ip6[1])),
+                read_volatile(addr_of!((*sa).user_ip6[2])),
+                read_volatile(addr_of!((*sa).user_ip6[3])),
+            ],
+            read_volatile(addr_of!((*sa).user_port)),
+        )
+    };
+    let config = config();
+    let (metadata_ip6, metadata_ip4, metadata_port) = match &config {
+        Some(config) => (
+            config.metadata_ip6,
+            config.metadata_ip4,
+            config.metadata_port,
+        ),
+        None => (
+            DEFAULT_METADATA_IP6,
+            DEFAULT_METADATA_IP4,
+            DEFAULT_METADATA_PORT,
+        ),
+    };
+    if dst_port != metadata_port {
+        count(Counter::Passed);
+        return ALLOW;
+    }
+    // A dual-stack socket reaches IPv4 through the mapped form, which connect4 never sees.
+    let mapped = dst == ip4_mapped(metadata_ip4);
+    if !mapped && dst != metadata_ip6 {
+        count(Counter::Passed);
+        return ALLOW;
+    }
+    let config = match verdict(ctx, config) {
+        Verdict::Host => {
+            count(Counter::SkippedHostNetns);
+            return ALLOW;
+        }
+        Verdict::Refuse => {
+            count(Counter::RefusedNoConfig);
+            debug!(ctx, "kube2iam connect6: refused metadata connect, no config");
+            return DENY;
+        }
+        Verdict::Redirect(config) => config,
+    };
+    let (agent, counter) = if mapped {
+        (ip4_mapped(config.agent_ip4), Counter::RedirectedMapped)
+    } else if config.flags & FLAG_AGENT_IP6 != 0 {
+        (config.agent_ip6, Counter::Redirected6)
+    } else {
+        count(Counter::RefusedNoIpv6);
+        debug!(ctx, "kube2iam connect6: refused, the agent has no IPv6 address");
+        return DENY;
+    };
+    remember(ctx, dst, dst_port, agent, config.agent_port);
+    // SAFETY: connect6 may write these context fields, 4 bytes each.
+    unsafe {
+        write_volatile(addr_of_mut!((*sa).user_ip6[0]), agent[0]);
+        write_volatile(addr_of_mut!((*sa).user_ip6[1]), agent[1]);
+        write_volatile(addr_of_mut!((*sa).user_ip6[2]), agent[2]);
+        write_volatile(addr_of_mut!((*sa).user_ip6[3]), agent[3]);
+        write_volatile(addr_of_mut!((*sa).user_port), config.agent_port);
+    }
+    count(counter);
+    debug!(ctx, "kube2iam connect6: redirected metadata connect to the agent");
+    ALLOW
+}
+
+/// Records the rewrite under the socket cookie for getpeername.
+fn remember(
+    ctx: &SockAddrContext,
+    orig_addr: [u32; 4],
+    orig_port: u32,
+    new_addr: [u32; 4],
+    new_port: u32,
+) {
+    // SAFETY: the helper takes the program context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let entry = RevNat {
+        orig_addr,
+        new_addr,
+        orig_port,
+        new_port,
+    };
+    // An LRU insert only fails under memory pressure; the connect still goes to the agent and
+    // getpeername then reports the agent's address, which is honest if less transparent.
+    let _ = K2I_REVNAT.insert(cookie, entry, 0);
+}
+
+/// The rewrite recorded for this socket, if the socket still talks to the rewritten peer.
+fn recorded(ctx: &SockAddrContext, peer: [u32; 4], port: u32) -> Option<RevNat> {
+    // SAFETY: the helper takes the program context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: copied at once; an LRU element recycled under us could at worst fail the
+    // comparison below, which then leaves the address as the kernel reported it.
+    let entry = unsafe { K2I_REVNAT.get(cookie) }.copied()?;
+    (entry.new_addr == peer && entry.new_port == port).then_some(entry)
+}
+
+fn try_getpeername4(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    // SAFETY: getpeername4 may read and write these fields, 4 bytes each.
+    unsafe {
+        let peer = read_volatile(addr_of!((*sa).user_ip4));
+        let port = read_volatile(addr_of!((*sa).user_port));
+        if let Some(entry) = recorded(ctx, ip4_mapped(peer), port) {
+            write_volatile(addr_of_mut!((*sa).user_ip4), entry.orig_addr[3]);
+            write_volatile(addr_of_mut!((*sa).user_port), entry.orig_port);
+            count(Counter::PeerRestored);
+        }
+    }
+}
+
+fn try_getpeername6(ctx: &SockAddrContext) {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: getpeername6 may read and write these fields, 4 bytes each.
+    unsafe {
+        let peer = [
+            read_volatile(addr_of!((*sa).user_ip6[0])),
+            read_volatile(addr_of!((*sa).user_ip6[1])),
+            read_volatile(addr_of!((*sa).user_ip6[2])),
+            read_volatile(addr_of!((*sa).user_ip6[3])),
+        ];
+        let port = read_volatile(addr_of!((*sa).user_port));
+        if let Some(entry) = recorded(ctx, peer, port) {
+            write_volatile(addr_of_mut!((*sa).user_ip6[0]), entry.orig_addr[0]);
+            write_volatile(addr_of_mut!((*sa).user_ip6[1]), entry.orig_addr[1]);
+            write_volatile(addr_of_mut!((*sa).user_ip6[2]), entry.orig_addr[2]);
+            write_volatile(addr_of_mut!((*sa).user_ip6[3]), entry.orig_addr[3]);
+            write_volatile(addr_of_mut!((*sa).user_port), entry.orig_port);
+            count(Counter::PeerRestored);
+        }
+    }
+}
+
+fn count(counter: Counter) {
+    if let Some(slot) = K2I_COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: a per-CPU slot; only this CPU writes it while the program runs.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: the programs contain no panicking paths the verifier would accept; this handler
+    // only satisfies no_std linking.
+    unsafe { core::hint::unreachable_unchecked() }
+}
