@@ -1,1 +1,7 @@
-pub const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kube2iam"));
+//! kube2iam-ebpf's agent as a library, so the binary and the tests drive the same parts.
+//!
+//! `cli` → `bpf` (load, attach, pin, typed map access).
+
+pub mod bpf;
+pub mod cli;
+pub mod telemetry;

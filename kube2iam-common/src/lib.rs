@@ -14,6 +14,8 @@ pub mod maps {
     pub const COUNTERS: &str = "K2I_COUNTERS";
     /// LRU hash: socket cookie → [`super::RevNat`], so `getpeername` can undo a rewrite.
     pub const REVNAT: &str = "K2I_REVNAT";
+    /// Array, one u64, not pinned: where the netns probe program writes the caller's cookie.
+    pub const NETNS_PROBE: &str = "K2I_NETNS_PROBE";
 }
 
 /// Program names (the function names in `kube2iam-ebpf`), also the names of their pinned links.
@@ -22,6 +24,8 @@ pub mod programs {
     pub const CONNECT6: &str = "k2i_connect6";
     pub const GETPEERNAME4: &str = "k2i_getpeername4";
     pub const GETPEERNAME6: &str = "k2i_getpeername6";
+    /// Not attached to pods: learns the host netns cookie on kernels without SO_NETNS_COOKIE.
+    pub const NETNS_PROBE: &str = "k2i_netns_probe";
 }
 
 /// The only key of the config map.

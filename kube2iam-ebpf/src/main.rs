@@ -18,7 +18,7 @@ use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, bpf_sock_addr},
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map},
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
@@ -40,6 +40,10 @@ static K2I_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
 
 #[map]
 static K2I_REVNAT: LruHashMap<u64, RevNat> = LruHashMap::pinned(REVNAT_CAPACITY, 0);
+
+/// Not pinned: written by [`k2i_netns_probe`] for the agent on kernels without SO_NETNS_COOKIE.
+#[map]
+static K2I_NETNS_PROBE: Array<u64> = Array::with_max_entries(1, 0);
 
 #[cgroup_sock_addr(connect4)]
 pub fn k2i_connect4(ctx: SockAddrContext) -> i32 {
@@ -64,26 +68,44 @@ pub fn k2i_getpeername6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// Records the caller's netns cookie. The agent attaches it, for one connect, to a private
+/// cgroup that holds only its own child process in the host namespace: on 5.7–5.13 kernels,
+/// which lack getsockopt(SO_NETNS_COOKIE), that is how it learns the host cookie without
+/// trusting anything a pod can touch.
+#[cgroup_sock_addr(connect4)]
+pub fn k2i_netns_probe(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the helper takes the program context.
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if let Some(slot) = K2I_NETNS_PROBE.get_ptr_mut(0) {
+        // SAFETY: a valid map slot; only the probe writes it.
+        unsafe { *slot = cookie };
+    }
+    ALLOW
+}
+
 /// What to do with a connect to the metadata address.
-enum Verdict {
+enum Verdict<'a> {
     /// The socket lives in the host network namespace: leave it alone.
     Host,
     /// Rewrite to the agent (the config is present and enabled).
-    Redirect(Config),
+    Redirect(&'a Config),
     /// No usable config: refuse.
     Refuse,
 }
 
-fn config() -> Option<Config> {
-    // SAFETY: the map is BPF_F_NO_PREALLOC, so an element is freed only after an RCU grace
-    // period; the copy below cannot observe a recycled element.
-    unsafe { K2I_CONFIG.get(CONFIG_KEY) }.copied()
+/// The config, borrowed from the map for this invocation. Values are read in place rather than
+/// copied: a copied `Option<Config>` leaves LLVM free to move uninitialized bytes, which the
+/// verifier rejects.
+fn config() -> Option<&'static Config> {
+    // SAFETY: the map is BPF_F_NO_PREALLOC, so a replaced element is freed only after an RCU
+    // grace period, which cannot end while this program runs.
+    unsafe { K2I_CONFIG.get(CONFIG_KEY) }
 }
 
-fn verdict(ctx: &SockAddrContext, config: Option<Config>) -> Verdict {
+fn verdict<'a>(ctx: &SockAddrContext, config: Option<&'a Config>) -> Verdict<'a> {
     // SAFETY: the helper takes the program context; it is valid for the whole invocation.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let host = match &config {
+    let host = match config {
         Some(config) => config.host_netns_cookie,
         // Without a config the host namespace is unknown; only the initial namespace (the
         // host's on a real node, which a NULL context names) keeps its access.
@@ -110,7 +132,7 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
         )
     };
     let config = config();
-    let (metadata_ip, metadata_port) = match &config {
+    let (metadata_ip, metadata_port) = match config {
         Some(config) => (config.metadata_ip4, config.metadata_port),
         None => (DEFAULT_METADATA_IP4, DEFAULT_METADATA_PORT),
     };
@@ -125,7 +147,10 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
         }
         Verdict::Refuse => {
             count(Counter::RefusedNoConfig);
-            debug!(ctx, "kube2iam connect4: refused metadata connect, no config");
+            debug!(
+                ctx,
+                "kube2iam connect4: refused metadata connect, no config"
+            );
             DENY
         }
         Verdict::Redirect(config) => {
@@ -142,7 +167,10 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
                 write_volatile(addr_of_mut!((*sa).user_port), config.agent_port);
             }
             count(Counter::Redirected4);
-            debug!(ctx, "kube2iam connect4: redirected metadata connect to the agent");
+            debug!(
+                ctx,
+                "kube2iam connect4: redirected metadata connect to the agent"
+            );
             ALLOW
         }
     }
@@ -163,7 +191,7 @@ fn try_connect6(ctx: &SockAddrContext) -> i32 {
         )
     };
     let config = config();
-    let (metadata_ip6, metadata_ip4, metadata_port) = match &config {
+    let (metadata_ip6, metadata_ip4, metadata_port) = match config {
         Some(config) => (
             config.metadata_ip6,
             config.metadata_ip4,
@@ -192,7 +220,10 @@ fn try_connect6(ctx: &SockAddrContext) -> i32 {
         }
         Verdict::Refuse => {
             count(Counter::RefusedNoConfig);
-            debug!(ctx, "kube2iam connect6: refused metadata connect, no config");
+            debug!(
+                ctx,
+                "kube2iam connect6: refused metadata connect, no config"
+            );
             return DENY;
         }
         Verdict::Redirect(config) => config,
@@ -203,7 +234,10 @@ fn try_connect6(ctx: &SockAddrContext) -> i32 {
         (config.agent_ip6, Counter::Redirected6)
     } else {
         count(Counter::RefusedNoIpv6);
-        debug!(ctx, "kube2iam connect6: refused, the agent has no IPv6 address");
+        debug!(
+            ctx,
+            "kube2iam connect6: refused, the agent has no IPv6 address"
+        );
         return DENY;
     };
     remember(ctx, dst, dst_port, agent, config.agent_port);
@@ -216,7 +250,10 @@ fn try_connect6(ctx: &SockAddrContext) -> i32 {
         write_volatile(addr_of_mut!((*sa).user_port), config.agent_port);
     }
     count(counter);
-    debug!(ctx, "kube2iam connect6: redirected metadata connect to the agent");
+    debug!(
+        ctx,
+        "kube2iam connect6: redirected metadata connect to the agent"
+    );
     ALLOW
 }
 
