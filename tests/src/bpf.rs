@@ -1,0 +1,379 @@
+//! Raw bpf(2) for tests: tiny hand-assembled cgroup programs, cgroup links, link updates, and
+//! the object info a test asserts on (link ids, program tags, attached program counts).
+//!
+//! Only what the tests need, written against the kernel UAPI directly so the tests do not depend
+//! on the loader they are testing.
+
+use std::{
+    ffi::CString,
+    io,
+    mem::size_of,
+    os::{
+        fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
+    path::Path,
+};
+
+use kube2iam_common::port_repr;
+
+// enum bpf_cmd
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_PROG_QUERY: libc::c_long = 16;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+/// enum bpf_prog_type: BPF_PROG_TYPE_CGROUP_SOCK_ADDR.
+pub const PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+
+/// enum bpf_attach_type values of the cgroup sock_addr hooks kube2iam uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum AttachType {
+    Inet4Connect = 10,
+    Inet6Connect = 11,
+    Inet4GetPeerName = 29,
+    Inet6GetPeerName = 30,
+}
+
+impl AttachType {
+    pub const ALL: [AttachType; 4] = [
+        AttachType::Inet4Connect,
+        AttachType::Inet6Connect,
+        AttachType::Inet4GetPeerName,
+        AttachType::Inet6GetPeerName,
+    ];
+}
+
+/// One eBPF instruction (struct bpf_insn).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Insn {
+    pub code: u8,
+    /// dst_reg in the low nibble, src_reg in the high nibble (little-endian bitfields).
+    pub regs: u8,
+    pub off: i16,
+    pub imm: i32,
+}
+
+const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
+    Insn {
+        code,
+        regs: (src << 4) | (dst & 0x0f),
+        off,
+        imm,
+    }
+}
+
+// Opcodes (class | size/op | mode/source).
+const LDX_MEM_W: u8 = 0x01 | 0x60; // BPF_LDX | BPF_MEM | BPF_W
+const STX_MEM_W: u8 = 0x03 | 0x60; // BPF_STX | BPF_MEM | BPF_W
+const JNE_IMM: u8 = 0x05 | 0x50; // BPF_JMP | BPF_JNE | BPF_K
+const MOV64_IMM: u8 = 0x07 | 0xb0; // BPF_ALU64 | BPF_MOV | BPF_K
+const EXIT: u8 = 0x05 | 0x90; // BPF_JMP | BPF_EXIT
+
+/// offsetof(struct bpf_sock_addr, user_port).
+const USER_PORT_OFFSET: i16 = 24;
+
+/// `r0 = 1; exit`: lets every connect through unchanged.
+pub fn allow_all_insns() -> Vec<Insn> {
+    vec![insn(MOV64_IMM, 0, 0, 0, 1), insn(EXIT, 0, 0, 0, 0)]
+}
+
+/// Rewrites destination port `from` to `to` and allows everything. `user_port` holds the
+/// big-endian port in the low 16 bits, so the comparison uses that representation.
+pub fn port_rewrite_insns(from: u16, to: u16) -> Vec<Insn> {
+    vec![
+        // r2 = ctx->user_port
+        insn(LDX_MEM_W, 2, 1, USER_PORT_OFFSET, 0),
+        // if r2 != from goto allow
+        insn(JNE_IMM, 2, 0, 2, port_repr(from) as i32),
+        // ctx->user_port = to
+        insn(MOV64_IMM, 2, 0, 0, port_repr(to) as i32),
+        insn(STX_MEM_W, 1, 2, USER_PORT_OFFSET, 0),
+        // allow: return 1
+        insn(MOV64_IMM, 0, 0, 0, 1),
+        insn(EXIT, 0, 0, 0, 0),
+    ]
+}
+
+fn sys_bpf(cmd: libc::c_long, attr: &mut [u8]) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a zero-initialised buffer laid out as the command's union bpf_attr
+    // member; the kernel reads and writes at most `attr.len()` bytes.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            attr.len() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+fn sys_bpf_fd(cmd: libc::c_long, attr: &mut [u8]) -> io::Result<OwnedFd> {
+    let fd = sys_bpf(cmd, attr)?;
+    // SAFETY: these commands return a new descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+/// A zeroed union bpf_attr (large enough for every command used here).
+fn attr() -> [u8; 128] {
+    [0; 128]
+}
+
+fn put_u32(buf: &mut [u8], off: usize, v: u32) {
+    buf[off..off + 4].copy_from_slice(&v.to_ne_bytes());
+}
+
+fn put_u64(buf: &mut [u8], off: usize, v: u64) {
+    buf[off..off + 8].copy_from_slice(&v.to_ne_bytes());
+}
+
+fn get_u32(buf: &[u8], off: usize) -> u32 {
+    u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes"))
+}
+
+fn get_u64(buf: &[u8], off: usize) -> u64 {
+    u64::from_ne_bytes(buf[off..off + 8].try_into().expect("8 bytes"))
+}
+
+/// Loads a BPF_PROG_TYPE_CGROUP_SOCK_ADDR program for `attach` (license "GPL"). On a verifier
+/// rejection the error carries the verifier log.
+pub fn load_sock_addr_prog(insns: &[Insn], attach: AttachType, name: &str) -> io::Result<OwnedFd> {
+    let license = c"GPL";
+    let mut log = vec![0u8; 64 * 1024];
+    let mut attr = attr();
+    // struct { prog_type @0, insn_cnt @4, insns @8, license @16, log_level @24, log_size @28,
+    //          log_buf @32, kern_version @40, prog_flags @44, prog_name[16] @48,
+    //          prog_ifindex @64, expected_attach_type @68, ... }
+    put_u32(&mut attr, 0, PROG_TYPE_CGROUP_SOCK_ADDR);
+    put_u32(&mut attr, 4, insns.len() as u32);
+    put_u64(&mut attr, 8, insns.as_ptr() as u64);
+    put_u64(&mut attr, 16, license.as_ptr() as u64);
+    put_u32(&mut attr, 24, 1);
+    put_u32(&mut attr, 28, log.len() as u32);
+    put_u64(&mut attr, 32, log.as_mut_ptr() as u64);
+    let name = name.as_bytes();
+    let n = name.len().min(15);
+    attr[48..48 + n].copy_from_slice(&name[..n]);
+    put_u32(&mut attr, 68, attach as u32);
+    sys_bpf_fd(BPF_PROG_LOAD, &mut attr).map_err(|e| {
+        let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+        io::Error::new(
+            e.kind(),
+            format!(
+                "BPF_PROG_LOAD: {e}; verifier log:\n{}",
+                String::from_utf8_lossy(&log[..end])
+            ),
+        )
+    })
+}
+
+/// A connect4 program that rewrites destination port `from` to `to` (e.g. 7777 → 7778): an
+/// unrelated program beside kube2iam's, as Cilium's socket LB would be.
+pub fn load_port_rewrite_connect4(from: u16, to: u16) -> OwnedFd {
+    load_sock_addr_prog(
+        &port_rewrite_insns(from, to),
+        AttachType::Inet4Connect,
+        "k2i_test_port",
+    )
+    .unwrap_or_else(|e| panic!("cannot load the port-rewrite connect4 program: {e}"))
+}
+
+/// A program for `attach` that allows everything and changes nothing (r0 = 1; exit).
+pub fn load_allow_all(attach: AttachType) -> OwnedFd {
+    load_sock_addr_prog(&allow_all_insns(), attach, "k2i_test_allow")
+        .unwrap_or_else(|e| panic!("cannot load the allow-all program: {e}"))
+}
+
+/// Opens a cgroup directory, the target of cgroup attachments.
+pub fn open_cgroup(path: &Path) -> OwnedFd {
+    std::fs::File::open(path)
+        .unwrap_or_else(|e| panic!("cannot open cgroup {}: {e}", path.display()))
+        .into()
+}
+
+/// BPF_LINK_CREATE of `prog` on the cgroup `cgroup` at `attach`. Cgroup links always allow
+/// multiple programs per hook. The program stays attached while the returned link fd (or a pin
+/// of it) lives.
+pub fn link_create(
+    prog: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    attach: AttachType,
+) -> io::Result<OwnedFd> {
+    let mut attr = attr();
+    // struct { prog_fd @0, target_fd @4, attach_type @8, flags @12, ... }
+    put_u32(&mut attr, 0, prog.as_raw_fd() as u32);
+    put_u32(&mut attr, 4, cgroup.as_raw_fd() as u32);
+    put_u32(&mut attr, 8, attach as u32);
+    sys_bpf_fd(BPF_LINK_CREATE, &mut attr)
+}
+
+/// BPF_LINK_UPDATE: atomically replace the program behind `link` with `new_prog`.
+pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = attr();
+    // struct { link_fd @0, new_prog_fd @4, flags @8, old_prog_fd @12 }
+    put_u32(&mut attr, 0, link.as_raw_fd() as u32);
+    put_u32(&mut attr, 4, new_prog.as_raw_fd() as u32);
+    sys_bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}
+
+/// BPF_OBJ_GET: open a pinned object (map, program or link).
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = attr();
+    // struct { pathname @0, bpf_fd @8, file_flags @12, path_fd @16 }
+    put_u64(&mut attr, 0, path.as_ptr() as u64);
+    sys_bpf_fd(BPF_OBJ_GET, &mut attr)
+}
+
+fn obj_info(fd: BorrowedFd<'_>, info: &mut [u8]) -> io::Result<()> {
+    let mut attr = attr();
+    // struct { bpf_fd @0, info_len @4, info @8 }
+    put_u32(&mut attr, 0, fd.as_raw_fd() as u32);
+    put_u32(&mut attr, 4, info.len() as u32);
+    put_u64(&mut attr, 8, info.as_mut_ptr() as u64);
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).map(|_| ())
+}
+
+/// What a test asserts about a link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkInfo {
+    /// enum bpf_link_type (BPF_LINK_TYPE_CGROUP = 3).
+    pub link_type: u32,
+    pub id: u32,
+    pub prog_id: u32,
+    pub cgroup_id: u64,
+    pub attach_type: u32,
+}
+
+/// BPF_OBJ_GET_INFO_BY_FD on a link.
+pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
+    let mut info = [0u8; 256];
+    obj_info(link, &mut info)?;
+    // struct bpf_link_info { type @0, id @4, prog_id @8, union @16 { cgroup { cgroup_id @16,
+    //                        attach_type @24 } } }
+    Ok(LinkInfo {
+        link_type: get_u32(&info, 0),
+        id: get_u32(&info, 4),
+        prog_id: get_u32(&info, 8),
+        cgroup_id: get_u64(&info, 16),
+        attach_type: get_u32(&info, 24),
+    })
+}
+
+/// Link info of a pinned link.
+pub fn pinned_link_info(path: &Path) -> LinkInfo {
+    let fd =
+        obj_get(path).unwrap_or_else(|e| panic!("cannot open pinned link {}: {e}", path.display()));
+    link_info(fd.as_fd())
+        .unwrap_or_else(|e| panic!("cannot read link info of {}: {e}", path.display()))
+}
+
+/// What a test asserts about a program.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgInfo {
+    pub prog_type: u32,
+    pub id: u32,
+    /// The kernel's hash of the instructions: equal tags, same program code.
+    pub tag: [u8; 8],
+    pub name: String,
+}
+
+/// BPF_OBJ_GET_INFO_BY_FD on a program.
+pub fn prog_info(prog: BorrowedFd<'_>) -> io::Result<ProgInfo> {
+    let mut info = [0u8; 512];
+    obj_info(prog, &mut info)?;
+    // struct bpf_prog_info { type @0, id @4, tag[8] @8, jited_prog_len @16,
+    //   xlated_prog_len @20, jited_prog_insns @24, xlated_prog_insns @32, load_time @40,
+    //   created_by_uid @48, nr_map_ids @52, map_ids @56, name[16] @64, ... }
+    let name = &info[64..80];
+    let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    Ok(ProgInfo {
+        prog_type: get_u32(&info, 0),
+        id: get_u32(&info, 4),
+        tag: info[8..16].try_into().expect("8 bytes"),
+        name: String::from_utf8_lossy(&name[..end]).into_owned(),
+    })
+}
+
+/// BPF_PROG_GET_FD_BY_ID.
+pub fn prog_fd_by_id(id: u32) -> io::Result<OwnedFd> {
+    let mut attr = attr();
+    // struct { prog_id @0, next_id @4, open_flags @8 }
+    put_u32(&mut attr, 0, id);
+    sys_bpf_fd(BPF_PROG_GET_FD_BY_ID, &mut attr)
+}
+
+/// The info of the program with id `id`.
+pub fn prog_info_by_id(id: u32) -> ProgInfo {
+    let fd = prog_fd_by_id(id).unwrap_or_else(|e| panic!("cannot open program id {id}: {e}"));
+    prog_info(fd.as_fd()).unwrap_or_else(|e| panic!("cannot read info of program id {id}: {e}"))
+}
+
+/// BPF_PROG_QUERY: the ids of the programs attached to the cgroup at `attach` (effective ones
+/// excluded: only this cgroup's own attachments).
+pub fn prog_query(cgroup: BorrowedFd<'_>, attach: AttachType) -> io::Result<Vec<u32>> {
+    let mut ids = vec![0u32; 64];
+    let mut attr = attr();
+    // struct { target_fd @0, attach_type @4, query_flags @8, attach_flags @12, prog_ids @16,
+    //          prog_cnt @24, ... }
+    put_u32(&mut attr, 0, cgroup.as_raw_fd() as u32);
+    put_u32(&mut attr, 4, attach as u32);
+    put_u64(&mut attr, 16, ids.as_mut_ptr() as u64);
+    put_u32(&mut attr, 24, ids.len() as u32);
+    sys_bpf(BPF_PROG_QUERY, &mut attr)?;
+    let count = get_u32(&attr, 24) as usize;
+    ids.truncate(count);
+    Ok(ids)
+}
+
+/// A program attached to a test cgroup through a link the test owns: dropping it detaches.
+pub struct CgroupLink {
+    link: OwnedFd,
+    _prog: OwnedFd,
+}
+
+impl CgroupLink {
+    /// Attaches `prog` to the cgroup at `cgroup_path` for `attach`.
+    pub fn attach(prog: OwnedFd, cgroup_path: &Path, attach: AttachType) -> Self {
+        let cgroup = open_cgroup(cgroup_path);
+        let link = link_create(prog.as_fd(), cgroup.as_fd(), attach).unwrap_or_else(|e| {
+            panic!(
+                "cannot attach a {attach:?} program to {}: {e}",
+                cgroup_path.display()
+            )
+        });
+        Self { link, _prog: prog }
+    }
+
+    pub fn info(&self) -> LinkInfo {
+        link_info(self.link.as_fd()).expect("link info of our own link")
+    }
+}
+
+impl AsFd for CgroupLink {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.link.as_fd()
+    }
+}
+
+/// Replaces the program behind the pinned link at `link_path` with `new_prog` (e.g. an
+/// allow-all program, to simulate an older agent's program under the agent's link).
+pub fn swap_pinned_link_prog(link_path: &Path, new_prog: BorrowedFd<'_>) {
+    let link = obj_get(link_path)
+        .unwrap_or_else(|e| panic!("cannot open pinned link {}: {e}", link_path.display()));
+    link_update(link.as_fd(), new_prog)
+        .unwrap_or_else(|e| panic!("BPF_LINK_UPDATE on {} failed: {e}", link_path.display()));
+}
+
+const _: () = assert!(size_of::<Insn>() == 8);

@@ -1,0 +1,513 @@
+//! The test node (a network namespace, a test cgroup, a private bpffs) and its pods.
+
+use std::{
+    ffi::CString,
+    fs::{self, File},
+    io,
+    net::{Ipv4Addr, Ipv6Addr},
+    os::{fd::OwnedFd, unix::ffi::OsStrExt},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    HOST_IP4, HOST_IP6, METADATA_IP4, METADATA_IP6,
+    process::{ip, ip_quiet, place},
+    unique_id,
+};
+
+/// Where the private bpffs instances are mounted: `<RUN_ROOT>/<id>/bpf`.
+pub const RUN_ROOT: &str = "/run/kube2iam-test";
+/// Where `ip netns add` puts its namespace files.
+const NETNS_DIR: &str = "/run/netns";
+/// Pods per node: the /30s of 198.51.100.0/24.
+const MAX_PODS: u32 = 64;
+
+/// The mount point of the cgroup2 hierarchy, from /proc/mounts.
+pub fn cgroup2_root() -> PathBuf {
+    let mounts = fs::read_to_string("/proc/mounts").expect("cannot read /proc/mounts");
+    mounts
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.split_whitespace();
+            let _source = fields.next()?;
+            let target = fields.next()?;
+            let fstype = fields.next()?;
+            (fstype == "cgroup2").then(|| PathBuf::from(target.replace("\\040", " ")))
+        })
+        .expect("no cgroup2 hierarchy is mounted (no cgroup2 line in /proc/mounts)")
+}
+
+/// A named network namespace (`ip netns add`), deleted on drop.
+struct NetnsGuard {
+    name: String,
+}
+
+impl NetnsGuard {
+    fn create(name: &str) -> Self {
+        ip(&["netns", "add", name]);
+        Self {
+            name: name.to_owned(),
+        }
+    }
+
+    fn path(&self) -> PathBuf {
+        Path::new(NETNS_DIR).join(&self.name)
+    }
+}
+
+impl Drop for NetnsGuard {
+    fn drop(&mut self) {
+        ip_quiet(&["netns", "delete", &self.name]);
+    }
+}
+
+/// A child cgroup of the cgroup2 root. On drop, every process still in it (only test processes
+/// ever join it) is killed by PID, then the directory is removed.
+struct CgroupGuard {
+    path: PathBuf,
+}
+
+impl CgroupGuard {
+    fn create(root: &Path, name: &str) -> Self {
+        let path = root.join(name);
+        assert!(
+            !name.is_empty() && !name.contains('/') && path.parent() == Some(root),
+            "refusing test cgroup {}: it must be a direct child of the cgroup2 root {}",
+            path.display(),
+            root.display()
+        );
+        assert_ne!(
+            fs::canonicalize(root).ok(),
+            Some(path.clone()),
+            "refusing to use the cgroup2 root as a test cgroup"
+        );
+        fs::create_dir(&path)
+            .unwrap_or_else(|e| panic!("cannot create test cgroup {}: {e}", path.display()));
+        Self { path }
+    }
+
+    fn procs(&self) -> Vec<u32> {
+        read_procs(&self.path)
+    }
+
+    /// Kills every process in the cgroup and waits until it is empty.
+    fn sweep(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let procs = self.procs();
+            if procs.is_empty() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                eprintln!(
+                    "cleanup: processes {procs:?} are still in {} after SIGKILL",
+                    self.path.display()
+                );
+                return;
+            }
+            for pid in procs {
+                // SAFETY: kill(2) by PID on a process in the test cgroup, which only processes
+                // started by the tests join.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn read_procs(cgroup: &Path) -> Vec<u32> {
+    fs::read_to_string(cgroup.join("cgroup.procs"))
+        .map(|text| text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        self.sweep();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match fs::remove_dir(&self.path) {
+                Ok(()) => return,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+                Err(e) if Instant::now() >= deadline => {
+                    eprintln!("cleanup: cannot remove cgroup {}: {e}", self.path.display());
+                    return;
+                }
+                Err(_) => thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+}
+
+/// A directory removed (if empty) on drop.
+struct DirGuard {
+    path: PathBuf,
+}
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_dir(&self.path)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            eprintln!("cleanup: cannot remove {}: {e}", self.path.display());
+        }
+        // The shared parent goes when the last test leaves it; another test may still use it.
+        if let Some(parent) = self.path.parent() {
+            let _ = fs::remove_dir(parent);
+        }
+    }
+}
+
+/// A private bpffs instance, unmounted (lazily) and its mount point removed on drop.
+struct BpffsGuard {
+    path: PathBuf,
+}
+
+impl BpffsGuard {
+    fn mount(path: &Path) -> Self {
+        fs::create_dir_all(path)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+        let target = CString::new(path.as_os_str().as_bytes()).expect("path without NUL");
+        // SAFETY: valid NUL-terminated strings; bpffs takes no mount data.
+        let rc = unsafe {
+            libc::mount(
+                c"bpf".as_ptr(),
+                target.as_ptr(),
+                c"bpf".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            let _ = fs::remove_dir(path);
+            panic!("cannot mount bpffs at {}: {e}", path.display());
+        }
+        Self {
+            path: path.to_owned(),
+        }
+    }
+}
+
+impl Drop for BpffsGuard {
+    fn drop(&mut self) {
+        if let Ok(target) = CString::new(self.path.as_os_str().as_bytes()) {
+            // SAFETY: a valid NUL-terminated path.
+            if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
+                eprintln!(
+                    "cleanup: cannot unmount {}: {}",
+                    self.path.display(),
+                    io::Error::last_os_error()
+                );
+            }
+        }
+        if let Err(e) = fs::remove_dir(&self.path) {
+            eprintln!("cleanup: cannot remove {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// A test "node": an EC2 host in a network namespace `k2i-node-<id>`, with no route out and no
+/// link to the machine. Its lo holds the metadata addresses (169.254.169.254/32, fd00:ec2::254/128)
+/// and the host IPs (192.0.2.10/32, fd00:192::10/128). It comes with a test cgroup
+/// `<cgroup2 root>/k2i-test-<id>` and a private bpffs at `/run/kube2iam-test/<id>/bpf`.
+///
+/// Dropping it kills the processes left in the test cgroup, deletes the namespace, removes the
+/// cgroup, unmounts the bpffs and removes its directory. Pods borrow the node, so they are gone
+/// before it.
+pub struct TestNode {
+    id: String,
+    next_pod: AtomicU32,
+    // Dropped in this order.
+    netns: NetnsGuard,
+    cgroup: CgroupGuard,
+    bpffs: BpffsGuard,
+    _dir: DirGuard,
+}
+
+impl TestNode {
+    pub fn new() -> Self {
+        crate::require_root();
+        let id = unique_id();
+        // Created in the reverse of the drop order, so a failure half-way unwinds cleanly.
+        let dir_path = Path::new(RUN_ROOT).join(&id);
+        let dir = DirGuard {
+            path: dir_path.clone(),
+        };
+        let bpffs = BpffsGuard::mount(&dir_path.join("bpf"));
+        let cgroup = CgroupGuard::create(&cgroup2_root(), &format!("k2i-test-{id}"));
+        let netns = NetnsGuard::create(&format!("k2i-node-{id}"));
+        let n = netns.name.as_str();
+        ip(&["-n", n, "link", "set", "lo", "up"]);
+        for addr in [format!("{METADATA_IP4}/32"), format!("{HOST_IP4}/32")] {
+            ip(&["-n", n, "addr", "add", &addr, "dev", "lo"]);
+        }
+        for addr in [format!("{METADATA_IP6}/128"), format!("{HOST_IP6}/128")] {
+            ip(&["-n", n, "-6", "addr", "add", &addr, "dev", "lo", "nodad"]);
+        }
+        Self {
+            id,
+            next_pod: AtomicU32::new(0),
+            netns,
+            cgroup,
+            bpffs,
+            _dir: dir,
+        }
+    }
+
+    /// `<pid>-<counter>`, the part shared by all of this node's names.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The node's network namespace name, `k2i-node-<id>`.
+    pub fn netns_name(&self) -> &str {
+        &self.netns.name
+    }
+
+    /// `/run/netns/k2i-node-<id>`, for setns.
+    pub fn netns_path(&self) -> PathBuf {
+        self.netns.path()
+    }
+
+    /// The test cgroup, `<cgroup2 root>/k2i-test-<id>`.
+    pub fn cgroup_path(&self) -> &Path {
+        &self.cgroup.path
+    }
+
+    /// The node's private bpffs mount.
+    pub fn bpffs(&self) -> &Path {
+        &self.bpffs.path
+    }
+
+    /// The agent's pin path, `<bpffs>/kube2iam`.
+    pub fn pin_path(&self) -> PathBuf {
+        self.bpffs.path.join("kube2iam")
+    }
+
+    /// The PIDs currently in the test cgroup.
+    pub fn cgroup_procs(&self) -> Vec<u32> {
+        self.cgroup.procs()
+    }
+
+    /// The test cgroup's directory fd, the target of cgroup BPF attachments.
+    pub fn open_cgroup(&self) -> OwnedFd {
+        File::open(&self.cgroup.path)
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", self.cgroup.path.display()))
+            .into()
+    }
+
+    /// A command that runs in the node (host) network namespace, outside the test cgroup: how
+    /// the agent and other host daemons run.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = Command::new(program);
+        place(&mut command, None, Some(&self.netns_path()));
+        command
+    }
+
+    /// A command that runs in the node (host) network namespace and inside the test cgroup: a
+    /// hostNetwork pod.
+    pub fn command_in_cgroup(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = Command::new(program);
+        place(
+            &mut command,
+            Some(&self.cgroup.path),
+            Some(&self.netns_path()),
+        );
+        command
+    }
+
+    /// Adds a pod `name` (at most 9 characters, unique on this node) behind a veth.
+    ///
+    /// Pod `i` (0-based) gets 198.51.100.(4i+2)/30 and fd00:77:<i>::2/64 on its eth0 with default
+    /// routes via the node side `k2i-h-<name>`, which holds 198.51.100.(4i+1)/30 and
+    /// fd00:77:<i>::1/64.
+    pub fn add_pod(&self, name: &str) -> Pod<'_> {
+        assert!(
+            !name.is_empty()
+                && name.len() <= 9
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'),
+            "pod name {name:?} must be 1..=9 characters of [A-Za-z0-9-] (interface names are at \
+             most 15 bytes: k2i-h-<name>)"
+        );
+        let index = self.next_pod.fetch_add(1, Ordering::Relaxed);
+        assert!(index < MAX_PODS, "at most {MAX_PODS} pods per test node");
+        let netns = NetnsGuard::create(&format!("k2i-pod-{}-{name}", self.id));
+        let pod = Pod {
+            node: self,
+            name: name.to_owned(),
+            index,
+            netns,
+        };
+        let node_ns = self.netns_name();
+        let pod_ns = pod.netns.name.as_str();
+        let host_if = pod.host_interface();
+        let (gw4, ip4) = (pod.gateway4(), pod.ip4());
+        let (gw6, ip6) = (pod.gateway6(), pod.ip6());
+        ip(&[
+            "-n", node_ns, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0",
+            "netns", pod_ns,
+        ]);
+        ip(&[
+            "-n",
+            node_ns,
+            "addr",
+            "add",
+            &format!("{gw4}/30"),
+            "dev",
+            &host_if,
+        ]);
+        ip(&[
+            "-n",
+            node_ns,
+            "-6",
+            "addr",
+            "add",
+            &format!("{gw6}/64"),
+            "dev",
+            &host_if,
+            "nodad",
+        ]);
+        ip(&["-n", node_ns, "link", "set", &host_if, "up"]);
+        ip(&["-n", pod_ns, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n",
+            pod_ns,
+            "addr",
+            "add",
+            &format!("{ip4}/30"),
+            "dev",
+            "eth0",
+        ]);
+        ip(&[
+            "-n",
+            pod_ns,
+            "-6",
+            "addr",
+            "add",
+            &format!("{ip6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        ip(&["-n", pod_ns, "link", "set", "eth0", "up"]);
+        ip(&[
+            "-n",
+            pod_ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &gw4.to_string(),
+        ]);
+        ip(&[
+            "-n",
+            pod_ns,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &gw6.to_string(),
+            "dev",
+            "eth0",
+        ]);
+        pod
+    }
+}
+
+impl Default for TestNode {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        // Processes first; the guards then go in field order.
+        self.cgroup.sweep();
+    }
+}
+
+/// A pod: a network namespace `k2i-pod-<node id>-<name>` behind a veth into the node. Deleted on
+/// drop (which also removes the veth).
+pub struct Pod<'n> {
+    node: &'n TestNode,
+    name: String,
+    index: u32,
+    netns: NetnsGuard,
+}
+
+impl<'n> Pod<'n> {
+    pub fn node(&self) -> &'n TestNode {
+        self.node
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn netns_name(&self) -> &str {
+        &self.netns.name
+    }
+
+    /// `/run/netns/k2i-pod-<node id>-<name>`, for setns.
+    pub fn netns_path(&self) -> PathBuf {
+        self.netns.path()
+    }
+
+    /// The node side of the veth, `k2i-h-<name>`.
+    pub fn host_interface(&self) -> String {
+        format!("k2i-h-{}", self.name)
+    }
+
+    /// The pod's IPv4 address, 198.51.100.(4i+2).
+    pub fn ip4(&self) -> Ipv4Addr {
+        Ipv4Addr::new(198, 51, 100, (4 * self.index + 2) as u8)
+    }
+
+    /// The pod's IPv6 address, fd00:77:<i>::2.
+    pub fn ip6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x77, self.index as u16, 0, 0, 0, 0, 2)
+    }
+
+    /// The node side's IPv4 address, the pod's default gateway.
+    pub fn gateway4(&self) -> Ipv4Addr {
+        Ipv4Addr::new(198, 51, 100, (4 * self.index + 1) as u8)
+    }
+
+    /// The node side's IPv6 address, the pod's default gateway.
+    pub fn gateway6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x77, self.index as u16, 0, 0, 0, 0, 1)
+    }
+
+    /// Whether `ip` is one of this pod's addresses (IPv4-mapped forms included).
+    pub fn owns(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        ip == std::net::IpAddr::V4(self.ip4()) || ip == std::net::IpAddr::V6(self.ip6())
+    }
+
+    /// A command that runs as a pod process: it joins the test cgroup, then enters the pod's
+    /// network namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = Command::new(program);
+        place(
+            &mut command,
+            Some(self.node.cgroup_path()),
+            Some(&self.netns_path()),
+        );
+        command
+    }
+
+    /// A command in the pod's network namespace that does not join the test cgroup, so no
+    /// program applies to it.
+    pub fn command_outside_cgroup(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = Command::new(program);
+        place(&mut command, None, Some(&self.netns_path()));
+        command
+    }
+}

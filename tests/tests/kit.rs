@@ -1,0 +1,207 @@
+//! The test kit checks itself: without any kube2iam program attached, pods reach the IMDS
+//! stand-in (so a missed rewrite is visible), the raw BPF helpers work, and a dropped node leaves
+//! nothing behind.
+
+use std::{
+    fs,
+    net::{IpAddr, SocketAddr},
+    os::fd::AsFd,
+    path::Path,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use kube2iam_tests::{
+    AgentStub, HOST_IP4, ImdsStub, ProbeResult, TestNode,
+    bpf::{self, AttachType, CgroupLink},
+    metadata_addr_mapped, metadata_addr4, metadata_addr6, probe,
+    process::output_within,
+};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_k2i-probe");
+
+fn run_probe(command: Command, args: &[&str]) -> ProbeResult {
+    probe::run(command, args)
+}
+
+#[test]
+fn without_programs_pods_reach_the_imds_stub_over_ipv4_ipv6_and_mapped() {
+    let node = TestNode::new();
+    let imds = ImdsStub::start(&node);
+    let pod = node.add_pod("a");
+
+    let output = output_within(
+        pod.command("curl").args([
+            "-s",
+            "-m",
+            "5",
+            "http://169.254.169.254/latest/meta-data/iam/security-credentials/",
+        ]),
+        Duration::from_secs(20),
+        "curl",
+    );
+    let body = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "curl from the pod failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(body, format!("imds-stub peer={}", pod.ip4()));
+
+    let v6 = run_probe(
+        pod.command(PROBE),
+        &["--addr", &metadata_addr6().to_string()],
+    );
+    assert!(v6.ok, "IPv6 probe failed: {v6:?}");
+    assert_eq!(v6.seen_as(), Some(IpAddr::V6(pod.ip6())), "{v6:?}");
+    assert_eq!(v6.peer.as_deref(), Some("[fd00:ec2::254]:80"));
+
+    let mapped = run_probe(
+        pod.command(PROBE),
+        &[
+            "--addr",
+            &metadata_addr_mapped().to_string(),
+            "--socket",
+            "inet6",
+        ],
+    );
+    assert!(mapped.ok, "mapped probe failed: {mapped:?}");
+    assert_eq!(mapped.seen_as(), Some(IpAddr::V4(pod.ip4())), "{mapped:?}");
+
+    assert!(imds.saw(IpAddr::V4(pod.ip4())) && imds.saw(IpAddr::V6(pod.ip6())));
+}
+
+#[test]
+fn agent_stub_records_peers_and_refuses_while_stopped() {
+    let node = TestNode::new();
+    let mut stub = AgentStub::start(&node);
+    let pod = node.add_pod("a");
+    let addr = SocketAddr::new(IpAddr::V4(HOST_IP4), stub.port()).to_string();
+
+    let first = run_probe(pod.command(PROBE), &["--addr", &addr]);
+    assert!(first.reached_agent_stub(), "{first:?}");
+    assert_eq!(first.seen_as(), Some(IpAddr::V4(pod.ip4())));
+
+    stub.stop();
+    let stopped = run_probe(pod.command(PROBE), &["--addr", &addr]);
+    assert_eq!(stopped.errno, Some(libc::ECONNREFUSED), "{stopped:?}");
+
+    stub.restart();
+    let again = run_probe(pod.command(PROBE), &["--addr", &addr]);
+    assert!(again.reached_agent_stub(), "{again:?}");
+    assert_eq!(stub.connections(), 2);
+}
+
+#[test]
+fn port_rewrite_program_moves_7777_to_7778_and_link_update_swaps_it() {
+    let node = TestNode::new();
+    let stub = AgentStub::start_on(&node, 7778);
+    let pod = node.add_pod("a");
+    let link = CgroupLink::attach(
+        bpf::load_port_rewrite_connect4(7777, 7778),
+        node.cgroup_path(),
+        AttachType::Inet4Connect,
+    );
+    let cgroup = node.open_cgroup();
+    let attached = bpf::prog_query(cgroup.as_fd(), AttachType::Inet4Connect).unwrap();
+    assert_eq!(attached, vec![link.info().prog_id]);
+
+    let addr = format!("{HOST_IP4}:7777");
+    let rewritten = run_probe(pod.command(PROBE), &["--addr", &addr]);
+    assert!(
+        rewritten.reached_agent_stub(),
+        "7777 should land on :7778: {rewritten:?}"
+    );
+    assert_eq!(rewritten.peer.as_deref(), Some("192.0.2.10:7778"));
+    assert_eq!(stub.connections(), 1);
+
+    // Outside the cgroup nothing applies.
+    let outside = run_probe(pod.command_outside_cgroup(PROBE), &["--addr", &addr]);
+    assert_eq!(outside.errno, Some(libc::ECONNREFUSED), "{outside:?}");
+
+    let before = link.info();
+    let old_tag = bpf::prog_info_by_id(before.prog_id).tag;
+    let allow = bpf::load_allow_all(AttachType::Inet4Connect);
+    bpf::link_update(link.as_fd(), allow.as_fd()).expect("BPF_LINK_UPDATE");
+    let after = link.info();
+    assert_eq!(after.id, before.id, "a link update keeps the link");
+    assert_ne!(bpf::prog_info_by_id(after.prog_id).tag, old_tag);
+    let swapped = run_probe(pod.command(PROBE), &["--addr", &addr]);
+    assert_eq!(swapped.errno, Some(libc::ECONNREFUSED), "{swapped:?}");
+
+    drop(link);
+    let attached = bpf::prog_query(cgroup.as_fd(), AttachType::Inet4Connect).unwrap();
+    assert!(
+        attached.is_empty(),
+        "closing the link detaches: {attached:?}"
+    );
+}
+
+#[test]
+fn host_netns_commands_run_in_the_node_and_the_cgroup() {
+    let node = TestNode::new();
+    let imds = ImdsStub::start(&node);
+    let result = run_probe(
+        node.command_in_cgroup(PROBE),
+        &["--addr", &metadata_addr4().to_string()],
+    );
+    assert!(result.reached_imds_stub(), "{result:?}");
+
+    let mut command = node.command_in_cgroup("cat");
+    command.arg("/proc/self/cgroup");
+    let output = output_within(&mut command, Duration::from_secs(10), "cat");
+    let cgroup_name = node.cgroup_path().file_name().unwrap().to_str().unwrap();
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains(&format!("0::/{cgroup_name}")),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    assert_eq!(imds.callers().len(), 1);
+}
+
+#[test]
+fn a_dropped_node_leaves_nothing_behind() {
+    let node = TestNode::new();
+    let pod = node.add_pod("a");
+    let netns = [node.netns_name().to_owned(), pod.netns_name().to_owned()];
+    let cgroup = node.cgroup_path().to_owned();
+    let bpffs = node.bpffs().to_owned();
+    // A process left running in the test cgroup, as a failing test might leave one.
+    let mut sleeper = pod.command("sleep");
+    sleeper.arg("600").stdout(Stdio::null());
+    let child = sleeper.spawn().expect("spawn sleep");
+    assert_eq!(node.cgroup_procs(), vec![child.id()]);
+    // A pinned program in the node's bpffs.
+    let _link = CgroupLink::attach(
+        bpf::load_allow_all(AttachType::Inet4Connect),
+        node.cgroup_path(),
+        AttachType::Inet4Connect,
+    );
+    fs::create_dir(node.pin_path()).unwrap();
+    drop(pod);
+    drop(node);
+
+    let netns_list = fs::read_dir("/run/netns")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    for name in &netns {
+        assert!(!netns_list.contains(name), "netns {name} left behind");
+    }
+    assert!(!cgroup.exists(), "cgroup {} left behind", cgroup.display());
+    assert!(!bpffs.exists(), "bpffs dir {} left behind", bpffs.display());
+    let mounts = fs::read_to_string("/proc/mounts").unwrap();
+    assert!(
+        !mounts.contains(bpffs.to_str().unwrap()),
+        "bpffs still mounted at {}",
+        bpffs.display()
+    );
+    assert!(!Path::new(&bpffs).parent().unwrap().exists());
+    let mut child = child;
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "the sleeper was killed");
+}
