@@ -4,4 +4,5 @@
 
 pub mod bpf;
 pub mod cli;
+pub mod policy;
 pub mod telemetry;
