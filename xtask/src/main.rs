@@ -1,1 +1,27 @@
-fn main() {}
+//! Developer and CI tasks for the kube2iam-ebpf workspace: `cargo xtask <command>`.
+//!
+//! One module per command; `cmd` holds the process helpers they share.
+
+mod build_ebpf;
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, lint and test tasks for kube2iam-ebpf")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build the eBPF object through the agent's build script and check it carries BTF.
+    BuildEbpf,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::BuildEbpf => build_ebpf::run(),
+    }
+}
