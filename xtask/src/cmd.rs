@@ -72,3 +72,8 @@ pub fn output(command: &mut Command) -> Result<String> {
     }
     String::from_utf8(output.stdout).with_context(|| format!("`{line}` printed non-UTF-8 output"))
 }
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}

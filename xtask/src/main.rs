@@ -4,6 +4,7 @@
 
 mod build_ebpf;
 mod cmd;
+mod install;
 
 use clap::{Parser, Subcommand};
 
@@ -18,10 +19,14 @@ struct Cli {
 enum Command {
     /// Build the eBPF object through the agent's build script and check it carries BTF.
     BuildEbpf,
+    /// Install what the build and the tests need (apt packages, toolchain components,
+    /// bpf-linker); does nothing when everything is present.
+    Install,
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::BuildEbpf => build_ebpf::run(),
+        Command::Install => install::run(),
     }
 }

@@ -1,0 +1,210 @@
+//! `cargo xtask install` (also the first step of `cargo xtask test`): everything the build and
+//! the tests need on a Debian machine, installed only when missing, so a second run does nothing.
+
+use std::{collections::BTreeSet, fs};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::cmd;
+
+/// Debian packages the build and the integration tests use, and why.
+const APT_PACKAGES: &[(&str, &str)] = &[
+    ("gcc", "the linker rustc uses for host binaries"),
+    ("libc6-dev", "C runtime objects for linking host binaries"),
+    (
+        "iproute2",
+        "`ip netns`/`ip link`/`ip addr`: the test topology",
+    ),
+    ("util-linux", "nsenter, mount, umount"),
+    ("curl", "the metadata client run inside test pods"),
+    ("procps", "ps/pgrep/sysctl"),
+    ("kmod", "modprobe for veth and other modules the tests need"),
+    ("python3-venv", "the venv the Python test tools go into"),
+];
+
+/// Components each toolchain needs. Nightly builds (`rust-src` for `-Z build-std=core`) and lints
+/// the eBPF crate; the default toolchain lints and formats the rest.
+const NIGHTLY_COMPONENTS: &[&str] = &["rust-src", "clippy", "rustfmt"];
+const DEFAULT_COMPONENTS: &[&str] = &["clippy", "rustfmt"];
+
+/// Python packages the integration tests run (botocore, moto, …), pip-installed into
+/// `.cache/venv`. Empty until the first test needs one.
+const PYTHON_PACKAGES: &[&str] = &[];
+
+/// The bpf-linker release built against a given LLVM major: it must match nightly rustc's LLVM.
+fn bpf_linker_version(llvm_major: u32) -> Option<&'static str> {
+    match llvm_major {
+        22 => Some("0.10.4"),
+        _ => None,
+    }
+}
+
+pub fn run() -> Result<()> {
+    apt_packages()?;
+    nightly_toolchain()?;
+    components(Some("nightly"), NIGHTLY_COMPONENTS)?;
+    components(None, DEFAULT_COMPONENTS)?;
+    bpf_linker()?;
+    python_packages()
+}
+
+fn apt_packages() -> Result<()> {
+    let names: Vec<&str> = APT_PACKAGES.iter().map(|(name, _)| *name).collect();
+    // dpkg-query exits non-zero when it knows nothing of a package; the status lines it does
+    // print are enough, so its exit status is not checked.
+    let query = cmd::command("dpkg-query")
+        .args(["--show", "--showformat=${Package} ${db:Status-Status}\\n"])
+        .args(&names)
+        .output()
+        .context("could not run dpkg-query: this task expects a Debian-based machine")?;
+    let installed: BTreeSet<String> = String::from_utf8_lossy(&query.stdout)
+        .lines()
+        .filter_map(|line| line.strip_suffix(" installed"))
+        .map(str::to_owned)
+        .collect();
+    let missing: Vec<&str> = names
+        .into_iter()
+        .filter(|name| !installed.contains(*name))
+        .collect();
+    if missing.is_empty() {
+        println!("apt: {} packages present", APT_PACKAGES.len());
+        return Ok(());
+    }
+    if !cmd::is_root() {
+        bail!(
+            "apt packages missing: {}; run as root or `apt-get install {}`",
+            missing.join(", "),
+            missing.join(" ")
+        );
+    }
+    println!("apt: installing {}", missing.join(", "));
+    cmd::run(cmd::command("apt-get").args(["update", "--quiet"]))?;
+    cmd::run(
+        cmd::command("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "--yes", "--quiet", "--no-install-recommends"])
+            .args(&missing),
+    )
+}
+
+fn nightly_toolchain() -> Result<()> {
+    let toolchains = cmd::output(cmd::command("rustup").args(["toolchain", "list"]))?;
+    if toolchains.lines().any(|line| line.starts_with("nightly-")) {
+        return Ok(());
+    }
+    println!("rustup: installing the nightly toolchain");
+    cmd::run(cmd::command("rustup").args([
+        "toolchain",
+        "install",
+        "nightly",
+        "--profile",
+        "minimal",
+    ]))
+}
+
+/// Adds the components `toolchain` (the one cargo runs with when `None`) lacks.
+fn components(toolchain: Option<&str>, wanted: &[&str]) -> Result<()> {
+    let toolchain_args = toolchain.map(|name| ["--toolchain", name]);
+    let installed = cmd::output(
+        cmd::command("rustup")
+            .args(["component", "list", "--installed"])
+            .args(toolchain_args.iter().flatten()),
+    )?;
+    // Installed components are listed with the host triple (`clippy-x86_64-unknown-linux-gnu`)
+    // except target-independent ones (`rust-src`).
+    let missing: Vec<&str> = wanted
+        .iter()
+        .copied()
+        .filter(|component| {
+            !installed
+                .lines()
+                .any(|line| line == *component || line.starts_with(&format!("{component}-")))
+        })
+        .collect();
+    let label = toolchain.unwrap_or("the active toolchain");
+    if missing.is_empty() {
+        println!("rustup: {label} has {}", wanted.join(", "));
+        return Ok(());
+    }
+    println!("rustup: adding {} to {label}", missing.join(", "));
+    cmd::run(
+        cmd::command("rustup")
+            .args(["component", "add"])
+            .args(&missing)
+            .args(toolchain_args.iter().flatten()),
+    )
+}
+
+fn bpf_linker() -> Result<()> {
+    let rustc = cmd::output(cmd::command("rustc").args(["+nightly", "--version", "--verbose"]))?;
+    let llvm = rustc
+        .lines()
+        .find_map(|line| line.strip_prefix("LLVM version: "))
+        .context("`rustc +nightly -vV` does not report an LLVM version")?;
+    let major: u32 = llvm
+        .split('.')
+        .next()
+        .and_then(|major| major.parse().ok())
+        .with_context(|| format!("cannot read the LLVM major version from {llvm:?}"))?;
+    let Some(version) = bpf_linker_version(major) else {
+        bail!(
+            "nightly rustc uses LLVM {llvm}, and no bpf-linker release is known here for LLVM \
+             {major}: install a bpf-linker built against LLVM {major} (see \
+             https://github.com/aya-rs/bpf-linker/releases) and add it to bpf_linker_version() in \
+             xtask/src/install.rs, or install a nightly that uses LLVM 22"
+        );
+    };
+
+    let wanted = format!("bpf-linker {version}");
+    if installed_bpf_linker().as_deref() == Some(wanted.as_str()) {
+        println!("bpf-linker: {version} present (LLVM {major})");
+        return Ok(());
+    }
+    println!("bpf-linker: installing {version} for LLVM {major}");
+    cmd::run(cmd::cargo().args([
+        "install",
+        &format!("bpf-linker@{version}"),
+        "--locked",
+        "--force",
+    ]))?;
+    match installed_bpf_linker() {
+        Some(found) if found == wanted => Ok(()),
+        found => bail!(
+            "installed {wanted}, but `bpf-linker --version` reports {found:?}: \
+             another bpf-linker comes first on PATH"
+        ),
+    }
+}
+
+/// `bpf-linker --version` (e.g. `bpf-linker 0.10.4`), or `None` if it cannot be run.
+fn installed_bpf_linker() -> Option<String> {
+    let output = cmd::output(cmd::command("bpf-linker").arg("--version")).ok()?;
+    Some(output.trim().to_owned())
+}
+
+fn python_packages() -> Result<()> {
+    if PYTHON_PACKAGES.is_empty() {
+        return Ok(());
+    }
+    let venv = cmd::workspace_root().join(".cache/venv");
+    // The venv records the list it was last installed from; an unchanged list means no work.
+    let stamp = venv.join("xtask-packages.txt");
+    let wanted = PYTHON_PACKAGES.join("\n");
+    if fs::read_to_string(&stamp).is_ok_and(|installed| installed == wanted) {
+        println!(
+            "python: {} present in {}",
+            PYTHON_PACKAGES.join(", "),
+            venv.display()
+        );
+        return Ok(());
+    }
+    if !venv.join("bin/python").exists() {
+        cmd::run(cmd::command("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    cmd::run(
+        cmd::command(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .args(PYTHON_PACKAGES),
+    )?;
+    fs::write(&stamp, wanted).with_context(|| format!("writing {}", stamp.display()))
+}
