@@ -1,10 +1,13 @@
 //! Developer and CI tasks for the kube2iam-ebpf workspace: `cargo xtask <command>`.
 //!
-//! One module per command; `cmd` holds the process helpers they share.
+//! One module per command; `cmd` holds the process helpers they share and `leftovers` the
+//! inventory of what integration tests may leave on the machine.
 
 mod build_ebpf;
+mod clean_test_env;
 mod cmd;
 mod install;
+mod leftovers;
 
 use clap::{Parser, Subcommand};
 
@@ -22,11 +25,14 @@ enum Command {
     /// Install what the build and the tests need (apt packages, toolchain components,
     /// bpf-linker); does nothing when everything is present.
     Install,
+    /// Remove network namespaces, cgroups, links and mounts left behind by integration tests.
+    CleanTestEnv,
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::BuildEbpf => build_ebpf::run(),
         Command::Install => install::run(),
+        Command::CleanTestEnv => clean_test_env::run(),
     }
 }
