@@ -8,6 +8,7 @@ mod clean_test_env;
 mod cmd;
 mod install;
 mod leftovers;
+mod test;
 
 use clap::{Parser, Subcommand};
 
@@ -25,6 +26,8 @@ enum Command {
     /// Install what the build and the tests need (apt packages, toolchain components,
     /// bpf-linker); does nothing when everything is present.
     Install,
+    /// Install, lint, build and run every test, then check the tests left nothing behind (root).
+    Test(test::Args),
     /// Remove network namespaces, cgroups, links and mounts left behind by integration tests.
     CleanTestEnv,
 }
@@ -33,6 +36,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::BuildEbpf => build_ebpf::run(),
         Command::Install => install::run(),
+        Command::Test(args) => test::run(&args),
         Command::CleanTestEnv => clean_test_env::run(),
     }
 }
