@@ -40,38 +40,39 @@ fn main() -> ExitCode {
 
 fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
     let settings = args.settings(kernel_debug_log)?;
-    // Everything that forks (the netns probe) happens here, before any runtime thread exists.
-    let mut interception = bpf::install(&settings)?;
-    for program in &interception.programs {
-        match &program.action {
-            Action::Skipped(why) => tracing::info!(program = program.name, "skipped: {why}"),
-            action => tracing::info!(
-                program = program.name,
-                link_id = program.link_id,
-                ?action,
-                "hook ready"
-            ),
-        }
-    }
-    tracing::info!(
-        kernel = %interception.kernel,
-        cgroup = %interception.cgroup.display(),
-        pin_dir = %interception.pin_dir.display(),
-        agent = %format!("{}:{}", settings.agent_ip4, settings.agent_port),
-        agent_ipv6 = ?settings.agent_ip6,
-        host_netns_cookie = interception.host_netns_cookie,
-        "interception active"
-    );
-
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("start the async runtime")?;
     runtime.block_on(async {
+        // Handlers first: once "interception active" is logged, SIGTERM must mean a clean exit.
+        let shutdown = Shutdown::listen()?;
+        let mut interception = bpf::install(&settings)?;
+        for program in &interception.programs {
+            match &program.action {
+                Action::Skipped(why) => tracing::info!(program = program.name, "skipped: {why}"),
+                action => tracing::info!(
+                    program = program.name,
+                    link_id = program.link_id,
+                    ?action,
+                    "hook ready"
+                ),
+            }
+        }
+        tracing::info!(
+            kernel = %interception.kernel,
+            cgroup = %interception.cgroup.display(),
+            pin_dir = %interception.pin_dir.display(),
+            agent = %format!("{}:{}", settings.agent_ip4, settings.agent_port),
+            agent_ipv6 = ?settings.agent_ip6,
+            host_netns_cookie = interception.host_netns_cookie,
+            "interception active"
+        );
         if kernel_debug_log {
             spawn_kernel_log_reader(interception.ebpf_mut())?;
         }
-        shutdown_signal().await
+        shutdown.wait().await;
+        anyhow::Ok(())
     })?;
     tracing::info!(
         "shutting down; the pinned programs stay attached and keep pods away from the real \
@@ -100,15 +101,27 @@ fn spawn_kernel_log_reader(ebpf: &mut aya::Ebpf) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("listen for SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("listen for SIGINT")?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+/// SIGTERM and SIGINT, listened for from the moment this exists.
+struct Shutdown {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Shutdown {
+    fn listen() -> anyhow::Result<Shutdown> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Shutdown {
+            term: signal(SignalKind::terminate()).context("listen for SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("listen for SIGINT")?,
+        })
     }
-    Ok(())
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM received"),
+            _ = self.int.recv() => tracing::info!("SIGINT received"),
+        }
+    }
 }
 
 fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
