@@ -287,6 +287,9 @@ pub struct ProgInfo {
     /// The kernel's hash of the instructions: equal tags, same program code.
     pub tag: [u8; 8],
     pub name: String,
+    /// Bytes of the program after verification: what the JIT compiles. Code the verifier
+    /// proved dead (e.g. behind a constant read-only global) is gone from it.
+    pub xlated_len: u32,
 }
 
 /// BPF_OBJ_GET_INFO_BY_FD on a program.
@@ -303,6 +306,7 @@ pub fn prog_info(prog: BorrowedFd<'_>) -> io::Result<ProgInfo> {
         id: get_u32(&info, 4),
         tag: info[8..16].try_into().expect("8 bytes"),
         name: String::from_utf8_lossy(&name[..end]).into_owned(),
+        xlated_len: get_u32(&info, 20),
     })
 }
 

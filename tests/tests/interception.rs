@@ -548,3 +548,140 @@ fn unrelated_connect4_program_keeps_working_beside_the_agent() {
     assert_eq!(stub.connections(), 1);
     imds.assert_no_pod_seen(&[&pod]);
 }
+
+#[test]
+fn kernel_debug_events_are_removed_by_the_verifier_unless_the_log_level_is_debug() {
+    let node = TestNode::new();
+    let imds = ImdsStub::start(&node);
+    let stub = AgentStub::start(&node);
+    let pod = node.add_pod("a");
+    let connect4 = link_path(&node, programs::CONNECT4);
+
+    let mut agent = Agent::start(&node);
+    let quiet = bpf::pinned_link_info(&connect4);
+    let quiet_prog = bpf::prog_info_by_id(quiet.prog_id);
+    agent.terminate();
+
+    let debug = AgentOptions {
+        extra_args: vec!["--log-level".into(), "debug".into()],
+        ..AgentOptions::default()
+    };
+    let agent = Agent::start_with(&node, &debug);
+    let loud = bpf::pinned_link_info(&connect4);
+    let loud_prog = bpf::prog_info_by_id(loud.prog_id);
+    assert_eq!(
+        loud.id, quiet.id,
+        "the level change must go through the same link"
+    );
+    assert_ne!(
+        loud.prog_id, quiet.prog_id,
+        "a new log level must replace the program"
+    );
+    assert_eq!(
+        loud_prog.tag, quiet_prog.tag,
+        "same code; only the read-only log level differs"
+    );
+    assert!(
+        quiet_prog.xlated_len < loud_prog.xlated_len,
+        "with the level off the verifier must drop the debug events: {} bytes at info, {} at \
+         debug",
+        quiet_prog.xlated_len,
+        loud_prog.xlated_len
+    );
+
+    eprintln!(
+        "connect4 after verification: {} bytes at info, {} bytes at debug",
+        quiet_prog.xlated_len, loud_prog.xlated_len
+    );
+
+    // At debug the events arrive in the agent's log.
+    let result = pod_probe(&pod, metadata_addr4(), &[]);
+    assert_redirected(
+        &result,
+        IpAddr::V4(pod.ip4()),
+        "with kernel debug events on",
+    );
+    agent.wait_for_line(
+        "redirected metadata connect to the agent",
+        Duration::from_secs(10),
+    );
+    assert_eq!(stub.connections(), 1);
+    imds.assert_no_pod_seen(&[&pod]);
+}
+
+/// The netns cookie of the node namespace, read the way the agent reads its own.
+fn node_netns_cookie(node: &TestNode) -> u64 {
+    let netns = node.netns_path();
+    std::thread::spawn(move || {
+        kube2iam_tests::process::enter_netns_on_this_thread(&netns).expect("setns into the node");
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("socket in the node");
+        let mut cookie = 0u64;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        // SAFETY: valid socket, output buffer of `len` bytes; 71 = SO_NETNS_COOKIE.
+        let ret = unsafe {
+            libc::getsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                libc::SOL_SOCKET,
+                71,
+                (&mut cookie as *mut u64).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(
+            ret,
+            0,
+            "SO_NETNS_COOKIE: {}",
+            std::io::Error::last_os_error()
+        );
+        cookie
+    })
+    .join()
+    .expect("cookie thread")
+}
+
+#[test]
+fn probe_program_learns_the_host_netns_cookie_without_so_netns_cookie() {
+    let node = TestNode::new();
+    let imds = ImdsStub::start(&node);
+    let stub = AgentStub::start(&node);
+    let pod = node.add_pod("a");
+    let options = AgentOptions {
+        extra_args: vec!["--host-netns-cookie-source".into(), "probe".into()],
+        ..AgentOptions::default()
+    };
+    let agent = Agent::start_with(&node, &options);
+    assert!(
+        agent
+            .log()
+            .contains("learned the host netns cookie with the probe program"),
+        "the agent should have used the probe:\n{}",
+        agent.log()
+    );
+    let config = maps::read_config(&node.pin_path()).expect("config written");
+    assert_eq!(
+        config.host_netns_cookie,
+        node_netns_cookie(&node),
+        "the probe must find the node's own namespace"
+    );
+    // The probe's private cgroup is gone again.
+    let children: Vec<_> = std::fs::read_dir(node.cgroup_path())
+        .expect("list the test cgroup")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        children.is_empty(),
+        "probe cgroup left behind: {children:?}"
+    );
+
+    let result = pod_probe(&pod, metadata_addr4(), &[]);
+    assert_redirected(&result, IpAddr::V4(pod.ip4()), "with the probed cookie");
+    let host = probe(node.command_in_cgroup(PROBE), metadata_addr4(), &[]);
+    assert!(
+        host.reached_imds_stub(),
+        "the node itself keeps direct access: {host:?}"
+    );
+    assert_eq!(stub.connections(), 1);
+    imds.assert_no_pod_seen(&[&pod]);
+}
