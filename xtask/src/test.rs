@@ -67,7 +67,9 @@ fn run_steps(args: &Args, steps: &mut Steps) -> Result<()> {
         let before = Leftovers::find()?;
         if !before.is_empty() {
             bail!(
-                "an earlier run left these behind; remove them with `cargo xtask clean-test-env`:\n  {}",
+                "test namespaces, cgroups or mounts exist before the tests start (left by an earlier \
+                 run, or another run is in progress); remove leftovers with \
+                 `cargo xtask clean-test-env`:\n  {}",
                 before.lines().join("\n  ")
             );
         }
