@@ -107,6 +107,10 @@ pub enum Error {
     },
     #[error("could not learn the host network namespace cookie: {0}")]
     NetnsCookie(String),
+    #[error(
+        "this binary was built with AYA_BUILD_SKIP and embeds no eBPF programs; rebuild without it"
+    )]
+    NoPrograms,
 }
 
 impl Error {
@@ -212,6 +216,9 @@ const KERNEL_LOG_DEBUG: u8 = 4;
 
 /// Loads the programs, writes the config and attaches (or adopts) every hook.
 pub fn install(settings: &Settings) -> Result<Interception> {
+    if EBPF_OBJECT.is_empty() {
+        return Err(Error::NoPrograms);
+    }
     let kernel = host::check_kernel()?;
     host::check_privileges(kernel)?;
     host::raise_memlock();
