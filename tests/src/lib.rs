@@ -20,13 +20,24 @@ use std::{
 
 pub mod agent;
 pub mod bpf;
+pub mod clients;
+pub mod encode;
+pub mod faults;
+pub mod imds;
 pub mod maps;
+pub mod moto;
 pub mod node;
+pub mod ns_runtime;
 pub mod probe;
 pub mod process;
 pub mod stub;
+pub mod venv;
 
 pub use agent::{Agent, AgentOptions, agent_binary, run_uninstall};
+pub use clients::RunIn;
+pub use faults::{FaultMode, FaultProxy};
+pub use imds::{ImdsEmulator, NODE_ACCESS_KEY_ID};
+pub use moto::{AssumeRoleCall, Moto};
 pub use node::{Pod, TestNode};
 pub use probe::ProbeResult;
 pub use process::ChildGuard;
