@@ -27,9 +27,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
 const NIGHTLY_COMPONENTS: &[&str] = &["rust-src", "clippy", "rustfmt"];
 const DEFAULT_COMPONENTS: &[&str] = &["clippy", "rustfmt"];
 
-/// Python packages the integration tests run (botocore, moto, …), pip-installed into
-/// `.cache/venv`. Empty until the first test needs one.
-const PYTHON_PACKAGES: &[&str] = &[];
+/// Python packages the integration tests run, pip-installed into `.cache/venv`: moto serves
+/// STS, botocore is a real AWS client, kubernetes is a real Kubernetes API client. Keep in step
+/// with `PYTHON_PACKAGES` in tests/src/venv.rs.
+const PYTHON_PACKAGES: &[&str] = &["moto[server]", "botocore", "kubernetes"];
 
 /// The bpf-linker release built against a given LLVM major: it must match nightly rustc's LLVM.
 fn bpf_linker_version(llvm_major: u32) -> Option<&'static str> {
