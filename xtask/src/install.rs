@@ -46,7 +46,8 @@ pub fn run() -> Result<()> {
     components(Some("nightly"), NIGHTLY_COMPONENTS)?;
     components(None, DEFAULT_COMPONENTS)?;
     bpf_linker()?;
-    python_packages()
+    python_packages()?;
+    debian_kubectl()
 }
 
 fn apt_packages() -> Result<()> {
@@ -208,4 +209,45 @@ fn python_packages() -> Result<()> {
             .args(PYTHON_PACKAGES),
     )?;
     fs::write(&stamp, wanted).with_context(|| format!("writing {}", stamp.display()))
+}
+
+/// Debian's kubectl (package `kubernetes-client`), a real client the Kubernetes API emulator's
+/// tests run. It is unpacked into `.cache/kubernetes-client` instead of installed: the package
+/// conflicts with others that ship `/usr/bin/kubectl` (Google Cloud SDK's `kubectl`). Keep the
+/// path in step with tests/src/kube_api/kubectl.rs.
+fn debian_kubectl() -> Result<()> {
+    let dir = cmd::workspace_root().join(".cache/kubernetes-client");
+    let binary = dir.join("usr/bin/kubectl");
+    if binary.is_file() {
+        println!("kubectl: Debian's present in {}", dir.display());
+        return Ok(());
+    }
+    let download = dir.join("download");
+    let _ = fs::remove_dir_all(&download);
+    fs::create_dir_all(&download).with_context(|| format!("creating {}", download.display()))?;
+    let fetch = || {
+        let mut command = cmd::command("apt-get");
+        command.current_dir(&download).arg("-q");
+        if cmd::is_root() {
+            // Root's apt hands downloads to the `_apt` user, which cannot write here.
+            command.args(["-o", "APT::Sandbox::User=root"]);
+        }
+        cmd::run(command.args(["download", "kubernetes-client"]))
+    };
+    if fetch().is_err() {
+        cmd::run(cmd::command("apt-get").args(["update", "--quiet"]))?;
+        fetch()?;
+    }
+    let deb = fs::read_dir(&download)
+        .with_context(|| format!("reading {}", download.display()))?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .find(|path| path.extension().is_some_and(|ext| ext == "deb"))
+        .context("apt-get download kubernetes-client left no .deb")?;
+    cmd::run(cmd::command("dpkg-deb").arg("-x").arg(&deb).arg(&dir))?;
+    fs::remove_dir_all(&download).with_context(|| format!("removing {}", download.display()))?;
+    if !binary.is_file() {
+        bail!("{} has no usr/bin/kubectl", deb.display());
+    }
+    Ok(())
 }
