@@ -16,6 +16,8 @@ pub mod maps {
     pub const REVNAT: &str = "K2I_REVNAT";
     /// Array, one u64, not pinned: where the netns probe program writes the caller's cookie.
     pub const NETNS_PROBE: &str = "K2I_NETNS_PROBE";
+    /// Hash map, pinned, written by the agent: pod address (16 bytes, IPv4 mapped) → [`super::Identity`].
+    pub const IDENTITY: &str = "K2I_IDENTITY";
 }
 
 /// Program names (the function names in `kube2iam-ebpf`), also the names of their pinned links.
@@ -187,8 +189,58 @@ pub struct RevNat {
 
 const _: () = assert!(core::mem::size_of::<RevNat>() == 40);
 
+/// Capacity of the identity map unless the agent is told otherwise (EKS allows up to 737 pods
+/// per node).
+pub const DEFAULT_IDENTITY_CAPACITY: u32 = 1024;
+
+/// Field sizes of [`Identity`]: each holds the longest valid value.
+pub const NAMESPACE_CAP: usize = 64; // DNS label: 63
+pub const POD_NAME_CAP: usize = 256; // DNS subdomain: 253
+pub const UID_CAP: usize = 40; // UUID: 36
+/// The longest valid role annotation: `arn:aws-us-gov:iam::123456789012:role/` (38) + path
+/// (510 without its slashes' leading one, plus the trailing slash) + name (64) = 613.
+pub const ROLE_CAP: usize = 640;
+pub const EXTERNAL_ID_CAP: usize = 1232; // STS: 1224
+
+/// The pod's role annotation did not fit [`ROLE_CAP`]: no valid role is that long.
+pub const IDENTITY_ROLE_OVERSIZE: u16 = 1 << 0;
+/// The pod's external-ID annotation did not fit [`EXTERNAL_ID_CAP`].
+pub const IDENTITY_EXTERNAL_ID_OVERSIZE: u16 = 1 << 1;
+
+/// Who a pod address belongs to. Written by the agent's pod watch, read by its metadata server
+/// on every request; pinned, so a restarted agent knows its pods at once. Strings are UTF-8,
+/// `*_len` bytes long, the rest zero. Integers are native order.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Identity {
+    /// The pod's creationTimestamp in milliseconds since the epoch: of two pods claiming one
+    /// address, the newer owns it.
+    pub created_ms: u64,
+    pub namespace_len: u16,
+    pub name_len: u16,
+    pub uid_len: u16,
+    pub role_len: u16,
+    pub external_id_len: u16,
+    /// `IDENTITY_*` bits.
+    pub flags: u16,
+    pub _pad: u32,
+    pub namespace: [u8; NAMESPACE_CAP],
+    pub name: [u8; POD_NAME_CAP],
+    pub uid: [u8; UID_CAP],
+    pub role: [u8; ROLE_CAP],
+    pub external_id: [u8; EXTERNAL_ID_CAP],
+}
+
+const _: () = assert!(
+    core::mem::size_of::<Identity>()
+        == 24 + NAMESPACE_CAP + POD_NAME_CAP + UID_CAP + ROLE_CAP + EXTERNAL_ID_CAP
+);
+const _: () = assert!(core::mem::size_of::<Identity>().is_multiple_of(8));
+
 #[cfg(feature = "user")]
 mod user {
+    // SAFETY: as below; the size assertion above proves there is no implicit padding.
+    unsafe impl aya::Pod for super::Identity {}
     // SAFETY: plain-old-data, `#[repr(C)]`, no padding (size assertions above), every bit
     // pattern is a valid value.
     unsafe impl aya::Pod for super::Config {}

@@ -23,8 +23,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use kube2iam_common::{
-    CONFIG_KEY, COUNTER_SLOTS, Config, Counter, DEFAULT_METADATA_IP4, DEFAULT_METADATA_IP6,
-    DEFAULT_METADATA_PORT, FLAG_AGENT_IP6, FLAG_ENABLED, REVNAT_CAPACITY, RevNat, ip4_mapped,
+    CONFIG_KEY, COUNTER_SLOTS, Config, Counter, DEFAULT_IDENTITY_CAPACITY, DEFAULT_METADATA_IP4,
+    DEFAULT_METADATA_IP6, DEFAULT_METADATA_PORT, FLAG_AGENT_IP6, FLAG_ENABLED, Identity,
+    REVNAT_CAPACITY, RevNat, ip4_mapped,
 };
 
 /// Return value that lets the syscall proceed.
@@ -40,6 +41,12 @@ static K2I_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
 
 #[map]
 static K2I_REVNAT: LruHashMap<u64, RevNat> = LruHashMap::pinned(REVNAT_CAPACITY, 0);
+
+/// Pod address → identity. The programs never read it: it lives here so the agent creates and
+/// pins it with the other maps, sized by `--identity-capacity`.
+#[map]
+static K2I_IDENTITY: HashMap<[u8; 16], Identity> =
+    HashMap::pinned(DEFAULT_IDENTITY_CAPACITY, BPF_F_NO_PREALLOC);
 
 /// Not pinned: written by [`k2i_netns_probe`] for the agent on kernels without SO_NETNS_COOKIE.
 #[map]
