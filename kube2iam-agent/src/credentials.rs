@@ -1,0 +1,705 @@
+//! Role credentials from STS, cached per (role ARN, external ID[, pod]).
+//!
+//! * Concurrent misses for one key share one AssumeRole call.
+//! * Credentials are refreshed ahead of expiry (`refresh_before`), in the background while the
+//!   cached ones are still served.
+//! * Failures go into a short negative cache with per-key exponential backoff; while cached
+//!   credentials are still valid they keep being served.
+//! * A pod never receives anything but what STS issued for its role: there is no fallback.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use futures::future::BoxFuture;
+use tokio::sync::{Mutex, Semaphore};
+
+/// Temporary credentials for one role session.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: String,
+    pub expiration: SystemTime,
+    pub last_updated: SystemTime,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("expiration", &self.expiration)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whose session: the node's (shared by all pods with the role) or one pod's.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Session {
+    Node,
+    Pod { uid: String },
+}
+
+/// What credentials are cached under.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    pub role_arn: String,
+    pub external_id: Option<String>,
+    pub session: Session,
+}
+
+/// One AssumeRole call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssumeRequest {
+    pub role_arn: String,
+    pub external_id: Option<String>,
+    pub session_name: String,
+    pub duration: Duration,
+}
+
+/// Why STS gave no credentials.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StsError {
+    #[error("STS throttled the AssumeRole call for {role}: {message}")]
+    Throttled { role: String, message: String },
+    #[error("STS refused AssumeRole for {role} ({code}): {message}")]
+    Denied {
+        role: String,
+        code: String,
+        message: String,
+    },
+    #[error("STS is unavailable for {role}: {message}")]
+    Unavailable { role: String, message: String },
+}
+
+impl StsError {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StsError::Throttled { .. } => "throttled",
+            StsError::Denied { .. } => "denied",
+            StsError::Unavailable { .. } => "unavailable",
+        }
+    }
+}
+
+/// The STS client, behind a trait so the cache is unit-tested without a network.
+pub trait Sts: Send + Sync + 'static {
+    fn assume_role(
+        &self,
+        request: AssumeRequest,
+    ) -> BoxFuture<'static, Result<Credentials, StsError>>;
+}
+
+/// aws-sdk-sts.
+pub struct SdkSts {
+    client: aws_sdk_sts::Client,
+}
+
+impl SdkSts {
+    pub fn new(client: aws_sdk_sts::Client) -> Self {
+        SdkSts { client }
+    }
+}
+
+impl Sts for SdkSts {
+    fn assume_role(
+        &self,
+        request: AssumeRequest,
+    ) -> BoxFuture<'static, Result<Credentials, StsError>> {
+        let client = self.client.clone();
+        Box::pin(async move {
+            use aws_sdk_sts::error::{ProvideErrorMetadata as _, SdkError};
+            let role = request.role_arn.clone();
+            let result = client
+                .assume_role()
+                .role_arn(&request.role_arn)
+                .role_session_name(&request.session_name)
+                .duration_seconds(request.duration.as_secs().clamp(900, 43_200) as i32)
+                .set_external_id(request.external_id.clone())
+                .send()
+                .await;
+            let output = match result {
+                Ok(output) => output,
+                Err(SdkError::ServiceError(e)) => {
+                    let status = e.raw().status().as_u16();
+                    let err = e.into_err();
+                    let code = err.code().unwrap_or("Unknown").to_owned();
+                    let message = err.message().unwrap_or("").to_owned();
+                    return Err(match code.as_str() {
+                        "Throttling" | "ThrottlingException" | "RequestLimitExceeded" => {
+                            StsError::Throttled { role, message }
+                        }
+                        _ if status >= 500 => StsError::Unavailable {
+                            role,
+                            message: format!("{code}: {message}"),
+                        },
+                        _ => StsError::Denied {
+                            role,
+                            code,
+                            message,
+                        },
+                    });
+                }
+                Err(e) => {
+                    let message = aws_smithy_error_chain(&e);
+                    return Err(StsError::Unavailable { role, message });
+                }
+            };
+            let creds = output.credentials.ok_or_else(|| StsError::Unavailable {
+                role: role.clone(),
+                message: "the response carried no credentials".into(),
+            })?;
+            let expiration =
+                SystemTime::try_from(creds.expiration).map_err(|e| StsError::Unavailable {
+                    role: role.clone(),
+                    message: format!("bad expiration: {e}"),
+                })?;
+            Ok(Credentials {
+                access_key_id: creds.access_key_id,
+                secret_access_key: creds.secret_access_key,
+                session_token: creds.session_token,
+                expiration,
+                last_updated: SystemTime::now(),
+            })
+        })
+    }
+}
+
+fn aws_smithy_error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// Cache behaviour.
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    /// Requested session duration.
+    pub duration: Duration,
+    /// Refresh when less than this is left.
+    pub refresh_before: Duration,
+    /// Never hand out credentials with less than this left.
+    pub min_validity: Duration,
+    /// First and longest backoff after an STS failure.
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// Concurrent prefetches.
+    pub prefetch_concurrency: usize,
+    /// Entries unused for this long are dropped once expired.
+    pub idle_eviction: Duration,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings {
+            duration: Duration::from_secs(15 * 60),
+            refresh_before: Duration::from_secs(5 * 60),
+            min_validity: Duration::from_secs(60),
+            backoff_min: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            prefetch_concurrency: 8,
+            idle_eviction: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Counters for metrics.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub refreshes: AtomicU64,
+    pub prefetches: AtomicU64,
+    pub sts_success: AtomicU64,
+    pub sts_throttled: AtomicU64,
+    pub sts_denied: AtomicU64,
+    pub sts_unavailable: AtomicU64,
+    pub stale_served: AtomicU64,
+}
+
+#[derive(Default)]
+struct Slot {
+    creds: Option<Credentials>,
+    failure: Option<Failure>,
+}
+
+struct Failure {
+    error: StsError,
+    until: tokio::time::Instant,
+    attempts: u32,
+}
+
+struct Entry {
+    /// Held across the STS call: the singleflight.
+    slot: Mutex<Slot>,
+    /// The last good credentials, readable without waiting for an in-flight call.
+    snapshot: RwLock<Option<Credentials>>,
+    refreshing: AtomicBool,
+    last_used: RwLock<tokio::time::Instant>,
+    session_name: String,
+}
+
+/// The credential cache.
+pub struct CredentialCache {
+    sts: Arc<dyn Sts>,
+    settings: CacheSettings,
+    entries: RwLock<HashMap<CacheKey, Arc<Entry>>>,
+    prefetch: Arc<Semaphore>,
+    pub stats: CacheStats,
+}
+
+fn remaining(creds: &Credentials) -> Duration {
+    creds
+        .expiration
+        .duration_since(SystemTime::now())
+        .unwrap_or_default()
+}
+
+impl CredentialCache {
+    pub fn new(sts: Arc<dyn Sts>, settings: CacheSettings) -> Arc<Self> {
+        Arc::new(CredentialCache {
+            prefetch: Arc::new(Semaphore::new(settings.prefetch_concurrency.max(1))),
+            sts,
+            settings,
+            entries: RwLock::default(),
+            stats: CacheStats::default(),
+        })
+    }
+
+    fn entry(&self, key: &CacheKey, session_name: &str) -> Arc<Entry> {
+        if let Some(entry) = self
+            .entries
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+        {
+            return entry.clone();
+        }
+        self.entries
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_insert_with(|| {
+                Arc::new(Entry {
+                    slot: Mutex::default(),
+                    snapshot: RwLock::default(),
+                    refreshing: AtomicBool::new(false),
+                    last_used: RwLock::new(tokio::time::Instant::now()),
+                    session_name: session_name.to_owned(),
+                })
+            })
+            .clone()
+    }
+
+    fn fresh(&self, creds: &Credentials) -> bool {
+        remaining(creds) > self.settings.refresh_before
+    }
+
+    fn valid(&self, creds: &Credentials) -> bool {
+        remaining(creds) > self.settings.min_validity
+    }
+
+    /// Credentials for `key`, from the cache or STS.
+    pub async fn get(
+        self: &Arc<Self>,
+        key: &CacheKey,
+        session_name: &str,
+    ) -> Result<Credentials, StsError> {
+        let entry = self.entry(key, session_name);
+        *entry.last_used.write().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
+        let snapshot = entry
+            .snapshot
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(creds) = snapshot {
+            if self.fresh(&creds) {
+                self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(creds);
+            }
+            if self.valid(&creds) {
+                // Refresh ahead in the background; this request is served now.
+                self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                self.spawn_refresh(key.clone(), entry, false);
+                return Ok(creds);
+            }
+        }
+        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        self.fetch(key, &entry).await
+    }
+
+    /// Starts fetching credentials for a pod that just appeared, if not cached.
+    pub fn prefetch(self: &Arc<Self>, key: CacheKey, session_name: &str) {
+        let entry = self.entry(&key, session_name);
+        let cached = entry
+            .snapshot
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if cached.is_some_and(|c| self.fresh(&c)) {
+            return;
+        }
+        self.spawn_refresh(key, entry, true);
+    }
+
+    fn spawn_refresh(self: &Arc<Self>, key: CacheKey, entry: Arc<Entry>, prefetch: bool) {
+        if entry.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let cache = self.clone();
+        tokio::spawn(async move {
+            let _permit = if prefetch {
+                cache.prefetch.clone().acquire_owned().await.ok()
+            } else {
+                None
+            };
+            let counter = if prefetch {
+                &cache.stats.prefetches
+            } else {
+                &cache.stats.refreshes
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            if let Err(error) = cache.fetch(&key, &entry).await {
+                tracing::warn!(role = key.role_arn, "{error}");
+            }
+            entry.refreshing.store(false, Ordering::Release);
+        });
+    }
+
+    async fn fetch(&self, key: &CacheKey, entry: &Entry) -> Result<Credentials, StsError> {
+        let mut slot = entry.slot.lock().await;
+        // Whoever held the lock before us may have fetched them.
+        if let Some(creds) = slot.creds.as_ref().filter(|c| self.fresh(c)) {
+            return Ok(creds.clone());
+        }
+        if let Some(failure) = &slot.failure
+            && tokio::time::Instant::now() < failure.until
+        {
+            return self.fallback(&slot, failure.error.clone());
+        }
+        let request = AssumeRequest {
+            role_arn: key.role_arn.clone(),
+            external_id: key.external_id.clone(),
+            session_name: entry.session_name.clone(),
+            duration: self.settings.duration,
+        };
+        let started = std::time::Instant::now();
+        let result = self.sts.assume_role(request).await;
+        let elapsed = started.elapsed();
+        match result {
+            Ok(creds) => {
+                self.stats.sts_success.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(role = key.role_arn, ?elapsed, "AssumeRole succeeded");
+                slot.creds = Some(creds.clone());
+                slot.failure = None;
+                *entry.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Some(creds.clone());
+                Ok(creds)
+            }
+            Err(error) => {
+                match &error {
+                    StsError::Throttled { .. } => &self.stats.sts_throttled,
+                    StsError::Denied { .. } => &self.stats.sts_denied,
+                    StsError::Unavailable { .. } => &self.stats.sts_unavailable,
+                }
+                .fetch_add(1, Ordering::Relaxed);
+                let attempts = slot.failure.as_ref().map_or(0, |f| f.attempts) + 1;
+                let backoff = self
+                    .settings
+                    .backoff_min
+                    .saturating_mul(1 << (attempts - 1).min(16))
+                    .min(self.settings.backoff_max);
+                tracing::warn!(role = key.role_arn, ?backoff, ?elapsed, "{error}");
+                slot.failure = Some(Failure {
+                    error: error.clone(),
+                    until: tokio::time::Instant::now() + backoff,
+                    attempts,
+                });
+                self.fallback(&slot, error)
+            }
+        }
+    }
+
+    /// After a failure: the cached credentials while they are valid, else the error.
+    fn fallback(&self, slot: &Slot, error: StsError) -> Result<Credentials, StsError> {
+        match slot.creds.as_ref().filter(|c| self.valid(c)) {
+            Some(creds) => {
+                self.stats.stale_served.fetch_add(1, Ordering::Relaxed);
+                Ok(creds.clone())
+            }
+            None => Err(error),
+        }
+    }
+
+    /// Drops entries that are expired and unused for `idle_eviction` (deleted pods' sessions).
+    pub fn evict_idle(&self) -> usize {
+        let now = tokio::time::Instant::now();
+        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        let before = entries.len();
+        entries.retain(|_, e| {
+            let idle = now.duration_since(*e.last_used.read().unwrap_or_else(|p| p.into_inner()))
+                > self.settings.idle_eviction;
+            let expired = !e
+                .snapshot
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .is_some_and(|c| self.valid(c));
+            !(idle && expired)
+        });
+        before - entries.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Formats a time as IMDS does: RFC 3339 UTC with seconds, `2026-11-26T19:00:00Z`.
+pub fn imds_time(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Civil from days (Howard Hinnant's algorithm), for 1970 onwards.
+    let z = days as i64 + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    /// A scripted STS: counts calls, answers from a queue or with fresh credentials.
+    struct FakeSts {
+        calls: AtomicUsize,
+        delay: Duration,
+        lifetime: Duration,
+        fail: std::sync::Mutex<Vec<StsError>>,
+    }
+
+    impl FakeSts {
+        fn new(delay: Duration, lifetime: Duration) -> Arc<Self> {
+            Arc::new(FakeSts {
+                calls: AtomicUsize::new(0),
+                delay,
+                lifetime,
+                fail: Default::default(),
+            })
+        }
+        fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+        fn fail_next(&self, errors: Vec<StsError>) {
+            *self.fail.lock().unwrap() = errors;
+        }
+    }
+
+    impl Sts for FakeSts {
+        fn assume_role(
+            &self,
+            request: AssumeRequest,
+        ) -> BoxFuture<'static, Result<Credentials, StsError>> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            let delay = self.delay;
+            let lifetime = self.lifetime;
+            let failure = {
+                let mut fail = self.fail.lock().unwrap();
+                (!fail.is_empty()).then(|| fail.remove(0))
+            };
+            Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                if let Some(error) = failure {
+                    return Err(error);
+                }
+                Ok(Credentials {
+                    access_key_id: format!("ASIA{n}-{}", request.session_name),
+                    secret_access_key: "secret".into(),
+                    session_token: "token".into(),
+                    expiration: SystemTime::now() + lifetime,
+                    last_updated: SystemTime::now(),
+                })
+            })
+        }
+    }
+
+    fn key(role: &str) -> CacheKey {
+        CacheKey {
+            role_arn: format!("arn:aws:iam::123456789012:role/{role}"),
+            external_id: None,
+            session: Session::Node,
+        }
+    }
+
+    fn throttled() -> StsError {
+        StsError::Throttled {
+            role: "r".into(),
+            message: "Rate exceeded".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_share_one_call() {
+        let sts = FakeSts::new(Duration::from_millis(50), Duration::from_secs(3600));
+        let cache = CredentialCache::new(sts.clone(), CacheSettings::default());
+        let tasks: Vec<_> = (0..200)
+            .map(|_| {
+                let cache = cache.clone();
+                tokio::spawn(async move { cache.get(&key("web"), "kube2iam-node").await })
+            })
+            .collect();
+        let mut ids = std::collections::HashSet::new();
+        for t in tasks {
+            ids.insert(t.await.unwrap().unwrap().access_key_id);
+        }
+        assert_eq!(sts.calls(), 1);
+        assert_eq!(ids.len(), 1);
+        assert_eq!(cache.stats.sts_success.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn keys_are_separate_per_role_external_id_and_pod() {
+        let sts = FakeSts::new(Duration::ZERO, Duration::from_secs(3600));
+        let cache = CredentialCache::new(sts.clone(), CacheSettings::default());
+        cache.get(&key("a"), "s").await.unwrap();
+        cache.get(&key("b"), "s").await.unwrap();
+        let mut with_ext = key("a");
+        with_ext.external_id = Some("ext".into());
+        cache.get(&with_ext, "s").await.unwrap();
+        let mut per_pod = key("a");
+        per_pod.session = Session::Pod { uid: "u1".into() };
+        cache.get(&per_pod, "default.web").await.unwrap();
+        cache.get(&key("a"), "s").await.unwrap();
+        assert_eq!(sts.calls(), 4);
+    }
+
+    #[tokio::test]
+    async fn refresh_happens_ahead_of_expiry_in_the_background() {
+        // Lifetime 4 min < refresh_before 5 min: every hit triggers a background refresh while
+        // the cached (still valid) credentials are served.
+        let sts = FakeSts::new(Duration::from_millis(20), Duration::from_secs(240));
+        let cache = CredentialCache::new(sts.clone(), CacheSettings::default());
+        let first = cache.get(&key("web"), "s").await.unwrap();
+        let second = cache.get(&key("web"), "s").await.unwrap();
+        assert_eq!(first, second, "served from cache while refreshing");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(sts.calls(), 2);
+        assert_eq!(cache.stats.refreshes.load(Ordering::Relaxed), 1);
+        let third = cache.get(&key("web"), "s").await.unwrap();
+        assert_ne!(
+            third.access_key_id, first.access_key_id,
+            "the refreshed credentials"
+        );
+    }
+
+    #[tokio::test]
+    async fn failures_serve_valid_cached_credentials_then_the_error() {
+        let settings = CacheSettings {
+            refresh_before: Duration::from_secs(3600),
+            min_validity: Duration::from_millis(300),
+            ..CacheSettings::default()
+        };
+        let sts = FakeSts::new(Duration::ZERO, Duration::from_millis(1500));
+        let cache = CredentialCache::new(sts.clone(), settings);
+        let good = cache.get(&key("web"), "s").await.unwrap();
+        sts.fail_next(vec![throttled(), throttled(), throttled(), throttled()]);
+        // STS fails, but the cached credentials are valid: served.
+        let served = cache
+            .fetch(&key("web"), &cache.entry(&key("web"), "s"))
+            .await
+            .unwrap();
+        assert_eq!(served, good);
+        assert!(cache.stats.stale_served.load(Ordering::Relaxed) >= 1);
+        // Past validity: a clear error, and the negative cache holds further calls back.
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        let calls = sts.calls();
+        let err = cache.get(&key("web"), "s").await.unwrap_err();
+        assert_eq!(err.kind(), "throttled");
+        let err2 = cache.get(&key("web"), "s").await.unwrap_err();
+        assert_eq!(err2, err);
+        assert!(
+            sts.calls() <= calls + 1,
+            "backoff keeps STS from being hammered"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_grows_exponentially_per_key() {
+        let settings = CacheSettings {
+            backoff_min: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(8),
+            ..CacheSettings::default()
+        };
+        let sts = FakeSts::new(Duration::ZERO, Duration::from_secs(3600));
+        let cache = CredentialCache::new(sts.clone(), settings);
+        sts.fail_next(vec![throttled(); 10]);
+        let mut calls_at = Vec::new();
+        for _ in 0..40 {
+            let _ = cache.get(&key("web"), "s").await;
+            calls_at.push(sts.calls());
+            tokio::time::advance(Duration::from_millis(500)).await;
+        }
+        // Calls at t = 0, 1, 3, 7, 15 s (backoff 1, 2, 4, 8) within 20 s: 5 calls, not 40.
+        assert_eq!(sts.calls(), 5, "{calls_at:?}");
+        // Another key is not held back by this one's backoff.
+        sts.fail_next(vec![]);
+        assert!(cache.get(&key("other"), "s").await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn prefetch_fills_the_cache_once() {
+        let sts = FakeSts::new(Duration::from_millis(10), Duration::from_secs(3600));
+        let cache = CredentialCache::new(sts.clone(), CacheSettings::default());
+        cache.prefetch(key("web"), "s");
+        cache.prefetch(key("web"), "s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(sts.calls(), 1);
+        cache.get(&key("web"), "s").await.unwrap();
+        assert_eq!(sts.calls(), 1);
+        assert_eq!(cache.stats.hits.load(Ordering::Relaxed), 1);
+        cache.prefetch(key("web"), "s");
+        assert_eq!(sts.calls(), 1, "fresh entries are not prefetched again");
+    }
+
+    #[test]
+    fn imds_time_format() {
+        assert_eq!(imds_time(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_687_200 + 3661);
+        assert_eq!(imds_time(t), "2026-11-26T11:01:01Z");
+        let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(imds_time(leap), "2000-02-29T00:00:00Z");
+    }
+}

@@ -1,0 +1,694 @@
+//! Pod address → identity: the pinned BPF map and the registry that keeps it true.
+//!
+//! The pod watch writes, the metadata server reads on every request. The map is pinned, so a
+//! restarted agent answers known pods at once; the first relist then removes what is stale.
+//! Of two pods claiming one address, the newer (creationTimestamp, then UID) owns it, and deleting
+//! a pod only removes the addresses it still owns.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, Ipv6Addr},
+    sync::{Mutex, RwLock},
+    time::Duration,
+};
+
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use kube2iam_common::{
+    EXTERNAL_ID_CAP, IDENTITY_EXTERNAL_ID_OVERSIZE, IDENTITY_ROLE_OVERSIZE, Identity,
+    NAMESPACE_CAP, POD_NAME_CAP, ROLE_CAP, UID_CAP,
+};
+use tokio::sync::watch;
+
+/// A map key: the 16-byte address, IPv4 in its mapped form.
+pub type Key = [u8; 16];
+
+pub fn key(ip: IpAddr) -> Key {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+pub fn ip_of(key: &Key) -> IpAddr {
+    Ipv6Addr::from(*key).to_canonical()
+}
+
+/// An annotation as stored: absent, a value, or a value too long for any valid use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Annotation {
+    Absent,
+    Value(String),
+    /// Longer than the field holds (its length in bytes): an error for the pod, never truncated.
+    Oversize(usize),
+}
+
+impl Annotation {
+    pub fn from_option(value: Option<&str>, cap: usize) -> Annotation {
+        match value.map(str::trim) {
+            None | Some("") => Annotation::Absent,
+            Some(v) if v.len() > cap => Annotation::Oversize(v.len()),
+            Some(v) => Annotation::Value(v.to_owned()),
+        }
+    }
+}
+
+/// Who a pod is, as far as credentials go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodIdentity {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub created_ms: u64,
+    pub role: Annotation,
+    pub external_id: Annotation,
+}
+
+impl PodIdentity {
+    /// `namespace/name`, as errors and logs name the pod.
+    pub fn display_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Whether `self` wins an address over `other`.
+    pub fn newer_than(&self, other: &PodIdentity) -> bool {
+        (self.created_ms, &self.uid) > (other.created_ms, &other.uid)
+    }
+}
+
+/// Errors of the identity map.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("pod {pod}: {field} is {len} bytes, more than the {cap} a valid object has")]
+    FieldTooLong {
+        pod: String,
+        field: &'static str,
+        len: usize,
+        cap: usize,
+    },
+    #[error(
+        "the identity map is full ({capacity} entries); raise --identity-capacity (pod {pod} at \
+         {ip} is not served until an entry frees up)"
+    )]
+    Full {
+        capacity: u32,
+        pod: String,
+        ip: IpAddr,
+    },
+    #[error("identity map {action}")]
+    Map {
+        action: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("identity map entry for {ip} is corrupt: {reason}")]
+    Corrupt { ip: IpAddr, reason: String },
+}
+
+fn put(buf: &mut [u8], len: &mut u16, value: &str) {
+    buf[..value.len()].copy_from_slice(value.as_bytes());
+    *len = value.len() as u16;
+}
+
+/// Encodes for the BPF map. Namespace, name and UID always fit for objects the API server
+/// accepted; annotations that do not fit are stored as flags, never truncated.
+pub fn encode(pod: &PodIdentity) -> Result<Identity, Error> {
+    let too_long = |field, len, cap| Error::FieldTooLong {
+        pod: pod.display_name(),
+        field,
+        len,
+        cap,
+    };
+    for (field, value, cap) in [
+        ("namespace", &pod.namespace, NAMESPACE_CAP),
+        ("name", &pod.name, POD_NAME_CAP),
+        ("uid", &pod.uid, UID_CAP),
+    ] {
+        if value.len() > cap {
+            return Err(too_long(field, value.len(), cap));
+        }
+    }
+    let mut out = Identity {
+        created_ms: pod.created_ms,
+        namespace_len: 0,
+        name_len: 0,
+        uid_len: 0,
+        role_len: 0,
+        external_id_len: 0,
+        flags: 0,
+        _pad: 0,
+        namespace: [0; NAMESPACE_CAP],
+        name: [0; POD_NAME_CAP],
+        uid: [0; UID_CAP],
+        role: [0; ROLE_CAP],
+        external_id: [0; EXTERNAL_ID_CAP],
+    };
+    put(&mut out.namespace, &mut out.namespace_len, &pod.namespace);
+    put(&mut out.name, &mut out.name_len, &pod.name);
+    put(&mut out.uid, &mut out.uid_len, &pod.uid);
+    match &pod.role {
+        Annotation::Absent => {}
+        Annotation::Value(v) => put(&mut out.role, &mut out.role_len, v),
+        Annotation::Oversize(len) => {
+            out.flags |= IDENTITY_ROLE_OVERSIZE;
+            out.role_len = (*len).min(u16::MAX as usize) as u16;
+        }
+    }
+    match &pod.external_id {
+        Annotation::Absent => {}
+        Annotation::Value(v) => put(&mut out.external_id, &mut out.external_id_len, v),
+        Annotation::Oversize(len) => {
+            out.flags |= IDENTITY_EXTERNAL_ID_OVERSIZE;
+            out.external_id_len = (*len).min(u16::MAX as usize) as u16;
+        }
+    }
+    Ok(out)
+}
+
+fn get_str(buf: &[u8], len: u16, field: &str) -> Result<String, String> {
+    let bytes = buf
+        .get(..len as usize)
+        .ok_or_else(|| format!("{field} length {len} exceeds its field"))?;
+    String::from_utf8(bytes.to_vec()).map_err(|_| format!("{field} is not UTF-8"))
+}
+
+pub fn decode(raw: &Identity) -> Result<PodIdentity, String> {
+    let annotation = |buf: &[u8], len: u16, oversize: bool, field| {
+        if oversize {
+            Ok(Annotation::Oversize(len as usize))
+        } else if len == 0 {
+            Ok(Annotation::Absent)
+        } else {
+            get_str(buf, len, field).map(Annotation::Value)
+        }
+    };
+    Ok(PodIdentity {
+        namespace: get_str(&raw.namespace, raw.namespace_len, "namespace")?,
+        name: get_str(&raw.name, raw.name_len, "name")?,
+        uid: get_str(&raw.uid, raw.uid_len, "uid")?,
+        created_ms: raw.created_ms,
+        role: annotation(
+            &raw.role,
+            raw.role_len,
+            raw.flags & IDENTITY_ROLE_OVERSIZE != 0,
+            "role",
+        )?,
+        external_id: annotation(
+            &raw.external_id,
+            raw.external_id_len,
+            raw.flags & IDENTITY_EXTERNAL_ID_OVERSIZE != 0,
+            "external id",
+        )?,
+    })
+}
+
+/// Storage for identities: the pinned BPF map in the agent, a plain map in unit tests.
+pub trait IdentityMap: Send + Sync {
+    fn get(&self, key: &Key) -> Result<Option<PodIdentity>, Error>;
+    fn insert(&self, key: Key, pod: &PodIdentity) -> Result<(), Error>;
+    fn remove(&self, key: &Key) -> Result<(), Error>;
+    fn keys(&self) -> Result<Vec<Key>, Error>;
+    fn capacity(&self) -> u32;
+}
+
+/// The pinned BPF hash map.
+pub struct BpfIdentityMap {
+    map: RwLock<BpfHashMap<MapData, Key, Identity>>,
+    capacity: u32,
+}
+
+impl BpfIdentityMap {
+    pub fn new(map: BpfHashMap<MapData, Key, Identity>, capacity: u32) -> Self {
+        BpfIdentityMap {
+            map: RwLock::new(map),
+            capacity,
+        }
+    }
+}
+
+fn is_not_found(e: &aya::maps::MapError) -> bool {
+    matches!(e, aya::maps::MapError::KeyNotFound)
+        || matches!(e, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::ENOENT))
+}
+
+impl IdentityMap for BpfIdentityMap {
+    fn get(&self, key: &Key) -> Result<Option<PodIdentity>, Error> {
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        match map.get(key, 0) {
+            Ok(raw) => decode(&raw).map(Some).map_err(|reason| Error::Corrupt {
+                ip: ip_of(key),
+                reason,
+            }),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(source) => Err(Error::Map {
+                action: "lookup",
+                source,
+            }),
+        }
+    }
+
+    fn insert(&self, key: Key, pod: &PodIdentity) -> Result<(), Error> {
+        let raw = encode(pod)?;
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        map.insert(key, raw, 0).map_err(|source| match &source {
+            aya::maps::MapError::SyscallError(s)
+                if s.io_error.raw_os_error() == Some(libc::E2BIG) =>
+            {
+                Error::Full {
+                    capacity: self.capacity,
+                    pod: pod.display_name(),
+                    ip: ip_of(&key),
+                }
+            }
+            _ => Error::Map {
+                action: "update",
+                source,
+            },
+        })
+    }
+
+    fn remove(&self, key: &Key) -> Result<(), Error> {
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        match map.remove(key) {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(source) => Err(Error::Map {
+                action: "delete",
+                source,
+            }),
+        }
+    }
+
+    fn keys(&self) -> Result<Vec<Key>, Error> {
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        map.keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| Error::Map {
+                action: "iterate",
+                source,
+            })
+    }
+
+    fn capacity(&self) -> u32 {
+        self.capacity
+    }
+}
+
+/// An in-memory map with the same contract, for unit tests.
+#[derive(Default)]
+pub struct MemoryIdentityMap {
+    entries: Mutex<HashMap<Key, PodIdentity>>,
+    capacity: u32,
+}
+
+impl MemoryIdentityMap {
+    pub fn with_capacity(capacity: u32) -> Self {
+        MemoryIdentityMap {
+            entries: Mutex::default(),
+            capacity,
+        }
+    }
+}
+
+impl IdentityMap for MemoryIdentityMap {
+    fn get(&self, key: &Key) -> Result<Option<PodIdentity>, Error> {
+        Ok(self
+            .entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned())
+    }
+
+    fn insert(&self, key: Key, pod: &PodIdentity) -> Result<(), Error> {
+        encode(pod)?;
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if !entries.contains_key(&key) && entries.len() >= self.capacity as usize {
+            return Err(Error::Full {
+                capacity: self.capacity,
+                pod: pod.display_name(),
+                ip: ip_of(&key),
+            });
+        }
+        entries.insert(key, pod.clone());
+        Ok(())
+    }
+
+    fn remove(&self, key: &Key) -> Result<(), Error> {
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+        Ok(())
+    }
+
+    fn keys(&self) -> Result<Vec<Key>, Error> {
+        Ok(self
+            .entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect())
+    }
+
+    fn capacity(&self) -> u32 {
+        self.capacity
+    }
+}
+
+#[derive(Default)]
+struct RegistryState {
+    /// Pod UID → the addresses it claimed.
+    by_uid: HashMap<String, Vec<Key>>,
+    /// During a relist: the UIDs seen so far.
+    relist: Option<HashSet<String>>,
+    synced: bool,
+}
+
+/// Keeps the identity map in line with the pod watch and wakes waiting requests.
+pub struct Registry {
+    map: Box<dyn IdentityMap>,
+    state: Mutex<RegistryState>,
+    changed: watch::Sender<u64>,
+}
+
+impl Registry {
+    pub fn new(map: Box<dyn IdentityMap>) -> Registry {
+        Registry {
+            map,
+            state: Mutex::default(),
+            changed: watch::Sender::new(0),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, RegistryState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|generation| *generation += 1);
+    }
+
+    /// Records a live pod with its addresses. Errors are per address and logged by the caller;
+    /// the other addresses are still written.
+    pub fn apply(&self, pod: &PodIdentity, ips: &[IpAddr]) -> Vec<Error> {
+        let mut errors = Vec::new();
+        let mut state = self.state();
+        if let Some(seen) = state.relist.as_mut() {
+            seen.insert(pod.uid.clone());
+        }
+        let keys: Vec<Key> = ips.iter().map(|ip| key(*ip)).collect();
+        for k in &keys {
+            match self.map.get(k) {
+                Ok(Some(current)) if current == *pod => {}
+                Ok(Some(current)) if current.uid != pod.uid && !pod.newer_than(&current) => {
+                    tracing::debug!(
+                        ip = %ip_of(k),
+                        pod = %pod.display_name(),
+                        owner = %current.display_name(),
+                        "address claimed by an older pod; the newer owner keeps it"
+                    );
+                }
+                Ok(current) => {
+                    if let Some(old) = current.filter(|c| c.uid != pod.uid) {
+                        tracing::info!(
+                            ip = %ip_of(k),
+                            pod = %pod.display_name(),
+                            previous = %old.display_name(),
+                            "address reused by a newer pod"
+                        );
+                    }
+                    if let Err(e) = self.map.insert(*k, pod) {
+                        errors.push(e);
+                    }
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        // Addresses this pod no longer has (rare: a pod's IPs change only on restart of the sandbox).
+        let previous = state
+            .by_uid
+            .insert(pod.uid.clone(), keys.clone())
+            .unwrap_or_default();
+        for k in previous.iter().filter(|k| !keys.contains(k)) {
+            if let Err(e) = self.remove_if_owned(k, &pod.uid) {
+                errors.push(e);
+            }
+        }
+        drop(state);
+        self.bump();
+        errors
+    }
+
+    fn remove_if_owned(&self, k: &Key, uid: &str) -> Result<(), Error> {
+        match self.map.get(k)? {
+            Some(owner) if owner.uid == uid => self.map.remove(k),
+            _ => Ok(()),
+        }
+    }
+
+    /// Forgets a pod (deleted, or finished): removes the addresses it still owns.
+    pub fn remove_pod(&self, uid: &str) -> Vec<Error> {
+        let keys = self.state().by_uid.remove(uid).unwrap_or_default();
+        let errors = keys
+            .iter()
+            .filter_map(|k| self.remove_if_owned(k, uid).err())
+            .collect();
+        self.bump();
+        errors
+    }
+
+    /// A (re)list starts: pods applied until [`Registry::end_relist`] are the live set.
+    pub fn begin_relist(&self) {
+        self.state().relist = Some(HashSet::new());
+    }
+
+    /// The list is complete: entries of pods not in it are stale (deleted while the watch was
+    /// down, or before this agent started) and go.
+    pub fn end_relist(&self) -> Vec<Error> {
+        let mut errors = Vec::new();
+        let seen = {
+            let mut state = self.state();
+            state.synced = true;
+            let seen = state.relist.take().unwrap_or_default();
+            state.by_uid.retain(|uid, _| seen.contains(uid));
+            seen
+        };
+        match self.map.keys() {
+            Ok(keys) => {
+                for k in keys {
+                    match self.map.get(&k) {
+                        Ok(Some(owner)) if !seen.contains(&owner.uid) => {
+                            tracing::info!(ip = %ip_of(&k), pod = %owner.display_name(), "removing a stale address");
+                            if let Err(e) = self.map.remove(&k) {
+                                errors.push(e);
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            // A corrupt entry is removed; the pod, if live, is in `seen` and its
+                            // entry was rewritten during the list.
+                            errors.push(e);
+                            let _ = self.map.remove(&k);
+                        }
+                    }
+                }
+            }
+            Err(e) => errors.push(e),
+        }
+        self.bump();
+        errors
+    }
+
+    /// Whether the first full list has been applied.
+    pub fn synced(&self) -> bool {
+        self.state().synced
+    }
+
+    pub fn lookup(&self, ip: IpAddr) -> Result<Option<PodIdentity>, Error> {
+        self.map.get(&key(ip))
+    }
+
+    /// Looks `ip` up, waiting up to `timeout` for the watch to add it (woken by each change,
+    /// not polling).
+    pub async fn wait_for(
+        &self,
+        ip: IpAddr,
+        timeout: Duration,
+    ) -> Result<Option<PodIdentity>, Error> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut changes = self.changed.subscribe();
+        loop {
+            changes.mark_unchanged();
+            if let Some(pod) = self.lookup(ip)? {
+                return Ok(Some(pod));
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return self.lookup(ip),
+            }
+        }
+    }
+
+    pub fn entries(&self) -> Result<Vec<(IpAddr, PodIdentity)>, Error> {
+        let mut out = Vec::new();
+        for k in self.map.keys()? {
+            if let Some(pod) = self.map.get(&k)? {
+                out.push((ip_of(&k), pod));
+            }
+        }
+        out.sort_by_key(|(ip, _)| *ip);
+        Ok(out)
+    }
+
+    pub fn capacity(&self) -> u32 {
+        self.map.capacity()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::Ipv4Addr, sync::Arc};
+
+    use super::*;
+
+    fn pod(name: &str, uid: &str, created_ms: u64, role: Option<&str>) -> PodIdentity {
+        PodIdentity {
+            namespace: "default".into(),
+            name: name.into(),
+            uid: uid.into(),
+            created_ms,
+            role: Annotation::from_option(role, ROLE_CAP),
+            external_id: Annotation::Absent,
+        }
+    }
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(10, 0, 0, last))
+    }
+
+    fn registry() -> Registry {
+        Registry::new(Box::new(MemoryIdentityMap::with_capacity(16)))
+    }
+
+    #[test]
+    fn encode_round_trips_and_flags_oversize_annotations() {
+        let mut p = pod("web", "u1", 5, Some("arn:aws:iam::123456789012:role/web"));
+        p.external_id = Annotation::from_option(Some("ext-1"), EXTERNAL_ID_CAP);
+        assert_eq!(decode(&encode(&p).unwrap()).unwrap(), p);
+        let long = "r".repeat(ROLE_CAP + 1);
+        p.role = Annotation::from_option(Some(&long), ROLE_CAP);
+        assert_eq!(p.role, Annotation::Oversize(ROLE_CAP + 1));
+        assert_eq!(
+            decode(&encode(&p).unwrap()).unwrap().role,
+            Annotation::Oversize(ROLE_CAP + 1)
+        );
+        let exact = "r".repeat(ROLE_CAP);
+        p.role = Annotation::from_option(Some(&exact), ROLE_CAP);
+        assert_eq!(
+            decode(&encode(&p).unwrap()).unwrap().role,
+            Annotation::Value(exact)
+        );
+        p.name = "n".repeat(POD_NAME_CAP + 1);
+        assert!(matches!(
+            encode(&p),
+            Err(Error::FieldTooLong { field: "name", .. })
+        ));
+    }
+
+    #[test]
+    fn keys_map_ipv4_and_keep_ipv6() {
+        assert_eq!(ip_of(&key(ip(7))), ip(7));
+        let v6: IpAddr = "fd00::7".parse().unwrap();
+        assert_eq!(ip_of(&key(v6)), v6);
+        assert_eq!(
+            &key(ip(7))[..12],
+            &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]
+        );
+    }
+
+    #[test]
+    fn newest_pod_owns_a_reused_address() {
+        let r = registry();
+        let old = pod("old", "u-old", 100, Some("old-role"));
+        let new = pod("new", "u-new", 200, Some("new-role"));
+        assert!(r.apply(&old, &[ip(1)]).is_empty());
+        assert!(r.apply(&new, &[ip(1)]).is_empty());
+        assert_eq!(r.lookup(ip(1)).unwrap().unwrap().uid, "u-new");
+        // A late event for the old pod does not take the address back...
+        assert!(r.apply(&old, &[ip(1)]).is_empty());
+        assert_eq!(r.lookup(ip(1)).unwrap().unwrap().uid, "u-new");
+        // ...and deleting it does not remove the new owner.
+        assert!(r.remove_pod("u-old").is_empty());
+        assert_eq!(r.lookup(ip(1)).unwrap().unwrap().uid, "u-new");
+        assert!(r.remove_pod("u-new").is_empty());
+        assert_eq!(r.lookup(ip(1)).unwrap(), None);
+    }
+
+    #[test]
+    fn updates_replace_annotations_and_dropped_addresses_go() {
+        let r = registry();
+        r.apply(&pod("web", "u1", 1, Some("a")), &[ip(1), ip(2)]);
+        r.apply(&pod("web", "u1", 1, Some("b")), &[ip(1)]);
+        assert_eq!(
+            r.lookup(ip(1)).unwrap().unwrap().role,
+            Annotation::Value("b".into())
+        );
+        assert_eq!(r.lookup(ip(2)).unwrap(), None);
+    }
+
+    #[test]
+    fn relist_keeps_live_pods_and_drops_stale_ones() {
+        let map = MemoryIdentityMap::with_capacity(16);
+        // Left in the pinned map by a previous agent.
+        map.insert(key(ip(1)), &pod("live", "u1", 1, None)).unwrap();
+        map.insert(key(ip(2)), &pod("gone", "u2", 1, None)).unwrap();
+        let r = Registry::new(Box::new(map));
+        assert!(
+            r.lookup(ip(2)).unwrap().is_some(),
+            "served from the pins before the list"
+        );
+        r.begin_relist();
+        r.apply(&pod("live", "u1", 1, None), &[ip(1)]);
+        assert!(
+            r.lookup(ip(2)).unwrap().is_some(),
+            "nothing dropped mid-list"
+        );
+        assert!(r.end_relist().is_empty());
+        assert!(r.synced());
+        assert!(r.lookup(ip(1)).unwrap().is_some());
+        assert_eq!(r.lookup(ip(2)).unwrap(), None);
+    }
+
+    #[test]
+    fn a_full_map_is_a_clear_error_and_keeps_the_rest() {
+        let r = Registry::new(Box::new(MemoryIdentityMap::with_capacity(1)));
+        assert!(r.apply(&pod("a", "u1", 1, None), &[ip(1)]).is_empty());
+        let errors = r.apply(&pod("b", "u2", 2, None), &[ip(2)]);
+        assert!(
+            matches!(errors.as_slice(), [Error::Full { capacity: 1, .. }]),
+            "{errors:?}"
+        );
+        assert!(errors[0].to_string().contains("--identity-capacity"));
+        assert!(r.lookup(ip(1)).unwrap().is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_wake_when_the_pod_appears_and_give_up_at_the_deadline() {
+        let r = Arc::new(registry());
+        let waiter = {
+            let r = r.clone();
+            tokio::spawn(async move { r.wait_for(ip(9), Duration::from_secs(1)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        r.apply(&pod("late", "u9", 1, None), &[ip(9)]);
+        let found = waiter.await.unwrap().unwrap();
+        assert_eq!(found.map(|p| p.name), Some("late".into()));
+        let start = tokio::time::Instant::now();
+        assert_eq!(
+            r.wait_for(ip(10), Duration::from_secs(1)).await.unwrap(),
+            None
+        );
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
+    }
+}
