@@ -7,9 +7,15 @@ use std::{
     path::PathBuf,
 };
 
+use std::time::Duration;
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::bpf::{CookieSource, Settings};
+use crate::{
+    bpf::{CookieSource, Settings},
+    imds::TokenMode,
+    policy::PatternFormat,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -93,6 +99,116 @@ pub struct RunArgs {
     /// How to learn the host network namespace cookie (testing aid).
     #[arg(long, env = "HOST_NETNS_COOKIE_SOURCE", value_enum, default_value_t = CookieSource::Auto, hide = true)]
     pub host_netns_cookie_source: CookieSource,
+    /// Capacity of the pinned pod-address → identity map (EKS allows up to 737 pods per node).
+    #[arg(long, env = "IDENTITY_CAPACITY", default_value_t = kube2iam_common::DEFAULT_IDENTITY_CAPACITY)]
+    pub identity_capacity: u32,
+    /// Attach and configure the programs, serve nothing (for checking the kernel side alone).
+    #[arg(long, env = "INTERCEPTION_ONLY")]
+    pub interception_only: bool,
+
+    /// This node's name; only its pods are watched (the DaemonSet passes spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    pub node: Option<String>,
+    /// The API server URL (default: in-cluster config or ~/.kube/config).
+    #[arg(long, env = "API_SERVER")]
+    pub api_server: Option<String>,
+    /// A kubeconfig file to use instead of the in-cluster config.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// The pod annotation naming the role.
+    #[arg(long, env = "IAM_ROLE_KEY", default_value = "iam.amazonaws.com/role")]
+    pub iam_role_key: String,
+    /// The pod annotation carrying the STS external ID.
+    #[arg(
+        long,
+        env = "IAM_EXTERNAL_ID_KEY",
+        default_value = "iam.amazonaws.com/external-id"
+    )]
+    pub iam_external_id_key: String,
+    /// Base role ARN that role names are completed with, e.g. arn:aws:iam::123456789012:role/.
+    #[arg(long, env = "BASE_ROLE_ARN")]
+    pub base_role_arn: Option<String>,
+    /// Read the base role ARN from the node's instance profile (upstream IMDS iam/info).
+    #[arg(long, env = "AUTO_DISCOVER_BASE_ARN")]
+    pub auto_discover_base_arn: bool,
+    /// Role for pods without the role annotation (none: such pods get a 404).
+    #[arg(long, env = "DEFAULT_ROLE")]
+    pub default_role: Option<String>,
+    /// Only allow roles a namespace lists in its allowed-roles annotation.
+    #[arg(long, env = "NAMESPACE_RESTRICTIONS")]
+    pub namespace_restrictions: bool,
+    /// The namespace annotation listing allowed roles (a JSON array of patterns).
+    #[arg(
+        long,
+        env = "NAMESPACE_KEY",
+        default_value = "iam.amazonaws.com/allowed-roles"
+    )]
+    pub namespace_key: String,
+    /// How allowed-role patterns are written. Regexps are anchored (kube2iam's were not).
+    #[arg(long, env = "NAMESPACE_RESTRICTION_FORMAT", value_enum, default_value_t = PatternFormat::Glob)]
+    pub namespace_restriction_format: PatternFormat,
+    /// The AWS region for STS (default: AWS_REGION, else the node's placement/region).
+    #[arg(long, env = "AWS_REGION")]
+    pub region: Option<String>,
+    /// STS endpoint URL override (default: the regional endpoint).
+    #[arg(long, env = "STS_ENDPOINT")]
+    pub sts_endpoint: Option<String>,
+    /// Requested session duration (15m to 1h; role chaining caps sessions at 1 h).
+    #[arg(long, env = "IAM_ROLE_SESSION_TTL", default_value = "15m", value_parser = parse_duration)]
+    pub iam_role_session_ttl: Duration,
+    /// Refresh cached credentials this long before they expire.
+    #[arg(long, env = "REFRESH_BEFORE", default_value = "5m", value_parser = parse_duration)]
+    pub refresh_before: Duration,
+    /// One STS session per pod, named namespace.pod, for CloudTrail attribution.
+    #[arg(long, env = "SESSION_PER_POD")]
+    pub session_per_pod: bool,
+    /// Whether token-less (IMDSv1) requests are served.
+    #[arg(long, env = "IMDS_TOKENS", value_enum, default_value_t = TokenMode::Optional)]
+    pub imds_tokens: TokenMode,
+    /// Regex of a normally blocked path to forward anyway (repeatable), e.g. '^/latest/user-data$'.
+    #[arg(long = "allow-path", env = "ALLOW_PATHS", value_delimiter = ',')]
+    pub allow_paths: Vec<String>,
+    /// Regex of a path to block in addition (repeatable).
+    #[arg(long = "block-path", env = "BLOCK_PATHS", value_delimiter = ',')]
+    pub block_paths: Vec<String>,
+    /// How long a request from an unknown address waits for the pod watch.
+    #[arg(long, env = "POD_WAIT", default_value = "1s", value_parser = parse_duration)]
+    pub pod_wait: Duration,
+    /// Port of /healthz, /readyz, /metrics (and /debug/store with --debug).
+    #[arg(long, env = "METRICS_PORT", default_value_t = 9181)]
+    pub metrics_port: u16,
+    /// Serve /debug/store on the metrics port.
+    #[arg(long, env = "DEBUG")]
+    pub debug: bool,
+    /// Open connections the metadata server accepts; more are answered 503 and closed.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Time a client has to send its request headers.
+    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+}
+
+/// Parses `1500ms`, `30s`, `15m`, `1h` (a bare number is seconds).
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    let value = value.trim();
+    let split = value
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{value:?} is not a duration like 500ms, 30s, 15m or 1h"))?;
+    let seconds = match unit {
+        "ms" => number / 1000.0,
+        "" | "s" => number,
+        "m" => number * 60.0,
+        "h" => number * 3600.0,
+        _ => return Err(format!("{value:?}: unknown unit {unit:?} (ms, s, m, h)")),
+    };
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err(format!("{value:?} is not a positive duration"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
 }
 
 #[derive(Debug, Args)]
@@ -141,6 +257,7 @@ impl RunArgs {
             metadata_port,
             kernel_debug_log,
             cookie_source: self.host_netns_cookie_source,
+            identity_capacity: self.identity_capacity,
         })
     }
 }
@@ -154,6 +271,18 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("5 minutes").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("m").is_err());
     }
 
     #[test]

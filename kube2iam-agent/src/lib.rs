@@ -1,8 +1,16 @@
 //! kube2iam-ebpf's agent as a library, so the binary and the tests drive the same parts.
 //!
-//! `cli` → `bpf` (load, attach, pin, typed map access).
+//! `cli` → `bpf` (load, attach, pin, typed map access) → `kube` (watch → `identity` map) →
+//! `policy` (pure rules) → `credentials` (STS, cache) → `imds` (the server pods reach) →
+//! `admin` (health, readiness, metrics); `agent` wires them together.
 
+pub mod admin;
+pub mod agent;
 pub mod bpf;
 pub mod cli;
+pub mod credentials;
+pub mod identity;
+pub mod imds;
+pub mod kube;
 pub mod policy;
 pub mod telemetry;

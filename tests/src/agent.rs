@@ -62,6 +62,9 @@ pub struct AgentOptions {
     pub app_port: u16,
     /// Appended to the command line.
     pub extra_args: Vec<OsString>,
+    /// Pass `--interception-only`: the kernel side alone, no metadata server (the interception
+    /// tests answer with a stand-in on the agent's port instead).
+    pub interception_only: bool,
 }
 
 impl Default for AgentOptions {
@@ -70,6 +73,7 @@ impl Default for AgentOptions {
             host_ipv6: false,
             app_port: AGENT_PORT,
             extra_args: Vec::new(),
+            interception_only: true,
         }
     }
 }
@@ -138,6 +142,9 @@ impl Agent {
             .arg(&pin_path);
         if options.host_ipv6 {
             command.arg("--host-ipv6").arg(HOST_IP6.to_string());
+        }
+        if options.interception_only {
+            command.arg("--interception-only");
         }
         command
             .args(&options.extra_args)

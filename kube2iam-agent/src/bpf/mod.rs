@@ -150,6 +150,8 @@ pub struct Settings {
     /// Compile the programs' debug events in (aya-log); off, the verifier prunes them.
     pub kernel_debug_log: bool,
     pub cookie_source: CookieSource,
+    /// Entries of the identity map when it is first created.
+    pub identity_capacity: u32,
 }
 
 impl Settings {
@@ -238,6 +240,7 @@ pub fn install(settings: &Settings) -> Result<Interception> {
     };
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(&settings.pin_dir)
+        .map_max_entries(maps::IDENTITY, settings.identity_capacity)
         .override_global("AYA_LOG_LEVEL", &log_level, true)
         .load(EBPF_OBJECT)?;
 
@@ -454,6 +457,24 @@ impl Interception {
                 name: maps::CONFIG,
                 source,
             })
+    }
+
+    /// Takes the pinned identity map for the pod registry. Its capacity is the pinned map's,
+    /// which a restart does not change (that would drop what pods are known).
+    pub fn take_identity_map(&mut self) -> Result<crate::identity::BpfIdentityMap> {
+        let map = self.ebpf.take_map(maps::IDENTITY).ok_or(Error::Missing {
+            kind: "map",
+            name: maps::IDENTITY,
+        })?;
+        let capacity = match &map {
+            aya::maps::Map::HashMap(data) => data.info().map(|i| i.max_entries()).unwrap_or(0),
+            _ => 0,
+        };
+        let map = HashMap::try_from(map).map_err(|source| Error::Map {
+            name: maps::IDENTITY,
+            source,
+        })?;
+        Ok(crate::identity::BpfIdentityMap::new(map, capacity))
     }
 
     /// The loaded object, for the debug-log reader.

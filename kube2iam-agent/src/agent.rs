@@ -1,0 +1,342 @@
+//! Putting the agent together: interception, the pod registry and watches, STS, the metadata
+//! and admin servers, and shutdown.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use aws_config::BehaviorVersion;
+
+use crate::{
+    admin::{self, Admin, Readiness},
+    bpf::{self, Action, Interception},
+    cli::RunArgs,
+    credentials::{CacheSettings, CredentialCache, SdkSts},
+    identity::Registry,
+    imds::{self, ServerConfig, State, path::PathRules, token::TokenIssuer, upstream::Upstream},
+    kube::{self as k8s, Keys, Namespaces, WatchStats},
+    policy::BaseArn,
+};
+
+/// Upstream requests (and the agent's own IMDS calls) give up after this.
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
+/// SIGTERM: in-flight requests get this long to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn log_programs(interception: &Interception, settings: &bpf::Settings) {
+    for program in &interception.programs {
+        match &program.action {
+            Action::Skipped(why) => tracing::info!(program = program.name, "skipped: {why}"),
+            action => tracing::info!(
+                program = program.name,
+                link_id = program.link_id,
+                ?action,
+                "hook ready"
+            ),
+        }
+    }
+    tracing::info!(
+        kernel = %interception.kernel,
+        cgroup = %interception.cgroup.display(),
+        pin_dir = %interception.pin_dir.display(),
+        agent = %format!("{}:{}", settings.agent_ip4, settings.agent_port),
+        agent_ipv6 = ?settings.agent_ip6,
+        host_netns_cookie = interception.host_netns_cookie,
+        "interception active"
+    );
+}
+
+fn compile_rules(allow: &[String], block: &[String]) -> anyhow::Result<PathRules> {
+    let compile = |flag: &str, sources: &[String]| {
+        sources
+            .iter()
+            .map(|s| {
+                regex::Regex::new(s).with_context(|| format!("{flag} {s:?} is not a valid regex"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()
+    };
+    Ok(PathRules {
+        allow: compile("--allow-path", allow)?,
+        block: compile("--block-path", block)?,
+    })
+}
+
+/// The region for STS: flag/AWS_REGION, else the node's placement.
+async fn region(args: &RunArgs, upstream: &Upstream) -> anyhow::Result<String> {
+    if let Some(region) = &args.region {
+        return Ok(region.clone());
+    }
+    upstream
+        .get_text("/latest/meta-data/placement/region")
+        .await
+        .map_err(|e| anyhow::anyhow!("no --region or AWS_REGION, and {e}"))
+}
+
+async fn base_arn(args: &RunArgs, upstream: &Upstream) -> anyhow::Result<Option<BaseArn>> {
+    if let Some(value) = &args.base_role_arn {
+        return Ok(Some(BaseArn::parse(value)?));
+    }
+    if !args.auto_discover_base_arn {
+        return Ok(None);
+    }
+    let info = upstream
+        .get_text("/latest/meta-data/iam/info")
+        .await
+        .map_err(|e| anyhow::anyhow!("--auto-discover-base-arn: {e}"))?;
+    let info: serde_json::Value =
+        serde_json::from_str(&info).context("--auto-discover-base-arn: iam/info is not JSON")?;
+    let profile = info["InstanceProfileArn"]
+        .as_str()
+        .context("--auto-discover-base-arn: iam/info has no InstanceProfileArn")?;
+    let base = BaseArn::from_instance_profile(profile)?;
+    tracing::info!(base_arn = base.as_str(), "discovered the base role ARN");
+    Ok(Some(base))
+}
+
+/// The agent's own AWS configuration: the default credential chain, with IMDS read from the
+/// configured upstream rather than a hard-wired address.
+async fn sts_client(
+    args: &RunArgs,
+    region: String,
+    metadata: SocketAddr,
+) -> anyhow::Result<aws_sdk_sts::Client> {
+    let imds = aws_config::imds::Client::builder()
+        .endpoint(format!("http://{metadata}"))
+        .map_err(|e| anyhow::anyhow!("IMDS endpoint http://{metadata}: {e}"))?
+        .build();
+    let region = aws_config::Region::new(region);
+    let credentials = aws_config::default_provider::credentials::DefaultCredentialsChain::builder()
+        .region(region.clone())
+        .imds_client(imds)
+        .build()
+        .await;
+    let timeouts = aws_config::timeout::TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .operation_attempt_timeout(Duration::from_secs(5))
+        .operation_timeout(Duration::from_secs(15))
+        .build();
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .region(region)
+        .credentials_provider(credentials)
+        .timeout_config(timeouts);
+    if let Some(endpoint) = &args.sts_endpoint {
+        loader = loader.endpoint_url(endpoint);
+    }
+    Ok(aws_sdk_sts::Client::new(&loader.load().await))
+}
+
+async fn wait_for_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("listen for SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
+}
+
+/// Runs until SIGTERM/SIGINT.
+pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
+    let settings = args.settings(kernel_debug_log)?;
+    // Handlers first: once "interception active" is logged, SIGTERM must mean a clean exit.
+    let signal = wait_for_signal().await?;
+    let mut interception = bpf::install(&settings)?;
+    log_programs(&interception, &settings);
+    if kernel_debug_log {
+        spawn_kernel_log_reader(interception.ebpf_mut())?;
+    }
+    if args.interception_only {
+        signal.await;
+        log_shutdown();
+        return Ok(());
+    }
+
+    let node = match &args.node {
+        Some(node) if !node.is_empty() => node.clone(),
+        _ => bail!("--node (or NODE_NAME) is required: the agent serves the pods of one node"),
+    };
+    let metadata = SocketAddr::new(IpAddr::V4(settings.metadata_ip4), settings.metadata_port);
+    let upstream = Arc::new(Upstream::new(metadata, UPSTREAM_TIMEOUT));
+    let rules = compile_rules(&args.allow_paths, &args.block_paths)?;
+    let base_arn = base_arn(args, &upstream).await?;
+    let region = region(args, &upstream).await?;
+    let sts = sts_client(args, region.clone(), metadata).await?;
+    let cache = CredentialCache::new(
+        Arc::new(SdkSts::new(sts)),
+        CacheSettings {
+            duration: args.iam_role_session_ttl,
+            refresh_before: args.refresh_before,
+            ..CacheSettings::default()
+        },
+    );
+
+    let identity_map = interception.take_identity_map()?;
+    if identity_map_capacity_differs(&identity_map, args.identity_capacity) {
+        tracing::warn!(
+            wanted = args.identity_capacity,
+            "the pinned identity map keeps its capacity across restarts; run \
+             `kube2iam-agent uninstall` and restart to resize it"
+        );
+    }
+    let registry = Arc::new(Registry::new(Box::new(identity_map)));
+    let namespaces = Arc::new(Namespaces::default());
+    let tokens = TokenIssuer::random().context("draw the IMDSv2 token key")?;
+    let state = Arc::new(State {
+        config: ServerConfig {
+            node: node.clone(),
+            pod_wait: args.pod_wait,
+            tokens: args.imds_tokens,
+            role_key: args.iam_role_key.clone(),
+            namespace_key: args.namespace_key.clone(),
+            base_arn,
+            default_role: args.default_role.clone(),
+            namespace_restrictions: args.namespace_restrictions,
+            session_per_pod: args.session_per_pod,
+            rules,
+            header_read_timeout: args.header_read_timeout,
+            max_connections: args.max_connections,
+            max_header_bytes: 16 * 1024,
+            drain_timeout: DRAIN_TIMEOUT,
+        },
+        registry: registry.clone(),
+        namespaces: namespaces.clone(),
+        cache: cache.clone(),
+        upstream: upstream.clone(),
+        tokens,
+        stats: Default::default(),
+    });
+
+    // Serve at once: pods known from the pinned map are answered while the watch relists.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut servers = tokio::task::JoinSet::new();
+    let mut addrs = vec![SocketAddr::new(
+        IpAddr::V4(settings.agent_ip4),
+        settings.agent_port,
+    )];
+    if let Some(ip6) = settings.agent_ip6 {
+        addrs.push(SocketAddr::new(IpAddr::V6(ip6), settings.agent_port));
+    }
+    for addr in &addrs {
+        let listener = imds::bind(*addr)
+            .await
+            .with_context(|| format!("listen on {addr}"))?;
+        servers.spawn(imds::serve(listener, state.clone(), stopped.clone()));
+    }
+    let readiness = Arc::new(Readiness::default());
+    readiness.interception.store(true, Ordering::Release);
+    let watch_stats = Arc::new(WatchStats::default());
+    let pin_dir = interception.pin_dir.clone();
+    let admin = Arc::new(Admin {
+        state: state.clone(),
+        readiness: readiness.clone(),
+        watch_stats: watch_stats.clone(),
+        counters: Box::new(move || {
+            bpf::pinned_counters(&pin_dir)
+                .map(|c| c.into_iter().map(|(k, v)| (k.name(), v)).collect())
+                .unwrap_or_default()
+        }),
+        debug: args.debug,
+    });
+    let admin_addr = SocketAddr::new(IpAddr::V4(settings.agent_ip4), args.metrics_port);
+    let admin_listener = imds::bind(admin_addr)
+        .await
+        .with_context(|| format!("listen on {admin_addr} (--metrics-port)"))?;
+    servers.spawn(admin::serve(admin_listener, admin, stopped.clone()));
+    tracing::info!(?addrs, %admin_addr, node, region, "serving");
+
+    let client = k8s::client(args.api_server.as_deref(), args.kubeconfig.as_deref()).await?;
+    let keys = Keys {
+        role: args.iam_role_key.clone(),
+        external_id: args.iam_external_id_key.clone(),
+        namespace: args.namespace_key.clone(),
+    };
+    let mut background = tokio::task::JoinSet::new();
+    let prefetch_state = state.clone();
+    background.spawn(k8s::watch_pods(
+        client.clone(),
+        node,
+        keys,
+        registry,
+        watch_stats.clone(),
+        move |pod| prefetch_state.prefetch(pod),
+    ));
+    if args.namespace_restrictions {
+        background.spawn(namespaces.watch(
+            client,
+            args.namespace_key.clone(),
+            args.namespace_restriction_format,
+            watch_stats,
+        ));
+    }
+    background.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            let evicted = cache.evict_idle();
+            if evicted > 0 {
+                tracing::debug!(evicted, "dropped idle credential entries");
+            }
+        }
+    });
+    background.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        let mut was = None;
+        loop {
+            tick.tick().await;
+            let ok = upstream.reachable().await;
+            readiness.upstream.store(ok, Ordering::Release);
+            if was != Some(ok) {
+                if ok {
+                    tracing::info!(upstream = %upstream.addr(), "upstream metadata service reachable");
+                } else {
+                    tracing::warn!(upstream = %upstream.addr(), "upstream metadata service unreachable; not ready");
+                }
+                was = Some(ok);
+            }
+        }
+    });
+
+    signal.await;
+    let _ = stop.send(true);
+    background.abort_all();
+    while servers.join_next().await.is_some() {}
+    log_shutdown();
+    Ok(())
+}
+
+fn log_shutdown() {
+    tracing::info!(
+        "shutting down; the pinned programs stay attached and keep pods away from the real \
+         metadata service (`kube2iam-agent uninstall` detaches them)"
+    );
+}
+
+fn identity_map_capacity_differs(map: &crate::identity::BpfIdentityMap, wanted: u32) -> bool {
+    use crate::identity::IdentityMap as _;
+    map.capacity() != 0 && map.capacity() != wanted
+}
+
+/// Forwards the programs' aya-log events into our log.
+fn spawn_kernel_log_reader(ebpf: &mut aya::Ebpf) -> anyhow::Result<()> {
+    let logger = aya_log::EbpfLogger::init(ebpf).context("read the programs' log buffer")?;
+    // SAFETY: the logger owns its ring buffer fd and keeps it open while the AsyncFd lives.
+    let mut fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }
+    .context("poll the programs' log buffer")?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                break;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+    Ok(())
+}
