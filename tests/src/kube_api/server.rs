@@ -1,0 +1,1453 @@
+//! The HTTP side: routing, discovery, list/get/watch and writes, on hyper 1.
+
+use std::{
+    convert::Infallible,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, atomic::Ordering},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited, combinators::BoxBody};
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Frame, Incoming, SizeHint},
+    header::{CONTENT_TYPE, HeaderValue},
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::{net::TcpListener, sync::mpsc, time::Instant};
+
+use super::{
+    ApiRequest, RequestKind, Shared,
+    select::{FieldSelector, LabelSelector},
+    store::{ApiError, ChangeKind, Key, Resource, Store},
+    table::{self, Format},
+};
+
+type Body = BoxBody<Bytes, io::Error>;
+type ServiceError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Largest request body accepted (the API server's limit is 3 MiB).
+const MAX_BODY: usize = 3 * 1024 * 1024;
+
+/// Accepts connections until `shutdown` fires. While the server is down the listener is closed,
+/// so connects are refused, and reopened on the same address when it comes back.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let addr = listener
+        .local_addr()
+        .expect("bound listener has an address");
+    let mut down = shared.down_tx.subscribe();
+    let mut listener = Some(listener);
+    loop {
+        let is_down = *down.borrow_and_update();
+        if is_down {
+            listener = None;
+        } else if listener.is_none() {
+            match bind_with_retry(addr).await {
+                Some(l) => listener = Some(l),
+                None => {
+                    eprintln!("kube-api emulator: cannot rebind {addr}; giving up");
+                    return;
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = down.changed() => continue,
+            accepted = accept(listener.as_ref()) => {
+                let Ok((stream, _peer)) = accepted else { continue };
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |request| handle(shared.clone(), request));
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        }
+    }
+}
+
+async fn accept(listener: Option<&TcpListener>) -> io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match listener {
+        Some(listener) => listener.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn bind_with_retry(addr: SocketAddr) -> Option<TcpListener> {
+    for _ in 0..100 {
+        if let Ok(listener) = TcpListener::bind(addr).await {
+            return Some(listener);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed()
+}
+
+fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
+    let mut response = Response::new(full(
+        serde_json::to_vec(value).expect("JSON values serialize"),
+    ));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn error_response(error: &ApiError) -> Response<Body> {
+    json_response(
+        StatusCode::from_u16(error.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        &error.status(),
+    )
+}
+
+/// Query parameters, percent-decoded (`+` is a space, as in Go's url.ParseQuery).
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn parse(query: Option<&str>) -> Self {
+        let pairs = query
+            .unwrap_or_default()
+            .split('&')
+            .filter(|pair| !pair.is_empty())
+            .map(|pair| {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                (percent_decode(k), percent_decode(v))
+            })
+            .collect();
+        Self(pairs)
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn flag(&self, name: &str) -> Result<Option<bool>, ApiError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some("true" | "1" | "True" | "TRUE" | "t" | "T") => Ok(Some(true)),
+            Some("false" | "0" | "False" | "FALSE" | "f" | "F" | "") => Ok(Some(false)),
+            Some(other) => Err(ApiError::bad_request(format!(
+                "invalid value for {name}: strconv.ParseBool: parsing {other:?}: invalid syntax"
+            ))),
+        }
+    }
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A request path naming a resource, a collection or one object.
+#[derive(Debug)]
+struct Target {
+    resource: Resource,
+    namespace: Option<String>,
+    name: Option<String>,
+    /// Came in under the deprecated `/watch/` prefix.
+    watch_prefix: bool,
+}
+
+fn parse_target(path: &str) -> Option<Target> {
+    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    let (rest, group_v1) = match segments.as_slice() {
+        ["api", "v1", rest @ ..] => (rest, false),
+        ["apis", "events.k8s.io", "v1", rest @ ..] => (rest, true),
+        _ => return None,
+    };
+    let (rest, watch_prefix) = match rest {
+        ["watch", rest @ ..] => (rest, true),
+        rest => (rest, false),
+    };
+    let resource = |plural: &str| -> Option<Resource> {
+        match (plural, group_v1) {
+            ("pods", false) => Some(Resource::Pods),
+            ("namespaces", false) => Some(Resource::Namespaces),
+            ("events", false) => Some(Resource::Events),
+            ("events", true) => Some(Resource::EventsV1),
+            _ => None,
+        }
+    };
+    let target = |resource, namespace: Option<&str>, name: Option<&str>| Target {
+        resource,
+        namespace: namespace.map(str::to_owned),
+        name: name.map(str::to_owned),
+        watch_prefix,
+    };
+    match rest {
+        ["namespaces", ns, plural] => {
+            let r = resource(plural)?;
+            r.namespaced().then(|| target(r, Some(ns), None))
+        }
+        ["namespaces", ns, plural, name] => {
+            let r = resource(plural)?;
+            r.namespaced().then(|| target(r, Some(ns), Some(name)))
+        }
+        ["namespaces", name] if !group_v1 => Some(target(Resource::Namespaces, None, Some(name))),
+        [plural] => Some(target(resource(plural)?, None, None)),
+        _ => None,
+    }
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, ServiceError> {
+    if *shared.down_tx.borrow() {
+        // Close the connection without an answer, as a crashed server would.
+        return Err("the API server is down".into());
+    }
+    let (parts, body) = request.into_parts();
+    let body = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => {
+            return Ok(error_response(&ApiError::new(
+                413,
+                "RequestEntityTooLarge",
+                format!("cannot read the request body: {e}"),
+            )));
+        }
+    };
+    let path = parts.uri.path().to_owned();
+    let query = Query::parse(parts.uri.query());
+    let header = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let target = parse_target(&path);
+    let watching = target.as_ref().is_some_and(|t| t.watch_prefix)
+        || matches!(query.get("watch"), Some("true" | "1"));
+    let kind = match (&parts.method, &target) {
+        (_, None) => RequestKind::Other,
+        (&Method::GET, Some(_)) if watching => RequestKind::Watch,
+        (&Method::GET, Some(t)) if t.name.is_some() => RequestKind::Get,
+        (&Method::GET, Some(_)) => RequestKind::List,
+        (&Method::POST, Some(_)) => RequestKind::Create,
+        (&Method::PUT, Some(_)) => RequestKind::Update,
+        (&Method::PATCH, Some(_)) => RequestKind::Patch,
+        (&Method::DELETE, Some(_)) => RequestKind::Delete,
+        (_, Some(_)) => RequestKind::Other,
+    };
+    shared.record(ApiRequest {
+        method: parts.method.to_string(),
+        path: path.clone(),
+        query: parts.uri.query().unwrap_or_default().to_owned(),
+        kind,
+        resource: target.as_ref().map(|t| t.resource),
+        user_agent: header("user-agent"),
+        body: (!body.is_empty()).then(|| String::from_utf8_lossy(&body).into_owned()),
+    });
+    let format = Format::from_accept(header("accept").as_deref(), query.get("includeObject"));
+
+    let Some(target) = target else {
+        return Ok(match (&parts.method, path.trim_end_matches('/')) {
+            (&Method::GET, "/version") => json_response(StatusCode::OK, &version()),
+            (&Method::GET, "/api") => json_response(StatusCode::OK, &api_versions(&shared)),
+            (&Method::GET, "/api/v1") => json_response(StatusCode::OK, &core_resources()),
+            (&Method::GET, "/apis") => json_response(StatusCode::OK, &api_groups()),
+            (&Method::GET, "/apis/events.k8s.io") => json_response(StatusCode::OK, &events_group()),
+            (&Method::GET, "/apis/events.k8s.io/v1") => {
+                json_response(StatusCode::OK, &events_resources())
+            }
+            (&Method::GET, "/healthz" | "/livez" | "/readyz") => {
+                let mut response = Response::new(full("ok"));
+                response
+                    .headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+                response
+            }
+            _ => error_response(&ApiError::new(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            )),
+        });
+    };
+
+    let result = match kind {
+        RequestKind::Watch => watch(&shared, &target, &query, format),
+        RequestKind::List => list(&shared, &target, &query, format),
+        RequestKind::Get => get(&shared, &target, format),
+        RequestKind::Create => {
+            let content_type = header("content-type");
+            create(&shared, &target, content_type.as_deref(), &body)
+        }
+        RequestKind::Update => update(&shared, &target, &body),
+        RequestKind::Patch => {
+            let content_type = header("content-type");
+            patch(&shared, &target, content_type.as_deref(), &body)
+        }
+        RequestKind::Delete => delete(&shared, &target),
+        _ => Err(ApiError::new(
+            405,
+            "MethodNotAllowed",
+            format!(
+                "the server does not allow this method on the requested resource ({})",
+                parts.method
+            ),
+        )),
+    };
+    Ok(result.unwrap_or_else(|e| error_response(&e)))
+}
+
+fn version() -> Value {
+    json!({
+        "major": "1",
+        "minor": "31",
+        "gitVersion": "v1.31.0",
+        "gitCommit": "9edcffcde5595e8a5b1a35f88c421764e575afce",
+        "gitTreeState": "clean",
+        "buildDate": "2024-08-13T07:28:49Z",
+        "goVersion": "go1.22.5",
+        "compiler": "gc",
+        "platform": "linux/amd64",
+    })
+}
+
+fn api_versions(shared: &Shared) -> Value {
+    let address = shared
+        .addr
+        .get()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    json!({
+        "kind": "APIVersions",
+        "versions": ["v1"],
+        "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": address}],
+    })
+}
+
+const VERBS: [&str; 8] = [
+    "create",
+    "delete",
+    "deletecollection",
+    "get",
+    "list",
+    "patch",
+    "update",
+    "watch",
+];
+
+fn core_resources() -> Value {
+    json!({
+        "kind": "APIResourceList",
+        "groupVersion": "v1",
+        "resources": [
+            {"name": "events", "singularName": "event", "namespaced": true, "kind": "Event",
+             "verbs": VERBS, "shortNames": ["ev"],
+             "storageVersionHash": "r2yiGXH7wu8="},
+            {"name": "namespaces", "singularName": "namespace", "namespaced": false,
+             "kind": "Namespace", "verbs": ["create", "delete", "get", "list", "patch",
+             "update", "watch"], "shortNames": ["ns"], "storageVersionHash": "Q3oi5N2YM8M="},
+            {"name": "namespaces/status", "singularName": "", "namespaced": false,
+             "kind": "Namespace", "verbs": ["get", "patch", "update"]},
+            {"name": "pods", "singularName": "pod", "namespaced": true, "kind": "Pod",
+             "verbs": VERBS, "shortNames": ["po"], "categories": ["all"],
+             "storageVersionHash": "xPOwRZ+Yhw8="},
+            {"name": "pods/status", "singularName": "", "namespaced": true, "kind": "Pod",
+             "verbs": ["get", "patch", "update"]},
+        ],
+    })
+}
+
+fn events_group() -> Value {
+    json!({
+        "kind": "APIGroup",
+        "apiVersion": "v1",
+        "name": "events.k8s.io",
+        "versions": [{"groupVersion": "events.k8s.io/v1", "version": "v1"}],
+        "preferredVersion": {"groupVersion": "events.k8s.io/v1", "version": "v1"},
+    })
+}
+
+fn api_groups() -> Value {
+    let mut group = events_group();
+    if let Some(map) = group.as_object_mut() {
+        map.remove("kind");
+        map.remove("apiVersion");
+    }
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [group]})
+}
+
+fn events_resources() -> Value {
+    json!({
+        "kind": "APIResourceList",
+        "apiVersion": "v1",
+        "groupVersion": "events.k8s.io/v1",
+        "resources": [
+            {"name": "events", "singularName": "event", "namespaced": true, "kind": "Event",
+             "verbs": VERBS, "shortNames": ["ev"], "storageVersionHash": "r2yiGXH7wu8="},
+        ],
+    })
+}
+
+/// The selection a list or watch request makes.
+struct Selection {
+    resource: Resource,
+    namespace: Option<String>,
+    fields: FieldSelector,
+    labels: LabelSelector,
+}
+
+impl Selection {
+    fn new(target: &Target, query: &Query) -> Result<Self, ApiError> {
+        let resource = target.resource;
+        let mut fields = FieldSelector::parse(resource, query.get("fieldSelector").unwrap_or(""))
+            .map_err(|e| ApiError::bad_request(e.0))?;
+        let labels = LabelSelector::parse(query.get("labelSelector").unwrap_or(""))
+            .map_err(|e| ApiError::bad_request(e.0))?;
+        if let Some(name) = &target.name {
+            fields.require("metadata.name", name);
+        }
+        Ok(Self {
+            resource,
+            namespace: target.namespace.clone(),
+            fields,
+            labels,
+        })
+    }
+
+    fn matches(&self, key: &Key, object: &Value) -> bool {
+        self.namespace.as_ref().is_none_or(|ns| *ns == key.0)
+            && self.fields.matches(self.resource, object)
+            && self.labels.matches(object)
+    }
+
+    fn has_selectors(&self) -> bool {
+        !self.fields.is_empty() || !self.labels.is_empty()
+    }
+}
+
+fn parse_rv(text: &str) -> Result<u64, ApiError> {
+    text.parse()
+        .map_err(|_| ApiError::bad_request(format!("invalid resource version: {text:?}")))
+}
+
+fn too_large(requested: u64, current: u64) -> ApiError {
+    ApiError {
+        details: Some(json!({"causes": [{"reason": "ResourceVersionTooLarge",
+                                         "message": "Too large resource version"}],
+                             "retryAfterSeconds": 1})),
+        ..ApiError::new(
+            504,
+            "Timeout",
+            format!("Too large resource version: {requested}, current: {current}"),
+        )
+    }
+}
+
+/// Objects in a list response carry no kind/apiVersion, as from a real API server.
+fn list_item(object: &Value) -> Value {
+    let mut item = object.clone();
+    if let Some(map) = item.as_object_mut() {
+        map.remove("kind");
+        map.remove("apiVersion");
+    }
+    item
+}
+
+const CONTINUE_TOO_OLD: &str = "The provided continue parameter is too old to display a \
+    consistent list result. You can start a new list without the continue parameter, or use \
+    the continue token in this response to retrieve the remainder of the results. Continuing \
+    with the provided token results in an inconsistent list - objects that were created, \
+    modified, or deleted between the time the first chunk was returned and now may show up in \
+    the list.";
+
+fn encode_continue(rv: u64, last: &Key) -> String {
+    let token = json!({"v": "meta.k8s.io/v1", "rv": rv, "start": [last.0, last.1]});
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token.to_string())
+}
+
+fn decode_continue(token: &str) -> Result<(u64, Key), ApiError> {
+    let bad = || ApiError::bad_request(format!("continue key is not valid: {token:?}"));
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| bad())?;
+    let value: Value = serde_json::from_slice(&bytes).map_err(|_| bad())?;
+    let rv = value["rv"].as_u64().ok_or_else(bad)?;
+    let ns = value["start"][0].as_str().ok_or_else(bad)?;
+    let name = value["start"][1].as_str().ok_or_else(bad)?;
+    Ok((rv, (ns.to_owned(), name.to_owned())))
+}
+
+fn list(
+    shared: &Shared,
+    target: &Target,
+    query: &Query,
+    format: Format,
+) -> Result<Response<Body>, ApiError> {
+    let selection = Selection::new(target, query)?;
+    let rv_param = query.get("resourceVersion").filter(|rv| !rv.is_empty());
+    let rv_match = query.get("resourceVersionMatch").filter(|m| !m.is_empty());
+    let limit = match query.get("limit").filter(|l| !l.is_empty()) {
+        Some(l) => l
+            .parse::<i64>()
+            .map_err(|_| ApiError::bad_request(format!("invalid limit: {l:?}")))?,
+        None => 0,
+    };
+    let continue_token = query.get("continue").filter(|c| !c.is_empty());
+
+    let store = shared.store.lock().expect("store lock");
+    let (rv, objects, start_after, paging) = if let Some(token) = continue_token {
+        if rv_param.is_some() {
+            return Err(ApiError::bad_request(
+                "specifying resource version is not allowed when using continue",
+            ));
+        }
+        let (rv, last) = decode_continue(token)?;
+        let objects = store
+            .snapshot(selection.resource, rv)
+            .map_err(|_| ApiError::new(410, "Expired", CONTINUE_TOO_OLD))?;
+        (rv, objects, Some(last), true)
+    } else {
+        match (rv_param, rv_match) {
+            (None, Some(_)) => {
+                return Err(ApiError::bad_request(
+                    "resourceVersionMatch is forbidden unless resourceVersion is provided",
+                ));
+            }
+            (None, None) => (
+                store.rv(),
+                store.all(selection.resource).clone(),
+                None,
+                true,
+            ),
+            (Some("0"), Some("Exact")) => {
+                return Err(ApiError::bad_request(
+                    "resourceVersionMatch \"exact\" is forbidden for resourceVersion \"0\"",
+                ));
+            }
+            // Served from the watch cache, which ignores limit.
+            (Some("0"), _) => (
+                store.rv(),
+                store.all(selection.resource).clone(),
+                None,
+                false,
+            ),
+            (Some(text), None | Some("NotOlderThan")) => {
+                let requested = parse_rv(text)?;
+                if requested > store.rv() {
+                    return Err(too_large(requested, store.rv()));
+                }
+                (
+                    store.rv(),
+                    store.all(selection.resource).clone(),
+                    None,
+                    true,
+                )
+            }
+            (Some(text), Some("Exact")) => {
+                let requested = parse_rv(text)?;
+                if requested > store.rv() {
+                    return Err(too_large(requested, store.rv()));
+                }
+                let objects = store.snapshot(selection.resource, requested)?;
+                (requested, objects, None, true)
+            }
+            (Some(_), Some(other)) => {
+                return Err(ApiError::bad_request(format!(
+                    "resourceVersionMatch: Unsupported value: \"{other}\": supported values: \
+                     \"Exact\", \"NotOlderThan\""
+                )));
+            }
+        }
+    };
+    drop(store);
+
+    let selected: Vec<(&Key, &Value)> = objects
+        .iter()
+        .filter(|(key, _)| start_after.as_ref().is_none_or(|last| *key > last))
+        .filter(|(key, object)| selection.matches(key, object))
+        .collect();
+    let mut metadata = json!({"resourceVersion": rv.to_string()});
+    let page: Vec<&Value> = if paging && limit > 0 && selected.len() > limit as usize {
+        let page = &selected[..limit as usize];
+        let last = page.last().expect("limit > 0").0;
+        metadata["continue"] = json!(encode_continue(rv, last));
+        if !selection.has_selectors() {
+            metadata["remainingItemCount"] = json!(selected.len() - page.len());
+        }
+        page.iter().map(|(_, o)| *o).collect()
+    } else {
+        selected.iter().map(|(_, o)| *o).collect()
+    };
+
+    let body = match format {
+        Format::Object => json!({
+            "kind": format!("{}List", selection.resource.kind()),
+            "apiVersion": selection.resource.api_version(),
+            "metadata": metadata,
+            "items": page.iter().map(|o| list_item(o)).collect::<Vec<_>>(),
+        }),
+        Format::Table {
+            api_version,
+            include,
+        } => table::table(
+            selection.resource,
+            &page,
+            api_version,
+            include,
+            metadata,
+            true,
+        ),
+        Format::Metadata { api_version } => json!({
+            "kind": "PartialObjectMetadataList",
+            "apiVersion": api_version,
+            "metadata": metadata,
+            "items": page.iter().map(|o| {
+                let mut item = table::partial_metadata(o, api_version);
+                if let Some(map) = item.as_object_mut() {
+                    map.remove("kind");
+                    map.remove("apiVersion");
+                }
+                item
+            }).collect::<Vec<_>>(),
+        }),
+    };
+    Ok(json_response(StatusCode::OK, &body))
+}
+
+fn represent(resource: Resource, object: &Value, format: Format) -> Value {
+    match format {
+        Format::Object => object.clone(),
+        Format::Table {
+            api_version,
+            include,
+        } => table::table(
+            resource,
+            &[object],
+            api_version,
+            include,
+            json!({"resourceVersion": object["metadata"]["resourceVersion"]}),
+            true,
+        ),
+        Format::Metadata { api_version } => table::partial_metadata(object, api_version),
+    }
+}
+
+fn key_of(target: &Target) -> Key {
+    (
+        target.namespace.clone().unwrap_or_default(),
+        target.name.clone().unwrap_or_default(),
+    )
+}
+
+fn get(shared: &Shared, target: &Target, format: Format) -> Result<Response<Body>, ApiError> {
+    let key = key_of(target);
+    let store = shared.store.lock().expect("store lock");
+    let object = store
+        .get(target.resource, &key)
+        .ok_or_else(|| ApiError::not_found(target.resource, &key.1))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &represent(target.resource, object, format),
+    ))
+}
+
+fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the object provided is unrecognized: cannot decode the body as JSON: {e}"
+        ))
+    })
+}
+
+fn create(
+    shared: &Shared,
+    target: &Target,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> Result<Response<Body>, ApiError> {
+    if target.name.is_some() {
+        return Err(ApiError::new(
+            405,
+            "MethodNotAllowed",
+            "the server does not allow this method on the requested resource",
+        ));
+    }
+    if let Some(ct) = content_type
+        && !ct.starts_with("application/json")
+        && !ct.starts_with("*/*")
+    {
+        return Err(unsupported_media_type(ct));
+    }
+    let object = parse_body(body)?;
+    if let Some(kind) = object.get("kind").and_then(Value::as_str)
+        && kind != target.resource.kind()
+    {
+        return Err(ApiError::bad_request(format!(
+            "the object provided is unrecognized (kind {kind:?} does not match {})",
+            target.resource.kind()
+        )));
+    }
+    let created =
+        shared.write(|store| store.create(target.resource, target.namespace.as_deref(), object))?;
+    Ok(json_response(StatusCode::CREATED, &created))
+}
+
+fn update(shared: &Shared, target: &Target, body: &[u8]) -> Result<Response<Body>, ApiError> {
+    let key = key_of(target);
+    if target.name.is_none() {
+        return Err(ApiError::new(
+            405,
+            "MethodNotAllowed",
+            "the server does not allow this method on the requested resource",
+        ));
+    }
+    let replacement = parse_body(body)?;
+    if replacement["metadata"]["name"].as_str() != Some(key.1.as_str()) {
+        return Err(ApiError::bad_request(
+            "the name of the object does not match the name on the URL",
+        ));
+    }
+    let expected = replacement["metadata"]["resourceVersion"]
+        .as_str()
+        .map(str::to_owned);
+    if expected.as_deref().is_none_or(str::is_empty) {
+        return Err(ApiError::invalid(
+            target.resource,
+            &key.1,
+            format!(
+                "{} \"{}\" is invalid: metadata.resourceVersion: Invalid value: 0x0: must be \
+                 specified for an update",
+                target.resource.kind(),
+                key.1
+            ),
+        ));
+    }
+    let updated = shared.write(|store| {
+        store.update(target.resource, &key, expected.as_deref(), |object| {
+            *object = replacement;
+            Ok(())
+        })
+    })?;
+    Ok(json_response(StatusCode::OK, &updated))
+}
+
+fn unsupported_media_type(content_type: &str) -> ApiError {
+    ApiError::new(
+        415,
+        "UnsupportedMediaType",
+        format!(
+            "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json (got {content_type})"
+        ),
+    )
+}
+
+fn patch(
+    shared: &Shared,
+    target: &Target,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> Result<Response<Body>, ApiError> {
+    let key = key_of(target);
+    if target.name.is_none() {
+        return Err(ApiError::new(
+            405,
+            "MethodNotAllowed",
+            "the server does not allow this method on the requested resource",
+        ));
+    }
+    let content_type = content_type.unwrap_or_default();
+    let media = content_type.split(';').next().unwrap_or_default().trim();
+    let patch = parse_body(body)?;
+    let updated = match media {
+        // Strategic merge differs from JSON merge only for lists with merge keys, which the
+        // fields this emulator's clients patch (annotations, labels, event counts) do not have.
+        "application/merge-patch+json" | "application/strategic-merge-patch+json" => {
+            let expected = patch["metadata"]["resourceVersion"]
+                .as_str()
+                .map(str::to_owned);
+            shared.write(|store| {
+                store.update(target.resource, &key, expected.as_deref(), |object| {
+                    merge_patch(object, &patch);
+                    Ok(())
+                })
+            })?
+        }
+        "application/json-patch+json" => shared.write(|store| {
+            store.update(target.resource, &key, None, |object| {
+                json_patch(object, &patch)
+            })
+        })?,
+        other => return Err(unsupported_media_type(other)),
+    };
+    Ok(json_response(StatusCode::OK, &updated))
+}
+
+/// RFC 7386.
+pub fn merge_patch(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(patch) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            let map = target.as_object_mut().expect("just made an object");
+            for (key, value) in patch {
+                if value.is_null() {
+                    map.remove(key);
+                } else {
+                    merge_patch(map.entry(key.clone()).or_insert(Value::Null), value);
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+/// RFC 6902 (add, remove, replace, test, copy, move).
+fn json_patch(target: &mut Value, patch: &Value) -> Result<(), ApiError> {
+    let bad = |why: String| ApiError::new(422, "Invalid", why);
+    let ops = patch
+        .as_array()
+        .ok_or_else(|| ApiError::bad_request("a JSON patch must be an array"))?;
+    for op in ops {
+        let path = op["path"]
+            .as_str()
+            .ok_or_else(|| bad("JSON patch operation without a path".into()))?;
+        match op["op"].as_str() {
+            Some("add") => pointer_add(target, path, op["value"].clone()).map_err(bad)?,
+            Some("remove") => {
+                pointer_remove(target, path).map_err(bad)?;
+            }
+            Some("replace") => {
+                pointer_remove(target, path).map_err(bad)?;
+                pointer_add(target, path, op["value"].clone()).map_err(bad)?;
+            }
+            Some("test") => {
+                if target.pointer(path) != Some(&op["value"]) {
+                    return Err(bad(format!("testing value {path} failed")));
+                }
+            }
+            Some("copy") | Some("move") => {
+                let from = op["from"]
+                    .as_str()
+                    .ok_or_else(|| bad("copy/move without from".into()))?;
+                let value = if op["op"] == "move" {
+                    pointer_remove(target, from).map_err(bad)?
+                } else {
+                    target
+                        .pointer(from)
+                        .cloned()
+                        .ok_or_else(|| bad(format!("missing value at {from}")))?
+                };
+                pointer_add(target, path, value).map_err(bad)?;
+            }
+            other => return Err(bad(format!("unknown JSON patch operation {other:?}"))),
+        }
+    }
+    Ok(())
+}
+
+fn split_pointer(path: &str) -> Result<(String, String), String> {
+    let (parent, last) = path
+        .rsplit_once('/')
+        .ok_or_else(|| format!("invalid JSON pointer {path:?}"))?;
+    Ok((
+        parent.to_owned(),
+        last.replace("~1", "/").replace("~0", "~"),
+    ))
+}
+
+fn pointer_add(target: &mut Value, path: &str, value: Value) -> Result<(), String> {
+    if path.is_empty() {
+        *target = value;
+        return Ok(());
+    }
+    let (parent, last) = split_pointer(path)?;
+    match target.pointer_mut(&parent) {
+        Some(Value::Object(map)) => {
+            map.insert(last, value);
+            Ok(())
+        }
+        Some(Value::Array(list)) => {
+            let index = if last == "-" {
+                list.len()
+            } else {
+                last.parse::<usize>()
+                    .map_err(|_| format!("invalid array index {last:?}"))?
+            };
+            if index > list.len() {
+                return Err(format!("array index {index} out of bounds"));
+            }
+            list.insert(index, value);
+            Ok(())
+        }
+        _ => Err(format!("doc is missing path: {path:?}")),
+    }
+}
+
+fn pointer_remove(target: &mut Value, path: &str) -> Result<Value, String> {
+    let (parent, last) = split_pointer(path)?;
+    let missing = || format!("doc is missing path: {path:?}");
+    match target.pointer_mut(&parent) {
+        Some(Value::Object(map)) => map.remove(&last).ok_or_else(missing),
+        Some(Value::Array(list)) => {
+            let index = last.parse::<usize>().map_err(|_| missing())?;
+            (index < list.len())
+                .then(|| list.remove(index))
+                .ok_or_else(missing)
+        }
+        _ => Err(missing()),
+    }
+}
+
+fn delete(shared: &Shared, target: &Target) -> Result<Response<Body>, ApiError> {
+    if target.name.is_none() {
+        return Err(ApiError::new(
+            405,
+            "MethodNotAllowed",
+            "deleting collections is not supported by this emulator",
+        ));
+    }
+    let key = key_of(target);
+    let deleted = shared.write(|store| store.delete(target.resource, &key))?;
+    Ok(json_response(StatusCode::OK, &deleted))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Watch
+
+/// The body of a watch response: frames from the task that follows the store.
+struct WatchBody {
+    frames: mpsc::Receiver<Result<Frame<Bytes>, io::Error>>,
+}
+
+impl hyper::body::Body for WatchBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.frames.poll_recv(cx)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+/// Where a watch starts.
+enum Start {
+    /// Synthetic ADDED events for the current state, then changes after `rv`; with
+    /// `initial_events_end`, a BOOKMARK annotated `k8s.io/initial-events-end` after them.
+    Initial {
+        objects: Vec<Value>,
+        rv: u64,
+        initial_events_end: bool,
+    },
+    /// Changes after `rv`.
+    From(u64),
+    /// An ERROR event (410 Expired), then the end of the stream.
+    Expired(ApiError),
+}
+
+struct WatchSpec {
+    selection: Selection,
+    format: Format,
+    bookmarks: bool,
+    timeout: Duration,
+}
+
+fn watch(
+    shared: &Arc<Shared>,
+    target: &Target,
+    query: &Query,
+    format: Format,
+) -> Result<Response<Body>, ApiError> {
+    let selection = Selection::new(target, query)?;
+    let rv_param = query.get("resourceVersion").filter(|rv| !rv.is_empty());
+    let bookmarks = query.flag("allowWatchBookmarks")?.unwrap_or(false);
+    let send_initial = query.flag("sendInitialEvents")?;
+    let rv_match = query.get("resourceVersionMatch").filter(|m| !m.is_empty());
+    let max = shared.options.max_watch_timeout;
+    let timeout = match query.get("timeoutSeconds").filter(|t| !t.is_empty()) {
+        Some(t) => {
+            let secs: u64 = t
+                .parse()
+                .map_err(|_| ApiError::bad_request(format!("invalid timeoutSeconds: {t:?}")))?;
+            Duration::from_secs(secs).min(max)
+        }
+        None => max,
+    };
+    if send_initial.is_some() {
+        if rv_match != Some("NotOlderThan") {
+            return Err(ApiError::invalid(
+                selection.resource,
+                "",
+                "resourceVersionMatch: Forbidden: sendInitialEvents requires setting \
+                 resourceVersionMatch to NotOlderThan",
+            ));
+        }
+        if send_initial == Some(true) && !bookmarks {
+            return Err(ApiError::invalid(
+                selection.resource,
+                "",
+                "allowWatchBookmarks: Required value: sendInitialEvents requires \
+                 allowWatchBookmarks to be true",
+            ));
+        }
+    } else if rv_match.is_some() {
+        return Err(ApiError::bad_request(
+            "resourceVersionMatch: Forbidden: resourceVersionMatch is forbidden for watch \
+             unless sendInitialEvents is provided",
+        ));
+    }
+
+    let start = {
+        let store = shared.store.lock().expect("store lock");
+        let current = || -> Vec<Value> {
+            store
+                .all(selection.resource)
+                .iter()
+                .filter(|(key, object)| selection.matches(key, object))
+                .map(|(_, object)| object.clone())
+                .collect()
+        };
+        match (rv_param, send_initial) {
+            (_, Some(true)) => {
+                if let Some(text) = rv_param {
+                    let requested = parse_rv(text)?;
+                    if requested > store.rv() {
+                        return Err(too_large(requested, store.rv()));
+                    }
+                }
+                Start::Initial {
+                    objects: current(),
+                    rv: store.rv(),
+                    initial_events_end: true,
+                }
+            }
+            (None, Some(false)) => Start::From(store.rv()),
+            (None | Some("0"), None) => Start::Initial {
+                objects: current(),
+                rv: store.rv(),
+                initial_events_end: false,
+            },
+            (Some(text), _) => {
+                let requested = parse_rv(text)?;
+                if requested > store.rv() {
+                    return Err(too_large(requested, store.rv()));
+                }
+                match store.changes_after(requested) {
+                    Ok(_) => Start::From(requested),
+                    Err(expired) => Start::Expired(expired),
+                }
+            }
+        }
+    };
+
+    let (tx, rx) = mpsc::channel(256);
+    let spec = WatchSpec {
+        selection,
+        format,
+        bookmarks,
+        timeout,
+    };
+    let task_shared = shared.clone();
+    tokio::spawn(async move {
+        let _open = OpenWatch::new(&task_shared);
+        run_watch(&task_shared, spec, start, tx).await;
+    });
+    let mut response = Response::new(WatchBody { frames: rx }.boxed());
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Ok(response)
+}
+
+/// Counts open watch streams.
+struct OpenWatch<'s>(&'s Shared);
+
+impl<'s> OpenWatch<'s> {
+    fn new(shared: &'s Shared) -> Self {
+        shared.open_watches.fetch_add(1, Ordering::SeqCst);
+        Self(shared)
+    }
+}
+
+impl Drop for OpenWatch<'_> {
+    fn drop(&mut self) {
+        self.0.open_watches.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn event_line(event_type: &str, object: Value) -> Bytes {
+    let mut line = serde_json::to_vec(&json!({"type": event_type, "object": object}))
+        .expect("JSON values serialize");
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+fn bookmark_object(resource: Resource, rv: u64, initial_events_end: bool) -> Value {
+    let mut object = json!({
+        "kind": resource.kind(),
+        "apiVersion": resource.api_version(),
+        "metadata": {"resourceVersion": rv.to_string(), "creationTimestamp": null},
+    });
+    if initial_events_end {
+        object["metadata"]["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+    }
+    // What the API server's empty object for the type serializes to.
+    match resource {
+        Resource::Pods => {
+            object["spec"] = json!({"containers": null});
+            object["status"] = json!({});
+        }
+        Resource::Namespaces => {
+            object["spec"] = json!({});
+            object["status"] = json!({});
+        }
+        Resource::Events => {
+            object["involvedObject"] = json!({});
+            object["source"] = json!({});
+            object["firstTimestamp"] = Value::Null;
+            object["lastTimestamp"] = Value::Null;
+            object["eventTime"] = Value::Null;
+            object["reportingComponent"] = json!("");
+            object["reportingInstance"] = json!("");
+        }
+        Resource::EventsV1 => {
+            object["eventTime"] = Value::Null;
+            object["regarding"] = json!({});
+        }
+    }
+    object
+}
+
+/// Converts a change to the event a watch with `selection` sees, if any: an object moving into
+/// the selection is ADDED, one moving out is DELETED.
+fn event_for(
+    selection: &Selection,
+    kind: ChangeKind,
+    key: &Key,
+    object: &Value,
+    prev: Option<&Value>,
+) -> Option<(&'static str, Value)> {
+    let now = selection.matches(key, object);
+    let before = prev.is_some_and(|prev| selection.matches(key, prev));
+    match kind {
+        ChangeKind::Added => now.then(|| ("ADDED", object.clone())),
+        ChangeKind::Deleted => before.then(|| ("DELETED", object.clone())),
+        ChangeKind::Modified => match (before, now) {
+            (true, true) => Some(("MODIFIED", object.clone())),
+            (false, true) => Some(("ADDED", object.clone())),
+            (true, false) => {
+                let mut gone = prev.cloned().unwrap_or_default();
+                gone["metadata"]["resourceVersion"] = object["metadata"]["resourceVersion"].clone();
+                Some(("DELETED", gone))
+            }
+            (false, false) => None,
+        },
+    }
+}
+
+struct Sender {
+    tx: mpsc::Sender<Result<Frame<Bytes>, io::Error>>,
+    format: Format,
+    resource: Resource,
+    sent_columns: bool,
+}
+
+impl Sender {
+    async fn frame(&self, bytes: Bytes) -> bool {
+        self.tx.send(Ok(Frame::data(bytes))).await.is_ok()
+    }
+
+    async fn event(&mut self, event_type: &str, object: Value) -> bool {
+        let object = match self.format {
+            Format::Object => object,
+            Format::Table {
+                api_version,
+                include,
+            } => {
+                let with_columns = !self.sent_columns;
+                self.sent_columns = true;
+                table::table(
+                    self.resource,
+                    &[&object],
+                    api_version,
+                    include,
+                    json!({"resourceVersion": object["metadata"]["resourceVersion"]}),
+                    with_columns,
+                )
+            }
+            Format::Metadata { api_version } => table::partial_metadata(&object, api_version),
+        };
+        self.frame(event_line(event_type, object)).await
+    }
+
+    async fn bookmark(&self, rv: u64, initial_events_end: bool) -> bool {
+        self.frame(event_line(
+            "BOOKMARK",
+            bookmark_object(self.resource, rv, initial_events_end),
+        ))
+        .await
+    }
+
+    async fn error(&self, error: &ApiError) -> bool {
+        self.frame(event_line("ERROR", error.status())).await
+    }
+}
+
+/// Watch events, as (type, object).
+type WatchEvents = Vec<(&'static str, Value)>;
+
+/// Collects what happened after `pos` for this watch; `Err` if the history no longer reaches.
+fn collect(store: &Store, selection: &Selection, pos: u64) -> Result<(WatchEvents, u64), ApiError> {
+    let events = store
+        .changes_after(pos)?
+        .filter(|change| change.resource == selection.resource)
+        .filter_map(|change| {
+            event_for(
+                selection,
+                change.kind,
+                &change.key,
+                &change.object,
+                change.prev.as_ref(),
+            )
+        })
+        .collect();
+    Ok((events, store.rv()))
+}
+
+async fn run_watch(
+    shared: &Shared,
+    spec: WatchSpec,
+    start: Start,
+    tx: mpsc::Sender<Result<Frame<Bytes>, io::Error>>,
+) {
+    let deadline = Instant::now() + spec.timeout;
+    let mut changes = shared.rv_tx.subscribe();
+    let mut dropped = shared.drop_tx.subscribe();
+    let mut down = shared.down_tx.subscribe();
+    let mut sender = Sender {
+        tx,
+        format: spec.format,
+        resource: spec.selection.resource,
+        sent_columns: false,
+    };
+    let mut pos = match start {
+        Start::Expired(error) => {
+            sender.error(&error).await;
+            return;
+        }
+        Start::From(rv) => rv,
+        Start::Initial {
+            objects,
+            rv,
+            initial_events_end,
+        } => {
+            for object in objects {
+                if !sender.event("ADDED", object).await {
+                    return;
+                }
+            }
+            if initial_events_end && !sender.bookmark(rv, true).await {
+                return;
+            }
+            rv
+        }
+    };
+    let bookmark_every = shared.options.bookmark_interval;
+    let mut next_bookmark = Instant::now() + bookmark_every;
+    loop {
+        changes.borrow_and_update();
+        let collected = {
+            let store = shared.store.lock().expect("store lock");
+            collect(&store, &spec.selection, pos)
+        };
+        match collected {
+            Ok((events, rv)) => {
+                for (event_type, object) in events {
+                    if !sender.event(event_type, object).await {
+                        return;
+                    }
+                }
+                pos = rv;
+            }
+            Err(expired) => {
+                sender.error(&expired).await;
+                return;
+            }
+        }
+        // Faults first: a change that races with a cut must not slip through before it.
+        tokio::select! {
+            biased;
+            _ = dropped.changed() => {
+                let _ = sender.tx.send(Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "watch dropped by the test",
+                ))).await;
+                return;
+            }
+            _ = down.changed() => {
+                if *down.borrow_and_update() {
+                    let _ = sender.tx.send(Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "the API server went down",
+                    ))).await;
+                    return;
+                }
+            }
+            _ = sender.tx.closed() => return,
+            _ = tokio::time::sleep_until(deadline) => return,
+            _ = changes.changed() => {}
+            _ = tokio::time::sleep_until(next_bookmark), if spec.bookmarks => {
+                if !sender.bookmark(pos, false).await {
+                    return;
+                }
+                next_bookmark = Instant::now() + bookmark_every;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        let t = parse_target("/api/v1/pods").unwrap();
+        assert_eq!(
+            (t.resource, t.namespace, t.name),
+            (Resource::Pods, None, None)
+        );
+        let t = parse_target("/api/v1/namespaces/ns/pods/p").unwrap();
+        assert_eq!(
+            (t.resource, t.namespace.as_deref(), t.name.as_deref()),
+            (Resource::Pods, Some("ns"), Some("p"))
+        );
+        let t = parse_target("/api/v1/namespaces/ns").unwrap();
+        assert_eq!(
+            (t.resource, t.namespace.as_deref(), t.name.as_deref()),
+            (Resource::Namespaces, None, Some("ns"))
+        );
+        let t = parse_target("/api/v1/watch/namespaces/ns/pods").unwrap();
+        assert!(t.watch_prefix);
+        let t = parse_target("/apis/events.k8s.io/v1/namespaces/ns/events/e").unwrap();
+        assert_eq!(t.resource, Resource::EventsV1);
+        assert!(parse_target("/api/v1/namespaces/ns/namespaces").is_none());
+        assert!(parse_target("/api/v1/services").is_none());
+        assert!(parse_target("/api/v1/namespaces/a/pods/b/status").is_none());
+    }
+
+    #[test]
+    fn queries_decode() {
+        let q = Query::parse(Some(
+            "fieldSelector=spec.nodeName%3Dn1%2Cmetadata.name%3Da&x=a+b",
+        ));
+        assert_eq!(
+            q.get("fieldSelector"),
+            Some("spec.nodeName=n1,metadata.name=a")
+        );
+        assert_eq!(q.get("x"), Some("a b"));
+        assert_eq!(percent_decode("%"), "%");
+        assert_eq!(percent_decode("a%2"), "a%2");
+    }
+
+    #[test]
+    fn continue_tokens_round_trip() {
+        let key = ("ns".to_owned(), "p".to_owned());
+        let token = encode_continue(42, &key);
+        assert_eq!(decode_continue(&token).unwrap(), (42, key));
+        assert!(decode_continue("garbage!").is_err());
+    }
+
+    #[test]
+    fn patches() {
+        let mut v = json!({"metadata": {"annotations": {"a": "1", "b": "2"}}, "count": 1});
+        merge_patch(
+            &mut v,
+            &json!({"metadata": {"annotations": {"a": null, "c": "3"}}, "count": 2}),
+        );
+        assert_eq!(
+            v,
+            json!({"metadata": {"annotations": {"b": "2", "c": "3"}}, "count": 2})
+        );
+        json_patch(
+            &mut v,
+            &json!([{"op": "replace", "path": "/count", "value": 5},
+                    {"op": "add", "path": "/metadata/annotations/x~1y", "value": "z"},
+                    {"op": "remove", "path": "/metadata/annotations/b"}]),
+        )
+        .unwrap();
+        assert_eq!(
+            v,
+            json!({"metadata": {"annotations": {"c": "3", "x/y": "z"}}, "count": 5})
+        );
+        assert!(json_patch(&mut v, &json!([{"op": "remove", "path": "/nope"}])).is_err());
+    }
+
+    #[test]
+    fn selections_turn_moves_into_added_and_deleted() {
+        let target = parse_target("/api/v1/pods").unwrap();
+        let query = Query::parse(Some("fieldSelector=spec.nodeName%3Dn1"));
+        let selection = Selection::new(&target, &query).unwrap();
+        let key = ("ns".to_owned(), "p".to_owned());
+        let pending = json!({"metadata": {"resourceVersion": "1"}, "spec": {}});
+        let bound = json!({"metadata": {"resourceVersion": "2"}, "spec": {"nodeName": "n1"}});
+        let moved = json!({"metadata": {"resourceVersion": "3"}, "spec": {"nodeName": "n2"}});
+        let e = event_for(
+            &selection,
+            ChangeKind::Modified,
+            &key,
+            &bound,
+            Some(&pending),
+        );
+        assert_eq!(e.unwrap().0, "ADDED");
+        let e = event_for(&selection, ChangeKind::Modified, &key, &moved, Some(&bound)).unwrap();
+        assert_eq!(e.0, "DELETED");
+        assert_eq!(e.1["metadata"]["resourceVersion"], "3");
+        assert_eq!(e.1["spec"]["nodeName"], "n1");
+        assert!(event_for(&selection, ChangeKind::Added, &key, &pending, None).is_none());
+    }
+}
