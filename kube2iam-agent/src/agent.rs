@@ -171,6 +171,7 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
         CacheSettings {
             duration: args.iam_role_session_ttl,
             refresh_before: args.refresh_before,
+            prefetch_concurrency: args.prefetch_concurrency,
             ..CacheSettings::default()
         },
     );

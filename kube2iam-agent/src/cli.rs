@@ -159,6 +159,9 @@ pub struct RunArgs {
     /// Refresh cached credentials this long before they expire.
     #[arg(long, env = "REFRESH_BEFORE", default_value = "5m", value_parser = parse_duration)]
     pub refresh_before: Duration,
+    /// Concurrent credential prefetches when pods with a role appear (0 turns prefetch off).
+    #[arg(long, env = "PREFETCH_CONCURRENCY", default_value_t = 8)]
+    pub prefetch_concurrency: usize,
     /// One STS session per pod, named namespace.pod, for CloudTrail attribution.
     #[arg(long, env = "SESSION_PER_POD")]
     pub session_per_pod: bool,

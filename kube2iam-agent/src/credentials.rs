@@ -195,7 +195,7 @@ pub struct CacheSettings {
     /// First and longest backoff after an STS failure.
     pub backoff_min: Duration,
     pub backoff_max: Duration,
-    /// Concurrent prefetches.
+    /// Concurrent prefetches; 0 turns prefetch off.
     pub prefetch_concurrency: usize,
     /// Entries unused for this long are dropped once expired.
     pub idle_eviction: Duration,
@@ -342,6 +342,9 @@ impl CredentialCache {
 
     /// Starts fetching credentials for a pod that just appeared, if not cached.
     pub fn prefetch(self: &Arc<Self>, key: CacheKey, session_name: &str) {
+        if self.settings.prefetch_concurrency == 0 {
+            return;
+        }
         let entry = self.entry(&key, session_name);
         let cached = entry
             .snapshot

@@ -146,6 +146,19 @@ impl Agent {
         if options.interception_only {
             command.arg("--interception-only");
         }
+        // The agent's own AWS credentials must come from the node's metadata service, as on
+        // EC2: nothing from this machine's environment or files.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("AWS_") {
+                command.env_remove(key);
+            }
+        }
+        command
+            .env("AWS_CONFIG_FILE", "/nonexistent/kube2iam-test/config")
+            .env(
+                "AWS_SHARED_CREDENTIALS_FILE",
+                "/nonexistent/kube2iam-test/credentials",
+            );
         command
             .args(&options.extra_args)
             .stdin(Stdio::null())

@@ -21,6 +21,7 @@ use std::{
 pub mod agent;
 pub mod bpf;
 pub mod clients;
+pub mod e2e;
 pub mod encode;
 pub mod faults;
 pub mod imds;

@@ -1,0 +1,234 @@
+//! The whole agent in a test node: the IMDS emulator as the node's metadata service, moto behind
+//! the fault proxy as STS, the Kubernetes API emulator, and the real agent attached to the
+//! node's test cgroup. Pods are added to the API and get a namespace behind a veth.
+
+use std::{ffi::OsString, time::Duration};
+
+use crate::{
+    Agent, AgentOptions, FaultProxy, HOST_IP4, ImdsEmulator, KubeApi, Moto, NODE_ACCESS_KEY_ID,
+    Pod, TestNode, clients::ClientCredentials, kube_api as objects,
+};
+
+/// The node name pods are scheduled on.
+pub const NODE_NAME: &str = "node-a";
+/// The account the base role ARN points at (the emulator's node account).
+pub const ACCOUNT: &str = "123456789012";
+/// `--base-role-arn`.
+pub const BASE_ROLE_ARN: &str = "arn:aws:iam::123456789012:role/";
+/// The agent's admin port in tests.
+pub const METRICS_PORT: u16 = 9181;
+
+/// `arn:aws:iam::123456789012:role/<name>`.
+pub fn role_arn(name: &str) -> String {
+    format!("{BASE_ROLE_ARN}{name}")
+}
+
+/// Everything around one agent.
+pub struct World {
+    pub imds: ImdsEmulator,
+    pub moto: Moto,
+    pub sts: FaultProxy,
+    pub api: KubeApi,
+    pub agent: Agent,
+}
+
+impl World {
+    /// Starts the emulators and the agent (with `extra` flags) and waits for the pod list.
+    pub fn start(node: &TestNode, extra: &[&str]) -> World {
+        Self::start_with(node, extra, false)
+    }
+
+    /// As [`World::start`]; `ipv6` gives the agent an IPv6 address too.
+    pub fn start_with(node: &TestNode, extra: &[&str], ipv6: bool) -> World {
+        let imds = ImdsEmulator::start(node);
+        let moto = Moto::start(node);
+        let sts = FaultProxy::start(node, moto.addr());
+        let api = KubeApi::start_in_node(node);
+        let agent = start_agent(node, &api, &sts, extra, ipv6, true);
+        World {
+            imds,
+            moto,
+            sts,
+            api,
+            agent,
+        }
+    }
+
+    /// Kills the agent (SIGKILL).
+    pub fn kill_agent(&mut self) {
+        self.agent.kill9();
+    }
+
+    /// Starts a new agent with `extra` flags; waits for the pod list only with `wait_sync`
+    /// (a test with the API server down cannot).
+    pub fn start_agent(&mut self, node: &TestNode, extra: &[&str], ipv6: bool, wait_sync: bool) {
+        self.agent = start_agent(node, &self.api, &self.sts, extra, ipv6, wait_sync);
+    }
+
+    /// Adds a Running pod for `pod` (its addresses) to the API, with annotations.
+    pub fn add_pod(
+        &self,
+        pod: &Pod<'_>,
+        namespace: &str,
+        name: &str,
+        annotations: &[(&str, &str)],
+    ) {
+        let mut object = objects::pod(namespace, name, NODE_NAME, pod.ip4(), Some(pod.ip6()));
+        for (k, v) in annotations {
+            object = object.annotate(k, v);
+        }
+        self.api.add_pod(object);
+    }
+
+    /// Waits until the agent knows `pod` (via its debug store) or panics.
+    pub fn wait_known(&self, node: &TestNode, pod: &Pod<'_>) {
+        let ip = pod.ip4().to_string();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if self.debug_store(node).contains(&format!("\"{ip}\"")) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "the agent never learned pod {ip}; store: {}\nagent log:\n{}",
+            self.debug_store(node),
+            self.agent.log()
+        );
+    }
+
+    /// The agent's `/debug/store`.
+    pub fn debug_store(&self, node: &TestNode) -> String {
+        self.admin_get(node, "/debug/store").1
+    }
+
+    /// GET on the agent's admin port, from the node.
+    pub fn admin_get(&self, node: &TestNode, path: &str) -> (u16, String) {
+        let url = format!("http://{HOST_IP4}:{METRICS_PORT}{path}");
+        let output = crate::process::output_within(
+            node.command("curl")
+                .args(["-s", "-m", "5", "-w", "\n%{http_code}", &url]),
+            Duration::from_secs(10),
+            "curl admin",
+        );
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_owned())
+    }
+
+    /// The access key moto issued for `role` (the latest call).
+    pub fn moto_key_for(&self, role: &str) -> Option<String> {
+        self.moto
+            .assume_role_calls()
+            .into_iter()
+            .rev()
+            .find(|c| c.role_arn == role)
+            .and_then(|c| c.access_key_id)
+    }
+
+    /// The checks every end-to-end test ends with: no pod reached the node's metadata service,
+    /// and no credentials a client got are the node's.
+    pub fn assert_no_leak(&self, pods: &[&Pod<'_>], got: &[&ClientCredentials]) {
+        self.imds.assert_no_pod_seen(pods);
+        for creds in got {
+            assert_ne!(
+                creds.access_key_id, NODE_ACCESS_KEY_ID,
+                "LEAK: a pod received the node's credentials"
+            );
+        }
+    }
+}
+
+/// One HTTP request from inside `pod` to the metadata address, as written (`--path-as-is`: no
+/// client-side dot-segment removal). Returns the status (0 when no HTTP answer) and body.
+pub fn pod_get(pod: &Pod<'_>, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    pod_request(pod, "GET", path, headers)
+}
+
+/// As [`pod_get`] with any method.
+pub fn pod_request(
+    pod: &Pod<'_>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let url = format!("http://169.254.169.254{path}");
+    let mut command = pod.command("curl");
+    command.args([
+        "-s",
+        "--path-as-is",
+        "-m",
+        "10",
+        "-X",
+        method,
+        "-w",
+        "\n%{http_code}",
+    ]);
+    for (k, v) in headers {
+        command.arg("-H").arg(format!("{k}: {v}"));
+    }
+    command.arg(&url);
+    let output =
+        crate::process::output_within(&mut command, Duration::from_secs(20), "curl in pod");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// The credentials document for the pod's role (listing first), or the failing status and body.
+pub fn pod_credentials(pod: &Pod<'_>) -> Result<crate::clients::ImdsCredentialsDoc, (u16, String)> {
+    let (status, listed) = pod_get(pod, "/latest/meta-data/iam/security-credentials/", &[]);
+    if status != 200 {
+        return Err((status, listed));
+    }
+    let (status, body) = pod_get(
+        pod,
+        &format!(
+            "/latest/meta-data/iam/security-credentials/{}",
+            listed.trim()
+        ),
+        &[],
+    );
+    if status != 200 {
+        return Err((status, body));
+    }
+    serde_json::from_str(&body).map_err(|e| (status, format!("{e}: {body}")))
+}
+
+fn start_agent(
+    node: &TestNode,
+    api: &KubeApi,
+    sts: &FaultProxy,
+    extra: &[&str],
+    ipv6: bool,
+    wait_sync: bool,
+) -> Agent {
+    let mut extra_args: Vec<OsString> = [
+        "--node",
+        NODE_NAME,
+        "--api-server",
+        &api.url(),
+        "--sts-endpoint",
+        &sts.endpoint(),
+        "--base-role-arn",
+        BASE_ROLE_ARN,
+        "--metrics-port",
+        &METRICS_PORT.to_string(),
+        "--debug",
+    ]
+    .iter()
+    .map(OsString::from)
+    .collect();
+    extra_args.extend(extra.iter().map(OsString::from));
+    let options = AgentOptions {
+        host_ipv6: ipv6,
+        interception_only: false,
+        extra_args,
+        ..AgentOptions::default()
+    };
+    let agent = Agent::start_with(node, &options);
+    if wait_sync {
+        agent.wait_for_line("pod list synced", Duration::from_secs(20));
+    }
+    agent
+}

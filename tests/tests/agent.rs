@@ -1,0 +1,627 @@
+//! End-to-end: the real agent serving pods in a test node, against the IMDS emulator (the
+//! node's metadata service), moto (STS) behind the fault proxy, and the Kubernetes API emulator.
+//! Real clients run in the pods: curl with the IMDSv2 token dance, botocore's instance-metadata
+//! provider, and aws-config's IMDS provider. Every test checks that no pod reached the node's
+//! metadata service and that no pod got the node's credentials.
+
+use kube2iam_tests::{
+    TestNode,
+    clients::{self, RunIn},
+    e2e::{World, role_arn},
+};
+
+const ROLE_KEY: &str = "iam.amazonaws.com/role";
+
+#[test]
+fn annotated_pod_gets_its_roles_credentials_from_every_client() {
+    let node = TestNode::new();
+    let world = World::start(&node, &[]);
+    let pod = node.add_pod("a");
+    world.add_pod(&pod, "default", "web", &[(ROLE_KEY, "web-role")]);
+    world.wait_known(&node, &pod);
+
+    let (listed, curl) =
+        clients::curl_imdsv2_credentials(RunIn::Pod(&pod), clients::IMDS_ENDPOINT4)
+            .unwrap_or_else(|e| panic!("curl: {e}\nagent log:\n{}", world.agent.log()));
+    assert_eq!(
+        listed, "web-role",
+        "the listing names the role as kube2iam does"
+    );
+    assert_eq!(curl.code, "Success");
+    assert_eq!(curl.kind, "AWS-HMAC");
+    let botocore = clients::botocore_imds_credentials(RunIn::Pod(&pod), false)
+        .into_result()
+        .unwrap_or_else(|e| panic!("botocore: {e:?}\nagent log:\n{}", world.agent.log()));
+    let sdk = clients::sdk_imds_credentials(RunIn::Pod(&pod), false)
+        .into_result()
+        .unwrap_or_else(|e| panic!("aws-config: {e:?}\nagent log:\n{}", world.agent.log()));
+
+    let issued = world
+        .moto_key_for(&role_arn("web-role"))
+        .expect("moto issued credentials for web-role");
+    assert_eq!(
+        curl.access_key_id, issued,
+        "curl got the role's credentials"
+    );
+    assert_eq!(botocore.access_key_id, issued);
+    assert_eq!(sdk.access_key_id, issued);
+    let calls = world.sts.assume_role_calls();
+    assert_eq!(
+        calls.len(),
+        1,
+        "one AssumeRole serves every client: {calls:?}"
+    );
+    assert_eq!(calls[0].session_name, "kube2iam-node-a");
+    world.assert_no_leak(&[&pod], &[&botocore, &sdk]);
+}
+
+use std::time::{Duration, Instant};
+
+use kube2iam_tests::{
+    FaultMode,
+    e2e::{pod_credentials, pod_get, pod_request},
+    kube_api,
+};
+
+const EXTERNAL_ID_KEY: &str = "iam.amazonaws.com/external-id";
+const ALLOWED_KEY: &str = "iam.amazonaws.com/allowed-roles";
+const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
+
+/// The credentials document a pod gets, or a panic with the agent's log.
+fn creds(world: &World, pod: &kube2iam_tests::Pod<'_>) -> clients::ImdsCredentialsDoc {
+    pod_credentials(pod).unwrap_or_else(|(status, body)| {
+        panic!(
+            "credentials for {}: {status} {body}\nagent log:\n{}",
+            pod.ip4(),
+            world.agent.log()
+        )
+    })
+}
+
+fn as_client(doc: &clients::ImdsCredentialsDoc) -> clients::ClientCredentials {
+    clients::ClientCredentials {
+        access_key_id: doc.access_key_id.clone(),
+        secret_access_key: doc.secret_access_key.clone(),
+        token: Some(doc.token.clone()),
+        expiration: Some(doc.expiration.clone()),
+    }
+}
+
+#[test]
+fn two_pods_with_two_roles_never_see_each_others_credentials() {
+    let node = TestNode::new();
+    let world = World::start(&node, &[]);
+    let a = node.add_pod("a");
+    let b = node.add_pod("b");
+    world.add_pod(&a, "default", "alpha", &[(ROLE_KEY, "alpha-role")]);
+    world.add_pod(&b, "default", "beta", &[(ROLE_KEY, "beta-role")]);
+    world.wait_known(&node, &a);
+    world.wait_known(&node, &b);
+    let got_a = creds(&world, &a);
+    let got_b = creds(&world, &b);
+    assert_eq!(
+        Some(got_a.access_key_id.clone()),
+        world.moto_key_for(&role_arn("alpha-role"))
+    );
+    assert_eq!(
+        Some(got_b.access_key_id.clone()),
+        world.moto_key_for(&role_arn("beta-role"))
+    );
+    assert_ne!(got_a.access_key_id, got_b.access_key_id);
+    // Each pod asking for the other's role is refused.
+    let (status, body) = pod_get(&a, &format!("{CREDS}beta-role"), &[]);
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body.contains("default/alpha has role alpha-role, not beta-role"),
+        "{body}"
+    );
+    world.assert_no_leak(&[&a, &b], &[&as_client(&got_a), &as_client(&got_b)]);
+}
+
+#[test]
+fn unannotated_pod_gets_the_default_role_or_a_clear_404() {
+    let node = TestNode::new();
+    let world = World::start(&node, &[]);
+    let pod = node.add_pod("a");
+    world.add_pod(&pod, "default", "plain", &[]);
+    world.wait_known(&node, &pod);
+    let (status, body) = pod_get(&pod, CREDS, &[]);
+    assert_eq!(status, 404);
+    assert!(
+        body.contains("default/plain has no iam.amazonaws.com/role annotation")
+            && body.contains("--default-role"),
+        "{body}"
+    );
+    drop(world);
+
+    let node = TestNode::new();
+    let world = World::start(&node, &["--default-role", "fallback-role"]);
+    let pod = node.add_pod("a");
+    world.add_pod(&pod, "default", "plain", &[]);
+    world.wait_known(&node, &pod);
+    let got = creds(&world, &pod);
+    assert_eq!(
+        Some(got.access_key_id.clone()),
+        world.moto_key_for(&role_arn("fallback-role"))
+    );
+    world.assert_no_leak(&[&pod], &[&as_client(&got)]);
+}
+
+fn restricted_world(node: &TestNode, format: &str, patterns: &str) -> World {
+    let world = World::start(
+        node,
+        &[
+            "--namespace-restrictions",
+            "--namespace-restriction-format",
+            format,
+        ],
+    );
+    world
+        .api
+        .add_namespace(kube_api::namespace("team").annotate(ALLOWED_KEY, patterns));
+    world
+}
+
+#[test]
+fn namespace_restrictions_allow_and_deny_with_globs() {
+    let node = TestNode::new();
+    let world = restricted_world(&node, "glob", r#"["web-*"]"#);
+    let ok = node.add_pod("a");
+    let denied = node.add_pod("b");
+    world.add_pod(&ok, "team", "web", &[(ROLE_KEY, "web-frontend")]);
+    world.add_pod(&denied, "team", "admin", &[(ROLE_KEY, "admin-role")]);
+    world.wait_known(&node, &ok);
+    world.wait_known(&node, &denied);
+    let got = creds(&world, &ok);
+    assert_eq!(
+        Some(got.access_key_id.clone()),
+        world.moto_key_for(&role_arn("web-frontend"))
+    );
+    let (status, body) = pod_get(&denied, CREDS, &[]);
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("team/admin has role arn:aws:iam::123456789012:role/admin-role, but namespace team allows only [\"web-*\"]")
+            && body.contains(ALLOWED_KEY),
+        "{body}"
+    );
+    assert!(
+        world.moto_key_for(&role_arn("admin-role")).is_none(),
+        "a denied role is never assumed"
+    );
+    world.assert_no_leak(&[&ok, &denied], &[&as_client(&got)]);
+}
+
+#[test]
+fn namespace_restrictions_with_regexps_are_anchored() {
+    let node = TestNode::new();
+    let world = restricted_world(&node, "regexp", r#"["web-[0-9]+"]"#);
+    let ok = node.add_pod("a");
+    let sneaky = node.add_pod("b");
+    world.add_pod(&ok, "team", "web", &[(ROLE_KEY, "web-42")]);
+    // kube2iam's unanchored match would let this through.
+    world.add_pod(&sneaky, "team", "sneaky", &[(ROLE_KEY, "web-42-admin")]);
+    world.wait_known(&node, &ok);
+    world.wait_known(&node, &sneaky);
+    let got = creds(&world, &ok);
+    assert_eq!(
+        Some(got.access_key_id.clone()),
+        world.moto_key_for(&role_arn("web-42"))
+    );
+    let (status, body) = pod_get(&sneaky, CREDS, &[]);
+    assert_eq!(status, 403, "{body}");
+    // A namespace without the annotation allows nothing.
+    world.api.add_namespace(kube_api::namespace("bare"));
+    let bare = node.add_pod("c");
+    world.add_pod(&bare, "bare", "x", &[(ROLE_KEY, "web-1")]);
+    world.wait_known(&node, &bare);
+    let (status, body) = pod_get(&bare, CREDS, &[]);
+    assert_eq!(status, 403);
+    assert!(
+        body.contains("namespace bare has no iam.amazonaws.com/allowed-roles annotation"),
+        "{body}"
+    );
+    world.assert_no_leak(&[&ok, &sneaky, &bare], &[&as_client(&got)]);
+}
+
+#[test]
+fn cross_account_full_arn_is_assumed_and_listed_in_full() {
+    let node = TestNode::new();
+    let world = World::start(&node, &[]);
+    let pod = node.add_pod("a");
+    let other = "arn:aws:iam::210987654321:role/team/shared";
+    world.add_pod(&pod, "default", "x", &[(ROLE_KEY, other)]);
+    world.wait_known(&node, &pod);
+    let (status, listed) = pod_get(&pod, CREDS, &[]);
+    assert_eq!(
+        (status, listed.as_str()),
+        (200, other),
+        "another account's role is listed as its ARN"
+    );
+    let got = creds(&world, &pod);
+    assert_eq!(Some(got.access_key_id.clone()), world.moto_key_for(other));
+    world.assert_no_leak(&[&pod], &[&as_client(&got)]);
+}
+
+#[test]
+fn external_id_reaches_sts() {
+    let node = TestNode::new();
+    let world = World::start(&node, &[]);
+    let pod = node.add_pod("a");
+    world.add_pod(
+        &pod,
+        "default",
+        "x",
+        &[(ROLE_KEY, "vendor"), (EXTERNAL_ID_KEY, "ext-1234")],
+    );
+    world.wait_known(&node, &pod);
+    let got = creds(&world, &pod);
+    let calls = world.moto.assume_role_calls();
+    let call = calls
+        .iter()
+        .find(|c| c.role_arn == role_arn("vendor"))
+        .expect("an AssumeRole for vendor");
+    assert_eq!(call.external_id.as_deref(), Some("ext-1234"));
+    assert_eq!(
+        call.access_key_id.as_deref(),
+        Some(got.access_key_id.as_str())
+    );
+    world.assert_no_leak(&[&pod], &[&as_client(&got)]);
+}
+
+#[test]
+fn a_pod_created_while_its_first_request_waits_gets_credentials() {
+    let node = TestNode::new();
+    let world = World::start(&node, &["--pod-wait", "5s"]);
+    let pod = node.add_pod("a");
+    std::thread::scope(|scope| {
+        let request = scope.spawn(|| pod_credentials(&pod));
+        std::thread::sleep(Duration::from_millis(500));
+        world.add_pod(&pod, "default", "late", &[(ROLE_KEY, "late-role")]);
+        let got = request
+            .join()
+            .expect("request thread")
+            .unwrap_or_else(|e| panic!("the waiting request failed: {e:?}\n{}", world.agent.log()));
+        assert_eq!(
+            Some(got.access_key_id.clone()),
+            world.moto_key_for(&role_arn("late-role"))
+        );
+        world.assert_no_leak(&[&pod], &[&as_client(&got)]);
+    });
+}
+
+#[test]
+fn a_deleted_pods_address_gets_a_404() {
+    let node = TestNode::new();
+    let world = World::start(&node, &[]);
+    let pod = node.add_pod("a");
+    world.add_pod(&pod, "default", "gone", &[(ROLE_KEY, "gone-role")]);
+    world.wait_known(&node, &pod);
+    creds(&world, &pod);
+    world.api.delete_pod("default", "gone");
+    let ip = pod.ip4().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while world.debug_store(&node).contains(&ip) {
+        assert!(Instant::now() < deadline, "the agent kept the deleted pod");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (status, body) = pod_get(&pod, CREDS, &[]);
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body.contains(&format!("no pod with IP {ip} on node node-a")),
+        "{body}"
+    );
+    world.assert_no_leak(&[&pod], &[]);
+}
+
+#[test]
+fn a_reused_address_gets_the_new_pods_role_never_the_old_ones() {
+    let node = TestNode::new();
+    let world = World::start(&node, &[]);
+    let pod = node.add_pod("a");
+    world.add_pod(&pod, "default", "old", &[(ROLE_KEY, "old-role")]);
+    world.wait_known(&node, &pod);
+    let old = creds(&world, &pod);
+    // The new pod appears before the old one's deletion is seen: the newer pod owns the address.
+    std::thread::sleep(Duration::from_millis(1100));
+    world.add_pod(&pod, "default", "new", &[(ROLE_KEY, "new-role")]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !world.debug_store(&node).contains("\"new\"") {
+        assert!(Instant::now() < deadline, "the agent never saw the new pod");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let new = creds(&world, &pod);
+    assert_eq!(
+        Some(new.access_key_id.clone()),
+        world.moto_key_for(&role_arn("new-role"))
+    );
+    world.api.delete_pod("default", "old");
+    std::thread::sleep(Duration::from_millis(300));
+    let after = creds(&world, &pod);
+    assert_eq!(
+        after.access_key_id, new.access_key_id,
+        "deleting the old pod keeps the new owner"
+    );
+    assert_ne!(after.access_key_id, old.access_key_id);
+    world.assert_no_leak(&[&pod], &[&as_client(&new)]);
+}
+
+/// Fires `count` concurrent credential GETs from the pod (new connection each) with python.
+fn concurrent_gets(pod: &kube2iam_tests::Pod<'_>, path: &str, count: usize) -> Vec<u16> {
+    let script = r#"
+import sys, http.client, concurrent.futures
+path, count = sys.argv[1], int(sys.argv[2])
+def get(_):
+    try:
+        c = http.client.HTTPConnection("169.254.169.254", 80, timeout=30)
+        c.request("GET", path)
+        r = c.getresponse(); r.read(); c.close()
+        return r.status
+    except Exception:
+        return 0
+with concurrent.futures.ThreadPoolExecutor(max_workers=200) as pool:
+    print(" ".join(str(s) for s in pool.map(get, range(count))))
+"#;
+    let output = kube2iam_tests::process::output_within(
+        pod.command("python3")
+            .args(["-c", script, path, &count.to_string()]),
+        Duration::from_secs(120),
+        "concurrent gets",
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .map(|s| s.parse().unwrap_or(0))
+        .collect()
+}
+
+#[test]
+fn a_thousand_concurrent_cold_requests_make_exactly_one_assume_role() {
+    let node = TestNode::new();
+    // No prefetch: the herd itself is the first to ask.
+    let world = World::start(&node, &["--prefetch-concurrency", "0"]);
+    let pod = node.add_pod("a");
+    world.add_pod(&pod, "default", "herd", &[(ROLE_KEY, "herd-role")]);
+    world.wait_known(&node, &pod);
+    assert_eq!(
+        world.sts.assume_role_count(),
+        0,
+        "nothing cached before the herd"
+    );
+    // Keep the one STS call in flight while the herd arrives.
+    world
+        .sts
+        .set_mode(FaultMode::Slow(Duration::from_millis(1500)));
+    let started = Instant::now();
+    let statuses = concurrent_gets(&pod, &format!("{CREDS}herd-role"), 1000);
+    eprintln!(
+        "1000 concurrent cold requests answered in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(statuses.len(), 1000);
+    let failed: Vec<_> = statuses.iter().filter(|s| **s != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "{} requests failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(10)]
+    );
+    assert_eq!(
+        world.sts.assume_role_count(),
+        1,
+        "the herd must share one AssumeRole: {:?}",
+        world.sts.assume_role_calls()
+    );
+    world.assert_no_leak(&[&pod], &[]);
+}
+
+#[test]
+fn sts_throttled_or_down_serves_cached_credentials_and_a_clear_5xx_without_them() {
+    let node = TestNode::new();
+    // Always inside the refresh window, so every request tries STS again in the background.
+    let world = World::start(&node, &["--refresh-before", "15m"]);
+    let pod = node.add_pod("a");
+    world.add_pod(&pod, "default", "x", &[(ROLE_KEY, "cached-role")]);
+    world.wait_known(&node, &pod);
+    let good = creds(&world, &pod);
+    for mode in [FaultMode::Throttle, FaultMode::Refuse] {
+        world.sts.set_mode(mode.clone());
+        let before = world.sts.call_count();
+        for _ in 0..3 {
+            let got = creds(&world, &pod);
+            assert_eq!(
+                got.access_key_id, good.access_key_id,
+                "cached credentials while STS is {mode:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if mode == FaultMode::Throttle {
+            assert!(
+                world.sts.call_count() > before,
+                "the agent did try STS while throttled"
+            );
+        }
+    }
+    // A role with nothing cached: a clear error naming STS.
+    world.sts.set_mode(FaultMode::Throttle);
+    let other = node.add_pod("b");
+    world.add_pod(&other, "default", "y", &[(ROLE_KEY, "uncached-role")]);
+    world.wait_known(&node, &other);
+    let (status, body) = pod_get(&other, &format!("{CREDS}uncached-role"), &[]);
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("STS throttled") && body.contains("default/y"),
+        "{body}"
+    );
+    world.sts.set_mode(FaultMode::Refuse);
+    std::thread::sleep(Duration::from_millis(1100));
+    let (status, body) = pod_get(&other, &format!("{CREDS}uncached-role"), &[]);
+    assert!(status == 502 || status == 503, "{status} {body}");
+    assert!(body.contains("STS"), "{body}");
+    world.assert_no_leak(&[&pod, &other], &[&as_client(&good)]);
+}
+
+#[test]
+fn upstream_imds_down_gives_502_on_proxied_paths_while_credentials_are_served() {
+    let node = TestNode::new();
+    let world = World::start(&node, &[]);
+    let pod = node.add_pod("a");
+    world.add_pod(&pod, "default", "x", &[(ROLE_KEY, "web-role")]);
+    world.wait_known(&node, &pod);
+    let good = creds(&world, &pod);
+    let (status, body) = pod_get(&pod, "/latest/meta-data/instance-id", &[]);
+    assert_eq!(
+        (status, body.as_str()),
+        (200, kube2iam_tests::imds::INSTANCE_ID)
+    );
+    world.imds.set_down(true);
+    let (status, body) = pod_get(&pod, "/latest/meta-data/instance-id", &[]);
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        body.contains("169.254.169.254:80"),
+        "the 502 names the upstream: {body}"
+    );
+    let got = creds(&world, &pod);
+    assert_eq!(got.access_key_id, good.access_key_id);
+    world.imds.set_down(false);
+    world.assert_no_leak(&[&pod], &[&as_client(&got)]);
+}
+
+#[test]
+fn every_blocked_path_and_its_spellings_stay_blocked() {
+    let node = TestNode::new();
+    let world = World::start(&node, &[]);
+    let pod = node.add_pod("a");
+    world.add_pod(&pod, "default", "x", &[(ROLE_KEY, "web-role")]);
+    world.wait_known(&node, &pod);
+    for path in [
+        "/latest/user-data",
+        "/latest/user-data/",
+        "/2009-04-04/user-data",
+        "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
+        "/latest/meta-data/iam/security-credentials/../../user-data",
+        "/latest/meta-data/iam/security-credentials/../../../latest/user-data",
+        "/latest/meta-data/iam/security-credentials/%2e%2e/%2e%2e/%2e%2e/latest/user-data",
+        "/latest/meta-data/iam/security-credentials/%252e%252e/%252e%252e/%252e%252e/latest/user-data",
+        "/latest/meta-data/iam/security-credentials/..%2f..%2f..%2flatest%2fuser-data",
+        "//latest//user-data",
+        "/latest/./user-data",
+        "/LATEST/USER-DATA",
+        "/latest/%75ser-data",
+        "/latest/meta-data/iam/unknown",
+    ] {
+        let (status, body) = pod_get(&pod, path, &[]);
+        assert_eq!(status, 403, "{path}: {status} {body}");
+        assert!(
+            body.contains("--allow-path"),
+            "{path}: the answer names the flag: {body}"
+        );
+    }
+    let upstream_saw: Vec<_> = world
+        .imds
+        .callers()
+        .into_iter()
+        .filter(|c| {
+            c.path.to_ascii_lowercase().contains("user-data")
+                || c.path.contains("identity-credentials")
+        })
+        .collect();
+    assert!(
+        upstream_saw.is_empty(),
+        "blocked paths reached upstream: {upstream_saw:?}"
+    );
+    world.assert_no_leak(&[&pod], &[]);
+}
+
+#[test]
+fn imds_tokens_required_rejects_tokenless_gets_and_binds_tokens_to_the_pod() {
+    let node = TestNode::new();
+    let world = World::start(&node, &["--imds-tokens", "required"]);
+    let a = node.add_pod("a");
+    let b = node.add_pod("b");
+    world.add_pod(&a, "default", "a", &[(ROLE_KEY, "web-role")]);
+    world.add_pod(&b, "default", "b", &[(ROLE_KEY, "web-role")]);
+    world.wait_known(&node, &a);
+    world.wait_known(&node, &b);
+    let (status, _) = pod_get(&a, CREDS, &[]);
+    assert_eq!(status, 401, "token-less GETs are refused");
+    let ttl = ("X-aws-ec2-metadata-token-ttl-seconds", "60");
+    let (status, token) = pod_request(&a, "PUT", "/latest/api/token", &[ttl]);
+    assert_eq!(status, 200);
+    let (status, listed) = pod_get(&a, CREDS, &[("X-aws-ec2-metadata-token", &token)]);
+    assert_eq!((status, listed.as_str()), (200, "web-role"));
+    // Another pod presenting a's token is refused.
+    let (status, _) = pod_get(&b, CREDS, &[("X-aws-ec2-metadata-token", &token)]);
+    assert_eq!(status, 401, "a token is bound to the pod it was issued to");
+    // IMDS rules for the token PUT.
+    let (status, _) = pod_request(
+        &a,
+        "PUT",
+        "/latest/api/token",
+        &[("X-aws-ec2-metadata-token-ttl-seconds", "21601")],
+    );
+    assert_eq!(status, 400);
+    let (status, _) = pod_request(
+        &a,
+        "PUT",
+        "/latest/api/token",
+        &[ttl, ("X-Forwarded-For", "1.2.3.4")],
+    );
+    assert_eq!(status, 403);
+    // Real clients do the dance and succeed.
+    let sdk = clients::sdk_imds_credentials(RunIn::Pod(&a), false)
+        .into_result()
+        .expect("aws-config with tokens");
+    let boto = clients::botocore_imds_credentials(RunIn::Pod(&b), false)
+        .into_result()
+        .expect("botocore with tokens");
+    world.assert_no_leak(&[&a, &b], &[&sdk, &boto]);
+}
+
+#[test]
+fn a_pod_that_appears_is_prefetched_before_it_asks() {
+    let node = TestNode::new();
+    let world = World::start(&node, &[]);
+    let pod = node.add_pod("a");
+    world.add_pod(&pod, "default", "early", &[(ROLE_KEY, "early-role")]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while world.sts.assume_role_count() == 0 {
+        assert!(Instant::now() < deadline, "no prefetch happened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let got = creds(&world, &pod);
+    assert_eq!(
+        world.sts.assume_role_count(),
+        1,
+        "the request was answered from the prefetch"
+    );
+    assert_eq!(
+        Some(got.access_key_id.clone()),
+        world.moto_key_for(&role_arn("early-role"))
+    );
+    world.assert_no_leak(&[&pod], &[&as_client(&got)]);
+}
+
+#[test]
+fn a_restarted_agent_serves_known_pods_from_the_pinned_map() {
+    let node = TestNode::new();
+    let mut world = World::start(&node, &[]);
+    let pod = node.add_pod("a");
+    world.add_pod(&pod, "default", "x", &[(ROLE_KEY, "web-role")]);
+    world.wait_known(&node, &pod);
+    creds(&world, &pod);
+    world.kill_agent();
+    // With the agent gone, pods fail closed: refused at the agent's address.
+    let (status, _) = pod_get(&pod, CREDS, &[]);
+    assert_eq!(status, 0, "no answer while the agent is down");
+    // The API server is down too: only the pinned map can tell the new agent who the pod is.
+    world.api.set_down(true);
+    let started = Instant::now();
+    world.start_agent(&node, &[], false, false);
+    let got = creds(&world, &pod);
+    eprintln!("restart to first served request: {:?}", started.elapsed());
+    assert_eq!(
+        Some(got.access_key_id.clone()),
+        world.moto_key_for(&role_arn("web-role"))
+    );
+    world.api.set_down(false);
+    world.assert_no_leak(&[&pod], &[&as_client(&got)]);
+}
