@@ -1140,3 +1140,41 @@ fn python_kubernetes_client_lists_watches_and_gets_410() {
         .expect("python exits");
     assert!(status.success());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Placement and lifetime
+
+/// curl run in `command`'s namespace: its exit code and stdout.
+fn curl_in(mut command: Command, url: &str) -> (Option<i32>, String) {
+    let output = output_within(
+        command.args(["-sS", "-m", "5", url]),
+        Duration::from_secs(15),
+        "curl",
+    );
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn serves_inside_a_test_node_and_releases_its_port_on_drop() {
+    kube2iam_tests::require_root();
+    let node = kube2iam_tests::TestNode::new();
+    let api = KubeApi::start_in_node(&node);
+    api.add_pod(pod("default", "p", "node-a", ip(1), None));
+    let url = format!("{}/api/v1/pods", api.url());
+    let (code, body) = curl_in(node.command("curl"), &url);
+    assert_eq!(code, Some(0));
+    assert_eq!(names(&json_of(&body)), set(&["p"]));
+    drop(api);
+    let (code, _) = curl_in(node.command("curl"), &url);
+    assert_eq!(code, Some(7), "nothing listens after drop");
+
+    let api = KubeApi::start_loopback();
+    let url = format!("{}/version", api.url());
+    assert_eq!(curl(&url).0, 200);
+    drop(api);
+    let (code, _) = curl_in(Command::new("curl"), &url);
+    assert_eq!(code, Some(7), "nothing listens after drop");
+}
