@@ -26,6 +26,16 @@ const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
 /// SIGTERM: in-flight requests get this long to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Installs (or adopts) the programs, logs what happened, and forwards their debug events.
+fn intercept(settings: &bpf::Settings) -> anyhow::Result<Interception> {
+    let mut interception = bpf::install(settings)?;
+    log_programs(&interception, settings);
+    if settings.kernel_debug_log {
+        spawn_kernel_log_reader(interception.ebpf_mut())?;
+    }
+    Ok(interception)
+}
+
 fn log_programs(interception: &Interception, settings: &bpf::Settings) {
     for program in &interception.programs {
         match &program.action {
@@ -145,12 +155,8 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
     let settings = args.settings(kernel_debug_log)?;
     // Handlers first: once "interception active" is logged, SIGTERM must mean a clean exit.
     let signal = wait_for_signal().await?;
-    let mut interception = bpf::install(&settings)?;
-    log_programs(&interception, &settings);
-    if kernel_debug_log {
-        spawn_kernel_log_reader(interception.ebpf_mut())?;
-    }
     if args.interception_only {
+        let _interception = intercept(&settings)?;
         signal.await;
         log_shutdown();
         return Ok(());
@@ -175,6 +181,30 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
             ..CacheSettings::default()
         },
     );
+
+    // Listen before taking over interception: from the moment the programs point at us,
+    // connects queue in the backlog instead of being refused.
+    let mut addrs = vec![SocketAddr::new(
+        IpAddr::V4(settings.agent_ip4),
+        settings.agent_port,
+    )];
+    if let Some(ip6) = settings.agent_ip6 {
+        addrs.push(SocketAddr::new(IpAddr::V6(ip6), settings.agent_port));
+    }
+    let mut listeners = Vec::with_capacity(addrs.len());
+    for addr in &addrs {
+        listeners.push(
+            imds::bind(*addr)
+                .await
+                .with_context(|| format!("listen on {addr}"))?,
+        );
+    }
+    let admin_addr = SocketAddr::new(IpAddr::V4(settings.agent_ip4), args.metrics_port);
+    let admin_listener = imds::bind(admin_addr)
+        .await
+        .with_context(|| format!("listen on {admin_addr} (--metrics-port)"))?;
+
+    let mut interception = intercept(&settings)?;
 
     let identity_map = interception.take_identity_map()?;
     if identity_map_capacity_differs(&identity_map, args.identity_capacity) {
@@ -215,17 +245,7 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
     // Serve at once: pods known from the pinned map are answered while the watch relists.
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
-    let mut addrs = vec![SocketAddr::new(
-        IpAddr::V4(settings.agent_ip4),
-        settings.agent_port,
-    )];
-    if let Some(ip6) = settings.agent_ip6 {
-        addrs.push(SocketAddr::new(IpAddr::V6(ip6), settings.agent_port));
-    }
-    for addr in &addrs {
-        let listener = imds::bind(*addr)
-            .await
-            .with_context(|| format!("listen on {addr}"))?;
+    for listener in listeners {
         servers.spawn(imds::serve(listener, state.clone(), stopped.clone()));
     }
     let readiness = Arc::new(Readiness::default());
@@ -243,10 +263,6 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
         }),
         debug: args.debug,
     });
-    let admin_addr = SocketAddr::new(IpAddr::V4(settings.agent_ip4), args.metrics_port);
-    let admin_listener = imds::bind(admin_addr)
-        .await
-        .with_context(|| format!("listen on {admin_addr} (--metrics-port)"))?;
     servers.spawn(admin::serve(admin_listener, admin, stopped.clone()));
     tracing::info!(?addrs, %admin_addr, node, region, "serving");
 
