@@ -153,11 +153,14 @@ pub struct RunArgs {
     /// STS endpoint URL override (default: the regional endpoint).
     #[arg(long, env = "STS_ENDPOINT")]
     pub sts_endpoint: Option<String>,
-    /// Requested session duration (15m to 1h; role chaining caps sessions at 1 h).
-    #[arg(long, env = "IAM_ROLE_SESSION_TTL", default_value = "15m", value_parser = parse_duration)]
+    /// Requested session duration (15m to 1h; role chaining caps sessions at 1 h). Longer than
+    /// kube2iam's 15m default: fewer STS calls, and clients never see credentials close enough
+    /// to expiry to trigger their own stale-credential handling.
+    #[arg(long, env = "IAM_ROLE_SESSION_TTL", default_value = "1h", value_parser = parse_duration)]
     pub iam_role_session_ttl: Duration,
-    /// Refresh cached credentials this long before they expire.
-    #[arg(long, env = "REFRESH_BEFORE", default_value = "5m", value_parser = parse_duration)]
+    /// Refresh cached credentials this long before they expire. SDKs refresh what IMDS gave them
+    /// 5 to 15 minutes ahead, so pods always get credentials with more than 15 minutes left.
+    #[arg(long, env = "REFRESH_BEFORE", default_value = "15m", value_parser = parse_duration)]
     pub refresh_before: Duration,
     /// Concurrent credential prefetches when pods with a role appear (0 turns prefetch off).
     #[arg(long, env = "PREFETCH_CONCURRENCY", default_value_t = 8)]

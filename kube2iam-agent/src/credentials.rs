@@ -204,8 +204,8 @@ pub struct CacheSettings {
 impl Default for CacheSettings {
     fn default() -> Self {
         CacheSettings {
-            duration: Duration::from_secs(15 * 60),
-            refresh_before: Duration::from_secs(5 * 60),
+            duration: Duration::from_secs(3600),
+            refresh_before: Duration::from_secs(15 * 60),
             min_validity: Duration::from_secs(60),
             backoff_min: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
@@ -611,9 +611,9 @@ mod tests {
 
     #[tokio::test]
     async fn refresh_happens_ahead_of_expiry_in_the_background() {
-        // Lifetime 4 min < refresh_before 5 min: every hit triggers a background refresh while
+        // Lifetime 10 min < refresh_before 15 min: every hit triggers a background refresh while
         // the cached (still valid) credentials are served.
-        let sts = FakeSts::new(Duration::from_millis(20), Duration::from_secs(240));
+        let sts = FakeSts::new(Duration::from_millis(20), Duration::from_secs(600));
         let cache = CredentialCache::new(sts.clone(), CacheSettings::default());
         let first = cache.get(&key("web"), "s").await.unwrap();
         let second = cache.get(&key("web"), "s").await.unwrap();
