@@ -6,6 +6,7 @@
 mod build_ebpf;
 mod clean_test_env;
 mod cmd;
+mod demo;
 mod install;
 mod leftovers;
 mod test;
@@ -30,6 +31,11 @@ enum Command {
     Test(test::Args),
     /// Remove network namespaces, cgroups, links and mounts left behind by integration tests.
     CleanTestEnv,
+    /// Run the agent on this machine with emulated EC2 metadata, STS (moto) and Kubernetes API,
+    /// and print what unmodified AWS clients in pods get (root).
+    Demo,
+    /// Like demo, but keep the node, pods and agent up and take commands until stopped (root).
+    Sandbox,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -38,5 +44,7 @@ fn main() -> anyhow::Result<()> {
         Command::Install => install::run(),
         Command::Test(args) => test::run(&args),
         Command::CleanTestEnv => clean_test_env::run(),
+        Command::Demo => demo::run("demo"),
+        Command::Sandbox => demo::run("sandbox"),
     }
 }
