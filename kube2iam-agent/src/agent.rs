@@ -26,6 +26,47 @@ const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
 /// SIGTERM: in-flight requests get this long to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Follows interfaces coming and going: the packet guard is attached to each new pod
+/// interface as the CNI creates it, and released when it goes.
+fn spawn_guard_watch(
+    interception: Arc<std::sync::Mutex<Interception>>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let events = bpf::guard::link_events().context("watch network interfaces (netlink)")?;
+    // SAFETY: the OwnedFd moves into the AsyncFd, which keeps it open while registered.
+    let events =
+        unsafe { tokio::io::unix::AsyncFd::register(events) }.context("poll the netlink socket")?;
+    Ok(tokio::spawn(async move {
+        let mut resync = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                ready = events.readable() => {
+                    let Ok(mut ready) = ready else { break };
+                    bpf::guard::drain(std::os::fd::AsFd::as_fd(events.get_ref()));
+                    ready.clear_ready();
+                    // A pod's interface comes with several messages; take them in one go.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    bpf::guard::drain(std::os::fd::AsFd::as_fd(events.get_ref()));
+                }
+                _ = resync.tick() => {}
+            }
+            let result = interception
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .sync_guard();
+            match result {
+                Ok(Some(changes)) if !changes.is_empty() => tracing::info!(
+                    attached = ?changes.attached,
+                    replaced = ?changes.replaced,
+                    released = ?changes.released,
+                    "packet guard follows pod interfaces"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::error!("packet guard: {e:#}"),
+            }
+        }
+    }))
+}
+
 /// Installs (or adopts) the programs, logs what happened, and forwards their debug events.
 fn intercept(settings: &bpf::Settings) -> anyhow::Result<Interception> {
     let mut interception = bpf::install(settings)?;
@@ -156,8 +197,10 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
     // Handlers first: once "interception active" is logged, SIGTERM must mean a clean exit.
     let signal = wait_for_signal().await?;
     if args.interception_only {
-        let _interception = intercept(&settings)?;
+        let interception = Arc::new(std::sync::Mutex::new(intercept(&settings)?));
+        let guard = spawn_guard_watch(interception.clone())?;
         signal.await;
+        guard.abort();
         log_shutdown();
         return Ok(());
     }
@@ -215,6 +258,9 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
         );
     }
     let registry = Arc::new(Registry::new(Box::new(identity_map)));
+    let pin_dir = interception.pin_dir.clone();
+    let interception = Arc::new(std::sync::Mutex::new(interception));
+    let guard_watch = spawn_guard_watch(interception.clone())?;
     let namespaces = Arc::new(Namespaces::default());
     let tokens = TokenIssuer::random().context("draw the IMDSv2 token key")?;
     let state = Arc::new(State {
@@ -251,7 +297,6 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
     let readiness = Arc::new(Readiness::default());
     readiness.interception.store(true, Ordering::Release);
     let watch_stats = Arc::new(WatchStats::default());
-    let pin_dir = interception.pin_dir.clone();
     let admin = Arc::new(Admin {
         state: state.clone(),
         readiness: readiness.clone(),
@@ -321,6 +366,7 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
     signal.await;
     let _ = stop.send(true);
     background.abort_all();
+    guard_watch.abort();
     while servers.join_next().await.is_some() {}
     log_shutdown();
     Ok(())

@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{
-    bpf::{CookieSource, Settings},
+    bpf::{CookieSource, Settings, guard::InterfacePatterns},
     imds::TokenMode,
     policy::PatternFormat,
 };
@@ -105,6 +105,23 @@ pub struct RunArgs {
     /// Attach and configure the programs, serve nothing (for checking the kernel side alone).
     #[arg(long, env = "INTERCEPTION_ONLY")]
     pub interception_only: bool,
+    /// Drop packets from pod interfaces addressed to the metadata service (raw IP, AF_PACKET,
+    /// UDP): what the connect rewrite cannot see. `--packet-guard false` turns it off.
+    #[arg(long, env = "PACKET_GUARD", default_value_t = true, action = clap::ArgAction::Set)]
+    pub packet_guard: bool,
+    /// Host-side pod interfaces the packet guard covers, kube2iam's syntax: `name`, `prefix+`,
+    /// `!excluded` (comma-separated or repeated). Defaults cover the VPC CNI (eni), Calico
+    /// (cali), Cilium (lxc) and bridge CNIs (veth).
+    #[arg(
+        long = "host-interface",
+        env = "HOST_INTERFACE",
+        value_delimiter = ',',
+        default_value = "eni+,cali+,lxc+,veth+"
+    )]
+    pub host_interfaces: Vec<String>,
+    /// Attach the guard as cls_bpf filters even where TCX exists (testing aid).
+    #[arg(long, env = "PACKET_GUARD_NETLINK", hide = true)]
+    pub packet_guard_netlink: bool,
 
     /// This node's name; only its pods are watched (the DaemonSet passes spec.nodeName).
     #[arg(long, env = "NODE_NAME")]
@@ -229,6 +246,8 @@ pub struct UninstallArgs {
 pub enum Error {
     #[error("--host-ip (or HOST_IP) is required: the node IP the agent listens on")]
     MissingHostIp,
+    #[error("{0}")]
+    HostInterface(String),
     #[error(
         "--metadata-addr {0:?}: expected an IPv4 address with an optional port, like 169.254.169.254 or 169.254.169.254:80"
     )]
@@ -264,6 +283,15 @@ impl RunArgs {
             kernel_debug_log,
             cookie_source: self.host_netns_cookie_source,
             identity_capacity: self.identity_capacity,
+            packet_guard: if self.packet_guard {
+                Some(
+                    InterfacePatterns::parse(&self.host_interfaces)
+                        .map_err(Error::HostInterface)?,
+                )
+            } else {
+                None
+            },
+            guard_netlink: self.packet_guard_netlink,
         })
     }
 }

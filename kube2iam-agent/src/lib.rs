@@ -9,6 +9,7 @@ pub mod agent;
 pub mod bpf;
 pub mod cli;
 pub mod credentials;
+pub mod doctor;
 pub mod identity;
 pub mod imds;
 pub mod kube;

@@ -4,7 +4,7 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use kube2iam_agent::{
     agent, bpf,
-    cli::{Cli, Command, RunArgs, UninstallArgs},
+    cli::{Cli, Command, DoctorArgs, RunArgs, UninstallArgs},
     telemetry,
 };
 
@@ -23,10 +23,13 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(2);
     }
+    if let Some(Command::Doctor(args)) = &cli.command {
+        return doctor(args);
+    }
     let result = match cli.command {
         None => run(&cli.run, cli.log.debug_enabled()),
         Some(Command::Uninstall(args)) => uninstall(&args),
-        Some(Command::InternalNetnsProbe) => Ok(()),
+        Some(Command::InternalNetnsProbe | Command::Doctor(_)) => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -60,4 +63,19 @@ fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
         println!("{line}");
     }
     Ok(())
+}
+
+/// Prints the doctor's table and summary; exits 1 when the agent cannot run here.
+fn doctor(args: &DoctorArgs) -> ExitCode {
+    let report = kube2iam_agent::doctor::run(&kube2iam_agent::doctor::Options {
+        cgroup_path: args.cgroup_path.clone(),
+        pin_dir: args.bpf_pin_path.clone(),
+    });
+    print!("{}", report.table());
+    println!("{}", report.summary());
+    if report.can_run() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }

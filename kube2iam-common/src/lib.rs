@@ -28,6 +28,8 @@ pub mod programs {
     pub const GETPEERNAME6: &str = "k2i_getpeername6";
     /// Not attached to pods: learns the host netns cookie on kernels without SO_NETNS_COOKIE.
     pub const NETNS_PROBE: &str = "k2i_netns_probe";
+    /// tc ingress on the host side of pod interfaces: drops packets to the metadata service.
+    pub const GUARD: &str = "k2i_guard";
 }
 
 /// The only key of the config map.
@@ -138,10 +140,14 @@ pub enum Counter {
     RefusedNoIpv6 = 6,
     /// `getpeername` reported the original metadata address of a redirected socket.
     PeerRestored = 7,
+    /// The packet guard dropped an IPv4 packet from a pod addressed to the metadata service.
+    GuardDropped4 = 8,
+    /// The packet guard dropped an IPv6 packet from a pod addressed to the metadata service.
+    GuardDropped6 = 9,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 8] = [
+    pub const ALL: [Counter; 10] = [
         Counter::Passed,
         Counter::Redirected4,
         Counter::Redirected6,
@@ -150,6 +156,8 @@ impl Counter {
         Counter::RefusedNoConfig,
         Counter::RefusedNoIpv6,
         Counter::PeerRestored,
+        Counter::GuardDropped4,
+        Counter::GuardDropped6,
     ];
 
     /// Stable snake_case name, used in logs and metrics.
@@ -163,6 +171,8 @@ impl Counter {
             Counter::RefusedNoConfig => "refused_no_config",
             Counter::RefusedNoIpv6 => "refused_no_ipv6",
             Counter::PeerRestored => "peer_restored",
+            Counter::GuardDropped4 => "guard_dropped_ipv4",
+            Counter::GuardDropped6 => "guard_dropped_ipv6",
         }
     }
 }

@@ -17,9 +17,9 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_F_NO_PREALLOC, bpf_sock_addr},
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map},
+    macros::{cgroup_sock_addr, classifier, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    programs::SockAddrContext,
+    programs::{SockAddrContext, TcContext},
 };
 use aya_log_ebpf::debug;
 use kube2iam_common::{
@@ -328,6 +328,69 @@ fn try_getpeername6(ctx: &SockAddrContext) {
             write_volatile(addr_of_mut!((*sa).user_port), entry.orig_port);
             count(Counter::PeerRestored);
         }
+    }
+}
+
+/// TC verdicts: TCX_NEXT / TC_ACT_UNSPEC lets the next program (a CNI's) decide; SHOT drops.
+const TC_NEXT: i32 = -1;
+const TC_DROP: i32 = 2;
+
+/// The packet guard, on the host side of pod interfaces (tc ingress = traffic leaving the pod).
+/// A pod's legitimate metadata traffic was already rewritten to the agent at connect(); any
+/// packet still addressed to the metadata service got there another way (raw IP, AF_PACKET,
+/// unconnected UDP) and is dropped, whatever its protocol or port.
+#[classifier]
+pub fn k2i_guard(ctx: TcContext) -> i32 {
+    match try_guard(&ctx) {
+        Some(counter) => {
+            count(counter);
+            debug!(
+                &ctx,
+                "kube2iam guard: dropped a packet addressed to the metadata service"
+            );
+            TC_DROP
+        }
+        None => TC_NEXT,
+    }
+}
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+
+/// The drop counter when the frame is addressed to the metadata service.
+fn try_guard(ctx: &TcContext) -> Option<Counter> {
+    // Ethertype, network order on the wire; one VLAN tag is looked through, since a crafted
+    // tagged frame could otherwise carry the address past a guard that only reads the outer type.
+    let mut l3 = ETH_HLEN;
+    let mut proto = u16::from_be(ctx.load::<u16>(12).ok()?);
+    if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+        proto = u16::from_be(ctx.load::<u16>(16).ok()?);
+        l3 += 4;
+    }
+    let config = config();
+    match proto {
+        ETH_P_IP => {
+            // IPv4 destination at offset 16 of the header, network order (compared as read).
+            let dst: u32 = ctx.load(l3 + 16).ok()?;
+            let metadata = config.map_or(DEFAULT_METADATA_IP4, |c| c.metadata_ip4);
+            (dst == metadata).then_some(Counter::GuardDropped4)
+        }
+        ETH_P_IPV6 => {
+            // IPv6 destination at offset 24, four network-order words.
+            let dst = [
+                ctx.load::<u32>(l3 + 24).ok()?,
+                ctx.load::<u32>(l3 + 28).ok()?,
+                ctx.load::<u32>(l3 + 32).ok()?,
+                ctx.load::<u32>(l3 + 36).ok()?,
+            ];
+            let metadata = config.map_or(DEFAULT_METADATA_IP6, |c| c.metadata_ip6);
+            let mapped = ip4_mapped(config.map_or(DEFAULT_METADATA_IP4, |c| c.metadata_ip4));
+            (dst == metadata || dst == mapped).then_some(Counter::GuardDropped6)
+        }
+        _ => None,
     }
 }
 

@@ -244,8 +244,11 @@ pub fn prepare_pin_dir(pin_dir: &Path) -> Result<()> {
             });
         }
     }
-    let links = pin_dir.join("links");
-    fs::create_dir_all(&links).map_err(|e| Error::io(format!("create {}", links.display()), e))
+    for sub in ["links", "tc"] {
+        let dir = pin_dir.join(sub);
+        fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

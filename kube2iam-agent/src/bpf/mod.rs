@@ -6,6 +6,7 @@
 //! changed, each link's program is swapped atomically (BPF_LINK_UPDATE). Only `uninstall`
 //! detaches.
 
+pub mod guard;
 pub mod host;
 pub mod sys;
 
@@ -152,6 +153,10 @@ pub struct Settings {
     pub cookie_source: CookieSource,
     /// Entries of the identity map when it is first created.
     pub identity_capacity: u32,
+    /// Which host interfaces get the packet guard; `None` turns the guard off.
+    pub packet_guard: Option<guard::InterfacePatterns>,
+    /// Use cls_bpf filters for the guard even where TCX exists (testing aid).
+    pub guard_netlink: bool,
 }
 
 impl Settings {
@@ -197,6 +202,7 @@ pub struct ProgramReport {
 /// The running interception: the loaded object (for map access) and what start-up did.
 pub struct Interception {
     ebpf: Ebpf,
+    guard: Option<(guard::Guard, guard::InterfacePatterns)>,
     pub kernel: KernelVersion,
     pub cgroup: PathBuf,
     pub pin_dir: PathBuf,
@@ -311,8 +317,30 @@ pub fn install(settings: &Settings) -> Result<Interception> {
         reports.push(report);
     }
 
+    let guard = match &settings.packet_guard {
+        Some(patterns) => {
+            let mut g = guard::Guard::new(&settings.pin_dir, kernel, settings.guard_netlink)?;
+            let changes = g.sync(&mut ebpf, patterns)?;
+            tracing::info!(
+                attached = ?changes.attached,
+                adopted = ?changes.adopted,
+                replaced = ?changes.replaced,
+                released = ?changes.released,
+                "packet guard on pod interfaces"
+            );
+            Some((g, patterns.clone()))
+        }
+        None => {
+            tracing::warn!(
+                "packet guard off: raw-socket traffic from pods to the metadata service is not dropped"
+            );
+            None
+        }
+    };
+
     Ok(Interception {
         ebpf,
+        guard,
         kernel,
         cgroup,
         pin_dir: settings.pin_dir.clone(),
@@ -475,6 +503,14 @@ impl Interception {
             source,
         })?;
         Ok(crate::identity::BpfIdentityMap::new(map, capacity))
+    }
+
+    /// Attaches the guard to interfaces that appeared, releases vanished ones.
+    pub fn sync_guard(&mut self) -> Result<Option<guard::GuardChanges>> {
+        match &mut self.guard {
+            Some((g, patterns)) => g.sync(&mut self.ebpf, patterns).map(Some),
+            None => Ok(None),
+        }
     }
 
     /// The loaded object, for the debug-log reader.
@@ -646,7 +682,7 @@ fn probe_netns_cookie(ebpf: &mut Ebpf, cgroup: &Path) -> Result<u64> {
 
 /// Detaches and unpins everything under `pin_dir`; returns one line per removed object.
 pub fn uninstall(pin_dir: &Path) -> Result<Vec<String>> {
-    let mut removed = Vec::new();
+    let mut removed = guard::uninstall(pin_dir)?;
     if !pin_dir.exists() {
         return Ok(removed);
     }
