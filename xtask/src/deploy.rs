@@ -514,3 +514,28 @@ fn npm() -> Result<Command> {
     }
     Ok(cmd::command("npm"))
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn kubectl_names() {
+        let object = |api: &str, kind: &str| json!({"apiVersion": api, "kind": kind, "metadata": {"name": "x"}});
+        assert_eq!(
+            kubectl_name(&object("apps/v1", "DaemonSet")).unwrap(),
+            "daemonset.apps/x"
+        );
+        assert_eq!(
+            kubectl_name(&object("v1", "ServiceAccount")).unwrap(),
+            "serviceaccount/x"
+        );
+        assert_eq!(
+            kubectl_name(&object("rbac.authorization.k8s.io/v1", "ClusterRole")).unwrap(),
+            "clusterrole.rbac.authorization.k8s.io/x"
+        );
+        assert!(kubectl_name(&json!({"kind": "Pod"})).is_err());
+    }
+}

@@ -181,3 +181,39 @@ fn respond(path: &str, addr: SocketAddr) -> Option<Value> {
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 6443))
+    }
+
+    #[test]
+    fn lists_the_groups_and_their_resources() {
+        let groups = respond("/apis", addr()).unwrap();
+        let names: Vec<&str> = groups["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            ["apps", "rbac.authorization.k8s.io", "monitoring.coreos.com"]
+        );
+        let apps = respond("/apis/apps/v1/", addr()).unwrap();
+        assert_eq!(apps["groupVersion"], "apps/v1");
+        assert_eq!(apps["resources"][0]["kind"], "DaemonSet");
+        let core = respond("/api/v1", addr()).unwrap();
+        let namespaces = core["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == "namespaces")
+            .unwrap();
+        assert_eq!(namespaces["namespaced"], false);
+        assert!(respond("/apis/policy/v1", addr()).is_none());
+    }
+}

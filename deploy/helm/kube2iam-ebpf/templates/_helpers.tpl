@@ -96,7 +96,7 @@ counterpart here fails to render with what to do instead, rather than crash-loop
   "eks-cluster-arn" "session tags are not supported: remove it"
   "eks-cluster-name" "session tags are not supported: remove it"
   "verbose" "set verbose: true (or extraArgs.log-level: debug)"
-  "version" "remove it"
+  "version" "it prints the version and exits: remove it"
 }}
 {{- range $key, $value := .Values.extraArgs }}
 {{- if hasKey $managed $key }}
