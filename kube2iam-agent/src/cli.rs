@@ -37,6 +37,9 @@ pub struct Cli {
 pub enum Command {
     /// Detach the programs and remove every pinned object.
     Uninstall(UninstallArgs),
+    /// Check whether the agent can run here: kernel features, privileges, cgroup2, bpffs,
+    /// pinned state and other programs on the target cgroup. Exits 1 when it cannot.
+    Doctor(DoctorArgs),
     /// Internal: the child the netns-cookie probe runs in.
     #[command(name = "internal-netns-probe", hide = true)]
     InternalNetnsProbe,
@@ -237,6 +240,16 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
 #[derive(Debug, Args)]
 pub struct UninstallArgs {
     /// The pin directory to remove.
+    #[arg(long, env = "BPF_PIN_PATH", default_value = "/sys/fs/bpf/kube2iam")]
+    pub bpf_pin_path: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// The cgroup the agent would attach to. Default: the cgroup2 root.
+    #[arg(long, env = "CGROUP_PATH")]
+    pub cgroup_path: Option<PathBuf>,
+    /// The agent's pin directory.
     #[arg(long, env = "BPF_PIN_PATH", default_value = "/sys/fs/bpf/kube2iam")]
     pub bpf_pin_path: PathBuf,
 }
