@@ -69,6 +69,7 @@ const REFUSED: &[(&str, &str)] = &[
         "regional STS endpoint is always used",
     ),
     ("extraArgs.app-port=8182", "set host.port"),
+    ("extraArgs.packet-guard=false", "set packetGuard"),
     (
         "podSecurityPolicy.enabled=true",
         "PodSecurityPolicy was removed",

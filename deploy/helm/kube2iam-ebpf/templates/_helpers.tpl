@@ -76,10 +76,11 @@ counterpart here fails to render with what to do instead, rather than crash-loop
   "node" "the chart passes the pod's node name"
   "bpf-pin-path" "set bpf.pinPath"
   "cgroup-path" "set cgroup.path"
+  "host-interface" "set host.interface"
+  "packet-guard" "set packetGuard"
 }}
 {{- $unsupported := dict
   "iptables" "interception is done by eBPF programs in the kernel, there is no iptables rule: remove it"
-  "host-interface" "nothing depends on interface names: remove it"
   "use-regional-sts-endpoint" "the regional STS endpoint is always used: remove it (aws.region or extraArgs.region picks the region)"
   "insecure" "the API server's certificate is always verified: remove it"
   "api-token" "use extraArgs.kubeconfig, or the in-cluster ServiceAccount the chart creates"
