@@ -31,7 +31,7 @@ const NL_PRIORITY: u16 = 49_000;
 const NL_HANDLE: TcHandle = TcHandle::new(0, 0x4b32);
 
 /// kube2iam's `--host-interface` syntax: `name` exact, `prefix+` any name starting with
-/// `prefix`, and `!pattern` excludes.
+/// `prefix`, and `!pattern` excludes; only exclusions means every interface but those (and lo).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InterfacePatterns {
     include: Vec<(String, bool)>,
@@ -66,7 +66,13 @@ impl InterfacePatterns {
             list.push((name.to_owned(), prefix));
         }
         if out.include.is_empty() {
-            return Err("--host-interface needs at least one pattern to guard".into());
+            if out.exclude.is_empty() {
+                return Err("--host-interface needs at least one pattern to guard".into());
+            }
+            // Only exclusions, as in kube2iam's `!eth0`: every interface but those, and never
+            // loopback, where the node's own metadata traffic may pass.
+            out.include.push((String::new(), true));
+            out.exclude.push(("lo".to_owned(), false));
         }
         Ok(out)
     }
@@ -428,7 +434,10 @@ mod tests {
         assert!(!p.matches("docker01"));
         assert!(!p.matches("eth0"));
         assert!(patterns(&["+"]).matches("anything"));
-        for bad in [&["!eni+"][..], &[""], &["a/b"], &["averyveryverylongname"]] {
+        let all_but = patterns(&["!eth0"]);
+        assert!(all_but.matches("eni1") && all_but.matches("veth9"));
+        assert!(!all_but.matches("eth0") && !all_but.matches("lo"));
+        for bad in [&[""][..], &["a/b"], &["averyveryverylongname"]] {
             let err =
                 InterfacePatterns::parse(&bad.iter().map(|s| s.to_string()).collect::<Vec<_>>());
             assert!(err.is_err(), "{bad:?}");
