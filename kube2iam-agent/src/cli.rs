@@ -142,6 +142,7 @@ pub struct RunArgs {
     #[arg(
         long,
         env = "IAM_EXTERNAL_ID_KEY",
+        alias = "iam-external-id",
         default_value = "iam.amazonaws.com/external-id"
     )]
     pub iam_external_id_key: String,
