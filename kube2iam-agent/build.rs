@@ -6,7 +6,45 @@
 //! instead, and the agent refuses to start with it.
 use std::{env, fs, path::PathBuf};
 
+/// The commit the binary is built from, for the `kube2iam_build_info` metric:
+/// `KUBE2IAM_GIT_COMMIT` when set (an image build without `.git`), else `git rev-parse`; nothing
+/// when neither is available (the metric then says `unknown`).
+fn git_commit() {
+    println!("cargo:rerun-if-env-changed=KUBE2IAM_GIT_COMMIT");
+    if let Ok(commit) = env::var("KUBE2IAM_GIT_COMMIT") {
+        println!("cargo:rustc-env=KUBE2IAM_GIT_COMMIT={commit}");
+        return;
+    }
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let Some(commit) = git(&["rev-parse", "--short=12", "HEAD"]) else {
+        return;
+    };
+    println!("cargo:rustc-env=KUBE2IAM_GIT_COMMIT={commit}");
+    // Rebuild when HEAD moves: HEAD itself (a checkout) and the branch it points at (a commit).
+    // A path that does not exist would make cargo rerun this script on every build.
+    let mut paths = vec!["HEAD".to_owned(), "packed-refs".to_owned()];
+    paths.extend(git(&["symbolic-ref", "-q", "HEAD"]));
+    for path in paths {
+        if let Some(p) = git(&["rev-parse", "--git-path", &path])
+            && std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join(&p)
+                .exists()
+        {
+            println!("cargo:rerun-if-changed={p}");
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
+    git_commit();
     // aya-build watches the eBPF crate; the shared types live next door.
     println!("cargo:rerun-if-changed=../kube2iam-common");
     println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");

@@ -1,10 +1,16 @@
 //! The admin server on `--metrics-port`: `/healthz`, `/readyz`, `/metrics`, and `/debug/store`
 //! with `--debug`. A separate port: pods going through the redirect only ever reach the
 //! metadata server.
+//!
+//! `/healthz` answers 200 while the process serves at all (liveness: a restart would not help
+//! anything it could report). `/readyz` answers 200 when the programs are attached with their
+//! config written, the pod watch (and the namespace watch, with namespace restrictions) has
+//! synced, and the last probe of the node's metadata service succeeded; otherwise 503 with the
+//! reasons, one per line after `not ready:`. An upstream outage therefore takes the pod out of
+//! readiness without restarting it, and it comes back by itself.
 
 use std::{
     convert::Infallible,
-    fmt::Write as _,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -14,14 +20,16 @@ use std::{
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{
-    Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn,
+    Request, Response, StatusCode, body::Incoming, header, server::conn::http1, service::service_fn,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
+use kube2iam_common::Counter;
+use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
-use crate::{imds::State, kube::WatchStats};
+use crate::{events::PodEvents, imds::State, kube::WatchStats, metrics};
 
-/// What readiness is made of.
+/// What readiness is made of, besides the watches.
 #[derive(Default)]
 pub struct Readiness {
     /// Programs attached and config written.
@@ -30,112 +38,69 @@ pub struct Readiness {
     pub upstream: AtomicBool,
 }
 
-pub struct Admin {
+/// Reads the pinned per-CPU counters (summed), or says why it could not.
+pub type BpfCounters = Box<dyn Fn() -> Result<Vec<(Counter, u64)>, String> + Send + Sync>;
+
+/// What the admin server reports on.
+pub struct Sources {
     pub state: Arc<State>,
     pub readiness: Arc<Readiness>,
     pub watch_stats: Arc<WatchStats>,
-    pub counters: Box<dyn Fn() -> Vec<(&'static str, u64)> + Send + Sync>,
-    pub debug: bool,
+    pub events: Arc<PodEvents>,
+    pub bpf_counters: BpfCounters,
 }
 
-impl Admin {
+impl Sources {
     /// `None` when ready, else the reasons.
-    pub fn not_ready(&self) -> Option<Vec<&'static str>> {
+    pub fn not_ready(&self) -> Option<Vec<String>> {
         let mut reasons = Vec::new();
         if !self.readiness.interception.load(Ordering::Acquire) {
-            reasons.push("programs not attached");
+            reasons.push("programs not attached".to_owned());
         }
         if !self.state.registry.synced() {
-            reasons.push("pod watch not synced");
+            reasons.push("pod watch not synced".to_owned());
         }
         if self.state.config.namespace_restrictions && !self.state.namespaces.synced() {
-            reasons.push("namespace watch not synced");
+            reasons.push("namespace watch not synced".to_owned());
         }
         if !self.readiness.upstream.load(Ordering::Acquire) {
-            reasons.push("upstream metadata service unreachable");
+            reasons.push(format!(
+                "upstream metadata service unreachable ({})",
+                self.state.upstream.addr()
+            ));
         }
         (!reasons.is_empty()).then_some(reasons)
     }
+}
 
-    /// Prometheus text. The shipping work replaces this with prometheus-client; the names stay.
-    pub fn metrics(&self) -> String {
-        let mut out = String::new();
-        let _ = writeln!(out, "# TYPE kube2iam_requests_total counter");
-        let requests = self
-            .state
-            .stats
-            .requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let mut requests: Vec<_> = requests.into_iter().collect();
-        requests.sort();
-        for ((route, status), n) in requests {
-            let _ = writeln!(
-                out,
-                "kube2iam_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
-            );
+pub struct Admin {
+    sources: Arc<Sources>,
+    registry: Registry,
+    debug: bool,
+}
+
+impl Admin {
+    pub fn new(sources: Sources, debug: bool) -> Admin {
+        let sources = Arc::new(sources);
+        Admin {
+            registry: metrics::registry(sources.clone()),
+            sources,
+            debug,
         }
-        let cache = &self.state.cache.stats;
-        for (name, value) in [
-            ("kube2iam_credential_cache_hits_total", &cache.hits),
-            ("kube2iam_credential_cache_misses_total", &cache.misses),
-            (
-                "kube2iam_credential_cache_refreshes_total",
-                &cache.refreshes,
-            ),
-            (
-                "kube2iam_credential_cache_prefetches_total",
-                &cache.prefetches,
-            ),
-            (
-                "kube2iam_credential_stale_served_total",
-                &cache.stale_served,
-            ),
-        ] {
-            let _ = writeln!(
-                out,
-                "# TYPE {name} counter\n{name} {}",
-                value.load(Ordering::Relaxed)
-            );
-        }
-        let _ = writeln!(out, "# TYPE kube2iam_sts_calls_total counter");
-        for (result, value) in [
-            ("success", &cache.sts_success),
-            ("throttled", &cache.sts_throttled),
-            ("denied", &cache.sts_denied),
-            ("unavailable", &cache.sts_unavailable),
-        ] {
-            let _ = writeln!(
-                out,
-                "kube2iam_sts_calls_total{{result=\"{result}\"}} {}",
-                value.load(Ordering::Relaxed)
-            );
-        }
-        let entries = self.state.registry.entries().map(|e| e.len()).unwrap_or(0);
-        let _ = writeln!(
-            out,
-            "# TYPE kube2iam_identity_map_entries gauge\nkube2iam_identity_map_entries {entries}\n\
-             # TYPE kube2iam_identity_map_capacity gauge\nkube2iam_identity_map_capacity {}",
-            self.state.registry.capacity()
-        );
-        let _ = writeln!(out, "# TYPE kube2iam_bpf_events_total counter");
-        for (name, value) in (self.counters)() {
-            let _ = writeln!(out, "kube2iam_bpf_events_total{{event=\"{name}\"}} {value}");
-        }
-        let _ = writeln!(
-            out,
-            "# TYPE kube2iam_watch_restarts_total counter\n\
-             kube2iam_watch_restarts_total{{resource=\"pods\"}} {}\n\
-             kube2iam_watch_restarts_total{{resource=\"namespaces\"}} {}",
-            self.watch_stats.pod_restarts.load(Ordering::Relaxed),
-            self.watch_stats.namespace_restarts.load(Ordering::Relaxed)
-        );
-        out
+    }
+
+    /// `None` when ready, else the reasons.
+    pub fn not_ready(&self) -> Option<Vec<String>> {
+        self.sources.not_ready()
+    }
+
+    /// The metrics in the Prometheus text format, or OpenMetrics; (content type, body).
+    pub fn metrics(&self, openmetrics: bool) -> (&'static str, String) {
+        metrics::encode(&self.registry, openmetrics)
     }
 
     fn debug_store(&self) -> String {
-        let entries = self.state.registry.entries().unwrap_or_default();
+        let entries = self.sources.state.registry.entries().unwrap_or_default();
         let list: Vec<_> = entries
             .into_iter()
             .map(|(ip, pod)| {
@@ -155,19 +120,28 @@ impl Admin {
         serde_json::to_string_pretty(&list).unwrap_or_default()
     }
 
-    fn respond(&self, path: &str) -> (StatusCode, String) {
+    /// (status, content type, body) for a GET of `path`.
+    fn respond(&self, path: &str, accept: &str) -> (StatusCode, &'static str, String) {
+        const TEXT: &str = "text/plain; charset=utf-8";
         match path {
-            "/healthz" => (StatusCode::OK, "ok\n".into()),
+            "/healthz" | "/livez" => (StatusCode::OK, TEXT, "ok\n".into()),
             "/readyz" => match self.not_ready() {
-                None => (StatusCode::OK, "ready\n".into()),
+                None => (StatusCode::OK, TEXT, "ready\n".into()),
                 Some(reasons) => (
                     StatusCode::SERVICE_UNAVAILABLE,
+                    TEXT,
                     format!("not ready: {}\n", reasons.join(", ")),
                 ),
             },
-            "/metrics" => (StatusCode::OK, self.metrics()),
-            "/debug/store" if self.debug => (StatusCode::OK, self.debug_store()),
-            _ => (StatusCode::NOT_FOUND, "not found\n".into()),
+            "/metrics" => {
+                let (content_type, body) =
+                    self.metrics(accept.contains("application/openmetrics-text"));
+                (StatusCode::OK, content_type, body)
+            }
+            "/debug/store" if self.debug => {
+                (StatusCode::OK, "application/json", self.debug_store())
+            }
+            _ => (StatusCode::NOT_FOUND, TEXT, "not found\n".into()),
         }
     }
 }
@@ -187,10 +161,19 @@ pub async fn serve(
         };
         let admin = admin.clone();
         let service = service_fn(move |request: Request<Incoming>| {
-            let (status, body) = admin.respond(request.uri().path());
+            let accept = request
+                .headers()
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            let (status, content_type, body) = admin.respond(request.uri().path(), accept);
             async move {
                 let mut response = Response::new(Full::new(Bytes::from(body)));
                 *response.status_mut() = status;
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static(content_type),
+                );
                 Ok::<_, Infallible>(response)
             }
         });

@@ -11,10 +11,11 @@ use anyhow::{Context as _, bail};
 use aws_config::BehaviorVersion;
 
 use crate::{
-    admin::{self, Admin, Readiness},
+    admin::{self, Admin, Readiness, Sources},
     bpf::{self, Action, Interception},
     cli::RunArgs,
     credentials::{CacheSettings, CredentialCache, SdkSts},
+    events::PodEvents,
     identity::Registry,
     imds::{self, ServerConfig, State, path::PathRules, token::TokenIssuer, upstream::Upstream},
     kube::{self as k8s, Keys, Namespaces, WatchStats},
@@ -263,6 +264,7 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
     let guard_watch = spawn_guard_watch(interception.clone())?;
     let namespaces = Arc::new(Namespaces::default());
     let tokens = TokenIssuer::random().context("draw the IMDSv2 token key")?;
+    let events = PodEvents::new(args.event_interval, &node);
     let state = Arc::new(State {
         config: ServerConfig {
             node: node.clone(),
@@ -286,6 +288,7 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
         upstream: upstream.clone(),
         tokens,
         stats: Default::default(),
+        events: events.clone(),
     });
 
     // Serve at once: pods known from the pinned map are answered while the watch relists.
@@ -297,17 +300,18 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
     let readiness = Arc::new(Readiness::default());
     readiness.interception.store(true, Ordering::Release);
     let watch_stats = Arc::new(WatchStats::default());
-    let admin = Arc::new(Admin {
-        state: state.clone(),
-        readiness: readiness.clone(),
-        watch_stats: watch_stats.clone(),
-        counters: Box::new(move || {
-            bpf::pinned_counters(&pin_dir)
-                .map(|c| c.into_iter().map(|(k, v)| (k.name(), v)).collect())
-                .unwrap_or_default()
-        }),
-        debug: args.debug,
-    });
+    let admin = Arc::new(Admin::new(
+        Sources {
+            state: state.clone(),
+            readiness: readiness.clone(),
+            watch_stats: watch_stats.clone(),
+            events: events.clone(),
+            bpf_counters: Box::new(move || {
+                bpf::pinned_counters(&pin_dir).map_err(|e| format!("{:#}", anyhow::Error::new(e)))
+            }),
+        },
+        args.debug,
+    ));
     servers.spawn(admin::serve(admin_listener, admin, stopped.clone()));
     tracing::info!(?addrs, %admin_addr, node, region, "serving");
 
@@ -318,6 +322,7 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
         namespace: args.namespace_key.clone(),
     };
     let mut background = tokio::task::JoinSet::new();
+    background.spawn(events.run(client.clone()));
     let prefetch_state = state.clone();
     background.spawn(k8s::watch_pods(
         client.clone(),

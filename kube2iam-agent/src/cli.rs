@@ -207,6 +207,10 @@ pub struct RunArgs {
     /// Serve /debug/store on the metrics port.
     #[arg(long, env = "DEBUG")]
     pub debug: bool,
+    /// Kubernetes Events on refused pods: at most one write per pod and reason in this
+    /// interval, repeats counted into the Event's count (0 turns Events off).
+    #[arg(long, env = "EVENT_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub event_interval: Duration,
     /// Open connections the metadata server accepts; more are answered 503 and closed.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,

@@ -227,6 +227,8 @@ pub struct CacheStats {
     pub sts_denied: AtomicU64,
     pub sts_unavailable: AtomicU64,
     pub stale_served: AtomicU64,
+    /// AssumeRole latency by result.
+    pub sts_duration: crate::metrics::StsDurations,
 }
 
 #[derive(Default)]
@@ -401,6 +403,10 @@ impl CredentialCache {
         let started = std::time::Instant::now();
         let result = self.sts.assume_role(request).await;
         let elapsed = started.elapsed();
+        self.stats.sts_duration.observe(
+            result.as_ref().map_or_else(StsError::kind, |_| "success"),
+            elapsed,
+        );
         match result {
             Ok(creds) => {
                 self.stats.sts_success.fetch_add(1, Ordering::Relaxed);

@@ -2,7 +2,8 @@
 //!
 //! `cli` → `bpf` (load, attach, pin, typed map access) → `kube` (watch → `identity` map) →
 //! `policy` (pure rules) → `credentials` (STS, cache) → `imds` (the server pods reach) →
-//! `admin` (health, readiness, metrics); `agent` wires them together.
+//! `admin` (health, readiness) with `metrics` and `events` (Kubernetes Events on refused pods);
+//! `agent` wires them together.
 
 pub mod admin;
 pub mod agent;
@@ -10,8 +11,10 @@ pub mod bpf;
 pub mod cli;
 pub mod credentials;
 pub mod doctor;
+pub mod events;
 pub mod identity;
 pub mod imds;
 pub mod kube;
+pub mod metrics;
 pub mod policy;
 pub mod telemetry;

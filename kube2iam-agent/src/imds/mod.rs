@@ -7,10 +7,9 @@ pub mod token;
 pub mod upstream;
 
 use std::{
-    collections::HashMap,
     convert::Infallible,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -30,8 +29,10 @@ use self::{
 };
 use crate::{
     credentials::{CacheKey, CredentialCache, Session, StsError, imds_time},
+    events::{PodEvents, Reason},
     identity::{Annotation, PodIdentity, Registry},
     kube::Namespaces,
+    metrics::RequestMetrics,
     policy::{self, BaseArn, RoleArn},
 };
 
@@ -65,13 +66,6 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
 }
 
-/// Requests by route and status, for metrics.
-#[derive(Debug, Default)]
-pub struct ServerStats {
-    pub requests: Mutex<HashMap<(&'static str, u16), u64>>,
-    pub rejected_connections: std::sync::atomic::AtomicU64,
-}
-
 /// What the handlers share.
 pub struct State {
     pub config: ServerConfig,
@@ -80,7 +74,9 @@ pub struct State {
     pub cache: Arc<CredentialCache>,
     pub upstream: Arc<Upstream>,
     pub tokens: TokenIssuer,
-    pub stats: ServerStats,
+    pub stats: RequestMetrics,
+    /// Events on pods that are refused.
+    pub events: Arc<PodEvents>,
 }
 
 /// An answer the agent gives itself.
@@ -148,15 +144,21 @@ impl State {
                 )
             })?;
         let who = pod.display_name();
-        let forbidden = |body: String| Reply::new(StatusCode::FORBIDDEN, body);
+        let forbidden = |reason: Reason, body: String| {
+            self.events.record(&pod, reason, &body);
+            Reply::new(StatusCode::FORBIDDEN, body)
+        };
         let raw_role = match &pod.role {
             Annotation::Value(v) => v.clone(),
             Annotation::Oversize(len) => {
-                return Err(forbidden(format!(
-                    "kube2iam-ebpf: pod {who}: annotation {} is {len} bytes; no valid role ARN \
-                     is that long",
-                    config.role_key
-                )));
+                return Err(forbidden(
+                    Reason::InvalidRoleAnnotation,
+                    format!(
+                        "kube2iam-ebpf: pod {who}: annotation {} is {len} bytes; no valid role \
+                         ARN is that long",
+                        config.role_key
+                    ),
+                ));
             }
             Annotation::Absent => match &config.default_role {
                 Some(default) => default.clone(),
@@ -173,28 +175,41 @@ impl State {
             },
         };
         let role = policy::resolve_role(&raw_role, config.base_arn.as_ref()).map_err(|e| {
-            forbidden(format!(
-                "kube2iam-ebpf: pod {who}: annotation {}: {e}",
-                config.role_key
-            ))
+            forbidden(
+                Reason::InvalidRoleAnnotation,
+                format!(
+                    "kube2iam-ebpf: pod {who}: annotation {}: {e}",
+                    config.role_key
+                ),
+            )
         })?;
         let external_id = match &pod.external_id {
             Annotation::Absent => None,
             Annotation::Oversize(len) => {
-                return Err(forbidden(format!(
-                    "kube2iam-ebpf: pod {who}: external-ID annotation is {len} bytes; STS allows \
-                     at most {}",
-                    policy::MAX_EXTERNAL_ID
-                )));
+                return Err(forbidden(
+                    Reason::InvalidExternalIdAnnotation,
+                    format!(
+                        "kube2iam-ebpf: pod {who}: external-ID annotation is {len} bytes; STS \
+                         allows at most {}",
+                        policy::MAX_EXTERNAL_ID
+                    ),
+                ));
             }
             Annotation::Value(v) => Some(
                 policy::validate_external_id(v)
-                    .map_err(|e| forbidden(format!("kube2iam-ebpf: pod {who}: {e}")))?
+                    .map_err(|e| {
+                        forbidden(
+                            Reason::InvalidExternalIdAnnotation,
+                            format!("kube2iam-ebpf: pod {who}: {e}"),
+                        )
+                    })?
                     .to_owned(),
             ),
         };
         if config.namespace_restrictions {
-            self.check_namespace(&pod, &role).await.map_err(forbidden)?;
+            self.check_namespace(&pod, &role)
+                .await
+                .map_err(|body| Reply::new(StatusCode::FORBIDDEN, body))?;
         }
         Ok(Decision {
             pod,
@@ -217,21 +232,25 @@ impl State {
             ));
         }
         let who = pod.display_name();
+        let denied = |body: String| {
+            self.events.record(pod, Reason::RoleNotAllowed, &body);
+            Err(body)
+        };
         match self.namespaces.get(&pod.namespace) {
-            None => Err(format!(
+            None => denied(format!(
                 "kube2iam-ebpf: pod {who}: namespace {} is unknown to the agent",
                 pod.namespace
             )),
-            Some(None) => Err(format!(
+            Some(None) => denied(format!(
                 "kube2iam-ebpf: pod {who} has role {role}, but namespace {} has no {key} \
                  annotation, so it allows no role",
                 pod.namespace
             )),
-            Some(Some(Err(e))) => Err(format!("kube2iam-ebpf: pod {who}: {e}")),
+            Some(Some(Err(e))) => denied(format!("kube2iam-ebpf: pod {who}: {e}")),
             Some(Some(Ok(allowed))) if allowed.allows(role, self.config.base_arn.as_ref()) => {
                 Ok(())
             }
-            Some(Some(Ok(allowed))) => Err(format!(
+            Some(Some(Ok(allowed))) => denied(format!(
                 "kube2iam-ebpf: pod {who} has role {role}, but namespace {} allows only {:?} \
                  (annotation {key})",
                 pod.namespace,
@@ -348,10 +367,10 @@ impl State {
                 StsError::Throttled { .. } => StatusCode::SERVICE_UNAVAILABLE,
                 StsError::Unavailable { .. } => StatusCode::BAD_GATEWAY,
             };
-            Reply::new(
-                status,
-                format!("kube2iam-ebpf: pod {}: {e}", decision.pod.display_name()),
-            )
+            let body = format!("kube2iam-ebpf: pod {}: {e}", decision.pod.display_name());
+            self.events
+                .record(&decision.pod, Reason::AssumeRoleFailed, &body);
+            Reply::new(status, body)
         })?;
         let document = CredentialDocument {
             code: "Success",
@@ -433,13 +452,13 @@ impl State {
                         if same {
                             self.credentials(&decision).await
                         } else {
-                            Err(Reply::new(
-                                StatusCode::NOT_FOUND,
-                                format!(
-                                    "kube2iam-ebpf: pod {} has role {listed}, not {name}",
-                                    decision.pod.display_name()
-                                ),
-                            ))
+                            let body = format!(
+                                "kube2iam-ebpf: pod {} has role {listed}, not {name}",
+                                decision.pod.display_name()
+                            );
+                            self.events
+                                .record(&decision.pod, Reason::UnknownRole, &body);
+                            Err(Reply::new(StatusCode::NOT_FOUND, body))
                         }
                     }
                     Err(r) => Err(r),
@@ -502,16 +521,6 @@ impl State {
             }
         }
     }
-
-    fn count(&self, route: &'static str, status: StatusCode) {
-        *self
-            .stats
-            .requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry((route, status.as_u16()))
-            .or_default() += 1;
-    }
 }
 
 /// Serves pods on `listener` until `shutdown` fires, then drains in-flight requests (bounded).
@@ -535,10 +544,7 @@ pub async fn serve(
             _ = shutdown.changed() => break,
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            state
-                .stats
-                .rejected_connections
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            state.stats.rejected_connection();
             tokio::spawn(async move {
                 let _ = stream
                     .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
@@ -556,8 +562,10 @@ pub async fn serve(
                 let method = request.method().clone();
                 let uri_path = request.uri().path().to_owned();
                 let (route, response, role) = state.handle(request, peer_ip).await;
-                state.count(route, response.status());
                 let status = response.status();
+                state
+                    .stats
+                    .observe(route, status.as_u16(), started.elapsed());
                 let pod = state
                     .registry
                     .lookup(peer_ip)
