@@ -37,6 +37,9 @@ pub struct Cli {
 pub enum Command {
     /// Detach the programs and remove every pinned object.
     Uninstall(UninstallArgs),
+    /// Print the pinned state: hooks, config, the pod identity map and the counters (works
+    /// while the agent runs and after it has stopped).
+    Inspect(InspectArgs),
     /// Check whether the agent can run here: kernel features, privileges, cgroup2, bpffs,
     /// pinned state and other programs on the target cgroup. Exits 1 when it cannot.
     Doctor(DoctorArgs),
@@ -247,6 +250,22 @@ pub struct UninstallArgs {
     /// The pin directory to remove.
     #[arg(long, env = "BPF_PIN_PATH", default_value = "/sys/fs/bpf/kube2iam")]
     pub bpf_pin_path: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The pin directory to read.
+    #[arg(long, env = "BPF_PIN_PATH", default_value = "/sys/fs/bpf/kube2iam")]
+    pub bpf_pin_path: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = InspectFormat::Table)]
+    pub output: InspectFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum InspectFormat {
+    Table,
+    Json,
 }
 
 #[derive(Debug, Args)]

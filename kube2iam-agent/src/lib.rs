@@ -3,7 +3,7 @@
 //! `cli` → `bpf` (load, attach, pin, typed map access) → `kube` (watch → `identity` map) →
 //! `policy` (pure rules) → `credentials` (STS, cache) → `imds` (the server pods reach) →
 //! `admin` (health, readiness) with `metrics` and `events` (Kubernetes Events on refused pods);
-//! `agent` wires them together.
+//! `inspect` reads the pins; `agent` wires them together.
 
 pub mod admin;
 pub mod agent;
@@ -14,6 +14,7 @@ pub mod doctor;
 pub mod events;
 pub mod identity;
 pub mod imds;
+pub mod inspect;
 pub mod kube;
 pub mod metrics;
 pub mod policy;

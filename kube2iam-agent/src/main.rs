@@ -4,8 +4,8 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use kube2iam_agent::{
     agent, bpf,
-    cli::{Cli, Command, DoctorArgs, RunArgs, UninstallArgs},
-    telemetry,
+    cli::{Cli, Command, DoctorArgs, InspectArgs, InspectFormat, RunArgs, UninstallArgs},
+    inspect, telemetry,
 };
 
 fn main() -> ExitCode {
@@ -29,6 +29,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         None => run(&cli.run, cli.log.debug_enabled()),
         Some(Command::Uninstall(args)) => uninstall(&args),
+        Some(Command::Inspect(args)) => run_inspect(&args),
         Some(Command::InternalNetnsProbe | Command::Doctor(_)) => Ok(()),
     };
     match result {
@@ -61,6 +62,18 @@ fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
     }
     for line in removed {
         println!("{line}");
+    }
+    Ok(())
+}
+
+fn run_inspect(args: &InspectArgs) -> anyhow::Result<()> {
+    let report = inspect::read(&args.bpf_pin_path)?;
+    match args.output {
+        InspectFormat::Table => print!("{}", inspect::render(&report)),
+        InspectFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&report).context("encode the report as JSON")?
+        ),
     }
     Ok(())
 }
