@@ -30,6 +30,7 @@ pub mod maps;
 pub mod moto;
 pub mod node;
 pub mod ns_runtime;
+pub mod observe;
 pub mod packets;
 pub mod probe;
 pub mod process;

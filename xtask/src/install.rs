@@ -21,6 +21,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("kmod", "modprobe for veth and other modules the tests need"),
     ("python3-venv", "the venv the Python test tools go into"),
     (
+        "prometheus",
+        "promtool, which checks the agent's /metrics in the tests",
+    ),
+    (
         "unzip",
         "unpacks the helm and kubectl binaries `cargo xtask deploy` runs",
     ),
