@@ -349,7 +349,12 @@ pub fn privileges_check(kernel: KernelVersion, caps: u64) -> Check {
     } else {
         held.join(", ")
     };
-    let fine_grained = kernel >= KernelVersion(5, 8, 0) && has(cap::BPF) && has(cap::NET_ADMIN);
+    // Measured in the kernel-matrix VMs: the verifier wants CAP_PERFMON beside CAP_BPF for
+    // these programs, and attaching cgroup programs wants CAP_NET_ADMIN.
+    let fine_grained = kernel >= KernelVersion(5, 8, 0)
+        && has(cap::BPF)
+        && has(cap::NET_ADMIN)
+        && has(cap::PERFMON);
     if has(cap::SYS_ADMIN) || fine_grained {
         Check::ok(NAME, shown)
     } else {
@@ -357,7 +362,8 @@ pub fn privileges_check(kernel: KernelVersion, caps: u64) -> Check {
             NAME,
             shown,
             if kernel >= KernelVersion(5, 8, 0) {
-                "grant CAP_BPF and CAP_NET_ADMIN (or CAP_SYS_ADMIN) in the pod's securityContext"
+                "grant CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (or CAP_SYS_ADMIN) in the pod's \
+                 securityContext"
             } else {
                 "grant CAP_SYS_ADMIN: kernels before 5.8 have no CAP_BPF"
             },
@@ -515,7 +521,10 @@ pub fn run(options: &Options) -> Report {
         checks.push(hook_check(hook, false));
     }
     checks.push(netns_helper_check());
-    checks.push(netns_sockopt_check());
+    let (sockopt, has_sockopt) = netns_sockopt_check();
+    // Without SO_NETNS_COOKIE the agent probes the host cookie from a child cgroup.
+    let needs_child = !has_sockopt;
+    checks.push(sockopt);
 
     // Where the agent would attach.
     let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
@@ -532,8 +541,8 @@ pub fn run(options: &Options) -> Report {
     }
     let ours = pinned_prog_ids(&options.pin_dir);
     match &target {
-        Some(target) => checks.extend(cgroup_checks(target, target, &ours)),
-        None => checks.extend(unmounted_cgroup2_checks(&ours)),
+        Some(target) => checks.extend(cgroup_checks(target, target, &ours, needs_child)),
+        None => checks.extend(unmounted_cgroup2_checks(&ours, needs_child)),
     }
 
     let (bpffs_check, load_dir) = bpffs_check(&options.pin_dir);
@@ -648,24 +657,35 @@ fn netns_helper_check() -> Check {
     }
 }
 
-fn netns_sockopt_check() -> Check {
+/// The SO_NETNS_COOKIE row, and whether the sockopt works.
+fn netns_sockopt_check() -> (Check, bool) {
     const NAME: &str = "SO_NETNS_COOKIE";
     let socket = match std::net::UdpSocket::bind("127.0.0.1:0") {
         Ok(s) => s,
         Err(e) => {
-            return Check::warn(NAME, format!("cannot open a socket to try it: {e}"), "");
+            return (
+                Check::warn(NAME, format!("cannot open a socket to try it: {e}"), ""),
+                false,
+            );
         }
     };
     match sys::netns_cookie(&socket) {
-        Ok(cookie) => Check::ok(NAME, format!("host netns cookie {cookie}")),
-        Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => Check::ok(
-            NAME,
-            "not in this kernel (5.14); the agent learns the host cookie with its probe program",
+        Ok(cookie) => (Check::ok(NAME, format!("host netns cookie {cookie}")), true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => (
+            Check::ok(
+                NAME,
+                "not in this kernel (5.14); the agent learns the host cookie with its probe \
+                 program on a child cgroup",
+            ),
+            false,
         ),
-        Err(e) => Check::warn(
-            NAME,
-            format!("getsockopt failed: {e}"),
-            "the agent falls back to its probe program (--host-netns-cookie-source auto)",
+        Err(e) => (
+            Check::warn(
+                NAME,
+                format!("getsockopt failed: {e}"),
+                "the agent falls back to its probe program (--host-netns-cookie-source auto)",
+            ),
+            false,
         ),
     }
 }
@@ -690,7 +710,7 @@ const LINK_NAMES: [&str; 4] = [
 
 /// The target cgroup, a bpf_link on a temporary child of it, and who else is attached there.
 /// `shown` is the path named in the report (the private mount's path is meaningless).
-fn cgroup_checks(target: &Path, shown: &Path, ours: &[u32]) -> Vec<Check> {
+fn cgroup_checks(target: &Path, shown: &Path, ours: &[u32], needs_child: bool) -> Vec<Check> {
     let mut checks = Vec::new();
     const NAME: &str = "target cgroup";
     if let Err(e) = host::check_cgroup2_dir(target) {
@@ -706,7 +726,7 @@ fn cgroup_checks(target: &Path, shown: &Path, ours: &[u32]) -> Vec<Check> {
         NAME,
         format!("{} (cgroup id {id})", shown.display()),
     ));
-    checks.push(link_check(target));
+    checks.extend(link_checks(target, needs_child));
     match fs::File::open(target) {
         Ok(cgroup) => {
             for hook in [Hook::Connect4, Hook::Connect6] {
@@ -735,7 +755,7 @@ fn cgroup_checks(target: &Path, shown: &Path, ours: &[u32]) -> Vec<Check> {
 
 /// With no cgroup2 mounted: whether one can be mounted (as the agent will, at
 /// /run/kube2iam/cgroup2), probed on a private mount in a child process.
-fn unmounted_cgroup2_checks(ours: &[u32]) -> Vec<Check> {
+fn unmounted_cgroup2_checks(ours: &[u32], needs_child: bool) -> Vec<Check> {
     let shown = PathBuf::from(OWN_CGROUP2_MOUNT);
     let result = in_private_mount_ns(|| {
         let at = std::env::temp_dir();
@@ -747,7 +767,7 @@ fn unmounted_cgroup2_checks(ours: &[u32]) -> Vec<Check> {
                  private mount)"
             ),
         )];
-        checks.extend(cgroup_checks(&at, &shown, ours));
+        checks.extend(cgroup_checks(&at, &shown, ours, needs_child));
         Ok(checks)
     });
     match result {
@@ -766,37 +786,52 @@ struct TempCgroup(PathBuf);
 
 impl Drop for TempCgroup {
     fn drop(&mut self) {
-        let _ = fs::remove_dir(&self.0);
+        // A process that just left may keep the cgroup busy for a moment.
+        for _ in 0..50 {
+            match fs::remove_dir(&self.0) {
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                _ => return,
+            }
+        }
     }
 }
 
-fn link_check(target: &Path) -> Check {
+/// A bpf_link on an empty, temporary child of the target, and whether a program there runs for
+/// a process in that child. The agent needs such a child itself (its netns probe) only where
+/// the kernel lacks SO_NETNS_COOKIE: `needs_child`.
+fn link_checks(target: &Path, needs_child: bool) -> Vec<Check> {
     const NAME: &str = "cgroup bpf_link";
+    const MATCHING: &str = "socket matching";
     let dir = target.join(format!("kube2iam-doctor-{}", std::process::id()));
     if let Err(e) = fs::create_dir(&dir) {
-        return Check::fail(
-            NAME,
-            format!("cannot create the probe cgroup {}: {e}", dir.display()),
-            "the agent creates a child cgroup there too (netns probe on kernels before 5.14); \
-             check write access to the cgroup",
-        );
+        let why = format!("cannot create a child cgroup {}: {e}", dir.display());
+        if needs_child {
+            return vec![Check::fail(
+                NAME,
+                why,
+                "without SO_NETNS_COOKIE (Linux < 5.14) the agent creates a child cgroup for its                  netns probe: grant CAP_DAC_OVERRIDE (the cgroup2 root is mode 0555)",
+            )];
+        }
+        return vec![link_support_check(NAME, &why)];
     }
     let guard = TempCgroup(dir);
     let prog = match raw::load_sock_addr(&raw::allow_all(), Hook::Connect4, "k2i_doctor") {
         Ok(prog) => prog,
         Err(e) => {
-            return Check::fail(
+            return vec![Check::fail(
                 NAME,
                 format!("no program to link: {e}"),
                 load_failure(&e.error),
-            );
+            )];
         }
     };
     let result = fs::File::open(&guard.0).and_then(|cgroup| {
         let link = raw::link_create(prog.as_fd(), cgroup.as_fd(), Hook::Connect4)?;
         sys::link_info(link.as_fd())
     });
-    match result {
+    let link = match result {
         Ok(info) if info.link_type == sys::BPF_LINK_TYPE_CGROUP => Check::ok(
             NAME,
             format!(
@@ -821,6 +856,137 @@ fn link_check(target: &Path) -> Check {
                 _ => "see the error",
             },
         ),
+    };
+    if link.status == Status::Fail {
+        return vec![link];
+    }
+    vec![link, matching_check(MATCHING, &guard.0, needs_child)]
+}
+
+/// Without a child cgroup to probe on: is BPF_LINK_CREATE at least known to the kernel? A bad
+/// target descriptor gets EBADF where it is, EINVAL where it is not.
+fn link_support_check(name: &str, why: &str) -> Check {
+    let prog = match raw::load_sock_addr(&raw::allow_all(), Hook::Connect4, "k2i_doctor") {
+        Ok(prog) => prog,
+        Err(e) => {
+            return Check::fail(
+                name,
+                format!("no program to link: {e}"),
+                load_failure(&e.error),
+            );
+        }
+    };
+    match raw::link_create_probe(prog.as_fd(), Hook::Connect4) {
+        Err(e) if e.raw_os_error() == Some(libc::EBADF) => Check::ok(
+            name,
+            format!("BPF_LINK_CREATE is known to the kernel ({why}; not needed on this kernel)"),
+        ),
+        Err(e) => Check::fail(
+            name,
+            format!("BPF_LINK_CREATE probe: {e} ({why})"),
+            "needs Linux 5.7 or newer (bpf_link for cgroups)",
+        ),
+        Ok(_) => Check::fail(
+            name,
+            "BPF_LINK_CREATE accepted a bad descriptor",
+            "report this kernel",
+        ),
+    }
+}
+
+/// Attaches a deny-all connect4 program to the empty child cgroup and makes a forked child
+/// there connect a UDP socket: refused means programs on cgroup2 descendants run. Kernels before
+/// 5.14 stop matching sockets to cgroup2 descendants once net_cls or net_prio (cgroup v1) is
+/// used; programs at the root still run then, but the agent's netns probe does not.
+fn matching_check(name: &str, cgroup: &Path, needs_child: bool) -> Check {
+    let prog = match raw::load_sock_addr(&raw::deny_all(), Hook::Connect4, "k2i_doctor") {
+        Ok(prog) => prog,
+        Err(e) => return Check::fail(name, format!("cannot load: {e}"), load_failure(&e.error)),
+    };
+    let link = fs::File::open(cgroup)
+        .and_then(|dir| raw::link_create(prog.as_fd(), dir.as_fd(), Hook::Connect4));
+    let _link = match link {
+        Ok(link) => link,
+        Err(e) => return Check::warn(name, format!("cannot attach the probe: {e}"), ""),
+    };
+    match connect_from(cgroup) {
+        Ok(true) => Check::ok(name, "programs on a cgroup2 child run for its processes"),
+        Ok(false) if needs_child => Check::fail(
+            name,
+            "a program on a cgroup2 child does not run for its processes: the kernel stopped \
+             matching sockets to cgroup2 (net_cls or net_prio of cgroup v1 in use)",
+            "without SO_NETNS_COOKIE (Linux < 5.14) the agent learns the host netns cookie with a \
+             program on a child cgroup, which cannot work here; use a 5.14+ kernel or stop using \
+             net_cls/net_prio",
+        ),
+        Ok(false) => Check::warn(
+            name,
+            "a program on a cgroup2 child does not run for its processes (net_cls/net_prio in \
+             use); the root attachment still applies",
+            "attach at the cgroup2 root (the default)",
+        ),
+        Err(e) => Check::warn(name, format!("could not probe: {e}"), ""),
+    }
+}
+
+/// Forks a child that joins `cgroup` and connects a UDP socket to 127.0.0.1:9; `Ok(true)` when
+/// the connect was refused with EPERM (the program ran).
+fn connect_from(cgroup: &Path) -> Result<bool, String> {
+    if !single_threaded() {
+        return Err("the doctor forks only single-threaded".into());
+    }
+    let procs = fs::OpenOptions::new()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"))
+        .map_err(|e| format!("open cgroup.procs: {e}"))?;
+    let procs_fd = std::os::fd::AsRawFd::as_raw_fd(&procs);
+    // SAFETY: the process is single-threaded (checked above); the child makes plain syscalls.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        // SAFETY: plain syscalls on valid arguments, then _exit.
+        unsafe {
+            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
+                libc::_exit(3);
+            }
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+            if fd < 0 {
+                libc::_exit(3);
+            }
+            let addr = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: 9u16.to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+                },
+                sin_zero: [0; 8],
+            };
+            let rc = libc::connect(
+                fd,
+                (&addr as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            );
+            let errno = *libc::__errno_location();
+            libc::_exit(match (rc, errno) {
+                (0, _) => 1,
+                (_, libc::EPERM) => 0,
+                _ => 2,
+            });
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    drop(procs);
+    match libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)) {
+        Some(0) => Ok(true),
+        Some(1) => Ok(false),
+        Some(3) => Err("the child could not join the cgroup or open a socket".into()),
+        _ => Err(format!(
+            "the child's connect failed otherwise (status {status:#x})"
+        )),
     }
 }
 
@@ -1059,6 +1225,18 @@ fn pinned_state_check(pin_dir: &Path, target: Option<&Path>, tags: &[(String, St
             }
         };
         links.push(format!("{name} (link {})", info.id));
+        if let Err(e) = sys::prog_fd_by_id(info.prog_id) {
+            return Check::fail(
+                NAME,
+                format!(
+                    "{name} is pinned, and a starting agent adopts it by opening its program \
+                     {} by id, which fails here: {e}",
+                    info.prog_id
+                ),
+                "grant CAP_SYS_ADMIN (BPF_PROG_GET_FD_BY_ID needs it), or run `kube2iam-agent \
+                 uninstall` with CAP_BPF and CAP_NET_ADMIN first",
+            );
+        }
         if target_id.is_some_and(|id| id != info.cgroup_id) {
             elsewhere.push(format!("{name} on cgroup id {}", info.cgroup_id));
         }
@@ -1259,9 +1437,12 @@ mod tests {
     fn privileges_row() {
         let k = KernelVersion(6, 1, 0);
         assert_eq!(
-            privileges_check(k, caps(&[cap::BPF, cap::NET_ADMIN])).status,
+            privileges_check(k, caps(&[cap::BPF, cap::NET_ADMIN, cap::PERFMON])).status,
             Status::Ok
         );
+        let no_perfmon = privileges_check(k, caps(&[cap::BPF, cap::NET_ADMIN]));
+        assert_eq!(no_perfmon.status, Status::Fail);
+        assert!(no_perfmon.fix.contains("CAP_PERFMON"), "{no_perfmon:?}");
         assert_eq!(
             privileges_check(k, caps(&[cap::SYS_ADMIN])).status,
             Status::Ok

@@ -128,6 +128,7 @@ fn doctor_on_a_fresh_node_finds_every_feature_and_leaves_nothing_behind() {
         "cgroup2",
         "target cgroup",
         "cgroup bpf_link",
+        "socket matching",
         "others at connect4",
         "others at connect6",
         "bpffs",

@@ -75,6 +75,11 @@ pub fn allow_all() -> Vec<Insn> {
     vec![insn(MOV64_IMM, 0, 0, 1), insn(EXIT, 0, 0, 0)]
 }
 
+/// `r0 = 0; exit`: refuses the syscall (EPERM); shows whether a program runs for a process.
+pub fn deny_all() -> Vec<Insn> {
+    vec![insn(MOV64_IMM, 0, 0, 0), insn(EXIT, 0, 0, 0)]
+}
+
 /// Calls `bpf_get_netns_cookie(ctx)` and allows: the verifier accepts it only where the helper
 /// exists for sock_addr programs (Linux 5.7).
 pub fn netns_cookie_call() -> Vec<Insn> {
@@ -181,6 +186,16 @@ pub fn link_create(
     // { prog_fd @0, target_fd @4, attach_type @8, flags @12 }
     put_u32(&mut attr, 0, prog.as_raw_fd() as u32);
     put_u32(&mut attr, 4, cgroup.as_raw_fd() as u32);
+    put_u32(&mut attr, 8, hook as u32);
+    sys_bpf_fd(BPF_LINK_CREATE, &mut attr)
+}
+
+/// BPF_LINK_CREATE with target fd -1: EBADF where the kernel knows the command, EINVAL where it
+/// does not. Attaches nothing.
+pub fn link_create_probe(prog: BorrowedFd<'_>, hook: Hook) -> io::Result<OwnedFd> {
+    let mut attr = [0u8; 64];
+    put_u32(&mut attr, 0, prog.as_raw_fd() as u32);
+    put_u32(&mut attr, 4, u32::MAX);
     put_u32(&mut attr, 8, hook as u32);
     sys_bpf_fd(BPF_LINK_CREATE, &mut attr)
 }
