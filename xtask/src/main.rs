@@ -11,6 +11,10 @@ mod deploy;
 mod install;
 mod leftovers;
 mod test;
+mod vm;
+mod vm_initramfs;
+mod vm_kernels;
+mod vm_qemu;
 
 use clap::{Parser, Subcommand};
 
@@ -33,6 +37,9 @@ enum Command {
     /// Lint, render and validate the Helm chart, the plain manifests and the Dockerfile
     /// (`--write` regenerates deploy/manifests/ from the chart).
     Deploy(deploy::Args),
+    /// Boot Debian's 5.10, 6.1 and 6.12 kernels under qemu and run the agent's kernel tests,
+    /// the doctor and the capability checks in each (root not needed; KVM if it works).
+    VmTest(vm::Args),
     /// Remove network namespaces, cgroups, links and mounts left behind by integration tests.
     CleanTestEnv,
     /// Run the agent on this machine with emulated EC2 metadata, STS (moto) and Kubernetes API,
@@ -47,6 +54,7 @@ fn main() -> anyhow::Result<()> {
         Command::BuildEbpf => build_ebpf::run(),
         Command::Install => install::run(),
         Command::Test(args) => test::run(&args),
+        Command::VmTest(args) => vm::run(&args),
         Command::CleanTestEnv => clean_test_env::run(),
         Command::Deploy(args) => deploy::run(&args),
         Command::Demo => demo::run("demo"),
