@@ -21,6 +21,11 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("kmod", "modprobe for veth and other modules the tests need"),
     ("python3-venv", "the venv the Python test tools go into"),
     (
+        "qemu-system-x86",
+        "boots the kernel matrix of `cargo xtask vm-test`",
+    ),
+    ("xz-utils", "decompresses kernel modules for the VM tests"),
+    (
         "prometheus",
         "promtool, which checks the agent's /metrics in the tests",
     ),
@@ -64,7 +69,8 @@ pub fn run() -> Result<()> {
     bpf_linker()?;
     python_packages()?;
     debian_kubectl()?;
-    deploy::install_tools()
+    deploy::install_tools()?;
+    crate::vm_kernels::ensure_all()
 }
 
 fn apt_packages() -> Result<()> {

@@ -1,7 +1,8 @@
 //! `cargo xtask test`: what CI runs (`.ci/run`) and what a developer runs before pushing.
 //! Install, lint, build the eBPF object, run unit and integration tests, then fail if the tests
-//! left anything on the machine. Needs root: the integration tests load BPF programs and create
-//! network namespaces and cgroups.
+//! left anything on the machine. Last, the kernel matrix (`vm-test`) boots Debian's 5.10, 6.1 and
+//! 6.12 kernels under qemu and runs the kernel tests there. Needs root: the integration tests
+//! load BPF programs and create network namespaces and cgroups.
 
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,9 @@ pub struct Args {
     /// Skip `cargo fmt --check` and both clippy runs.
     #[arg(long)]
     no_lint: bool,
+    /// Skip the kernel matrix (`cargo xtask vm-test`) that runs after the host tests.
+    #[arg(long)]
+    no_vm: bool,
     /// Passed to the test binaries after `--`, e.g. a test name filter.
     #[arg(last = true)]
     test_args: Vec<String>,
@@ -94,8 +98,15 @@ fn run_steps(args: &Args, steps: &mut Steps) -> Result<()> {
         }
         Ok(())
     });
+    // The kernel matrix runs even when a host test failed: its result is independent.
+    let vm = if args.no_vm {
+        Ok(())
+    } else {
+        steps.run("vm-test", || crate::vm::run(&crate::vm::Args::default()))
+    };
     tests?;
-    leftovers
+    leftovers?;
+    vm
 }
 
 /// The eBPF crate is linted with nightly for its own target. It gets its own target directory:
