@@ -19,6 +19,7 @@ use std::{
 };
 
 pub mod agent;
+pub mod bench;
 pub mod bpf;
 pub mod clients;
 pub mod e2e;

@@ -1,0 +1,627 @@
+//! `k2i-bench-client`: what runs inside a pod (or on the node) during `cargo xtask bench`.
+//!
+//! Every mode is bounded by a count or a deadline and ends by itself. Results go to stdout as
+//! lines of space-separated words that [`super::parse`] reads back; times are CLOCK_MONOTONIC
+//! nanoseconds, which every process on the machine shares, so the runner can line them up with
+//! what it did (adding a pod, killing the agent).
+//!
+//! - `connect --addr IP:PORT --count N [--bind IP]`: N connects (after a short warm-up), the
+//!   time each `connect()` call takes; the socket is then reset (SO_LINGER 0) so no TIME_WAIT
+//!   piles up. Prints `samples <ns> …`.
+//! - `get --addr IP:PORT --path P --threads T --millis D [--bind IP,…]`: T threads each doing
+//!   GET requests on a new TCP connection per request (`Connection: close`, as SDKs do) until
+//!   the deadline; latency = socket + connect + request + whole response. Prints `summary …`
+//!   and `samples <ns> …`.
+//! - `herd --addr IP:PORT --path P --conns N --bind IP,…`: opens N connections first, then sends
+//!   the N requests at once and waits for every answer. Prints `herd …` and `samples <ns> …`
+//!   (completion times from the first send).
+//! - `plan --addr IP:PORT --item IP@AT_NS …`: for each item, at monotonic time AT_NS (0: now),
+//!   GET the credential listing and then the credentials it names, as an SDK does. Prints one
+//!   `first IP <lateness ns> <listing status> <credentials status> <listing ns> <credentials
+//!   ns>` line per item.
+//! - `steady --addr IP:PORT --bind IP,… --interval-ms I --millis D`: one thread per source
+//!   address; every I ms, the credential listing and then the credentials it names (a new
+//!   connection each), until the deadline. Prints one `ev IP <start ns> <end ns> <code>
+//!   <node-key>` line per request; code is the HTTP status or minus the errno of the failed
+//!   call, node-key 1 if the answer carried the node's access key.
+//! - `floor --listen IP:PORT --body-file F --seconds S`: the floor of the latency comparison, a
+//!   bare hyper server answering every request with the bytes of F (`text/plain`), on a
+//!   multi-threaded tokio runtime like the agent's. Prints `listening` and stops after S s.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    io::{self, Read, Write},
+    mem::size_of,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    os::fd::{FromRawFd, OwnedFd},
+    sync::Arc,
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use super::mono_ns;
+use crate::NODE_ACCESS_KEY_ID;
+
+/// Connects before the measured ones, so caches and the agent's accept path are warm.
+const CONNECT_WARMUP: usize = 50;
+/// Per-call socket timeout of the blocking clients.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs the mode named by the first argument. Errors are printed by the caller.
+pub fn main_with_args(args: &[String]) -> Result<(), String> {
+    let (mode, rest) = args
+        .split_first()
+        .ok_or("usage: k2i-bench-client connect|get|herd|plan|steady|floor [--flag value]…")?;
+    let flags = Flags::parse(rest)?;
+    match mode.as_str() {
+        "connect" => connect_mode(&flags),
+        "get" => get_mode(&flags),
+        "herd" => herd_mode(&flags),
+        "plan" => plan_mode(&flags),
+        "steady" => steady_mode(&flags),
+        "floor" => floor_mode(&flags),
+        other => Err(format!("unknown mode {other:?}")),
+    }
+}
+
+/// `--name value` pairs; a name may repeat.
+struct Flags(HashMap<String, Vec<String>>);
+
+impl Flags {
+    fn parse(args: &[String]) -> Result<Self, String> {
+        let mut map: HashMap<String, Vec<String>> = HashMap::new();
+        let mut it = args.iter();
+        while let Some(name) = it.next() {
+            let name = name
+                .strip_prefix("--")
+                .ok_or_else(|| format!("expected --flag, got {name:?}"))?;
+            let value = it.next().ok_or_else(|| format!("--{name} needs a value"))?;
+            map.entry(name.to_owned()).or_default().push(value.clone());
+        }
+        Ok(Self(map))
+    }
+
+    fn opt(&self, name: &str) -> Option<&str> {
+        self.0.get(name).and_then(|v| v.last()).map(String::as_str)
+    }
+
+    fn get(&self, name: &str) -> Result<&str, String> {
+        self.opt(name)
+            .ok_or_else(|| format!("--{name} is required"))
+    }
+
+    fn all(&self, name: &str) -> &[String] {
+        self.0.get(name).map_or(&[], Vec::as_slice)
+    }
+
+    fn parse_as<T: std::str::FromStr>(&self, name: &str) -> Result<T, String>
+    where
+        T::Err: std::fmt::Display,
+    {
+        let value = self.get(name)?;
+        value
+            .parse()
+            .map_err(|e| format!("--{name} {value:?}: {e}"))
+    }
+
+    fn addr(&self) -> Result<SocketAddrV4, String> {
+        self.parse_as("addr")
+    }
+
+    /// `--bind a,b,c`: source addresses (none: the kernel picks).
+    fn binds(&self) -> Result<Vec<Option<Ipv4Addr>>, String> {
+        match self.opt("bind") {
+            None => Ok(vec![None]),
+            Some(list) => list
+                .split(',')
+                .map(|ip| {
+                    ip.parse()
+                        .map(Some)
+                        .map_err(|e| format!("--bind {ip:?}: {e}"))
+                })
+                .collect(),
+        }
+    }
+}
+
+fn os_error(call: &str) -> String {
+    format!("{call}: {}", io::Error::last_os_error())
+}
+
+fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(addr.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+/// A fresh TCP socket, bound to `bind` (port 0) if given.
+fn tcp_socket(bind: Option<Ipv4Addr>) -> Result<OwnedFd, (i32, String)> {
+    // SAFETY: plain socket(2).
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err((errno(), os_error("socket")));
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    if let Some(ip) = bind {
+        let sa = sockaddr_in(SocketAddrV4::new(ip, 0));
+        // SAFETY: `sa` is a valid sockaddr_in of the given length.
+        let rc = unsafe {
+            libc::bind(
+                fd,
+                (&raw const sa).cast(),
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err((errno(), os_error(&format!("bind {ip}"))));
+        }
+    }
+    Ok(sock)
+}
+
+fn errno() -> i32 {
+    io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+fn raw_connect(fd: libc::c_int, addr: SocketAddrV4) -> libc::c_int {
+    let sa = sockaddr_in(addr);
+    // SAFETY: `sa` is a valid sockaddr_in of the given length.
+    unsafe {
+        libc::connect(
+            fd,
+            (&raw const sa).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    }
+}
+
+fn set_linger_zero(fd: libc::c_int) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `linger` is a valid struct linger of the given size.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+fn print_samples(samples: &[u64]) {
+    let mut line = String::with_capacity(samples.len() * 8 + 8);
+    line.push_str("samples");
+    for s in samples {
+        line.push(' ');
+        line.push_str(&s.to_string());
+    }
+    println!("{line}");
+}
+
+fn connect_mode(flags: &Flags) -> Result<(), String> {
+    let addr = flags.addr()?;
+    let count: usize = flags.parse_as("count")?;
+    let bind = flags.binds()?[0];
+    let mut samples = Vec::with_capacity(count);
+    for i in 0..count + CONNECT_WARMUP {
+        let sock = tcp_socket(bind).map_err(|(_, e)| e)?;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
+        let t0 = mono_ns();
+        let rc = raw_connect(fd, addr);
+        let t1 = mono_ns();
+        if rc != 0 {
+            return Err(os_error(&format!("connect {addr}")));
+        }
+        set_linger_zero(fd);
+        drop(sock);
+        if i >= CONNECT_WARMUP {
+            samples.push(t1 - t0);
+        }
+    }
+    print_samples(&samples);
+    Ok(())
+}
+
+/// The request every mode sends: HTTP/1.1 with `Connection: close` (one request per
+/// connection), Host as the SDKs send it.
+fn request_bytes(path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n")
+        .into_bytes()
+}
+
+/// The status code of a whole HTTP/1.x response.
+fn status_of(response: &[u8]) -> Option<u16> {
+    let line = response.split(|b| *b == b'\n').next()?;
+    let text = std::str::from_utf8(line).ok()?;
+    text.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The body of a whole HTTP/1.x response (after the blank line).
+fn body_of(response: &[u8]) -> &[u8] {
+    response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(&[][..], |i| &response[i + 4..])
+}
+
+/// One GET on a new connection; the whole response, or (-errno, description).
+fn blocking_get(
+    bind: Option<Ipv4Addr>,
+    addr: SocketAddrV4,
+    request: &[u8],
+) -> Result<Vec<u8>, (i32, String)> {
+    let sock = tcp_socket(bind)?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
+    if raw_connect(fd, addr) != 0 {
+        return Err((errno(), os_error(&format!("connect {addr}"))));
+    }
+    let mut stream = TcpStream::from(sock);
+    let io_err = |call: &str, e: io::Error| (e.raw_os_error().unwrap_or(0), format!("{call}: {e}"));
+    stream
+        .set_read_timeout(Some(IO_TIMEOUT))
+        .map_err(|e| io_err("SO_RCVTIMEO", e))?;
+    stream
+        .set_write_timeout(Some(IO_TIMEOUT))
+        .map_err(|e| io_err("SO_SNDTIMEO", e))?;
+    stream.write_all(request).map_err(|e| io_err("send", e))?;
+    let mut response = Vec::with_capacity(2048);
+    stream
+        .read_to_end(&mut response)
+        .map_err(|e| io_err("recv", e))?;
+    Ok(response)
+}
+
+fn get_mode(flags: &Flags) -> Result<(), String> {
+    let addr = flags.addr()?;
+    let path = flags.get("path")?.to_owned();
+    let threads: usize = flags.parse_as("threads")?;
+    let millis: u64 = flags.parse_as("millis")?;
+    let binds = flags.binds()?;
+    let request = Arc::new(request_bytes(&path));
+    let start = mono_ns();
+    let deadline = start + millis * 1_000_000;
+    let workers: Vec<_> = (0..threads)
+        .map(|t| {
+            let bind = binds[t % binds.len()];
+            let request = Arc::clone(&request);
+            std::thread::spawn(move || {
+                let mut samples = Vec::with_capacity(16 * 1024);
+                let mut errors = 0u64;
+                let mut first_error = None;
+                while mono_ns() < deadline {
+                    let t0 = mono_ns();
+                    let outcome = blocking_get(bind, addr, &request);
+                    let t1 = mono_ns();
+                    match outcome {
+                        Ok(response) if status_of(&response) == Some(200) => samples.push(t1 - t0),
+                        Ok(response) => {
+                            errors += 1;
+                            first_error.get_or_insert_with(|| {
+                                String::from_utf8_lossy(&response[..response.len().min(200)])
+                                    .into_owned()
+                            });
+                        }
+                        Err((_, e)) => {
+                            errors += 1;
+                            first_error.get_or_insert(e);
+                        }
+                    }
+                }
+                (samples, errors, first_error)
+            })
+        })
+        .collect();
+    let mut samples = Vec::new();
+    let mut errors = 0;
+    let mut first_error = None;
+    for worker in workers {
+        let (s, e, f) = worker
+            .join()
+            .map_err(|_| "a client thread panicked".to_owned())?;
+        samples.extend(s);
+        errors += e;
+        if first_error.is_none() {
+            first_error = f;
+        }
+    }
+    let elapsed = mono_ns() - start;
+    println!(
+        "summary requests={} errors={errors} elapsed_ns={elapsed}",
+        samples.len()
+    );
+    if let Some(e) = first_error {
+        println!("error {}", e.replace('\n', " "));
+    }
+    print_samples(&samples);
+    Ok(())
+}
+
+fn current_thread_runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a tokio runtime: {e}"))
+}
+
+async fn async_connect(
+    bind: Option<Ipv4Addr>,
+    addr: SocketAddrV4,
+) -> Result<tokio::net::TcpStream, String> {
+    let socket = tokio::net::TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
+    if let Some(ip) = bind {
+        socket
+            .bind(SocketAddr::V4(SocketAddrV4::new(ip, 0)))
+            .map_err(|e| format!("bind {ip}: {e}"))?;
+    }
+    socket
+        .connect(SocketAddr::V4(addr))
+        .await
+        .map_err(|e| format!("connect {addr} from {bind:?}: {e}"))
+}
+
+async fn async_exchange(
+    stream: &mut tokio::net::TcpStream,
+    request: &[u8],
+) -> Result<Vec<u8>, String> {
+    stream
+        .write_all(request)
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let mut response = Vec::with_capacity(2048);
+    stream
+        .read_to_end(&mut response)
+        .await
+        .map_err(|e| format!("recv: {e}"))?;
+    Ok(response)
+}
+
+/// The `AccessKeyId` of a credentials document, if the body is one.
+fn access_key(body: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    value["AccessKeyId"].as_str().map(str::to_owned)
+}
+
+fn herd_mode(flags: &Flags) -> Result<(), String> {
+    let addr = flags.addr()?;
+    let path = flags.get("path")?.to_owned();
+    let conns: usize = flags.parse_as("conns")?;
+    let binds = flags.binds()?;
+    let runtime = current_thread_runtime()?;
+    runtime.block_on(async move {
+        let mut streams = Vec::with_capacity(conns);
+        for i in 0..conns {
+            streams.push(async_connect(binds[i % binds.len()], addr).await?);
+        }
+        let request: Arc<[u8]> = request_bytes(&path).into();
+        let start = mono_ns();
+        let mut tasks = tokio::task::JoinSet::new();
+        for mut stream in streams {
+            let request = Arc::clone(&request);
+            tasks.spawn(async move {
+                let response = async_exchange(&mut stream, &request).await;
+                (mono_ns(), response)
+            });
+        }
+        let mut samples = Vec::with_capacity(conns);
+        let mut statuses: HashMap<u16, usize> = HashMap::new();
+        let mut keys: HashMap<String, usize> = HashMap::new();
+        let mut failures = 0usize;
+        let mut node_key = 0usize;
+        while let Some(joined) = tasks.join_next().await {
+            let (done, response) = joined.map_err(|e| format!("a herd task failed: {e}"))?;
+            samples.push(done - start);
+            match response {
+                Ok(response) => {
+                    *statuses
+                        .entry(status_of(&response).unwrap_or(0))
+                        .or_default() += 1;
+                    if let Some(key) = access_key(body_of(&response)) {
+                        node_key += usize::from(key == NODE_ACCESS_KEY_ID);
+                        *keys.entry(key).or_default() += 1;
+                    }
+                }
+                Err(_) => failures += 1,
+            }
+        }
+        let last = samples.iter().copied().max().unwrap_or(0);
+        let statuses: Vec<String> = statuses.iter().map(|(s, n)| format!("{s}:{n}")).collect();
+        println!(
+            "herd answered={} failures={failures} all_answered_ns={last} distinct_keys={} \
+             node_key={node_key} statuses={}",
+            samples.len(),
+            keys.len(),
+            statuses.join(",")
+        );
+        print_samples(&samples);
+        Ok(())
+    })
+}
+
+/// GET `path` on a new connection from `bind`: (status, body) or the error.
+async fn async_get(
+    bind: Option<Ipv4Addr>,
+    addr: SocketAddrV4,
+    path: &str,
+) -> Result<(u16, Vec<u8>), String> {
+    let mut stream = async_connect(bind, addr).await?;
+    let response = async_exchange(&mut stream, &request_bytes(path)).await?;
+    let status = status_of(&response).ok_or("no HTTP status line")?;
+    Ok((status, body_of(&response).to_vec()))
+}
+
+const CREDENTIALS_PATH: &str = "/latest/meta-data/iam/security-credentials/";
+
+fn plan_mode(flags: &Flags) -> Result<(), String> {
+    let addr = flags.addr()?;
+    let mut items = Vec::new();
+    for item in flags.all("item") {
+        let (ip, at) = item
+            .split_once('@')
+            .ok_or_else(|| format!("--item {item:?}: expected IP@AT_NS"))?;
+        let ip: Ipv4Addr = ip.parse().map_err(|e| format!("--item {item:?}: {e}"))?;
+        let at: u64 = at.parse().map_err(|e| format!("--item {item:?}: {e}"))?;
+        items.push((ip, at));
+    }
+    let runtime = current_thread_runtime()?;
+    runtime.block_on(async move {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (ip, at) in items {
+            tasks.spawn(async move {
+                let now = mono_ns();
+                if at > now {
+                    tokio::time::sleep(Duration::from_nanos(at - now)).await;
+                }
+                let t0 = mono_ns();
+                let lateness = if at == 0 { 0 } else { t0.saturating_sub(at) };
+                let listing = async_get(Some(ip), addr, CREDENTIALS_PATH).await;
+                let t1 = mono_ns();
+                let (list_status, credentials_status, t2) = match listing {
+                    Ok((200, body)) => {
+                        let role = String::from_utf8_lossy(&body).trim().to_owned();
+                        let path = format!("{CREDENTIALS_PATH}{role}");
+                        let status = match async_get(Some(ip), addr, &path).await {
+                            Ok((status, _)) => i64::from(status),
+                            Err(_) => -1,
+                        };
+                        (200, status, mono_ns())
+                    }
+                    Ok((status, _)) => (i64::from(status), 0, t1),
+                    Err(_) => (-1, 0, t1),
+                };
+                format!(
+                    "first {ip} {lateness} {list_status} {credentials_status} {} {}",
+                    t1 - t0,
+                    t2 - t1
+                )
+            });
+        }
+        while let Some(line) = tasks.join_next().await {
+            println!("{}", line.map_err(|e| format!("a plan task failed: {e}"))?);
+        }
+        Ok(())
+    })
+}
+
+fn steady_mode(flags: &Flags) -> Result<(), String> {
+    let addr = flags.addr()?;
+    let interval = Duration::from_millis(flags.parse_as("interval-ms")?);
+    let millis: u64 = flags.parse_as("millis")?;
+    let binds = flags.binds()?;
+    let listing = Arc::new(request_bytes(CREDENTIALS_PATH));
+    let deadline = mono_ns() + millis * 1_000_000;
+    let workers: Vec<_> = binds
+        .into_iter()
+        .map(|bind| {
+            let listing = Arc::clone(&listing);
+            std::thread::spawn(move || {
+                let mut lines = Vec::new();
+                let ip = bind.map_or_else(|| "-".to_owned(), |ip| ip.to_string());
+                let mut record = |t0: u64, outcome: &Result<Vec<u8>, (i32, String)>| {
+                    let (code, node_key) = match outcome {
+                        Ok(response) => (
+                            i64::from(status_of(response).unwrap_or(0)),
+                            access_key(body_of(response)).as_deref() == Some(NODE_ACCESS_KEY_ID),
+                        ),
+                        Err((errno, _)) => (-i64::from((*errno).max(1)), false),
+                    };
+                    lines.push(format!(
+                        "ev {ip} {t0} {} {code} {}",
+                        mono_ns(),
+                        u8::from(node_key)
+                    ));
+                };
+                let mut next = mono_ns();
+                while next < deadline {
+                    // As an SDK: the listing names the role, then its credentials.
+                    let t0 = mono_ns();
+                    let outcome = blocking_get(bind, addr, &listing);
+                    record(t0, &outcome);
+                    if let Ok(response) = &outcome
+                        && status_of(response) == Some(200)
+                    {
+                        let role = String::from_utf8_lossy(body_of(response)).trim().to_owned();
+                        let request = request_bytes(&format!("{CREDENTIALS_PATH}{role}"));
+                        let t1 = mono_ns();
+                        record(t1, &blocking_get(bind, addr, &request));
+                    }
+                    next += interval.as_nanos() as u64;
+                    let now = mono_ns();
+                    if next > now {
+                        std::thread::sleep(Duration::from_nanos(next - now));
+                    }
+                }
+                lines
+            })
+        })
+        .collect();
+    let mut out = io::stdout().lock();
+    for worker in workers {
+        let lines = worker
+            .join()
+            .map_err(|_| "a client thread panicked".to_owned())?;
+        for line in lines {
+            writeln!(out, "{line}").map_err(|e| format!("stdout: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn floor_mode(flags: &Flags) -> Result<(), String> {
+    let listen: SocketAddr = flags.parse_as("listen")?;
+    let body_file = flags.get("body-file")?;
+    let seconds: u64 = flags.parse_as("seconds")?;
+    let body =
+        Bytes::from(std::fs::read(body_file).map_err(|e| format!("cannot read {body_file}: {e}"))?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a tokio runtime: {e}"))?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("listen on {listen}: {e}"))?;
+        println!("listening {listen}");
+        let serve = async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let body = body.clone();
+                let service = service_fn(move |_request: Request<Incoming>| {
+                    let mut response = Response::new(Full::new(body.clone()));
+                    response.headers_mut().insert(
+                        hyper::header::CONTENT_TYPE,
+                        hyper::header::HeaderValue::from_static("text/plain"),
+                    );
+                    async move { Ok::<_, Infallible>(response) }
+                });
+                tokio::spawn(async move {
+                    let _ = http1::Builder::new()
+                        .keep_alive(true)
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        };
+        // Bounded: the server stops by itself even if nobody stops it.
+        let _ = tokio::time::timeout(Duration::from_secs(seconds), serve).await;
+        Ok(())
+    })
+}

@@ -1,0 +1,84 @@
+//! k2i-bench: runs the benchmarks of `cargo xtask bench` (see `kube2iam_tests::bench`), prints
+//! the report and writes it to `--out` (BENCHMARKS.md).
+//!
+//! `k2i-bench [--quick] [--only PART,…] [--out FILE] [--command TEXT] [--revision TEXT]`:
+//! `--quick` measures less (for trying the harness; not for numbers); `--only` runs some of
+//! connect, get, herd, prefetch, memory, restart; `--command` and `--revision` are what the
+//! report says produced it. Needs root, the release agent (`K2I_AGENT_BIN`), wrk, iptables and
+//! nft.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use kube2iam_tests::bench::{
+    report::load_average,
+    runner::{self, Options},
+};
+
+fn main() -> ExitCode {
+    let mut options = Options::full();
+    let mut out = PathBuf::from("BENCHMARKS.md");
+    let mut command = "k2i-bench".to_owned();
+    let mut revision = "unknown".to_owned();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| {
+            args.next().unwrap_or_else(|| {
+                eprintln!("k2i-bench: {name} needs a value");
+                std::process::exit(2)
+            })
+        };
+        match arg.as_str() {
+            "--quick" => {
+                let only = std::mem::take(&mut options.only);
+                options = Options {
+                    only,
+                    ..Options::quick()
+                };
+            }
+            "--only" => options
+                .only
+                .extend(value("--only").split(',').map(str::to_owned)),
+            "--out" => out = PathBuf::from(value("--out")),
+            "--command" => command = value("--command"),
+            "--revision" => revision = value("--revision"),
+            other => {
+                eprintln!(
+                    "k2i-bench: unknown argument {other:?}; usage: k2i-bench [--quick] [--only \
+                     PART,…] [--out FILE] [--command TEXT] [--revision TEXT]"
+                );
+                return ExitCode::from(2);
+            }
+        }
+    }
+    for tool in ["wrk", "iptables", "nft"] {
+        let found = std::env::var_os("PATH")
+            .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()));
+        if !found {
+            eprintln!("k2i-bench: {tool} is not installed (cargo xtask install installs it)");
+            return ExitCode::FAILURE;
+        }
+    }
+    let mut report = runner::run(&options);
+    report.command = command;
+    report.revision = revision;
+    report.load_after = load_average();
+    let text = report.markdown();
+    println!("{text}");
+    if let Err(e) = std::fs::write(&out, &text) {
+        eprintln!("k2i-bench: cannot write {}: {e}", out.display());
+        return ExitCode::FAILURE;
+    }
+    eprintln!("k2i-bench: wrote {}", out.display());
+    let missed = report
+        .targets()
+        .iter()
+        .filter(|t| t.met == Some(false))
+        .count();
+    if missed > 0 {
+        eprintln!(
+            "k2i-bench: {missed} target(s) missed; see {}",
+            out.display()
+        );
+    }
+    ExitCode::SUCCESS
+}
