@@ -20,6 +20,12 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("procps", "ps/pgrep/sysctl"),
     ("kmod", "modprobe for veth and other modules the tests need"),
     ("python3-venv", "the venv the Python test tools go into"),
+    ("wrk", "the HTTP load generator of `cargo xtask bench`"),
+    (
+        "iptables",
+        "kube2iam's DNAT rule, the baseline `cargo xtask bench` compares with",
+    ),
+    ("nftables", "nft: `cargo xtask bench` deletes the nat table between variants"),
     (
         "qemu-system-x86",
         "boots the kernel matrix of `cargo xtask vm-test`",

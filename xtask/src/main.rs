@@ -3,6 +3,7 @@
 //! One module per command; `cmd` holds the process helpers they share and `leftovers` the
 //! inventory of what integration tests may leave on the machine.
 
+mod bench;
 mod build_ebpf;
 mod clean_test_env;
 mod cmd;
@@ -47,6 +48,9 @@ enum Command {
     Demo,
     /// Like demo, but keep the node, pods and agent up and take commands until stopped (root).
     Sandbox,
+    /// Run the benchmarks (eBPF redirect vs iptables DNAT, credential latency and throughput, STS
+    /// herd, memory, restart) in a test node and write BENCHMARKS.md (root).
+    Bench(bench::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,5 +63,6 @@ fn main() -> anyhow::Result<()> {
         Command::Deploy(args) => deploy::run(&args),
         Command::Demo => demo::run("demo"),
         Command::Sandbox => demo::run("sandbox"),
+        Command::Bench(args) => bench::run(&args),
     }
 }
