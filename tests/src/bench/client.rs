@@ -24,6 +24,9 @@
 //!   connection each), until the deadline. Prints one `ev IP <start ns> <end ns> <code>
 //!   <node-key>` line per request; code is the HTTP status or minus the errno of the failed
 //!   call, node-key 1 if the answer carried the node's access key.
+//! - `btf`: what parsing the kernel's BTF costs, as aya's `EbpfLoader::new()` does on every
+//!   program load: prints `btf bytes=<size of /sys/kernel/btf/vmlinux> parse_ns=… hwm_before_kib=…
+//!   hwm_after_kib=…`.
 //! - `floor --listen IP:PORT --body-file F --seconds S`: the floor of the latency comparison, a
 //!   bare hyper server answering every request with the bytes of F (`text/plain`), on a
 //!   multi-threaded tokio runtime like the agent's. Prints `listening` and stops after S s.
@@ -66,6 +69,7 @@ pub fn main_with_args(args: &[String]) -> Result<(), String> {
         "plan" => plan_mode(&flags),
         "steady" => steady_mode(&flags),
         "floor" => floor_mode(&flags),
+        "btf" => btf_mode(),
         other => Err(format!("unknown mode {other:?}")),
     }
 }
@@ -620,8 +624,34 @@ fn floor_mode(flags: &Flags) -> Result<(), String> {
                 });
             }
         };
-        // Bounded: the server stops by itself even if nobody stops it.
-        let _ = tokio::time::timeout(Duration::from_secs(seconds), serve).await;
+        // On a worker thread, as the agent's accept loop is (block_on's own thread would hand
+        // every connection over to a worker). Bounded: the server stops by itself even if
+        // nobody stops it.
+        let _ = tokio::time::timeout(Duration::from_secs(seconds), tokio::spawn(serve)).await;
         Ok(())
     })
+}
+
+fn vm_hwm_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn btf_mode() -> Result<(), String> {
+    const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+    let bytes = std::fs::metadata(VMLINUX)
+        .map_err(|e| format!("{VMLINUX}: {e}"))?
+        .len();
+    let before = vm_hwm_kib();
+    let t0 = mono_ns();
+    let btf = aya::Btf::from_sys_fs().map_err(|e| format!("parse {VMLINUX}: {e}"))?;
+    let parse = mono_ns() - t0;
+    let after = vm_hwm_kib();
+    drop(btf);
+    println!("btf bytes={bytes} parse_ns={parse} hwm_before_kib={before} hwm_after_kib={after}");
+    Ok(())
 }

@@ -16,8 +16,8 @@ use super::{
     },
     stats::Dist,
     topology::{
-        Dnat, add_addresses, agent_addr, fields, memory_kib, metadata, metric, register,
-        run_client, samples, spawn_client, wait_forgotten, wait_known,
+        Dnat, add_addresses, agent_addr, fields, memory_kib, metadata, metric, metric_with,
+        register, run_client, samples, spawn_client, wait_forgotten, wait_known,
     },
 };
 use crate::{HOST_IP4, Pod, TestNode, e2e::World, e2e::role_arn, kube_api};
@@ -70,7 +70,7 @@ impl Options {
         Self {
             connect_rounds: 10,
             connects_per_batch: 1000,
-            get_rounds: 3,
+            get_rounds: 5,
             latency_secs: 1,
             load_secs: 2,
             newconn_threads: 4,
@@ -189,14 +189,17 @@ pub fn run(options: &Options) -> Report {
     let p2 = node.add_pod("p2");
     let p3 = node.add_pod("p3");
     let p4 = node.add_pod("p4");
+    let p5 = node.add_pod("p5");
+    let p6 = node.add_pod("p6");
     register(&world, p0.ip4(), "bench", "bench", Some("bench-role"));
+    register(&world, p5.ip4(), "bench", "bench-dnat", Some("bench-role"));
     let herd_ips = add_addresses(&node, &p1, 1, (options.herds * 10) as u8);
     for (i, ip) in herd_ips.iter().enumerate() {
         let role = format!("herd-role-{}", i / 10);
         register(&world, *ip, "herd", &format!("herd-{i}"), Some(&role));
     }
     let mut known = herd_ips.clone();
-    known.push(p0.ip4());
+    known.extend([p0.ip4(), p5.ip4()]);
     wait_known(&world, &node, &known, Duration::from_secs(20));
 
     let want = |part: &str| options.only.is_empty() || options.only.iter().any(|p| p == part);
@@ -206,7 +209,14 @@ pub fn run(options: &Options) -> Report {
     }
     if want("get") {
         progress("2. credential GET end to end");
-        report.get = Some(get_bench(&node, &world, &p0, &client, tmp.path(), options));
+        report.get = Some(get_bench(
+            &node,
+            &world,
+            [&p6, &p0, &p5],
+            &client,
+            tmp.path(),
+            options,
+        ));
         report.memory_after_load = Some(memory_kib(world.agent.pid()));
     }
     if want("herd") {
@@ -391,7 +401,11 @@ done = function(summary, latency, requests)
 end
 "#;
 
-struct GetVariant {
+struct GetVariant<'p, 'n> {
+    /// Each variant runs from a pod of its own: they would otherwise share the agent's
+    /// TIME_WAIT 4-tuples while their TCP timestamps differ (the offset hashes the destination
+    /// address the client connects to, which DNAT hides), and PAWS would drop reused-port SYNs.
+    pod: &'p Pod<'n>,
     key: &'static str,
     label: &'static str,
     placement: Placement,
@@ -409,14 +423,13 @@ struct RunOutcome {
 }
 
 fn run_wrk(
-    pod: &Pod<'_>,
-    v: &GetVariant,
+    v: &GetVariant<'_, '_>,
     script: &Path,
     path: &str,
     connections: usize,
     secs: u64,
 ) -> RunOutcome {
-    let mut command = pod_command(pod, v.placement, "wrk");
+    let mut command = pod_command(v.pod, v.placement, "wrk");
     command.args([
         "-t1",
         &format!("-c{connections}"),
@@ -459,14 +472,13 @@ fn run_wrk(
 }
 
 fn run_newconn(
-    pod: &Pod<'_>,
-    v: &GetVariant,
+    v: &GetVariant<'_, '_>,
     client: &Path,
     path: &str,
     threads: usize,
     secs: u64,
 ) -> RunOutcome {
-    let mut command = pod_command(pod, v.placement, client);
+    let mut command = pod_command(v.pod, v.placement, client);
     command.args([
         "get",
         "--addr",
@@ -500,11 +512,12 @@ fn run_newconn(
 fn get_bench(
     node: &TestNode,
     world: &World,
-    pod: &Pod<'_>,
+    pods: [&Pod<'_>; 3],
     client: &Path,
     tmp: &Path,
     o: &Options,
 ) -> GetResult {
+    let [floor_pod, pod, dnat_pod] = pods;
     let path = creds_path("bench-role");
     // The floor serves exactly the bytes the agent answers this pod with.
     let (status, body) = crate::e2e::pod_get(pod, &path, &[]);
@@ -540,6 +553,7 @@ fn get_bench(
 
     let variants = [
         GetVariant {
+            pod: floor_pod,
             key: "floor",
             label: "floor: bare hyper server, same bytes, reached directly",
             placement: Placement::Outside,
@@ -547,6 +561,7 @@ fn get_bench(
             nat: false,
         },
         GetVariant {
+            pod,
             key: "b",
             label: "(b) agent via our connect4",
             placement: Placement::Cgroup,
@@ -554,6 +569,7 @@ fn get_bench(
             nat: false,
         },
         GetVariant {
+            pod: dnat_pod,
             key: "c",
             label: "(c) agent via kube2iam's DNAT rule",
             placement: Placement::Outside,
@@ -567,7 +583,7 @@ fn get_bench(
         GetMode::KeepAlive { load: false },
         GetMode::KeepAlive { load: true },
     ];
-    let mut dnat = Dnat::new(node, pod);
+    let mut dnat = Dnat::new(node, dnat_pod);
     let mut rows: Vec<GetRow> = Vec::new();
     for mode in modes {
         for v in &variants {
@@ -603,7 +619,7 @@ fn get_bench(
                         } else {
                             (1, o.latency_secs)
                         };
-                        run_newconn(pod, v, client, &path, threads, secs)
+                        run_newconn(v, client, &path, threads, secs)
                     }
                     GetMode::KeepAlive { load } => {
                         let (conns, secs) = if load {
@@ -611,7 +627,7 @@ fn get_bench(
                         } else {
                             (1, o.latency_secs)
                         };
-                        run_wrk(pod, v, &script, &path, conns, secs)
+                        run_wrk(v, &script, &path, conns, secs)
                     }
                 };
                 let row = &mut rows[m * variants.len() + i];
@@ -705,6 +721,19 @@ fn prefetch_bench(
     std::thread::sleep(Duration::from_millis(500));
     let hits0 = metric(world, node, "kube2iam_credential_cache_hits_total");
     let misses0 = metric(world, node, "kube2iam_credential_cache_misses_total");
+    let sts = |suffix: &str, labels: &[&str]| {
+        metric_with(
+            world,
+            node,
+            &format!("kube2iam_sts_call_duration_seconds_{suffix}"),
+            labels,
+        )
+    };
+    let sts0 = (
+        sts("count", &[]),
+        sts("sum", &[]),
+        sts("bucket", &["le=\"0.1\""]),
+    );
     let gap = o.prefetch_gap_ms * 1_000_000;
     let delay = o.prefetch_delay_ms * 1_000_000;
     let base = mono_ns() + 500_000_000;
@@ -735,6 +764,9 @@ fn prefetch_bench(
     let out = finish_client(&mut plan, "the plan client");
     let hits = metric(world, node, "kube2iam_credential_cache_hits_total") - hits0;
     let misses = metric(world, node, "kube2iam_credential_cache_misses_total") - misses0;
+    let sts_calls = sts("count", &[]) - sts0.0;
+    let sts_seconds = sts("sum", &[]) - sts0.1;
+    let sts_fast = sts("bucket", &["le=\"0.1\""]) - sts0.2;
     let mut latencies = Dist::default();
     let mut ok = 0;
     let mut ask_lateness = Vec::new();
@@ -767,6 +799,9 @@ fn prefetch_bench(
         max_add_lateness_ns: add_lateness.into_iter().max().unwrap_or(0),
         max_ask_lateness_ns: ask_lateness.into_iter().max().unwrap_or(0),
         moto_calls,
+        sts_calls: sts_calls as u64,
+        sts_mean_ns: (sts_calls > 0.0).then(|| (sts_seconds / sts_calls * 1e9) as u64),
+        sts_over_100ms: (sts_calls - sts_fast).max(0.0) as u64,
     }
 }
 
@@ -851,7 +886,25 @@ fn memory_bench(
             round,
         });
     }
-    (MemoryResult { rows }, ips3)
+    let btf = run_client(
+        Command::new(client).arg("btf"),
+        CLIENT_TIMEOUT,
+        "k2i-bench-client btf",
+    );
+    let f = fields(&btf, "btf");
+    let num = |k: &str| f.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let agent = crate::agent_binary();
+    (
+        MemoryResult {
+            rows,
+            btf_bytes: num("bytes"),
+            btf_parse_ns: num("parse_ns"),
+            btf_peak_kib: num("hwm_after_kib").saturating_sub(num("hwm_before_kib")),
+            agent_binary: agent.display().to_string(),
+            agent_binary_bytes: std::fs::metadata(&agent).map_or(0, |m| m.len()),
+        },
+        ips3,
+    )
 }
 
 // --- 5. restart ---------------------------------------------------------------------------------

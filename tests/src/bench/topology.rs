@@ -272,14 +272,21 @@ pub fn fields(stdout: &str, prefix: &str) -> std::collections::HashMap<String, S
         .unwrap_or_default()
 }
 
-/// A counter from the agent's /metrics (0 if absent).
+/// A counter from the agent's /metrics, summed over its labels (0 if absent).
 pub fn metric(world: &World, node: &TestNode, name: &str) -> f64 {
+    metric_with(world, node, name, &[])
+}
+
+/// The sum of the agent's /metrics samples named `name` whose labels contain every string in
+/// `labels` (e.g. `le="0.1"`).
+pub fn metric_with(world: &World, node: &TestNode, name: &str, labels: &[&str]) -> f64 {
     let (_, text) = world.admin_get(node, "/metrics");
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
             let (key, value) = l.rsplit_once(' ')?;
-            (key == name || key.starts_with(&format!("{name}{{"))).then_some(value)
+            let (metric, rest) = key.split_once('{').unwrap_or((key, ""));
+            (metric == name && labels.iter().all(|label| rest.contains(label))).then_some(value)
         })
         .filter_map(|v| v.parse::<f64>().ok())
         .sum()
