@@ -25,7 +25,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "iptables",
         "kube2iam's DNAT rule, the baseline `cargo xtask bench` compares with",
     ),
-    ("nftables", "nft: `cargo xtask bench` deletes the nat table between variants"),
+    (
+        "nftables",
+        "nft: `cargo xtask bench` deletes the nat table between variants",
+    ),
     (
         "qemu-system-x86",
         "boots the kernel matrix of `cargo xtask vm-test`",

@@ -216,14 +216,18 @@ impl Guard {
                     let new = program
                         .fd()
                         .map_err(|source| Error::Program { name, source })?;
-                    let old = sys::prog_fd_by_id(info.prog_id)
-                        .map_err(|e| Error::io(format!("open program {}", info.prog_id), e))?;
-                    let same = sys::prog_tag(old.as_fd()).ok() == sys::prog_tag(new.as_fd()).ok();
+                    let same =
+                        sys::link_prog_tag(link.as_fd()).ok() == sys::prog_tag(new.as_fd()).ok();
                     if same {
                         changes.adopted.push(ifname.clone());
                     } else {
-                        sys::link_update(link.as_fd(), new.as_fd(), old.as_fd())
-                            .map_err(|e| Error::io(format!("replace the guard on {ifname}"), e))?;
+                        let old = sys::prog_fd_by_id(info.prog_id).ok();
+                        sys::link_update(
+                            link.as_fd(),
+                            new.as_fd(),
+                            old.as_ref().map(|o| o.as_fd()),
+                        )
+                        .map_err(|e| Error::io(format!("replace the guard on {ifname}"), e))?;
                         changes.replaced.push(ifname.clone());
                     }
                     pinned.insert(ifname);

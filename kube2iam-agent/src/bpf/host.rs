@@ -72,6 +72,7 @@ pub fn check_kernel() -> Result<KernelVersion> {
 
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
 /// The effective capability set of this process.
@@ -94,14 +95,19 @@ pub fn effective_caps() -> Result<u64> {
 pub fn check_privileges(kernel: KernelVersion) -> Result<()> {
     let caps = effective_caps()?;
     let has = |cap: u32| caps & (1u64 << cap) != 0;
+    // The verifier needs CAP_PERFMON for what the programs do with pointers (measured in the
+    // kernel matrix): without it the load fails with a bare "Permission denied".
     let ok = has(CAP_SYS_ADMIN)
-        || (kernel >= KernelVersion(5, 8, 0) && has(CAP_BPF) && has(CAP_NET_ADMIN));
+        || (kernel >= KernelVersion(5, 8, 0)
+            && has(CAP_BPF)
+            && has(CAP_PERFMON)
+            && has(CAP_NET_ADMIN));
     if ok {
         Ok(())
     } else {
         Err(Error::Privileges {
             need: if kernel >= KernelVersion(5, 8, 0) {
-                "CAP_BPF and CAP_NET_ADMIN (or CAP_SYS_ADMIN)"
+                "CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (or CAP_SYS_ADMIN)"
             } else {
                 "CAP_SYS_ADMIN"
             },

@@ -416,9 +416,12 @@ fn adopt(
     let new = program
         .fd()
         .map_err(|source| Error::Program { name, source })?;
-    let old = sys::prog_fd_by_id(info.prog_id)
-        .map_err(|e| Error::io(format!("open program {} behind {name}", info.prog_id), e))?;
-    let old_tag = sys::prog_tag(old.as_fd()).map_err(|e| Error::io("read old program tag", e))?;
+    let old_tag = sys::link_prog_tag(link.as_fd()).map_err(|e| {
+        Error::io(
+            format!("read the program tag of {}", link_path.display()),
+            e,
+        )
+    })?;
     let new_tag = sys::prog_tag(new.as_fd()).map_err(|e| Error::io("read new program tag", e))?;
     if old_tag == new_tag && !force_replace {
         return Ok(ProgramReport {
@@ -427,7 +430,9 @@ fn adopt(
             link_id: Some(info.id),
         });
     }
-    sys::link_update(link.as_fd(), new.as_fd(), old.as_fd())
+    // With CAP_SYS_ADMIN, guard the swap against a concurrent change; without it, swap anyway.
+    let old = sys::prog_fd_by_id(info.prog_id).ok();
+    sys::link_update(link.as_fd(), new.as_fd(), old.as_ref().map(|o| o.as_fd()))
         .map_err(|e| Error::io(format!("replace the program behind link {name}"), e))?;
     tracing::info!(
         program = name,

@@ -126,6 +126,29 @@ struct RawProgInfo {
     tag: [u8; 8],
 }
 
+/// The tag of the program behind a link, from the link's fdinfo: unlike opening the program
+/// by id, this needs no CAP_SYS_ADMIN.
+pub fn link_prog_tag(link: BorrowedFd<'_>) -> io::Result<[u8; 8]> {
+    let hex = fdinfo_field(link, "prog_tag")?.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::Unsupported,
+            "no prog_tag in the link's fdinfo",
+        )
+    })?;
+    let mut tag = [0u8; 8];
+    if hex.len() != 16 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("prog_tag {hex:?}"),
+        ));
+    }
+    for (i, byte) in tag.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("prog_tag {hex:?}")))?;
+    }
+    Ok(tag)
+}
+
 /// The tag of a program given by fd.
 pub fn prog_tag(prog: BorrowedFd<'_>) -> io::Result<[u8; 8]> {
     let mut raw = RawProgInfo::default();
@@ -161,18 +184,19 @@ struct LinkUpdateAttr {
     old_prog_fd: u32,
 }
 
-/// Atomically swaps the program behind `link` from `old` to `new`: the hook never runs without
-/// a program, and the swap fails if someone else changed the link meanwhile.
+/// Atomically swaps the program behind `link` to `new`: the hook never runs without a program.
+/// With `old`, the swap fails if someone else changed the link meanwhile; opening the old
+/// program by id needs CAP_SYS_ADMIN, so without it the swap is unconditional.
 pub fn link_update(
     link: BorrowedFd<'_>,
     new: BorrowedFd<'_>,
-    old: BorrowedFd<'_>,
+    old: Option<BorrowedFd<'_>>,
 ) -> io::Result<()> {
     let mut attr = LinkUpdateAttr {
         link_fd: link.as_raw_fd() as u32,
         new_prog_fd: new.as_raw_fd() as u32,
-        flags: BPF_F_REPLACE,
-        old_prog_fd: old.as_raw_fd() as u32,
+        flags: if old.is_some() { BPF_F_REPLACE } else { 0 },
+        old_prog_fd: old.map_or(0, |o| o.as_raw_fd() as u32),
     };
     bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
 }
@@ -237,4 +261,19 @@ pub fn netns_cookie(socket: impl AsFd) -> io::Result<u64> {
     } else {
         Ok(cookie)
     }
+}
+
+/// A field of a descriptor's `/proc/self/fdinfo` entry, such as `prog_tag` of a link (shown
+/// without privileges, unlike the program itself).
+pub fn fdinfo_field(fd: BorrowedFd<'_>, field: &str) -> io::Result<Option<String>> {
+    let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
+    Ok(fdinfo_value(&text, field))
+}
+
+/// `field:\tvalue` in an fdinfo text.
+pub fn fdinfo_value(text: &str, field: &str) -> Option<String> {
+    text.lines().find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        (key.trim() == field).then(|| value.trim().to_owned())
+    })
 }

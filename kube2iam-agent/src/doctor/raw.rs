@@ -3,7 +3,7 @@
 //! Written against the kernel UAPI directly, so a probe tests the kernel and not the loader.
 
 use std::{
-    fs, io,
+    io,
     mem::size_of,
     os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
 };
@@ -249,20 +249,7 @@ pub fn prog_name(id: u32) -> io::Result<String> {
     Ok(String::from_utf8_lossy(&name[..end]).into_owned())
 }
 
-/// A field of a descriptor's `/proc/self/fdinfo` entry, such as `prog_tag` of a link (shown
-/// without privileges, unlike the program itself).
-pub fn fdinfo_field(fd: BorrowedFd<'_>, field: &str) -> io::Result<Option<String>> {
-    let text = fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
-    Ok(fdinfo_value(&text, field))
-}
-
-/// `field:\tvalue` in an fdinfo text.
-pub fn fdinfo_value(text: &str, field: &str) -> Option<String> {
-    text.lines().find_map(|line| {
-        let (key, value) = line.split_once(':')?;
-        (key.trim() == field).then(|| value.trim().to_owned())
-    })
-}
+pub use crate::bpf::sys::{fdinfo_field, fdinfo_value};
 
 const _: () = assert!(size_of::<Insn>() == 8);
 
