@@ -148,7 +148,7 @@ impl Sts for SdkSts {
                     });
                 }
                 Err(e) => {
-                    let message = aws_smithy_error_chain(&e);
+                    let message = crate::error_chain(&e);
                     return Err(StsError::Unavailable { role, message });
                 }
             };
@@ -170,17 +170,6 @@ impl Sts for SdkSts {
             })
         })
     }
-}
-
-fn aws_smithy_error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 /// Cache behaviour.

@@ -19,3 +19,16 @@ pub mod kube;
 pub mod metrics;
 pub mod policy;
 pub mod telemetry;
+
+/// An error and its causes on one line, `outer: cause: root cause`, for answers and logs that
+/// must say what really failed (an SDK's "dispatch failure" alone says nothing).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

@@ -72,7 +72,7 @@ impl Upstream {
                 .await
                 .map_err(|e| Error::Unreachable {
                     addr: self.addr,
-                    reason: error_chain(&e),
+                    reason: crate::error_chain(&e),
                 })?;
             let (parts, body) = response.into_parts();
             let body = body.collect().await.map_err(|e| Error::Unreachable {
@@ -182,15 +182,4 @@ impl Upstream {
             .await
             .is_ok_and(|r| r.status.is_success())
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
