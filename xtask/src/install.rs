@@ -121,6 +121,20 @@ fn apt_packages() -> Result<()> {
     )
 }
 
+/// What `cargo xtask fuzz` needs besides `install`: nightly (libFuzzer's instrumentation) and
+/// cargo-fuzz. Kept out of [`run`]: building cargo-fuzz takes minutes, and CI only replays the
+/// corpora on stable.
+pub fn fuzz_tools() -> Result<()> {
+    nightly_toolchain()?;
+    let installed = cmd::output(cmd::cargo().args(["fuzz", "--version"])).ok();
+    if let Some(version) = installed {
+        println!("cargo-fuzz: {} present", version.trim());
+        return Ok(());
+    }
+    println!("cargo-fuzz: installing");
+    cmd::run(cmd::cargo().args(["install", "cargo-fuzz", "--locked"]))
+}
+
 fn nightly_toolchain() -> Result<()> {
     let toolchains = cmd::output(cmd::command("rustup").args(["toolchain", "list"]))?;
     if toolchains.lines().any(|line| line.starts_with("nightly-")) {

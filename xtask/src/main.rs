@@ -9,6 +9,7 @@ mod clean_test_env;
 mod cmd;
 mod demo;
 mod deploy;
+mod fuzz;
 mod install;
 mod leftovers;
 mod test;
@@ -48,6 +49,9 @@ enum Command {
     Demo,
     /// Like demo, but keep the node, pods and agent up and take commands until stopped (root).
     Sandbox,
+    /// Run the cargo-fuzz targets (nightly; installs cargo-fuzz), minimize and keep the corpora
+    /// and crash reproducers that CI replays.
+    Fuzz(fuzz::Args),
     /// Run the benchmarks (eBPF redirect vs iptables DNAT, credential latency and throughput, STS
     /// herd, memory, restart) in a test node and write BENCHMARKS.md (root).
     Bench(bench::Args),
@@ -63,6 +67,7 @@ fn main() -> anyhow::Result<()> {
         Command::Deploy(args) => deploy::run(&args),
         Command::Demo => demo::run("demo"),
         Command::Sandbox => demo::run("sandbox"),
+        Command::Fuzz(args) => fuzz::run(&args),
         Command::Bench(args) => bench::run(&args),
     }
 }
