@@ -141,9 +141,15 @@ pub fn route(method: &hyper::Method, path: &str, rules: &PathRules) -> Route {
     let version = parts.next().unwrap_or("");
     let rest = parts.next().unwrap_or("");
     let rest_lower = rest.to_ascii_lowercase();
-    let default = if !is_version(&version.to_ascii_lowercase()) {
-        Route::Proxy
-    } else if let Some(iam) = rest_lower.strip_prefix("meta-data/iam") {
+    // The IAM routes first: the agent answers them itself (a role may be named `user-data`).
+    // The blocked segments are checked whatever the first segment is: an upstream that serves
+    // `/foo/user-data` or resolves paths differently from us must still never serve user data.
+    let iam = rest_lower
+        .strip_prefix("meta-data/iam")
+        // e.g. meta-data/iamfoo: not ours, not IAM.
+        .filter(|iam| iam.is_empty() || iam.starts_with('/'))
+        .filter(|_| is_version(&version.to_ascii_lowercase()));
+    let default = if let Some(iam) = iam {
         match iam {
             "" | "/" => return Route::IamListing,
             "/security-credentials" | "/security-credentials/" => return Route::CredentialsList,
@@ -152,13 +158,10 @@ pub fn route(method: &hyper::Method, path: &str, rules: &PathRules) -> Route {
                 let name = &rest["meta-data/iam/security-credentials/".len()..];
                 return Route::Credentials(name.trim_end_matches('/').to_owned());
             }
-            _ if iam.starts_with('/') => Route::Blocked("meta-data/iam"),
-            // e.g. meta-data/iamfoo: not ours, not IAM.
-            _ => Route::Proxy,
+            _ => Route::Blocked("meta-data/iam"),
         }
     } else if lower.split('/').any(|s| s == "user-data") {
-        // Any segment, not only /{v}/user-data: no metadata path has it elsewhere, and an
-        // upstream that resolves paths differently from us still never serves user data.
+        // Any segment, not only /{v}/user-data: no metadata path has it elsewhere.
         Route::Blocked("user-data")
     } else if lower.split('/').any(|s| s == "identity-credentials") {
         Route::Blocked("meta-data/identity-credentials")
@@ -286,6 +289,11 @@ mod tests {
             "/latest/meta-data/../user-data",
             "/latest\\user-data",
             "/latest/meta-data/user-data",
+            // Found by the path_route fuzzer: a first segment that is not a version.
+            "/late/tmseta-data/iam/security-credentials/%2e%2e/%2E%2E/user-data",
+            "/user-data",
+            "/x/user-data",
+            "/latest/meta-data/iamx/user-data",
         ] {
             assert_eq!(
                 route(&Method::GET, &norm(p), &r),
