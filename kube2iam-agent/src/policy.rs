@@ -267,6 +267,9 @@ struct Pattern {
     regex: Regex,
 }
 
+/// The compiled size one allowed-role pattern may reach (the regex crate's unit).
+const PATTERN_SIZE_LIMIT: usize = 1 << 20;
+
 /// A namespace's allowed roles, compiled from its annotation.
 #[derive(Debug, Clone)]
 pub struct AllowedRoles {
@@ -370,14 +373,22 @@ impl AllowedRoles {
                     pattern: source.clone(),
                     reason,
                 };
+                let build = |expr: &str| {
+                    regex::RegexBuilder::new(expr)
+                        .size_limit(PATTERN_SIZE_LIMIT)
+                        .build()
+                        .map_err(|e| bad(e.to_string()))
+                };
                 let expr = match format {
                     PatternFormat::Glob => glob_to_regex(&source).map_err(bad)?,
-                    PatternFormat::Regexp => format!("^(?:{source})$"),
+                    PatternFormat::Regexp => {
+                        // It must be a regex on its own: `a)|(b` would close the anchoring
+                        // group early and leave `^(?:a)|(b)$`, which matches any prefix `a`.
+                        build(&source)?;
+                        format!("^(?:{source})$")
+                    }
                 };
-                let regex = regex::RegexBuilder::new(&expr)
-                    .size_limit(1 << 20)
-                    .build()
-                    .map_err(|e| bad(e.to_string()))?;
+                let regex = build(&expr)?;
                 Ok(Pattern {
                     full_arn: source.starts_with("arn:"),
                     source,
@@ -655,6 +666,13 @@ mod tests {
         let err =
             AllowedRoles::compile("team", "k", r#"["web-("]"#, PatternFormat::Regexp).unwrap_err();
         assert!(matches!(err, NamespaceError::BadPattern { .. }), "{err}");
+        // Found by the allowed_roles fuzzer: balanced once wrapped, but it breaks out of the
+        // anchoring group, so `web)|(x` would allow every role that starts with `web`.
+        for breakout in [r#"["x?)(a"]"#, r#"["web)|(x"]"#, r#"["a)|(.*"]"#] {
+            let err =
+                AllowedRoles::compile("team", "k", breakout, PatternFormat::Regexp).unwrap_err();
+            assert!(matches!(err, NamespaceError::BadPattern { .. }), "{err}");
+        }
     }
 
     #[test]
