@@ -269,6 +269,10 @@ struct Pattern {
 
 /// The compiled size one allowed-role pattern may reach (the regex crate's unit).
 const PATTERN_SIZE_LIMIT: usize = 1 << 20;
+/// Allowed-role patterns one namespace may list. Each is compiled when the namespace changes,
+/// so this bounds the work one annotation (up to 256 KiB) can cause; globs and regexps cover
+/// many roles in one pattern.
+pub const MAX_ALLOWED_PATTERNS: usize = 256;
 
 /// A namespace's allowed roles, compiled from its annotation.
 #[derive(Debug, Clone)]
@@ -287,6 +291,15 @@ pub enum NamespaceError {
         namespace: String,
         key: String,
         reason: String,
+    },
+    #[error(
+        "namespace {namespace}: annotation {key} lists {count} allowed-role patterns; at most \
+         {MAX_ALLOWED_PATTERNS} are accepted (one glob or regexp can cover many roles)"
+    )]
+    TooManyPatterns {
+        namespace: String,
+        key: String,
+        count: usize,
     },
     #[error("namespace {namespace}: allowed-role pattern {pattern:?} does not compile: {reason}")]
     BadPattern {
@@ -365,6 +378,13 @@ impl AllowedRoles {
                 key: key.to_owned(),
                 reason: e.to_string(),
             })?;
+        if sources.len() > MAX_ALLOWED_PATTERNS {
+            return Err(NamespaceError::TooManyPatterns {
+                namespace: namespace.to_owned(),
+                key: key.to_owned(),
+                count: sources.len(),
+            });
+        }
         let patterns = sources
             .into_iter()
             .map(|source| {
@@ -673,6 +693,27 @@ mod tests {
                 AllowedRoles::compile("team", "k", breakout, PatternFormat::Regexp).unwrap_err();
             assert!(matches!(err, NamespaceError::BadPattern { .. }), "{err}");
         }
+    }
+
+    #[test]
+    fn the_number_of_patterns_is_bounded() {
+        let list = |n: usize| {
+            serde_json::to_string(&(0..n).map(|i| format!("r-{i}-*")).collect::<Vec<_>>()).unwrap()
+        };
+        let rules = allowed(&list(MAX_ALLOWED_PATTERNS), PatternFormat::Glob);
+        assert_eq!(rules.sources().len(), MAX_ALLOWED_PATTERNS);
+        let err = AllowedRoles::compile(
+            "team",
+            "k",
+            &list(MAX_ALLOWED_PATTERNS + 1),
+            PatternFormat::Glob,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, NamespaceError::TooManyPatterns { count, .. } if count == MAX_ALLOWED_PATTERNS + 1),
+            "{err}"
+        );
+        assert!(err.to_string().contains("namespace team"), "{err}");
     }
 
     #[test]
