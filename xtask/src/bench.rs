@@ -65,7 +65,8 @@ pub fn run(args: &Args) -> Result<()> {
         "--bin",
         "k2i-bench-client",
     ]))?;
-    eprintln!("release build: {:.0} s", build.elapsed().as_secs_f64());
+    let build_secs = build.elapsed().as_secs();
+    eprintln!("release build: {build_secs} s");
 
     let root = cmd::workspace_root();
     let partial = args.quick || !args.only.is_empty();
@@ -84,14 +85,17 @@ pub fn run(args: &Args) -> Result<()> {
         .map(|r| r.trim().to_owned())
         .unwrap_or_else(|_| "unknown".to_owned());
 
-    let release = root.join("target/release");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root.join("target"), |dir| root.join(dir));
+    let release = target.join("release");
     let mut bench = cmd::command(release.join("k2i-bench"));
     bench
         .env("K2I_AGENT_BIN", release.join("kube2iam-agent"))
         .env("K2I_BENCH_CLIENT_BIN", release.join("k2i-bench-client"))
         .arg("--out")
         .arg(&out)
-        .args(["--command", &command_line, "--revision", &revision]);
+        .args(["--command", &command_line, "--revision", &revision])
+        .args(["--build-secs", &build_secs.to_string()]);
     if args.quick {
         bench.arg("--quick");
     }

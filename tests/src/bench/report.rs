@@ -210,6 +210,8 @@ pub struct Report {
     pub machine: Machine,
     pub command: String,
     pub revision: String,
+    /// How long the release build before the run took, if the caller built.
+    pub build_secs: Option<u64>,
     pub started_at: String,
     pub load_before: String,
     pub load_after: String,
@@ -255,6 +257,7 @@ impl Report {
             machine: Machine::probe(),
             command: String::new(),
             revision: String::new(),
+            build_secs: None,
             started_at: crate::encode::rfc3339(std::time::SystemTime::now()),
             load_before: load_average(),
             load_after: String::new(),
@@ -438,9 +441,12 @@ impl Report {
             "- Tools: {}; {}; the agent built with `--release`",
             m.wrk, m.iptables
         );
+        let build = self
+            .build_secs
+            .map_or_else(String::new, |b| format!(", after a {b} s release build"));
         let _ = writeln!(
             out,
-            "- Run time: {:.0} s (building not included)\n",
+            "- Run time: {:.0} s{build}\n",
             self.elapsed.as_secs_f64()
         );
         let _ = writeln!(

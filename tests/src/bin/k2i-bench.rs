@@ -1,9 +1,10 @@
 //! k2i-bench: runs the benchmarks of `cargo xtask bench` (see `kube2iam_tests::bench`), prints
 //! the report and writes it to `--out` (BENCHMARKS.md).
 //!
-//! `k2i-bench [--quick] [--only PART,…] [--out FILE] [--command TEXT] [--revision TEXT]`:
+//! `k2i-bench [--quick] [--only PART,…] [--out FILE] [--command TEXT] [--revision TEXT]
+//! [--build-secs N]`:
 //! `--quick` measures less (for trying the harness; not for numbers); `--only` runs some of
-//! connect, get, herd, prefetch, memory, restart; `--command` and `--revision` are what the
+//! connect, get, herd, prefetch, memory, restart; `--command`, `--revision` and `--build-secs` are what the
 //! report says produced it. Needs root, the release agent (`K2I_AGENT_BIN`), wrk, iptables and
 //! nft.
 
@@ -19,6 +20,7 @@ fn main() -> ExitCode {
     let mut out = PathBuf::from("BENCHMARKS.md");
     let mut command = "k2i-bench".to_owned();
     let mut revision = "unknown".to_owned();
+    let mut build_secs = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| {
@@ -41,10 +43,11 @@ fn main() -> ExitCode {
             "--out" => out = PathBuf::from(value("--out")),
             "--command" => command = value("--command"),
             "--revision" => revision = value("--revision"),
+            "--build-secs" => build_secs = value("--build-secs").parse().ok(),
             other => {
                 eprintln!(
                     "k2i-bench: unknown argument {other:?}; usage: k2i-bench [--quick] [--only \
-                     PART,…] [--out FILE] [--command TEXT] [--revision TEXT]"
+                     PART,…] [--out FILE] [--command TEXT] [--revision TEXT] [--build-secs N]"
                 );
                 return ExitCode::from(2);
             }
@@ -61,6 +64,7 @@ fn main() -> ExitCode {
     let mut report = runner::run(&options);
     report.command = command;
     report.revision = revision;
+    report.build_secs = build_secs;
     report.load_after = load_average();
     let text = report.markdown();
     println!("{text}");
