@@ -134,15 +134,7 @@ impl State {
             .wait_for(peer, config.pod_wait)
             .await
             .map_err(|e| Reply::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-            .ok_or_else(|| {
-                Reply::new(
-                    StatusCode::NOT_FOUND,
-                    format!(
-                        "kube2iam-ebpf: no pod with IP {peer} on node {} (waited {:?})",
-                        config.node, config.pod_wait
-                    ),
-                )
-            })?;
+            .ok_or_else(|| self.unknown_peer(peer))?;
         let who = pod.display_name();
         let forbidden = |reason: Reason, body: String| {
             self.events.record(&pod, reason, &body);
@@ -216,6 +208,36 @@ impl State {
             role,
             external_id,
         })
+    }
+
+    /// The answer for an address no pod in the identity map has. When the map is full, the
+    /// caller may be a pod the watch could not record: say so, and how to fix it.
+    fn unknown_peer(&self, peer: IpAddr) -> Reply {
+        let config = &self.config;
+        let capacity = self.registry.capacity();
+        let full = capacity > 0
+            && self
+                .registry
+                .entries()
+                .is_ok_and(|entries| entries.len() >= capacity as usize);
+        if full {
+            return Reply::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "kube2iam-ebpf: no pod with IP {peer} on node {} in the identity map, and the \
+                     identity map is full ({capacity} entries): pods beyond it are not served; \
+                     raise --identity-capacity",
+                    config.node
+                ),
+            );
+        }
+        Reply::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "kube2iam-ebpf: no pod with IP {peer} on node {} (waited {:?})",
+                config.node, config.pod_wait
+            ),
+        )
     }
 
     async fn check_namespace(&self, pod: &PodIdentity, role: &RoleArn) -> Result<(), String> {
