@@ -104,6 +104,20 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     response
 }
 
+/// Metadata requests have no body. A few bytes are tolerated (and ignored) for clients that send
+/// one anyway; anything larger, or of unknown length (chunked), is refused unread.
+pub const MAX_BODY_BYTES: u64 = 1024;
+
+/// The body's size when it is too large to accept (`None`: no body, or a small one).
+fn oversized_body(request: &Request<Incoming>) -> Option<String> {
+    use hyper::body::Body as _;
+    match request.body().size_hint().upper() {
+        Some(n) if n <= MAX_BODY_BYTES => None,
+        Some(n) => Some(format!("{n} bytes")),
+        None => Some("a body of unknown length (chunked)".to_owned()),
+    }
+}
+
 /// The pod's role, decided.
 struct Decision {
     pod: PodIdentity,
@@ -413,6 +427,21 @@ impl State {
         request: Request<Incoming>,
         peer: IpAddr,
     ) -> (&'static str, Response<Full<Bytes>>, Option<String>) {
+        if let Some(size) = oversized_body(&request) {
+            let mut response = text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "kube2iam-ebpf: metadata requests carry no body; this one has {size} (at \
+                     most {MAX_BODY_BYTES} bytes are accepted and ignored)"
+                ),
+            );
+            // The rest of the body is never read: the connection cannot be reused.
+            response.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            return ("bad_path", response, None);
+        }
         let normalized = match path::normalize(request.uri().path()) {
             Ok(p) => p,
             Err(e) => {
