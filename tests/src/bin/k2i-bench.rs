@@ -61,6 +61,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    raise_open_files_limit();
     let mut report = runner::run(&options);
     report.command = command;
     report.revision = revision;
@@ -85,4 +86,21 @@ fn main() -> ExitCode {
         );
     }
     ExitCode::SUCCESS
+}
+
+/// The herd holds 1,000 connections open at once, in the client and in the agent (which inherits
+/// this limit): raise the soft limit on open files to the hard one, as container runtimes set it.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on a valid struct rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
 }
