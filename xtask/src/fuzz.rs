@@ -117,7 +117,13 @@ pub fn run(args: &Args) -> Result<()> {
 
     if !args.no_cmin {
         for outcome in &mut outcomes {
-            cmd::run(cargo_fuzz("cmin", &args.sanitizer).arg(&outcome.target))?;
+            // Set-cover merging keeps about half the files a plain merge keeps, with the same
+            // features.
+            cmd::run(
+                cargo_fuzz("cmin", &args.sanitizer)
+                    .arg(&outcome.target)
+                    .args(["--", "-set_cover_merge=1"]),
+            )?;
             outcome.corpus_files = count_files(&fuzz_dir().join("corpus").join(&outcome.target));
         }
     }
