@@ -226,6 +226,19 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
         },
     );
 
+    // Each pod connection is a descriptor: make sure --max-connections fits (with room for the
+    // agent's own), or connections beyond the limit sit unanswered in the backlog.
+    let nofile = bpf::host::raise_nofile();
+    if nofile != 0 && (nofile as usize) < args.max_connections + 256 {
+        tracing::warn!(
+            open_files = nofile,
+            max_connections = args.max_connections,
+            "the open-files limit is below --max-connections plus headroom; connections beyond \
+             it will wait unanswered instead of getting a 503 (raise the container's nofile \
+             limit or lower --max-connections)"
+        );
+    }
+
     // Listen before taking over interception: from the moment the programs point at us,
     // connects queue in the backlog instead of being refused.
     let mut addrs = vec![SocketAddr::new(

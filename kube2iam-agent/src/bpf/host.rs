@@ -131,6 +131,29 @@ pub fn raise_memlock() {
     }
 }
 
+/// Lifts the soft open-files limit to the hard one: every pod connection is a descriptor, and
+/// runtimes often start containers at 1024, below `--max-connections`. Returns the soft limit
+/// in force afterwards.
+pub fn raise_nofile() -> u64 {
+    // SAFETY: plain syscalls on a valid struct.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return raised.rlim_cur;
+            }
+        }
+        limit.rlim_cur
+    }
+}
+
 fn statfs_type(path: &Path) -> io::Result<i64> {
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
