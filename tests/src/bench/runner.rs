@@ -27,6 +27,13 @@ const CREDENTIALS: &str = "/latest/meta-data/iam/security-credentials/";
 const FLOOR_PORT: u16 = 8282;
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// The agent runs as deployed, with its packet guard on the pods' interfaces, except those of
+/// the pods that stand for "no program of ours": p5 (kube2iam's DNAT rule, whose packets to
+/// 169.254.169.254 the guard would drop before netfilter sees them) and p6 (direct connects and
+/// the floor), and of p7, whose connects measure our connect4 alone.
+const AGENT_GUARD_FLAG: &str = "--host-interface";
+const GUARDED: &str = "k2i-h-+,!k2i-h-p5,!k2i-h-p6,!k2i-h-p7";
+
 /// How much to measure.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -183,7 +190,10 @@ pub fn run(options: &Options) -> Report {
 
     progress("starting the test node, the IMDS emulator, moto, the API emulator and the agent");
     let node = TestNode::new();
-    let mut world = World::start(&node, &["--prefetch-concurrency", "0"]);
+    let mut world = World::start(
+        &node,
+        &[AGENT_GUARD_FLAG, GUARDED, "--prefetch-concurrency", "0"],
+    );
     let p0 = node.add_pod("p0");
     let p1 = node.add_pod("p1");
     let p2 = node.add_pod("p2");
@@ -191,6 +201,7 @@ pub fn run(options: &Options) -> Report {
     let p4 = node.add_pod("p4");
     let p5 = node.add_pod("p5");
     let p6 = node.add_pod("p6");
+    let p7 = node.add_pod("p7");
     register(&world, p0.ip4(), "bench", "bench", Some("bench-role"));
     register(&world, p5.ip4(), "bench", "bench-dnat", Some("bench-role"));
     let herd_ips = add_addresses(&node, &p1, 1, (options.herds * 10) as u8);
@@ -205,7 +216,7 @@ pub fn run(options: &Options) -> Report {
     let want = |part: &str| options.only.is_empty() || options.only.iter().any(|p| p == part);
     if want("connect") {
         progress("1. connect() cost");
-        report.connect = Some(connect_bench(&node, &p0, &client, options));
+        report.connect = Some(connect_bench(&node, [&p6, &p7, &p0, &p5], &client, options));
     }
     if want("get") {
         progress("2. credential GET end to end");
@@ -233,7 +244,7 @@ pub fn run(options: &Options) -> Report {
     if want("prefetch") {
         progress("3b. prefetch (restarting the agent with prefetch on)");
         world.kill_agent();
-        world.start_agent(&node, &[], false, true);
+        world.start_agent(&node, &[AGENT_GUARD_FLAG, GUARDED], false, true);
         let prefetch = prefetch_bench(&node, &world, &p2, &client, options);
         old.extend(
             prefetch
@@ -292,7 +303,8 @@ fn finish_client(child: &mut crate::ChildGuard, what: &str) -> String {
 
 // --- 1. connect() ------------------------------------------------------------------------
 
-struct ConnectVariant {
+struct ConnectVariant<'p, 'n> {
+    pod: &'p Pod<'n>,
     key: &'static str,
     label: &'static str,
     placement: Placement,
@@ -300,9 +312,19 @@ struct ConnectVariant {
     nat: bool,
 }
 
-fn connect_bench(node: &TestNode, pod: &Pod<'_>, client: &Path, o: &Options) -> ConnectResult {
+/// Each variant connects from a pod of its own (as in the GET part): the direct pod, the
+/// connect4-only pod and the DNAT pod have no tc program of ours on their interfaces, the
+/// guarded pod has the packet guard like every pod of a node running the agent.
+fn connect_bench(
+    node: &TestNode,
+    pods: [&Pod<'_>; 4],
+    client: &Path,
+    o: &Options,
+) -> ConnectResult {
+    let [direct, ebpf, guarded, dnat_pod] = pods;
     let variants = [
         ConnectVariant {
+            pod: direct,
             key: "a",
             label: "(a) direct to the agent's address, no program, no nat table (baseline)",
             placement: Placement::Outside,
@@ -310,6 +332,7 @@ fn connect_bench(node: &TestNode, pod: &Pod<'_>, client: &Path, o: &Options) -> 
             nat: false,
         },
         ConnectVariant {
+            pod: ebpf,
             key: "b",
             label: "(b) 169.254.169.254 rewritten by our connect4, no nat table",
             placement: Placement::Cgroup,
@@ -317,6 +340,15 @@ fn connect_bench(node: &TestNode, pod: &Pod<'_>, client: &Path, o: &Options) -> 
             nat: false,
         },
         ConnectVariant {
+            pod: guarded,
+            key: "b+g",
+            label: "(b+g) as (b), from a pod with the agent's packet guard (as deployed)",
+            placement: Placement::Cgroup,
+            addr: metadata(),
+            nat: false,
+        },
+        ConnectVariant {
+            pod: dnat_pod,
             key: "c",
             label: "(c) 169.254.169.254 DNATed by kube2iam's iptables rule, our programs not applied",
             placement: Placement::Outside,
@@ -324,6 +356,7 @@ fn connect_bench(node: &TestNode, pod: &Pod<'_>, client: &Path, o: &Options) -> 
             nat: true,
         },
         ConnectVariant {
+            pod: ebpf,
             key: "b'",
             label: "(b') as (b), with kube2iam's nat table present (conntrack on in the node)",
             placement: Placement::Cgroup,
@@ -331,6 +364,7 @@ fn connect_bench(node: &TestNode, pod: &Pod<'_>, client: &Path, o: &Options) -> 
             nat: true,
         },
         ConnectVariant {
+            pod: direct,
             key: "a'",
             label: "(a') as (a), with kube2iam's nat table present (conntrack on in the node)",
             placement: Placement::Outside,
@@ -338,7 +372,7 @@ fn connect_bench(node: &TestNode, pod: &Pod<'_>, client: &Path, o: &Options) -> 
             nat: true,
         },
     ];
-    let mut dnat = Dnat::new(node, pod);
+    let mut dnat = Dnat::new(node, dnat_pod);
     let mut dists: Vec<Dist> = vec![Dist::default(); variants.len()];
     let mut order: Vec<usize> = (0..variants.len()).collect();
     for round in 0..o.connect_rounds {
@@ -356,7 +390,7 @@ fn connect_bench(node: &TestNode, pod: &Pod<'_>, client: &Path, o: &Options) -> 
             } else {
                 dnat.remove();
             }
-            let mut command = pod_command(pod, v.placement, client);
+            let mut command = pod_command(v.pod, v.placement, client);
             command.args([
                 "connect",
                 "--addr",
@@ -563,7 +597,7 @@ fn get_bench(
         GetVariant {
             pod,
             key: "b",
-            label: "(b) agent via our connect4",
+            label: "(b) agent via our connect4 (pod with the packet guard)",
             placement: Placement::Cgroup,
             host: metadata(),
             nat: false,
@@ -583,6 +617,15 @@ fn get_bench(
         GetMode::KeepAlive { load: false },
         GetMode::KeepAlive { load: true },
     ];
+    let handled = |suffix: &str| {
+        metric_with(
+            world,
+            node,
+            &format!("kube2iam_request_duration_seconds_{suffix}"),
+            &["route=\"credentials\""],
+        )
+    };
+    let handled0 = (handled("count"), handled("sum"));
     let mut dnat = Dnat::new(node, dnat_pod);
     let mut rows: Vec<GetRow> = Vec::new();
     for mode in modes {
@@ -642,7 +685,11 @@ fn get_bench(
     }
     dnat.remove();
     drop(floor);
+    let handled_count = handled("count") - handled0.0;
+    let handled_secs = handled("sum") - handled0.1;
     GetResult {
+        agent_time_ns: (handled_count > 0.0).then(|| (handled_secs / handled_count * 1e9) as u64),
+        agent_requests: handled_count as u64,
         rows,
         rounds: o.get_rounds,
         body_bytes: body.len(),
@@ -871,7 +918,7 @@ fn memory_bench(
             }
         }
         world.kill_agent();
-        world.start_agent(node, &[], false, true);
+        world.start_agent(node, &[AGENT_GUARD_FLAG, GUARDED], false, true);
         wait_known(world, node, &all, Duration::from_secs(30));
         let synced = memory_kib(world.agent.pid());
         let started = Instant::now();
@@ -944,7 +991,7 @@ fn restart_bench(
     let killed = mono_ns();
     world.kill_agent();
     let spawned = mono_ns();
-    world.start_agent(node, &[], false, true);
+    world.start_agent(node, &[AGENT_GUARD_FLAG, GUARDED], false, true);
     let ready = mono_ns();
     let out = finish_client(&mut steady, "the steady client");
     let mut events: Vec<(u64, u64, i64, bool)> = out
