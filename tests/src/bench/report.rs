@@ -444,8 +444,9 @@ impl Report {
             out,
             "- Load average (1/5/15 min) before the run: {}; after: {}. The machine is shared with \
              other builds and tests, so absolute numbers move; the variants of each comparison \
-             alternate round by round in the same run (A B C, C B A, …), so their ratios see the \
-             same conditions.",
+             are interleaved in the same run, every round running each once, in an order rotated \
+             from round to round (A B C, B C A, C A B, …), so their ratios see the same \
+             conditions.",
             self.load_before, self.load_after
         );
         let _ = writeln!(

@@ -75,9 +75,9 @@ pub struct Options {
 impl Options {
     pub fn full() -> Self {
         Self {
-            connect_rounds: 10,
+            connect_rounds: 12,
             connects_per_batch: 1000,
-            get_rounds: 5,
+            get_rounds: 6,
             latency_secs: 1,
             load_secs: 2,
             newconn_threads: 4,
@@ -279,6 +279,14 @@ pub fn run(options: &Options) -> Report {
     report
 }
 
+/// The order of `n` variants in round `round`: a rotation, so that over `n` rounds every
+/// variant runs once in every position (first after a pause, right after another, last).
+/// Variants that need the same kernel state (the nat table) stay next to each other, cyclically,
+/// so the state changes at most twice per round.
+fn rotation(n: usize, round: usize) -> impl Iterator<Item = usize> {
+    (0..n).map(move |k| (round + k) % n)
+}
+
 /// Reads a client started with [`spawn_client`] to its end; panics with its stderr unless it
 /// succeeded.
 fn finish_client(child: &mut crate::ChildGuard, what: &str) -> String {
@@ -374,16 +382,8 @@ fn connect_bench(
     ];
     let mut dnat = Dnat::new(node, dnat_pod);
     let mut dists: Vec<Dist> = vec![Dist::default(); variants.len()];
-    let mut order: Vec<usize> = (0..variants.len()).collect();
     for round in 0..o.connect_rounds {
-        // Even rounds: no-nat variants first; odd rounds reversed, so the table toggles once
-        // per round and no variant always runs first.
-        let this: Vec<usize> = if round % 2 == 0 {
-            order.clone()
-        } else {
-            order.iter().rev().copied().collect()
-        };
-        for &i in &this {
+        for i in rotation(variants.len(), round) {
             let v = &variants[i];
             if v.nat {
                 dnat.install();
@@ -403,7 +403,6 @@ fn connect_bench(
             assert_eq!(s.len(), o.connects_per_batch, "connect samples: {out}");
             dists[i].add_samples(&s);
         }
-        order = this;
     }
     dnat.remove();
     ConnectResult {
@@ -643,12 +642,7 @@ fn get_bench(
     }
     for round in 0..o.get_rounds {
         for (m, mode) in modes.iter().enumerate() {
-            let order: Vec<usize> = if (round + m) % 2 == 0 {
-                (0..variants.len()).collect()
-            } else {
-                (0..variants.len()).rev().collect()
-            };
-            for i in order {
+            for i in rotation(variants.len(), round + m) {
                 let v = &variants[i];
                 if v.nat {
                     dnat.install();
