@@ -195,8 +195,8 @@ pub struct MemoryResult {
 pub struct RestartResult {
     pub requests: usize,
     pub ok: usize,
-    pub refused: usize,
-    pub other_failures: usize,
+    /// Failed requests by outcome: an HTTP status, or minus an errno.
+    pub failures: Vec<(i64, usize)>,
     pub node_key_responses: usize,
     pub imds_saw_pods: usize,
     pub leak_gap_ns: u64,
@@ -236,6 +236,23 @@ pub struct Target {
     pub goal: String,
     pub measured: String,
     pub met: Option<bool>,
+}
+
+/// `HTTP 503`, or the errno's name for minus an errno.
+fn outcome_name(code: i64) -> String {
+    if code >= 0 {
+        return format!("HTTP {code}");
+    }
+    let errno = (-code) as i32;
+    let name = match errno {
+        libc::ECONNREFUSED => "connection refused",
+        libc::ECONNRESET => "connection reset",
+        libc::EPIPE => "broken pipe",
+        libc::EAGAIN => "timed out",
+        libc::ETIMEDOUT => "connect timed out",
+        _ => return format!("errno {errno}"),
+    };
+    name.to_owned()
 }
 
 fn mib(kib: u64) -> String {
@@ -590,7 +607,7 @@ impl Report {
              response (`Connection: close`). Keep-alive: wrk (`-t1`). Latency columns come from \
              runs with one connection ({} s each); req/s and the loaded latencies from runs with \
              {} client threads (new connection) or {} connections (keep-alive), {} s each; {} \
-             rounds, variants alternating. Load generator and agent share the {} cores. Each \
+             rounds, variants interleaved. Load generator and agent share the {} cores. Each \
              variant runs from a pod of its own: clients of different variants sharing the \
              agent's TIME_WAIT 4-tuples would trip PAWS (their TCP timestamp offsets hash the \
              destination they connect to, which DNAT hides) and stall on SYN retransmits.\n",
@@ -909,11 +926,19 @@ impl Report {
         let mut table = Table::new(&["measure", "value"]);
         table.row(vec!["requests".into(), r.requests.to_string()]);
         table.row(vec!["answered 200".into(), r.ok.to_string()]);
+        let outcomes: Vec<String> = r
+            .failures
+            .iter()
+            .map(|(code, n)| format!("{} × {n}", outcome_name(*code)))
+            .collect();
         table.row(vec![
-            "connection refused (agent down)".into(),
-            r.refused.to_string(),
+            "failed requests, by outcome".into(),
+            if outcomes.is_empty() {
+                "none".into()
+            } else {
+                outcomes.join(", ")
+            },
         ]);
-        table.row(vec!["other failures".into(), r.other_failures.to_string()]);
         table.row(vec![
             "longest interception gap".into(),
             format!(

@@ -1022,17 +1022,14 @@ fn restart_bench(
         _ => 0,
     };
     let imds_saw = pod_ips_seen(world).len() - seen_before;
+    let mut failures: std::collections::BTreeMap<i64, usize> = Default::default();
+    for e in events.iter().filter(|e| e.2 != 200) {
+        *failures.entry(e.2).or_default() += 1;
+    }
     RestartResult {
         requests: events.len(),
         ok: events.iter().filter(ok).count(),
-        refused: events
-            .iter()
-            .filter(|e| e.2 == -i64::from(libc::ECONNREFUSED))
-            .count(),
-        other_failures: events
-            .iter()
-            .filter(|e| e.2 != 200 && e.2 != -i64::from(libc::ECONNREFUSED))
-            .count(),
+        failures: failures.into_iter().collect(),
         node_key_responses: node_key_events.len(),
         imds_saw_pods: imds_saw,
         leak_gap_ns,
