@@ -5,9 +5,9 @@
 //! nanoseconds, which every process on the machine shares, so the runner can line them up with
 //! what it did (adding a pod, killing the agent).
 //!
-//! - `connect --addr IP:PORT --count N [--bind IP]`: N connects (after a short warm-up), the
-//!   time each `connect()` call takes; the socket is then reset (SO_LINGER 0) so no TIME_WAIT
-//!   piles up. Prints `samples <ns> …`.
+//! - `connect --addr IP:PORT --count N [--bind IP] [--cpu N]`: N connects (after a short
+//!   warm-up), the time each `connect()` call takes; the socket is then reset (SO_LINGER 0) so no
+//!   TIME_WAIT piles up. `--cpu` pins the client to one CPU. Prints `samples <ns> …`.
 //! - `get --addr IP:PORT --path P --threads T --millis D [--bind IP,…]`: T threads each doing
 //!   GET requests on a new TCP connection per request (`Connection: close`, as SDKs do) until
 //!   the deadline; latency = socket + connect + request + whole response. Prints `summary …`
@@ -218,10 +218,28 @@ fn print_samples(samples: &[u64]) {
     println!("{line}");
 }
 
+/// Pins the calling thread to one CPU.
+pub fn pin_to_cpu(tid: libc::pid_t, cpu: usize) -> Result<(), String> {
+    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET write into it; sched_setaffinity reads
+    // it for the given size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(tid, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(os_error(&format!("sched_setaffinity to CPU {cpu}")));
+        }
+    }
+    Ok(())
+}
+
 fn connect_mode(flags: &Flags) -> Result<(), String> {
     let addr = flags.addr()?;
     let count: usize = flags.parse_as("count")?;
     let bind = flags.binds()?[0];
+    if let Some(cpu) = flags.opt("cpu") {
+        let cpu = cpu.parse().map_err(|e| format!("--cpu {cpu}: {e}"))?;
+        pin_to_cpu(0, cpu)?;
+    }
     let mut samples = Vec::with_capacity(count);
     for i in 0..count + CONNECT_WARMUP {
         let sock = tcp_socket(bind).map_err(|(_, e)| e)?;

@@ -487,10 +487,11 @@ impl Report {
              moto (behind the kit's STS fault proxy) as STS, and the Kubernetes API emulator. \
              Pods are network namespaces behind veths; clients that should be intercepted by our \
              programs run in the test cgroup, the others outside it. The agent runs with its \
-             defaults and `--host-interface k2i-h-+,!k2i-h-p5,!k2i-h-p6`: its packet guard covers \
-             every pod interface but those of the two pods that stand for \"nothing of ours\" \
-             (kube2iam's DNAT variant, and the direct connects and the floor). Medians and p99 are \
-             nearest-rank over all samples of all rounds.\n"
+             defaults and `--host-interface {}`: its packet \
+             guard covers every pod interface but those of kube2iam's DNAT pod (p5), the floor's \
+             client (p6) and the pod of the connect4-alone variants (p7). Medians and p99 are \
+             nearest-rank over all samples of all rounds.\n",
+            super::runner::GUARDED
         );
         if !self.pod_ips_seen_by_imds.is_empty() {
             let _ = writeln!(
@@ -543,9 +544,15 @@ impl Report {
             "Time of one blocking `connect()` call (the TCP handshake with the agent's listener, \
              at 192.0.2.10:8181 on the node) from a pod, {} rounds × {} connects per variant, \
              after 50 warm-up connects per batch; each socket is then reset (SO_LINGER 0). Each \
-             variant connects from a pod of its own. Only the pod of (b+g) has the agent's packet \
-             guard (tc ingress) on its interface, as every pod of a node running the agent does; \
-             (b) and (b') measure the connect4 rewrite alone.\n",
+             (a), (b) and their primed forms connect from one pod, from outside and from inside the \
+             test cgroup; (b+g) from a pod with the agent's packet guard (tc ingress) on its \
+             interface, as every pod of a node running the agent has it; (c) from the pod the \
+             DNAT rule names. Only (b+g)'s pod has the guard: (b) and (b') measure the connect4 \
+             rewrite alone. During this part the client runs on CPU 1 and the agent's threads on \
+             CPU 0: unpinned, each batch came out in one of two modes about 7 µs apart, depending \
+             on whether the agent's accept ran on the client's CPU inside its connect(), which \
+             swamped the differences between variants. Pinned, every connect includes waking the \
+             idle agent on the other CPU, as on a node whose agent waits for work.\n",
             c.rounds, c.per_batch
         );
         let base = c.dist("a");
@@ -589,11 +596,19 @@ impl Report {
             let _ = writeln!(
                 out,
                 "Per connect, against the direct connect (medians): our connect4 {:+.1} µs{guard}, \
-                 the DNAT rule {:+.1} µs. Most of a connect is the TCP handshake over the veth, \
-                 which every variant pays.\n",
+                 the DNAT rule {:+.1} µs. Most of a connect is the TCP handshake over the veth and \
+                 the wake-up of the agent, which every variant pays; the ratios shrink as that \
+                 common part grows.\n",
                 (b as f64 - a as f64) / 1e3,
                 (cc as f64 - a as f64) / 1e3
             );
+            if b < a {
+                let _ = writeln!(
+                    out,
+                    "(b) came out faster than (a) in this run, which the program cannot do: it \
+                     only adds work to the same connect. The difference is this run's noise.\n"
+                );
+            }
         }
     }
 

@@ -32,7 +32,7 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
 /// 169.254.169.254 the guard would drop before netfilter sees them) and p6 (direct connects and
 /// the floor), and of p7, whose connects measure our connect4 alone.
 const AGENT_GUARD_FLAG: &str = "--host-interface";
-const GUARDED: &str = "k2i-h-+,!k2i-h-p5,!k2i-h-p6,!k2i-h-p7";
+pub const GUARDED: &str = "k2i-h-+,!k2i-h-p5,!k2i-h-p6,!k2i-h-p7";
 
 /// How much to measure.
 #[derive(Clone, Debug)]
@@ -216,7 +216,13 @@ pub fn run(options: &Options) -> Report {
     let want = |part: &str| options.only.is_empty() || options.only.iter().any(|p| p == part);
     if want("connect") {
         progress("1. connect() cost");
-        report.connect = Some(connect_bench(&node, [&p6, &p7, &p0, &p5], &client, options));
+        report.connect = Some(connect_bench(
+            &node,
+            world.agent.pid(),
+            [&p7, &p0, &p5],
+            &client,
+            options,
+        ));
     }
     if want("get") {
         progress("2. credential GET end to end");
@@ -309,6 +315,64 @@ fn finish_client(child: &mut crate::ChildGuard, what: &str) -> String {
     out
 }
 
+/// Where the agent and the connect client run during the connect part.
+const AGENT_CPU: usize = 0;
+const CLIENT_CPU: usize = 1;
+
+/// Pins every thread of a process to one CPU; on drop, lets them run anywhere again.
+struct AgentPin {
+    pid: u32,
+}
+
+impl AgentPin {
+    fn new(pid: u32, cpu: usize) -> Self {
+        Self::apply(pid, Some(cpu));
+        Self { pid }
+    }
+
+    fn apply(pid: u32, cpu: Option<usize>) {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap_or_else(|e| panic!("cannot list the agent's threads: {e}"));
+        for task in tasks.flatten() {
+            let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+                continue;
+            };
+            let result = match cpu {
+                Some(cpu) => super::client::pin_to_cpu(tid, cpu),
+                None => unpin(tid),
+            };
+            if let Err(e) = result {
+                eprintln!("k2i-bench: agent thread {tid}: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for AgentPin {
+    fn drop(&mut self) {
+        Self::apply(self.pid, None);
+    }
+}
+
+/// Lets a thread run on every CPU.
+fn unpin(tid: libc::pid_t) -> Result<(), String> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: as in pin_to_cpu: plain data written by CPU_SET, read by sched_setaffinity.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for cpu in 0..cpus {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        if libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(format!(
+                "sched_setaffinity: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
+}
+
 // --- 1. connect() ------------------------------------------------------------------------
 
 struct ConnectVariant<'p, 'n> {
@@ -320,19 +384,22 @@ struct ConnectVariant<'p, 'n> {
     nat: bool,
 }
 
-/// Each variant connects from a pod of its own (as in the GET part): the direct pod, the
-/// connect4-only pod and the DNAT pod have no tc program of ours on their interfaces, the
-/// guarded pod has the packet guard like every pod of a node running the agent.
+/// (a) and (b) connect from the same pod, outside and inside the test cgroup, so they differ
+/// only by our program and the address; neither pod has a tc program of ours on its interface.
+/// (b+g) runs from a pod with the packet guard, as every pod of a node running the agent has it,
+/// and (c) from the pod that has kube2iam's rule. Connects end with a reset, so no TIME_WAIT is
+/// shared between variants.
 fn connect_bench(
     node: &TestNode,
-    pods: [&Pod<'_>; 4],
+    agent_pid: u32,
+    pods: [&Pod<'_>; 3],
     client: &Path,
     o: &Options,
 ) -> ConnectResult {
-    let [direct, ebpf, guarded, dnat_pod] = pods;
+    let [ebpf, guarded, dnat_pod] = pods;
     let variants = [
         ConnectVariant {
-            pod: direct,
+            pod: ebpf,
             key: "a",
             label: "(a) direct to the agent's address, no program, no nat table (baseline)",
             placement: Placement::Outside,
@@ -372,7 +439,7 @@ fn connect_bench(
             nat: true,
         },
         ConnectVariant {
-            pod: direct,
+            pod: ebpf,
             key: "a'",
             label: "(a') as (a), with kube2iam's nat table present (conntrack on in the node)",
             placement: Placement::Outside,
@@ -380,6 +447,11 @@ fn connect_bench(
             nat: true,
         },
     ];
+    // The agent accepts every connection; when its worker wakes on the client's CPU it can
+    // preempt the client inside connect() and add its accept to the measured time, in some
+    // batches and not others. The agent's threads go to one CPU and the client to the other
+    // for this part, the same for every variant.
+    let pinned = AgentPin::new(agent_pid, AGENT_CPU);
     let mut dnat = Dnat::new(node, dnat_pod);
     let mut dists: Vec<Dist> = vec![Dist::default(); variants.len()];
     for round in 0..o.connect_rounds {
@@ -397,6 +469,8 @@ fn connect_bench(
                 &v.addr,
                 "--count",
                 &o.connects_per_batch.to_string(),
+                "--cpu",
+                &CLIENT_CPU.to_string(),
             ]);
             let out = run_client(&mut command, CLIENT_TIMEOUT, "k2i-bench-client connect");
             let s = samples(&out);
@@ -405,6 +479,7 @@ fn connect_bench(
         }
     }
     dnat.remove();
+    drop(pinned);
     ConnectResult {
         rows: variants
             .iter()
