@@ -52,7 +52,7 @@ fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
 
 fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
     let kernel = bpf::host::check_kernel()?;
-    bpf::host::check_privileges(kernel)?;
+    bpf::host::check_privileges(kernel, bpf::host::Task::Uninstall)?;
     let removed = bpf::uninstall(&args.bpf_pin_path)?;
     if removed.is_empty() {
         println!(

@@ -91,25 +91,32 @@ pub fn effective_caps() -> Result<u64> {
         })
 }
 
-/// Refuses to go on without the capabilities to load and attach cgroup programs.
-pub fn check_privileges(kernel: KernelVersion) -> Result<()> {
+/// What the capabilities are needed for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    /// Loading and attaching the programs.
+    Load,
+    /// Detaching and unpinning (no program is loaded).
+    Uninstall,
+}
+
+/// Refuses to go on without the capabilities `task` needs (measured in the kernel matrix).
+pub fn check_privileges(kernel: KernelVersion, task: Task) -> Result<()> {
     let caps = effective_caps()?;
     let has = |cap: u32| caps & (1u64 << cap) != 0;
-    // The verifier needs CAP_PERFMON for what the programs do with pointers (measured in the
-    // kernel matrix): without it the load fails with a bare "Permission denied".
+    // Loading needs CAP_PERFMON for what the programs do with pointers: without it the
+    // verifier fails with a bare "Permission denied". Uninstall loads nothing.
+    let perfmon = task == Task::Uninstall || has(CAP_PERFMON);
     let ok = has(CAP_SYS_ADMIN)
-        || (kernel >= KernelVersion(5, 8, 0)
-            && has(CAP_BPF)
-            && has(CAP_PERFMON)
-            && has(CAP_NET_ADMIN));
+        || (kernel >= KernelVersion(5, 8, 0) && has(CAP_BPF) && perfmon && has(CAP_NET_ADMIN));
     if ok {
         Ok(())
     } else {
         Err(Error::Privileges {
-            need: if kernel >= KernelVersion(5, 8, 0) {
-                "CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (or CAP_SYS_ADMIN)"
-            } else {
-                "CAP_SYS_ADMIN"
+            need: match (kernel >= KernelVersion(5, 8, 0), task) {
+                (false, _) => "CAP_SYS_ADMIN",
+                (true, Task::Load) => "CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (or CAP_SYS_ADMIN)",
+                (true, Task::Uninstall) => "CAP_BPF and CAP_NET_ADMIN (or CAP_SYS_ADMIN)",
             },
             caps,
         })

@@ -56,7 +56,7 @@ pub enum Error {
         minimum: KernelVersion,
     },
     #[error(
-        "missing privileges: loading and attaching cgroup programs needs {need}; effective \
+        "missing privileges: this needs {need}; effective \
          capabilities are {caps:#x}. Run as root or grant them in the pod's securityContext"
     )]
     Privileges { need: &'static str, caps: u64 },
@@ -228,7 +228,7 @@ pub fn install(settings: &Settings) -> Result<Interception> {
         return Err(Error::NoPrograms);
     }
     let kernel = host::check_kernel()?;
-    host::check_privileges(kernel)?;
+    host::check_privileges(kernel, host::Task::Load)?;
     host::raise_memlock();
 
     let cgroup = match &settings.cgroup_path {
