@@ -551,8 +551,10 @@ impl Report {
              rewrite alone. During this part the client runs on CPU 1 and the agent's threads on \
              CPU 0: unpinned, each batch came out in one of two modes about 7 µs apart, depending \
              on whether the agent's accept ran on the client's CPU inside its connect(), which \
-             swamped the differences between variants. Pinned, every connect includes waking the \
-             idle agent on the other CPU, as on a node whose agent waits for work.\n",
+             swamped the differences between variants. Pinned, the batches of one run agree, but \
+             whole runs on this machine land either near 14 µs or near 21 µs for a direct \
+             connect (the cause was not found); compare variants within one run, where they are \
+             interleaved. The mean is given beside the median.\n",
             c.rounds, c.per_batch
         );
         let base = c.dist("a");
@@ -560,8 +562,10 @@ impl Report {
             "variant",
             "median",
             "p99",
+            "mean",
             "median vs (a)",
             "p99 vs (a)",
+            "mean vs (a)",
             "connects",
         ]);
         for (_, label, d) in &c.rows {
@@ -569,8 +573,10 @@ impl Report {
                 label.clone(),
                 fmt_ns(d.median()),
                 fmt_ns(d.p99()),
+                fmt_ns(d.mean()),
                 fmt_ratio(d.median(), base.and_then(Dist::median)),
                 fmt_ratio(d.p99(), base.and_then(Dist::p99)),
+                fmt_ratio(d.mean(), base.and_then(Dist::mean)),
                 d.count().to_string(),
             ]);
         }

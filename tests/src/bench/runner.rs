@@ -75,8 +75,8 @@ pub struct Options {
 impl Options {
     pub fn full() -> Self {
         Self {
-            connect_rounds: 12,
-            connects_per_batch: 1000,
+            connect_rounds: 30,
+            connects_per_batch: 400,
             get_rounds: 6,
             latency_secs: 1,
             load_secs: 2,

@@ -51,6 +51,19 @@ impl Dist {
         None
     }
 
+    /// The arithmetic mean; `None` when empty.
+    pub fn mean(&self) -> Option<u64> {
+        let total = self.count();
+        (total > 0).then(|| {
+            let sum: u128 = self
+                .points
+                .iter()
+                .map(|&(v, n)| u128::from(v) * u128::from(n))
+                .sum();
+            (sum / u128::from(total)) as u64
+        })
+    }
+
     pub fn median(&self) -> Option<u64> {
         self.percentile(50.0)
     }
@@ -148,6 +161,7 @@ mod tests {
         assert_eq!(weighted.median(), Some(10));
         assert_eq!(weighted.p99(), Some(1000));
         assert_eq!(Dist::default().median(), None);
+        assert_eq!(Dist::from_samples(&[1, 2, 6]).mean(), Some(3));
     }
 
     #[test]
