@@ -131,7 +131,13 @@ fn port_rewrite_program_moves_7777_to_7778_and_link_update_swaps_it() {
     assert_eq!(swapped.errno, Some(libc::ECONNREFUSED), "{swapped:?}");
 
     drop(link);
-    let attached = bpf::prog_query(cgroup.as_fd(), AttachType::Inet4Connect).unwrap();
+    // The kernel releases a closed link asynchronously (deferred free): give it a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut attached = bpf::prog_query(cgroup.as_fd(), AttachType::Inet4Connect).unwrap();
+    while !attached.is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        attached = bpf::prog_query(cgroup.as_fd(), AttachType::Inet4Connect).unwrap();
+    }
     assert!(
         attached.is_empty(),
         "closing the link detaches: {attached:?}"
