@@ -161,14 +161,7 @@ impl Guard {
 
     fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
         let name = programs::GUARD;
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or(Error::Missing {
-                kind: "program",
-                name,
-            })?
-            .try_into()
-            .map_err(|source| Error::Program { name, source })?;
+        let program: &mut SchedClassifier = super::program_mut(ebpf, name)?;
         if program.fd().is_err() {
             program
                 .load()

@@ -290,14 +290,7 @@ pub fn install(settings: &Settings) -> Result<Interception> {
             });
             continue;
         }
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or(Error::Missing {
-                kind: "program",
-                name,
-            })?
-            .try_into()
-            .map_err(|source| Error::Program { name, source })?;
+        let program: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
         program
             .load()
             .map_err(|source| Error::Program { name, source })?;
@@ -616,14 +609,7 @@ fn probe_netns_cookie(ebpf: &mut Ebpf, cgroup: &Path) -> Result<u64> {
         .map_err(|e| Error::io(format!("create probe cgroup {}", dir.display()), e))?;
     let guard = ProbeCgroup(dir);
     let name = programs::NETNS_PROBE;
-    let program: &mut CgroupSockAddr = ebpf
-        .program_mut(name)
-        .ok_or(Error::Missing {
-            kind: "program",
-            name,
-        })?
-        .try_into()
-        .map_err(|source| Error::Program { name, source })?;
+    let program: &mut CgroupSockAddr = program_mut(ebpf, name)?;
     program
         .load()
         .map_err(|source| Error::Program { name, source })?;
@@ -736,6 +722,20 @@ pub fn uninstall(pin_dir: &Path) -> Result<Vec<String>> {
     fs::remove_dir(pin_dir).map_err(|e| Error::io(format!("remove {}", pin_dir.display()), e))?;
     removed.push(format!("directory {}: removed", pin_dir.display()));
     Ok(removed)
+}
+
+/// A program of the object by name, as its type.
+pub(crate) fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(Error::Missing {
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(|source| Error::Program { name, source })
 }
 
 fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>> {
