@@ -55,15 +55,20 @@ fn syn(src: Ipv4Addr, dst: Ipv4Addr, port: u16) -> io::Result<()> {
     let sum = checksum(&pseudo);
     tcp[16..18].copy_from_slice(&sum.to_be_bytes());
     let addr = sockaddr_in(dst, 0);
-    // SAFETY: valid fd, buffer and address.
+    send_and_close(fd, &tcp, &addr)
+}
+
+/// One sendto(2) on a raw socket, which is then closed.
+fn send_and_close<A>(fd: libc::c_int, packet: &[u8], addr: &A) -> io::Result<()> {
+    // SAFETY: valid fd, buffer and address of the stated size.
     let sent = unsafe {
         libc::sendto(
             fd,
-            tcp.as_ptr().cast(),
-            tcp.len(),
+            packet.as_ptr().cast(),
+            packet.len(),
             0,
-            (&addr as *const libc::sockaddr_in).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as u32,
+            (addr as *const A).cast(),
+            std::mem::size_of::<A>() as u32,
         )
     };
     let result = if sent < 0 {
@@ -144,25 +149,7 @@ fn frame(
     addr.sll_ifindex = ifindex as i32;
     addr.sll_halen = 6;
     addr.sll_addr[..6].copy_from_slice(&dst_mac);
-    // SAFETY: valid fd, buffer and address.
-    let sent = unsafe {
-        libc::sendto(
-            fd,
-            packet.as_ptr().cast(),
-            packet.len(),
-            0,
-            (&addr as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    let result = if sent < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    };
-    // SAFETY: closing our own fd.
-    unsafe { libc::close(fd) };
-    result
+    send_and_close(fd, &packet, &addr)
 }
 
 fn run(args: &[String]) -> Result<(), String> {
