@@ -220,7 +220,7 @@ pub struct RunArgs {
     pub max_connections: usize,
     /// Open connections one source address (a pod, or anything else that reaches the port)
     /// may hold; more are answered 503 and closed, so one caller cannot take every slot.
-    #[arg(long, env = "MAX_CONNECTIONS_PER_CALLER", default_value_t = 64)]
+    #[arg(long, env = "MAX_CONNECTIONS_PER_CALLER", default_value_t = 1024)]
     pub max_connections_per_caller: usize,
     /// Time a client has to send its request headers.
     #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "5s", value_parser = parse_duration)]

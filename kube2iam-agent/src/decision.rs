@@ -39,10 +39,10 @@ pub struct Known<'a> {
     pub attested: Option<&'a PodIdentity>,
     /// The first full pod list has been applied.
     pub synced: bool,
-    /// The identity map is full: an unknown address may be a pod it could not record.
-    pub map_full: bool,
     /// The registry's cgroup root, named in refusals.
     pub cgroup_root: &'a str,
+    /// kubelet's pod cgroups are below that root: the kernel can name pods on this node.
+    pub pods_attestable: bool,
 }
 
 /// The namespace's restriction, as the caller found it.
@@ -142,20 +142,32 @@ pub fn identify(rules: &Rules, known: &Known<'_>, last_look: bool) -> Outcome<Po
                  address"
             ),
         )),
-        Caller::NoPodCgroup { cgroup_id } => match rules.attestation {
-            Mode::Require => Outcome::Refuse(Refusal::new(
+        Caller::NoPodCgroup { cgroup_id } => {
+            // Where the pods of this node are in pod cgroups, a process outside them is no pod.
+            let refuse = match rules.attestation {
+                Mode::Require => true,
+                Mode::Prefer => known.pods_attestable,
+                Mode::Off => false,
+            };
+            if !refuse {
+                return by_address();
+            }
+            let why = if rules.attestation == Mode::Require {
+                "--identity-attestation is require"
+            } else {
+                "the pods of this node are in pod cgroups"
+            };
+            Outcome::Refuse(Refusal::new(
                 403,
                 "no_pod_cgroup",
                 format!(
                     "the kernel attributes the connection from {peer} to cgroup {cgroup_id}, \
-                     which is no pod's cgroup under {} (kubelet's layout), and \
-                     --identity-attestation is require; run `kube2iam-agent doctor` on node \
-                     {node}",
+                     which is no pod's cgroup under {} (kubelet's layout), and {why}; run \
+                     `kube2iam-agent doctor` on node {node}",
                     known.cgroup_root
                 ),
-            )),
-            Mode::Prefer | Mode::Off => by_address(),
-        },
+            ))
+        }
         Caller::Pod { uid, host_netns } => {
             let attested_name = known
                 .attested
@@ -205,16 +217,6 @@ pub fn identify(rules: &Rules, known: &Known<'_>, last_look: bool) -> Outcome<Po
 
 fn unknown_address(rules: &Rules, known: &Known<'_>) -> Refusal {
     let (node, peer) = (&rules.node, known.peer);
-    if known.map_full {
-        return Refusal::new(
-            503,
-            "identity_map_full",
-            format!(
-                "no pod with IP {peer} on node {node} in the identity map, and the identity map \
-                 is full: pods beyond it are not served; raise --identity-capacity"
-            ),
-        );
-    }
     let not_synced = if known.synced {
         ""
     } else {
@@ -398,8 +400,8 @@ mod tests {
             host_pod: None,
             attested: None,
             synced: true,
-            map_full: false,
             cgroup_root: "/sys/fs/cgroup",
+            pods_attestable: true,
         }
     }
 
@@ -503,19 +505,16 @@ mod tests {
     }
 
     #[test]
-    fn unknown_addresses_wait_then_404_or_503_when_the_map_is_full() {
+    fn unknown_addresses_wait_then_404() {
         let caller = attested(UID_A);
         let k = known(&caller, &[]);
         assert_eq!(identify(&rules(Mode::Prefer), &k, false), Outcome::Wait);
         let r = refused(identify(&rules(Mode::Prefer), &k, true));
         assert_eq!((r.status, r.kind), (404, "unknown_pod"));
-        let full = Known {
-            map_full: true,
-            ..k
-        };
-        assert_eq!(
-            refused(identify(&rules(Mode::Prefer), &full, true)).status,
-            503
+        assert!(
+            r.body.contains("198.51.100.2") && r.body.contains("node-a"),
+            "{}",
+            r.body
         );
     }
 
@@ -533,31 +532,32 @@ mod tests {
     }
 
     #[test]
-    fn callers_outside_pod_cgroups_fall_back_to_the_address_only_when_preferred() {
+    fn callers_outside_pod_cgroups_fall_back_to_the_address_only_where_no_pod_is_attestable() {
         let owner = [pod("web", UID_A, Some("web"))];
         let caller = Caller::NoPodCgroup { cgroup_id: 1 };
+        // Where the pods of the node are in pod cgroups, a process outside them is no pod.
         let k = known(&caller, &owner);
-        assert_eq!(
-            served(decide(&rules(Mode::Prefer), &k, unrestricted, false))
-                .pod
-                .uid,
-            UID_A
-        );
-        let r = refused(decide(&rules(Mode::Require), &k, unrestricted, false));
+        let r = refused(decide(&rules(Mode::Prefer), &k, unrestricted, false));
+        assert_eq!((r.status, r.kind), (403, "no_pod_cgroup"));
+        // A cgroup-v1 node: the kernel can name no pod, the address decides under prefer...
+        let v1 = Known {
+            pods_attestable: false,
+            ..k
+        };
+        let d = served(decide(&rules(Mode::Prefer), &v1, unrestricted, false));
+        assert_eq!(d.pod.uid, UID_A);
+        // ...and never under require.
+        let r = refused(decide(&rules(Mode::Require), &v1, unrestricted, false));
         assert_eq!((r.status, r.kind), (403, "no_pod_cgroup"));
         assert!(r.body.contains("doctor"), "{}", r.body);
         let off = Caller::NotChecked;
-        assert_eq!(
-            served(decide(
-                &rules(Mode::Off),
-                &known(&off, &owner),
-                unrestricted,
-                false
-            ))
-            .pod
-            .uid,
-            UID_A
-        );
+        let d = served(decide(
+            &rules(Mode::Off),
+            &known(&off, &owner),
+            unrestricted,
+            false,
+        ));
+        assert_eq!(d.pod.uid, UID_A);
     }
 
     #[test]

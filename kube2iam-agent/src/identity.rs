@@ -87,7 +87,7 @@ pub enum Error {
     },
     #[error(
         "the identity map is full ({capacity} entries); raise --identity-capacity (pod {pod} at \
-         {ip} is not served until an entry frees up)"
+         {ip} is served, but not pinned: after a restart it waits for the pod list)"
     )]
     Full {
         capacity: u32,
@@ -677,12 +677,6 @@ impl Registry {
             .map(|p| p.identity.clone())
             .chain(state.host_pods.values().cloned())
             .collect()
-    }
-
-    /// Whether the identity map holds as many entries as it can.
-    pub fn full(&self) -> bool {
-        let capacity = self.map.capacity();
-        capacity > 0 && self.state().written.len() >= capacity as usize
     }
 
     /// Registry changes, to wait on.

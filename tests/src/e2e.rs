@@ -30,6 +30,8 @@ pub struct World {
     pub sts: FaultProxy,
     pub api: KubeApi,
     pub agent: Agent,
+    /// The pod object last added for each test pod (by its netns): namespace, name, UID.
+    objects: std::sync::Mutex<std::collections::HashMap<String, (String, String, String)>>,
 }
 
 impl World {
@@ -51,6 +53,7 @@ impl World {
             sts,
             api,
             agent,
+            objects: Default::default(),
         }
     }
 
@@ -66,8 +69,9 @@ impl World {
     }
 
     /// Adds a Running pod for `pod` (its addresses) to the API, with annotations, its
-    /// processes in cgroups laid out as kubelet's cgroupfs driver does. Adding the same `pod`
-    /// again updates that pod object (same UID). Returns the pod's UID.
+    /// processes in cgroups laid out as kubelet's cgroupfs driver does. Adding the same
+    /// namespace/name on `pod` again updates that pod object (same UID); another name is a new
+    /// pod on the same addresses (new UID, new cgroups). Returns the pod's UID.
     pub fn add_pod(
         &self,
         pod: &Pod<'_>,
@@ -75,16 +79,26 @@ impl World {
         name: &str,
         annotations: &[(&str, &str)],
     ) -> String {
-        let uid = match pod.kubelet_cgroup() {
-            Some(laid) => laid.uid,
-            None => {
-                let uid = objects::new_uid();
-                pod.use_kubelet_cgroup(crate::CgroupDriver::Cgroupfs, &uid);
+        let same = self
+            .objects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(pod.netns_name())
+            .filter(|(ns, n, _)| ns == namespace && n == name)
+            .map(|(_, _, uid)| uid.clone());
+        match same {
+            Some(uid) => {
+                self.add_pod_object(pod, namespace, name, annotations, &uid);
                 uid
             }
-        };
-        self.add_pod_object(pod, namespace, name, annotations, &uid);
-        uid
+            None => self.add_new_pod(
+                pod,
+                namespace,
+                name,
+                annotations,
+                crate::CgroupDriver::Cgroupfs,
+            ),
+        }
     }
 
     /// Adds a new pod (new UID, new cgroups laid out by `driver`) on `pod`'s addresses: what
@@ -111,6 +125,13 @@ impl World {
         annotations: &[(&str, &str)],
         uid: &str,
     ) {
+        self.objects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                pod.netns_name().to_owned(),
+                (namespace.to_owned(), name.to_owned(), uid.to_owned()),
+            );
         let mut object =
             objects::pod(namespace, name, NODE_NAME, pod.ip4(), Some(pod.ip6())).uid(uid);
         for (k, v) in annotations {

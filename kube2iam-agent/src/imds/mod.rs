@@ -101,8 +101,8 @@ struct Snapshot {
     host_pod: Option<PodIdentity>,
     attested: Option<PodIdentity>,
     synced: bool,
-    map_full: bool,
     cgroup_root: String,
+    pods_attestable: bool,
 }
 
 impl Snapshot {
@@ -114,8 +114,8 @@ impl Snapshot {
             host_pod: self.host_pod.as_ref(),
             attested: self.attested.as_ref(),
             synced: self.synced,
-            map_full: self.map_full,
             cgroup_root: &self.cgroup_root,
+            pods_attestable: self.pods_attestable,
         }
     }
 }
@@ -193,8 +193,8 @@ impl State {
             host_pod,
             attested,
             synced: self.registry.synced(),
-            map_full: self.registry.full(),
             cgroup_root: self.attestation.cgroups.root().display().to_string(),
+            pods_attestable: self.attestation.cgroups.pod_count() > 0,
         }
     }
 
