@@ -54,6 +54,10 @@ pub enum Caller {
     /// The connection came through the redirect from a task in no pod's cgroup (cgroup id
     /// given): pods on this node are not in cgroup v2, or the caller is no pod.
     NoPodCgroup { cgroup_id: u64 },
+    /// The connection came through the redirect, but neither the task's cgroup nor any of its
+    /// recorded ancestors is in the cgroup tree the agent reads (removed, or hidden deeper than
+    /// the agent scans): who made it cannot be told, so it is not served.
+    Unresolved { cgroup_id: u64 },
     /// No record: the connection did not come through the redirect on this node (another
     /// node, a direct connect to the agent's port, or hand-made packets).
     Unattested,
@@ -67,6 +71,7 @@ impl Caller {
         match self {
             Caller::Pod { .. } => "pod",
             Caller::NoPodCgroup { .. } => "no_pod_cgroup",
+            Caller::Unresolved { .. } => "unresolved_cgroup",
             Caller::Unattested => "unattested",
             Caller::NotChecked => "off",
         }
@@ -189,15 +194,43 @@ impl CgroupPods {
         self.state().ids.get(&id).cloned()
     }
 
-    /// The pod of cgroup `id`, rescanning once if the id is new.
-    pub async fn resolve(&self, id: u64) -> Option<PodCgroup> {
-        if let Some(known) = self.cached(id) {
-            return known;
+    /// Rescans now (blocking): for start-up and the host-pods sync.
+    pub fn rescan(&self) -> io::Result<()> {
+        let scan = scan_tree(&self.root)?;
+        *self.state() = scan;
+        Ok(())
+    }
+
+    /// The pod a connection's record names: the outermost pod cgroup among the task's
+    /// recorded ancestors (which a process cannot leave or hide while its pod runs), else what
+    /// the scan says of the task's own cgroup. `Err(())` when the record's cgroups are not in
+    /// the tree at all.
+    pub async fn resolve_record(&self, record: &Attestation) -> Result<Option<PodCgroup>, ()> {
+        for pass in 0..2 {
+            if let Some(found) = self.lookup_record(record) {
+                return Ok(found);
+            }
+            if pass == 0 {
+                self.rescan_for_miss().await;
+            }
         }
+        Err(())
+    }
+
+    /// From the cache: `Some(pod or none)` when the record can be decided, `None` on a miss.
+    fn lookup_record(&self, record: &Attestation) -> Option<Option<PodCgroup>> {
+        let scan = self.state();
+        // Level order: the first pod found is the outermost.
+        for id in record.ancestors.iter().filter(|id| **id != 0) {
+            if let Some(Some(pod)) = scan.ids.get(id) {
+                return Some(Some(pod.clone()));
+            }
+        }
+        scan.ids.get(&record.cgroup_id).cloned()
+    }
+
+    async fn rescan_for_miss(&self) {
         let _one = self.scanning.lock().await;
-        if let Some(known) = self.cached(id) {
-            return known;
-        }
         let recent = self.state().at.is_some_and(|at| at.elapsed() < MIN_RESCAN);
         if recent {
             tokio::time::sleep(MIN_RESCAN).await;
@@ -208,14 +241,6 @@ impl CgroupPods {
             Ok(Err(e)) => tracing::warn!(root = %self.root.display(), "cannot scan cgroups: {e}"),
             Err(e) => tracing::warn!("cgroup scan failed: {e}"),
         }
-        self.cached(id).flatten()
-    }
-
-    /// Rescans now (blocking): for start-up and the host-pods sync.
-    pub fn rescan(&self) -> io::Result<()> {
-        let scan = scan_tree(&self.root)?;
-        *self.state() = scan;
-        Ok(())
     }
 
     /// The pod-level cgroup id of pod `uid`, as of the last scan.
@@ -342,12 +367,15 @@ pub async fn identify(
     let Some(record) = map.and_then(|m| m.get(&conn_key(peer, local))) else {
         return Caller::Unattested;
     };
-    match pods.resolve(record.cgroup_id).await {
-        Some(pod) => Caller::Pod {
+    match pods.resolve_record(&record).await {
+        Ok(Some(pod)) => Caller::Pod {
             uid: pod.uid,
             host_netns: record.netns_cookie == host_netns_cookie,
         },
-        None => Caller::NoPodCgroup {
+        Ok(None) => Caller::NoPodCgroup {
+            cgroup_id: record.cgroup_id,
+        },
+        Err(()) => Caller::Unresolved {
             cgroup_id: record.cgroup_id,
         },
     }
@@ -422,6 +450,49 @@ mod tests {
         assert_eq!(scan.ids.get(&pod_id), Some(&expected));
         assert_eq!(scan.ids.get(&id(&dir.join("system.slice"))), Some(&None));
         assert_eq!(scan.pods.get(UID), Some(&pod_id));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_record_names_its_pod_by_ancestor_even_when_its_own_cgroup_is_hidden_or_gone() {
+        let dir = std::env::temp_dir().join(format!("k2i-attest-anc-{}", std::process::id()));
+        let pod_dir = dir.join(format!("kubepods/burstable/pod{UID}"));
+        fs::create_dir_all(pod_dir.join("ctr")).unwrap();
+        fs::create_dir_all(dir.join("system.slice")).unwrap();
+        let id = |p: &Path| fs::metadata(p).unwrap().ino();
+        let pods = CgroupPods::new(dir.clone());
+        pods.rescan().unwrap();
+        let record = |leaf: u64, ancestors: &[u64]| {
+            let mut a = [0u64; kube2iam_common::ATTEST_ANCESTORS];
+            a[..ancestors.len()].copy_from_slice(ancestors);
+            Attestation {
+                cgroup_id: leaf,
+                netns_cookie: 0,
+                socket_cookie: 0,
+                ancestors: a,
+            }
+        };
+        let chain = [
+            id(&dir.join("kubepods")),
+            id(&dir.join("kubepods/burstable")),
+            id(&pod_dir),
+            id(&pod_dir.join("ctr")),
+        ];
+        // A leaf the scan never saw (too deep, or removed), below the pod's cgroup.
+        let hidden = record(u64::MAX - 7, &chain);
+        assert_eq!(
+            pods.resolve_record(&hidden).await.map(|p| p.map(|p| p.uid)),
+            Ok(Some(UID.to_owned()))
+        );
+        // A known non-pod cgroup: no pod.
+        let system = id(&dir.join("system.slice"));
+        assert_eq!(
+            pods.resolve_record(&record(system, &[system])).await,
+            Ok(None)
+        );
+        // An unknown cgroup with no pod among its ancestors cannot be told: unresolved.
+        let unknown = record(u64::MAX - 9, &[system, u64::MAX - 8]);
+        assert_eq!(pods.resolve_record(&unknown).await, Err(()));
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -30,9 +30,11 @@ pub struct Known<'a> {
     pub peer: IpAddr,
     /// The kernel's word on the connection.
     pub caller: &'a Caller,
-    /// The pods that claim `peer`, newest first: live pods from the watch and, before the first
-    /// list is complete, the record pinned by the previous agent.
+    /// The live pods that claim `peer`, newest first.
     pub claimants: &'a [PodIdentity],
+    /// Before the first list is complete: the record the previous agent pinned for `peer`. It
+    /// is served only to the pod the kernel attests it names, never by address alone.
+    pub pinned: Option<&'a PodIdentity>,
     /// The record of the attested pod among hostNetwork pods served their own role.
     pub host_pod: Option<&'a PodIdentity>,
     /// The attested pod's record wherever the registry has it (for naming it in refusals).
@@ -131,6 +133,7 @@ pub fn identify(rules: &Rules, known: &Known<'_>, last_look: bool) -> Outcome<Po
         None if !last_look => Outcome::Wait,
         None => Outcome::Refuse(unknown_address(rules, known)),
     };
+    let attested_pods = || known.claimants.iter().chain(known.pinned);
     match known.caller {
         Caller::NotChecked => by_address(),
         Caller::Unattested => Outcome::Refuse(Refusal::new(
@@ -140,6 +143,16 @@ pub fn identify(rules: &Rules, known: &Known<'_>, last_look: bool) -> Outcome<Po
                 "the connection from {peer} did not come through the metadata redirect on node \
                  {node}; the agent serves only pods on this node that connect to the metadata \
                  address"
+            ),
+        )),
+        Caller::Unresolved { cgroup_id } => Outcome::Refuse(Refusal::new(
+            403,
+            "unresolved_cgroup",
+            format!(
+                "the kernel attributes the connection from {peer} to cgroup {cgroup_id}, which is \
+                 not in the cgroup tree under {} (removed, or nested deeper than the agent \
+                 reads): who made it cannot be told",
+                known.cgroup_root
             ),
         )),
         Caller::NoPodCgroup { cgroup_id } => {
@@ -188,20 +201,16 @@ pub fn identify(rules: &Rules, known: &Known<'_>, last_look: bool) -> Outcome<Po
                     )),
                 };
             }
-            if let Some(pod) = known.claimants.iter().find(|p| p.uid == *uid) {
+            if let Some(pod) = attested_pods().find(|p| p.uid == *uid) {
                 return Outcome::Ok(pod.clone());
             }
             if !last_look {
                 return Outcome::Wait;
             }
-            if known.claimants.is_empty() {
+            if attested_pods().next().is_none() {
                 return Outcome::Refuse(unknown_address(rules, known));
             }
-            let owners: Vec<String> = known
-                .claimants
-                .iter()
-                .map(PodIdentity::display_name)
-                .collect();
+            let owners: Vec<String> = attested_pods().map(PodIdentity::display_name).collect();
             Outcome::Refuse(Refusal::new(
                 403,
                 "mismatch",
@@ -397,6 +406,7 @@ mod tests {
             peer: "198.51.100.2".parse().unwrap(),
             caller,
             claimants,
+            pinned: None,
             host_pod: None,
             attested: None,
             synced: true,
@@ -463,26 +473,50 @@ mod tests {
     #[test]
     fn a_stale_pinned_record_is_served_only_to_its_own_pod_before_the_sync() {
         // After a restart, before the list: the address's pinned record names the finished pod.
-        let pinned = [pod("gone", UID_A, Some("secret-role"))];
+        let gone = pod("gone", UID_A, Some("secret-role"));
         let caller = attested(UID_B);
-        let mut k = known(&caller, &pinned);
+        let mut k = known(&caller, &[]);
+        k.pinned = Some(&gone);
         k.synced = false;
-        assert_eq!(
-            decide(&rules(Mode::Prefer), &k, unrestricted, false),
-            Outcome::Wait
-        );
-        assert_eq!(
-            refused(decide(&rules(Mode::Prefer), &k, unrestricted, true)).kind,
-            "mismatch"
-        );
+        let r = rules(Mode::Prefer);
+        assert_eq!(decide(&r, &k, unrestricted, false), Outcome::Wait);
+        assert_eq!(refused(decide(&r, &k, unrestricted, true)).kind, "mismatch");
         let own = attested(UID_A);
-        let k = Known { caller: &own, ..k };
+        let mine = Known { caller: &own, ..k };
         assert_eq!(
-            served(decide(&rules(Mode::Prefer), &k, unrestricted, false))
-                .pod
-                .uid,
+            served(decide(&r, &mine, unrestricted, false)).pod.uid,
             UID_A
         );
+        // By address alone (attestation off, or no pod cgroups on the node) a pinned record is
+        // never served: the pod list decides.
+        for (mode, caller) in [
+            (Mode::Off, Caller::NotChecked),
+            (Mode::Prefer, Caller::NoPodCgroup { cgroup_id: 1 }),
+        ] {
+            let by_address = Known {
+                caller: &caller,
+                pods_attestable: false,
+                ..k
+            };
+            let r = rules(mode);
+            assert_eq!(decide(&r, &by_address, unrestricted, false), Outcome::Wait);
+            let refusal = refused(decide(&r, &by_address, unrestricted, true));
+            assert_eq!(refusal.status, 404, "{mode:?}: {}", refusal.body);
+        }
+    }
+
+    #[test]
+    fn unresolvable_cgroups_are_refused_in_every_mode_that_attests() {
+        let owner = [pod("web", UID_A, Some("web"))];
+        let caller = Caller::Unresolved { cgroup_id: 77 };
+        for mode in [Mode::Prefer, Mode::Require] {
+            let k = Known {
+                pods_attestable: false,
+                ..known(&caller, &owner)
+            };
+            let r = refused(decide(&rules(mode), &k, unrestricted, false));
+            assert_eq!((r.status, r.kind), (403, "unresolved_cgroup"));
+        }
     }
 
     #[test]

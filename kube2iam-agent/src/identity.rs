@@ -622,25 +622,38 @@ impl Registry {
         self.state().synced
     }
 
-    /// The pods claiming `ip`, newest first: live pods, then (before the first list is
-    /// complete) the record a previous agent pinned, unless the watch already has that pod.
+    /// The live pods claiming `ip`, newest first.
     pub fn claimants(&self, ip: IpAddr) -> Vec<PodIdentity> {
         let k = key(ip);
-        let state = self.state();
-        let mut out: Vec<PodIdentity> = state.live_claimants(&k).into_iter().cloned().collect();
-        if !state.synced
-            && let Some(pinned) = state.pinned.get(&k)
-            && !out.iter().any(|p| p.uid == pinned.uid)
-            && !state.pods.contains_key(&pinned.uid)
-        {
-            out.push(pinned.clone());
-        }
-        out
+        self.state()
+            .live_claimants(&k)
+            .into_iter()
+            .cloned()
+            .collect()
     }
 
-    /// The pod that owns `ip` by address alone: the newest claimant.
+    /// Before the first list is complete: the record a previous agent pinned for `ip`, unless
+    /// the watch already has that pod. Only the pod it names may be served from it.
+    pub fn pinned(&self, ip: IpAddr) -> Option<PodIdentity> {
+        let state = self.state();
+        if state.synced {
+            return None;
+        }
+        state
+            .pinned
+            .get(&key(ip))
+            .filter(|p| !state.pods.contains_key(&p.uid))
+            .cloned()
+    }
+
+    /// The pod that owns `ip` by address alone: the newest claimant, else (before the sync)
+    /// the pinned record. For display; serving decides in [`crate::decision`].
     pub fn lookup(&self, ip: IpAddr) -> Result<Option<PodIdentity>, Error> {
-        Ok(self.claimants(ip).into_iter().next())
+        Ok(self
+            .claimants(ip)
+            .into_iter()
+            .next()
+            .or_else(|| self.pinned(ip)))
     }
 
     /// A pod by UID: live, hostNetwork, or (before the sync) pinned.

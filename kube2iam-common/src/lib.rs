@@ -163,10 +163,13 @@ pub enum Counter {
     Attested = 10,
     /// A metadata connect from a hostNetwork pod with its own role, redirected to the agent.
     RedirectedHostPod = 11,
+    /// A non-TCP (UDP) connect to the metadata address from a pod, refused: the metadata
+    /// service is TCP only.
+    RefusedNotTcp = 12,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 12] = [
+    pub const ALL: [Counter; 13] = [
         Counter::Passed,
         Counter::Redirected4,
         Counter::Redirected6,
@@ -179,6 +182,7 @@ impl Counter {
         Counter::GuardDropped6,
         Counter::Attested,
         Counter::RedirectedHostPod,
+        Counter::RefusedNotTcp,
     ];
 
     /// Stable snake_case name, used in logs and metrics.
@@ -196,6 +200,7 @@ impl Counter {
             Counter::GuardDropped6 => "guard_dropped_ipv6",
             Counter::Attested => "attested",
             Counter::RedirectedHostPod => "redirected_host_pod",
+            Counter::RefusedNotTcp => "refused_not_tcp",
         }
     }
 }
@@ -281,9 +286,20 @@ pub struct Attestation {
     pub cgroup_id: u64,
     /// The netns cookie of the connecting socket (native order).
     pub netns_cookie: u64,
+    /// The connecting socket's cookie (native order): only that socket's close removes the
+    /// entry, whoever else later writes the same addresses and ports.
+    pub socket_cookie: u64,
+    /// The ids of the task's cgroup ancestors at levels 1..=[`ATTEST_ANCESTORS`] (0 past the
+    /// task's own level): a pod's cgroup is found here however deep below it the task sits,
+    /// and even after the task's own cgroup is gone.
+    pub ancestors: [u64; ATTEST_ANCESTORS],
 }
 
-const _: () = assert!(core::mem::size_of::<Attestation>() == 16);
+/// Cgroup levels below the root recorded in an [`Attestation`] (kubelet's pod cgroups sit at
+/// level 2 or 3 below the cgroup2 root).
+pub const ATTEST_ANCESTORS: usize = 8;
+
+const _: () = assert!(core::mem::size_of::<Attestation>() == 24 + 8 * ATTEST_ANCESTORS);
 
 /// A redirected connection as the agent sees it when it accepts: the client's address and port
 /// and the agent's. Addresses in the `user_ip6` form (IPv4 mapped, network order words); ports
@@ -301,7 +317,7 @@ const _: () = assert!(core::mem::size_of::<ConnKey>() == 40);
 
 /// Capacity of the attestation maps: connections to the agent that are open at once (entries
 /// go when the client's socket closes; the LRU evicts the oldest beyond that).
-pub const ATTEST_CAPACITY: u32 = 8192;
+pub const ATTEST_CAPACITY: u32 = 4096;
 
 /// Capacity of the host-pods map: hostNetwork pods with their own role on one node.
 pub const HOST_PODS_CAPACITY: u32 = 256;

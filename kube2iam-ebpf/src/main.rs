@@ -32,10 +32,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use kube2iam_common::{
-    ATTEST_CAPACITY, Attestation, CONFIG_KEY, COUNTER_SLOTS, Config, ConnKey, Counter,
-    DEFAULT_IDENTITY_CAPACITY, DEFAULT_METADATA_IP4, DEFAULT_METADATA_IP6, DEFAULT_METADATA_PORT,
-    FLAG_AGENT_IP6, FLAG_ENABLED, FLAG_HOST_PODS, HOST_POD_MAX_DEPTH, HOST_PODS_CAPACITY, Identity,
-    REVNAT_CAPACITY, RevNat, ip4_mapped,
+    ATTEST_ANCESTORS, ATTEST_CAPACITY, Attestation, CONFIG_KEY, COUNTER_SLOTS, Config, ConnKey,
+    Counter, DEFAULT_IDENTITY_CAPACITY, DEFAULT_METADATA_IP4, DEFAULT_METADATA_IP6,
+    DEFAULT_METADATA_PORT, FLAG_AGENT_IP6, FLAG_ENABLED, FLAG_HOST_PODS, HOST_POD_MAX_DEPTH,
+    HOST_PODS_CAPACITY, Identity, REVNAT_CAPACITY, RevNat, ip4_mapped,
 };
 
 /// Return value that lets the syscall proceed.
@@ -189,9 +189,18 @@ fn attest(ctx: &SockAddrContext, netns_cookie: u64) {
             bpf_get_current_cgroup_id(),
         )
     };
+    let mut ancestors = [0u64; ATTEST_ANCESTORS];
+    let mut level = 0;
+    while level < ATTEST_ANCESTORS {
+        // SAFETY: the helper takes a level; it returns 0 past the task's own cgroup.
+        ancestors[level] = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32 + 1) };
+        level += 1;
+    }
     let entry = Attestation {
         cgroup_id,
         netns_cookie,
+        socket_cookie: cookie,
+        ancestors,
     };
     // A failed insert leaves the connection without attestation, which the agent refuses.
     let _ = K2I_CONNECTING.insert(cookie, entry, 0);
@@ -227,6 +236,10 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
                 ctx,
                 "kube2iam connect4: refused metadata connect, no config"
             );
+            DENY
+        }
+        Verdict::Redirect(_, _) if !is_tcp(ctx) => {
+            count(Counter::RefusedNotTcp);
             DENY
         }
         Verdict::Redirect(config, netns) => {
@@ -303,6 +316,10 @@ fn try_connect6(ctx: &SockAddrContext) -> i32 {
             );
             return DENY;
         }
+        Verdict::Redirect(_, _) if !is_tcp(ctx) => {
+            count(Counter::RefusedNotTcp);
+            return DENY;
+        }
         Verdict::Redirect(config, netns) => {
             attest(ctx, netns);
             config
@@ -335,6 +352,14 @@ fn try_connect6(ctx: &SockAddrContext) -> i32 {
         "kube2iam connect6: redirected metadata connect to the agent"
     );
     ALLOW
+}
+
+const SOCK_STREAM: u32 = 1;
+
+/// The metadata service speaks TCP only; a pod's UDP "connect" to it is refused, not redirected.
+fn is_tcp(ctx: &SockAddrContext) -> bool {
+    // SAFETY: `type` is read at its 4-byte width.
+    unsafe { read_volatile(addr_of!((*ctx.sock_addr).type_)) == SOCK_STREAM }
 }
 
 /// Records the rewrite under the socket cookie for getpeername.
@@ -482,8 +507,16 @@ fn try_sock_ops(ctx: &SockOpsContext) {
         }
     } else if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE {
         // A closed connection's entry never outlives it: a later connection on the same
-        // addresses and ports gets its own entry from its own connect, or none.
-        let _ = K2I_ATTEST.remove(&conn_key(ctx));
+        // addresses and ports gets its own entry from its own connect, or none. Only the socket
+        // that wrote the entry removes it.
+        let key = conn_key(ctx);
+        // SAFETY: the helper takes the program context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        // SAFETY: one field read at once.
+        let owner = unsafe { K2I_ATTEST.get(&key) }.map(|e| e.socket_cookie);
+        if owner == Some(cookie) {
+            let _ = K2I_ATTEST.remove(&key);
+        }
     }
 }
 

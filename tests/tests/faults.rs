@@ -600,9 +600,10 @@ fn sigkill_mid_request_gives_the_pod_an_error_never_upstream_data_and_a_restart_
 #[test]
 fn a_full_identity_map_is_named_in_the_log_and_every_pod_is_still_served() {
     let node = TestNode::new();
-    let world = World::start(&node, &["--identity-capacity", "2"]);
+    // Every pod has an IPv4 and an IPv6 address: two map entries each, so the third pod does
+    // not fit.
+    let world = World::start(&node, &["--identity-capacity", "4"]);
     let pods: Vec<_> = ["a", "b", "c"].iter().map(|n| node.add_pod(n)).collect();
-    // IPv4 only: one map entry per pod.
     for (pod, name) in pods.iter().zip(["first", "second", "third"]) {
         world.add_pod(pod, "default", name, &[(ROLE_KEY, &format!("{name}-role"))]);
         std::thread::sleep(Duration::from_millis(300));
@@ -610,7 +611,7 @@ fn a_full_identity_map_is_named_in_the_log_and_every_pod_is_still_served() {
     world.wait_known(&node, &pods[0]);
     world.wait_known(&node, &pods[1]);
     world.agent.wait_for_line(
-        "the identity map is full (2 entries); raise --identity-capacity",
+        "the identity map is full (4 entries); raise --identity-capacity",
         Duration::from_secs(10),
     );
     assert_logged(&world, &["default/third", &pods[2].ip4().to_string()]);

@@ -287,7 +287,7 @@ fn a_host_network_pod_with_a_role_gets_it_only_with_the_flag_and_nothing_else_ch
         ("exporter", &exporter_uid, Some("exporter-role")),
         ("plain", &plain_uid, None),
     ] {
-        let mut object = objects::pod("kube-system", name, NODE_NAME, HOST_IP4.into(), None)
+        let mut object = objects::pod("kube-system", name, NODE_NAME, HOST_IP4, None)
             .host_network(true)
             .uid(uid);
         if let Some(role) = role {

@@ -89,8 +89,8 @@ pub struct State {
     /// Events on pods that are refused.
     pub events: Arc<PodEvents>,
     pub attestation: Attestation,
-    /// Open connections per source address.
-    pub per_caller: Mutex<HashMap<IpAddr, usize>>,
+    /// Open connections per caller.
+    pub per_caller: Mutex<HashMap<CallerKey, usize>>,
     /// Keeps refusals from flooding the log.
     pub refusal_log: LogLimiter,
 }
@@ -98,6 +98,7 @@ pub struct State {
 /// The registry's view for one look, owned so [`Known`] can borrow it.
 struct Snapshot {
     claimants: Vec<PodIdentity>,
+    pinned: Option<PodIdentity>,
     host_pod: Option<PodIdentity>,
     attested: Option<PodIdentity>,
     synced: bool,
@@ -111,6 +112,7 @@ impl Snapshot {
             peer,
             caller,
             claimants: &self.claimants,
+            pinned: self.pinned.as_ref(),
             host_pod: self.host_pod.as_ref(),
             attested: self.attested.as_ref(),
             synced: self.synced,
@@ -190,6 +192,7 @@ impl State {
         };
         Snapshot {
             claimants: self.registry.claimants(peer),
+            pinned: self.registry.pinned(peer),
             host_pod,
             attested,
             synced: self.registry.synced(),
@@ -561,36 +564,56 @@ impl State {
     }
 }
 
+/// Connections that did not come through the redirect, held at once while they get their 403.
+const UNATTESTED_CONNECTIONS: usize = 64;
+/// How long such a connection has to send its request.
+const UNATTESTED_HEADER_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Answers 503 and closes, without reading the request.
-fn reject_busy(mut stream: tokio::net::TcpStream, why: &'static str) {
-    tokio::spawn(async move {
-        let body = format!("kube2iam-ebpf: {why}; try again\n");
-        let head = format!(
-            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-            body.len()
-        );
-        let _ = stream.write_all(head.as_bytes()).await;
-        let _ = stream.write_all(body.as_bytes()).await;
-    });
+async fn reject_busy(mut stream: tokio::net::TcpStream, why: &'static str) {
+    let body = format!("kube2iam-ebpf: {why}; try again\n");
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = stream.write_all(head.as_bytes()).await;
+    let _ = stream.write_all(body.as_bytes()).await;
 }
 
-/// One open connection of a source address, counted while it lives.
+/// Whose share of the connections a connection counts against: the pod the kernel names, else
+/// the source address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum CallerKey {
+    Pod(String),
+    Address(IpAddr),
+}
+
+impl CallerKey {
+    fn of(caller: &Caller, peer: IpAddr) -> CallerKey {
+        match caller {
+            Caller::Pod { uid, .. } => CallerKey::Pod(uid.clone()),
+            _ => CallerKey::Address(peer),
+        }
+    }
+}
+
+/// One open connection of a caller, counted while it lives.
 struct CallerSlot {
     state: Arc<State>,
-    ip: IpAddr,
+    key: CallerKey,
 }
 
 impl CallerSlot {
-    fn take(state: &Arc<State>, ip: IpAddr) -> Option<CallerSlot> {
+    fn take(state: &Arc<State>, key: CallerKey) -> Option<CallerSlot> {
         let mut open = state.per_caller.lock().unwrap_or_else(|p| p.into_inner());
-        let count = open.entry(ip).or_insert(0);
+        let count = open.entry(key.clone()).or_insert(0);
         if *count >= state.config.max_connections_per_caller {
             return None;
         }
         *count += 1;
         Some(CallerSlot {
             state: state.clone(),
-            ip,
+            key,
         })
     }
 }
@@ -602,10 +625,10 @@ impl Drop for CallerSlot {
             .per_caller
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = open.get_mut(&self.ip) {
+        if let Some(count) = open.get_mut(&self.key) {
             *count -= 1;
             if *count == 0 {
-                open.remove(&self.ip);
+                open.remove(&self.key);
             }
         }
     }
@@ -619,6 +642,7 @@ pub async fn serve(
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(state.config.max_connections));
+    let unattested = Arc::new(Semaphore::new(UNATTESTED_CONNECTIONS));
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -631,26 +655,13 @@ pub async fn serve(
             },
             _ = shutdown.changed() => break,
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            state.stats.rejected_connection();
-            reject_busy(stream, "the agent's --max-connections are open");
-            continue;
-        };
         let peer_ip = peer.ip().to_canonical();
-        // One caller (a pod, or a host off the node) cannot take every slot.
-        let Some(slot) = CallerSlot::take(&state, peer_ip) else {
-            state.stats.rejected_connection();
-            reject_busy(
-                stream,
-                "this caller's --max-connections-per-caller are open",
-            );
-            continue;
-        };
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().unwrap_or(peer);
         let watcher = graceful.watcher();
-        let state = state.clone();
+        let (state, permits, unattested) = (state.clone(), permits.clone(), unattested.clone());
         tokio::spawn(async move {
+            // Who is calling decides which slots the connection may take.
             let caller = attest::identify(
                 state.config.decision.attestation,
                 state.attestation.map.as_ref(),
@@ -661,6 +672,33 @@ pub async fn serve(
             )
             .await;
             state.stats.caller(caller.label());
+            let (permit, slot, header_timeout) = if caller == Caller::Unattested {
+                // Not through the redirect on this node: it only gets its refusal, from a small
+                // pool of its own with a short header timeout, never a pod's slot.
+                let Ok(permit) = unattested.try_acquire_owned() else {
+                    return;
+                };
+                (permit, None, UNATTESTED_HEADER_TIMEOUT)
+            } else {
+                let Ok(permit) = permits.try_acquire_owned() else {
+                    state.stats.rejected_connection();
+                    reject_busy(stream, "the agent's --max-connections are open").await;
+                    return;
+                };
+                // One caller (a pod, by its attested UID where the kernel names it) cannot take
+                // every slot.
+                let Some(slot) = CallerSlot::take(&state, CallerKey::of(&caller, peer_ip)) else {
+                    state.stats.rejected_connection();
+                    reject_busy(
+                        stream,
+                        "this caller's --max-connections-per-caller are open",
+                    )
+                    .await;
+                    return;
+                };
+                (permit, Some(slot), state.config.header_read_timeout)
+            };
+            let keep_alive = slot.is_some();
             let caller = Arc::new(caller);
             let state_for_conn = state.clone();
             let service = service_fn(move |request: Request<Incoming>| {
@@ -670,9 +708,9 @@ pub async fn serve(
             });
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(state.config.header_read_timeout)
+                .header_read_timeout(header_timeout)
                 .max_buf_size(state.config.max_header_bytes.max(8192))
-                .keep_alive(true)
+                .keep_alive(keep_alive)
                 .serve_connection(TokioIo::new(stream), service);
             let _ = watcher.watch(connection).await;
             drop(slot);

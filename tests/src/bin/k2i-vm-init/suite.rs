@@ -65,11 +65,12 @@ fn link_path(name: &str) -> PathBuf {
     Path::new(PIN_DIR).join("links").join(name)
 }
 
-const HOOK_LINKS: [(&str, AttachType); 4] = [
+const HOOK_LINKS: [(&str, AttachType); 5] = [
     ("k2i_connect4", AttachType::Inet4Connect),
     ("k2i_connect6", AttachType::Inet6Connect),
     ("k2i_getpeername4", AttachType::Inet4GetPeerName),
     ("k2i_getpeername6", AttachType::Inet6GetPeerName),
+    ("k2i_sock_ops", AttachType::CgroupSockOps),
 ];
 
 /// The link ids of the pinned links that exist.
@@ -135,7 +136,14 @@ fn assert_attached_at(cgroup: &Path, kernel: Kernel) -> String {
         );
         attached.push(format!("{name}=link {}", info.id));
     }
-    for map in ["K2I_CONFIG", "K2I_COUNTERS", "K2I_REVNAT"] {
+    for map in [
+        "K2I_CONFIG",
+        "K2I_COUNTERS",
+        "K2I_REVNAT",
+        "K2I_CONNECTING",
+        "K2I_ATTEST",
+        "K2I_HOST_PODS",
+    ] {
         assert!(
             Path::new(PIN_DIR).join(map).exists(),
             "map {map} is not pinned under {PIN_DIR}"
