@@ -3,7 +3,7 @@
 //! `cli` → `bpf` (load, attach, pin, typed map access) → `kube` (watch → `identity` map) →
 //! `policy` (pure rules) → `credentials` (STS, cache) → `imds` (the server pods reach) →
 //! `admin` (health, readiness) with `metrics` and `events` (Kubernetes Events on refused pods);
-//! `inspect` reads the pins; `agent` wires them together.
+//! `inspect` reads the pins; `agent` wires them together. `kube2iam` reads kube2iam's flags.
 
 pub mod admin;
 pub mod agent;
@@ -16,6 +16,7 @@ pub mod identity;
 pub mod imds;
 pub mod inspect;
 pub mod kube;
+pub mod kube2iam;
 pub mod metrics;
 pub mod policy;
 pub mod telemetry;

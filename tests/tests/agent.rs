@@ -417,7 +417,10 @@ fn a_thousand_concurrent_cold_requests_make_exactly_one_assume_role() {
 fn sts_throttled_or_down_serves_cached_credentials_and_a_clear_5xx_without_them() {
     let node = TestNode::new();
     // Always inside the refresh window, so every request tries STS again in the background.
-    let world = World::start(&node, &["--refresh-before", "1h"]);
+    let world = World::start(
+        &node,
+        &["--refresh-before", "1h", "--unchecked-refresh-before"],
+    );
     let pod = node.add_pod("a");
     world.add_pod(&pod, "default", "x", &[(ROLE_KEY, "cached-role")]);
     world.wait_known(&node, &pod);

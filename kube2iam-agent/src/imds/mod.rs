@@ -2,6 +2,7 @@
 //! own role, IMDSv2 tokens bound to the pod, blocked paths never forwarded, everything else
 //! proxied to the node's metadata service.
 
+mod health;
 pub mod path;
 pub mod token;
 pub mod upstream;
@@ -59,6 +60,10 @@ pub struct ServerConfig {
     pub default_role: Option<String>,
     pub namespace_restrictions: bool,
     pub session_per_pod: bool,
+    /// Sessions named as kube2iam named them, one per pod.
+    pub kube2iam_session_names: bool,
+    /// The agent's address on the node, which kube2iam's `/healthz` reported.
+    pub host_ip: IpAddr,
     pub rules: PathRules,
     pub header_read_timeout: Duration,
     pub max_connections: usize,
@@ -295,15 +300,22 @@ impl State {
         }
     }
 
-    fn cache_key(&self, decision: &Decision) -> (CacheKey, String) {
-        let session = if self.config.session_per_pod {
+    /// The cache key and session name; `peer` is the pod's address, which kube2iam's session
+    /// names carry (`None` when not answering a request).
+    fn cache_key(&self, decision: &Decision, peer: Option<IpAddr>) -> (CacheKey, String) {
+        let kube2iam_name = peer
+            .filter(|_| self.config.kube2iam_session_names)
+            .map(|ip| policy::kube2iam_session_name(ip, &decision.role));
+        let session = if self.config.session_per_pod || kube2iam_name.is_some() {
             Session::Pod {
                 uid: decision.pod.uid.clone(),
             }
         } else {
             Session::Node
         };
-        let session_name = if self.config.session_per_pod {
+        let session_name = if let Some(name) = kube2iam_name {
+            name
+        } else if self.config.session_per_pod {
             policy::pod_session_name(&decision.pod.namespace, &decision.pod.name)
         } else {
             policy::node_session_name(&self.config.node)
@@ -320,6 +332,10 @@ impl State {
 
     /// Starts fetching credentials for a pod the watch just saw, if it would get a role.
     pub fn prefetch(self: &Arc<Self>, pod: &PodIdentity) {
+        if self.config.kube2iam_session_names {
+            // Those names carry the pod's address, which the watch does not hand over here.
+            return;
+        }
         let role = match &pod.role {
             Annotation::Value(v) => v.clone(),
             Annotation::Absent => match &self.config.default_role {
@@ -350,7 +366,7 @@ impl State {
             role,
             external_id,
         };
-        let (key, session_name) = self.cache_key(&decision);
+        let (key, session_name) = self.cache_key(&decision, None);
         self.cache.prefetch(key, &session_name);
     }
 
@@ -395,8 +411,8 @@ impl State {
         }
     }
 
-    async fn credentials(&self, decision: &Decision) -> Result<String, Reply> {
-        let (key, session_name) = self.cache_key(decision);
+    async fn credentials(&self, decision: &Decision, peer: IpAddr) -> Result<String, Reply> {
+        let (key, session_name) = self.cache_key(decision, Some(peer));
         let creds = self.cache.get(&key, &session_name).await.map_err(|e| {
             let status = match e {
                 StsError::Denied { .. } => StatusCode::FORBIDDEN,
@@ -453,6 +469,9 @@ impl State {
             }
         };
         let method = request.method().clone();
+        if normalized == health::PATH {
+            return ("healthz", self.healthz().await, None);
+        }
         let route = path::route(&method, &normalized, &self.config.rules);
         if route == Route::Token {
             return ("token", self.issue_token(&request, peer), None);
@@ -501,7 +520,7 @@ impl State {
                             || policy::resolve_role(&name, self.config.base_arn.as_ref())
                                 .is_ok_and(|r| r == decision.role);
                         if same {
-                            self.credentials(&decision).await
+                            self.credentials(&decision, peer).await
                         } else {
                             let body = format!(
                                 "kube2iam-ebpf: pod {} has role {listed}, not {name}",
