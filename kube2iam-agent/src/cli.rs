@@ -180,8 +180,9 @@ pub struct RunArgs {
     /// Base role ARN that role names are completed with, e.g. arn:aws:iam::123456789012:role/.
     #[arg(long, env = "BASE_ROLE_ARN")]
     pub base_role_arn: Option<String>,
-    /// Read the base role ARN from the node's instance profile (upstream IMDS iam/info).
-    #[arg(long, env = "AUTO_DISCOVER_BASE_ARN")]
+    /// Read the base role ARN from the node's instance profile (upstream IMDS iam/info). Not
+    /// with --base-role-arn (kube2iam refused the two together too).
+    #[arg(long, env = "AUTO_DISCOVER_BASE_ARN", conflicts_with = "base_role_arn")]
     pub auto_discover_base_arn: bool,
     /// Role for pods without the role annotation (none: such pods get a 404).
     #[arg(long, env = "DEFAULT_ROLE")]

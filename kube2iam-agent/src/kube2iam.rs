@@ -783,6 +783,27 @@ mod tests {
     }
 
     #[test]
+    fn auto_discovered_and_given_base_arn_conflict_as_in_kube2iam() {
+        let argv = [
+            "kube2iam-agent",
+            "--base-role-arn=arn:aws:iam::123456789012:role/",
+            "--auto-discover-base-arn=true",
+        ];
+        match parse(argv.map(OsString::from)) {
+            Err(ParseError::Clap(e)) => {
+                assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict)
+            }
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        let argv = [
+            "kube2iam-agent",
+            "--base-role-arn=arn:aws:iam::123456789012:role/",
+            "--auto-discover-base-arn=false",
+        ];
+        assert!(parse(argv.map(OsString::from)).is_ok());
+    }
+
+    #[test]
     fn nothing_kube2iam_takes_is_an_unexpected_argument() {
         for flag in KUBE2IAM_0_15_0_FLAGS {
             if flag == "version" {
