@@ -151,13 +151,23 @@ pub async fn serve(
     admin: Arc<Admin>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
+    // The admin port is reachable from the pod network too: a bound number of connections (and
+    // the header timeout) keep anyone from tying it up, and probes from failing with it.
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
-                Err(_) => continue,
+                Err(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
             },
             _ = shutdown.changed() => return,
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
         };
         let admin = admin.clone();
         let service = service_fn(move |request: Request<Incoming>| {
@@ -183,6 +193,10 @@ pub async fn serve(
                 .header_read_timeout(std::time::Duration::from_secs(5))
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
+            drop(permit);
         });
     }
 }
+
+/// Open connections the admin port accepts; more are closed at once.
+pub const MAX_ADMIN_CONNECTIONS: usize = 64;

@@ -12,9 +12,11 @@ use aws_config::BehaviorVersion;
 
 use crate::{
     admin::{self, Admin, Readiness, Sources},
+    attest::{self, CgroupPods, HostPodsMap},
     bpf::{self, Action, Interception},
     cli::RunArgs,
     credentials::{CacheSettings, CredentialCache, SdkSts},
+    decision,
     events::PodEvents,
     identity::Registry,
     imds::{self, ServerConfig, State, path::PathRules, token::TokenIssuer, upstream::Upstream},
@@ -279,6 +281,26 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
         );
     }
     let registry = Arc::new(Registry::new(Box::new(identity_map)));
+    let attest_map = match interception.take_attest_map() {
+        Ok(map) => Some(map),
+        Err(e) => {
+            tracing::error!(
+                "attestation unavailable: {e:#}; with --identity-attestation prefer or require \
+                 every connection is refused as unattested"
+            );
+            None
+        }
+    };
+    let host_pods_map = interception.take_host_pods_map()?;
+    let cgroups = Arc::new(CgroupPods::new(interception.cgroup.clone()));
+    match cgroups.rescan() {
+        Ok(()) => report_attestation(args.identity_attestation, &cgroups),
+        Err(e) => tracing::warn!(
+            cgroup = %interception.cgroup.display(),
+            "cannot read the cgroup tree: {e}; pods cannot be attested"
+        ),
+    }
+    let host_netns_cookie = interception.host_netns_cookie;
     let pin_dir = interception.pin_dir.clone();
     let interception = Arc::new(std::sync::Mutex::new(interception));
     let guard_watch = spawn_guard_watch(interception.clone())?;
@@ -287,13 +309,16 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
     let events = PodEvents::new(args.event_interval, &node);
     let state = Arc::new(State {
         config: ServerConfig {
-            node: node.clone(),
+            decision: decision::Rules {
+                node: node.clone(),
+                attestation: args.identity_attestation,
+                role_key: args.iam_role_key.clone(),
+                namespace_key: args.namespace_key.clone(),
+                base_arn,
+                default_role: args.default_role.clone(),
+            },
             pod_wait: args.pod_wait,
             tokens: args.imds_tokens,
-            role_key: args.iam_role_key.clone(),
-            namespace_key: args.namespace_key.clone(),
-            base_arn,
-            default_role: args.default_role.clone(),
             namespace_restrictions: args.namespace_restrictions,
             session_per_pod: args.session_per_pod,
             kube2iam_session_names: args.kube2iam_session_names,
@@ -301,6 +326,7 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
             rules,
             header_read_timeout: args.header_read_timeout,
             max_connections: args.max_connections,
+            max_connections_per_caller: args.max_connections_per_caller,
             max_header_bytes: 16 * 1024,
             drain_timeout: DRAIN_TIMEOUT,
         },
@@ -311,6 +337,13 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
         tokens,
         stats: Default::default(),
         events: events.clone(),
+        attestation: imds::Attestation {
+            map: attest_map,
+            cgroups: cgroups.clone(),
+            host_netns_cookie,
+        },
+        per_caller: Default::default(),
+        refusal_log: crate::telemetry::LogLimiter::new(Duration::from_secs(10)),
     });
 
     // Serve at once: pods known from the pinned map are answered while the watch relists.
@@ -342,10 +375,30 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
         role: args.iam_role_key.clone(),
         external_id: args.iam_external_id_key.clone(),
         namespace: args.namespace_key.clone(),
+        host_network_pods: args.host_network_pods,
     };
     let mut background = tokio::task::JoinSet::new();
+    if args.host_network_pods {
+        background.spawn(sync_host_pods(
+            registry.clone(),
+            cgroups,
+            host_pods_map,
+            args.pod_uid.clone(),
+        ));
+    }
     background.spawn(events.run(client.clone()));
     let prefetch_state = state.clone();
+    if args.namespace_restrictions {
+        // Prefetch decides as requests do: before the namespaces are listed it assumes nothing;
+        // once they are, every known pod gets its turn.
+        let (state, registry) = (state.clone(), registry.clone());
+        background.spawn(async move {
+            state.namespaces.wait_synced().await;
+            for pod in registry.live_pods() {
+                state.prefetch(&pod);
+            }
+        });
+    }
     background.spawn(k8s::watch_pods(
         client.clone(),
         node,
@@ -397,6 +450,95 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
     while servers.join_next().await.is_some() {}
     log_shutdown();
     Ok(())
+}
+
+/// Says at start whether the kernel can name the pods here, and what that means for serving.
+fn report_attestation(mode: attest::Mode, cgroups: &CgroupPods) {
+    let pods = cgroups.pod_count();
+    let root = cgroups.root().display().to_string();
+    match mode {
+        attest::Mode::Off => tracing::warn!(
+            "--identity-attestation off: a pod is known by its address alone, which another pod \
+             can forge on a shared L2 segment or inherit from a finished pod"
+        ),
+        _ if pods > 0 => tracing::info!(
+            pod_cgroups = pods,
+            cgroup = root,
+            ?mode,
+            "identity attestation on: a pod is served only when the kernel attributes the \
+             connection to its cgroup"
+        ),
+        attest::Mode::Prefer => tracing::warn!(
+            cgroup = root,
+            "identity attestation: no kubelet pod cgroups (kubepods) below the attach cgroup \
+             yet; pods not in cgroup v2 (cgroup-v1 nodes) are served by address alone until \
+             they are"
+        ),
+        attest::Mode::Require => tracing::warn!(
+            cgroup = root,
+            "identity attestation required, but no kubelet pod cgroups (kubepods) are below the \
+             attach cgroup yet; pods outside cgroup v2 pod cgroups are refused"
+        ),
+    }
+}
+
+/// Keeps the kernel's host-pods map equal to the cgroups of the hostNetwork pods that are
+/// served their own role, as pods and their cgroups come and go.
+async fn sync_host_pods(
+    registry: Arc<Registry>,
+    cgroups: Arc<CgroupPods>,
+    map: HostPodsMap,
+    own_uid: Option<String>,
+) {
+    let mut changes = registry.subscribe();
+    let mut last: Option<std::collections::HashSet<u64>> = None;
+    loop {
+        if !registry.synced() {
+            // What a previous agent pinned stays until the pod list says otherwise.
+            let _ = changes.changed().await;
+            continue;
+        }
+        let uids: Vec<String> = registry
+            .host_pod_uids()
+            .into_iter()
+            .filter(|uid| {
+                // The agent's own pod must never be redirected: its upstream calls would loop.
+                let own = own_uid.as_deref() == Some(uid.as_str());
+                if own {
+                    tracing::warn!(
+                        "the agent's own pod has a role annotation; it is not redirected"
+                    );
+                }
+                !own
+            })
+            .collect();
+        let missing = uids.iter().any(|uid| cgroups.pod_cgroup(uid).is_none());
+        if missing {
+            let cgroups = cgroups.clone();
+            let _ = tokio::task::spawn_blocking(move || cgroups.rescan()).await;
+        }
+        let ids: std::collections::HashSet<u64> = uids
+            .iter()
+            .filter_map(|uid| cgroups.pod_cgroup(uid))
+            .collect();
+        if last.as_ref() != Some(&ids) {
+            match map.set(&ids) {
+                Ok(()) => {
+                    tracing::info!(pods = ids.len(), "hostNetwork pods served their own role");
+                    last = Some(ids);
+                }
+                Err(e) => tracing::error!("cannot update the host-pods map: {e}"),
+            }
+        }
+        // A pod's cgroup appears when kubelet starts it, after the watch saw the pod: look again
+        // soon while one is missing.
+        let wait = if missing {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_secs(10)
+        };
+        let _ = tokio::time::timeout(wait, changes.changed()).await;
+    }
 }
 
 /// kube2iam's `docker0` default, and exact interface names this node does not have: the packet

@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{
+    attest::Mode as AttestationMode,
     bpf::{CookieSource, Settings, guard::InterfacePatterns},
     imds::TokenMode,
     policy::PatternFormat,
@@ -268,9 +269,28 @@ pub struct RunArgs {
     /// Open connections the metadata server accepts; more are answered 503 and closed.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
+    /// Open connections one source address (a pod, or anything else that reaches the port)
+    /// may hold; more are answered 503 and closed, so one caller cannot take every slot.
+    #[arg(long, env = "MAX_CONNECTIONS_PER_CALLER", default_value_t = 1024)]
+    pub max_connections_per_caller: usize,
     /// Time a client has to send its request headers.
     #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub header_read_timeout: Duration,
+    /// Whether the kernel's record of which pod's cgroup made a connection must agree with the
+    /// pod its source address belongs to. `prefer`: wherever the kernel can name the pod (pods
+    /// in cgroup v2); where it cannot, the address alone decides. `require`: never the address
+    /// alone. `off`: the address alone, as kube2iam.
+    #[arg(long, env = "IDENTITY_ATTESTATION", value_enum, default_value_t = AttestationMode::Prefer)]
+    pub identity_attestation: AttestationMode,
+    /// Serve hostNetwork pods that carry a role annotation their own role, identified by their
+    /// cgroup. Other host processes (kubelet, the CNI daemon, unannotated hostNetwork pods) keep
+    /// the node's metadata service.
+    #[arg(long, env = "HOST_NETWORK_PODS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub host_network_pods: bool,
+    /// The agent's own pod UID (the DaemonSet passes metadata.uid): its own pod is never
+    /// redirected, whatever its annotations.
+    #[arg(long, env = "POD_UID", hide = true)]
+    pub pod_uid: Option<String>,
 }
 
 /// Parses a duration in Go's syntax as kube2iam took them (`1500ms`, `30s`, `15m0s`, `1h30m`);
@@ -520,6 +540,7 @@ impl RunArgs {
                 None
             },
             guard_netlink: self.packet_guard_netlink,
+            host_network_pods: self.host_network_pods,
         })
     }
 }

@@ -544,6 +544,7 @@ pub fn run(options: &Options) -> Report {
         Some(target) => checks.extend(cgroup_checks(target, target, &ours, needs_child)),
         None => checks.extend(unmounted_cgroup2_checks(&ours, needs_child)),
     }
+    checks.push(attestation_check(target.as_deref()));
 
     let (bpffs_check, load_dir) = bpffs_check(&options.pin_dir);
     checks.push(bpffs_check);
@@ -1134,18 +1135,25 @@ fn embedded_programs_check_in(
         programs::GETPEERNAME4,
         programs::GETPEERNAME6,
         programs::NETNS_PROBE,
+        programs::SOCK_OPS,
     ] {
         let optional = name == programs::GETPEERNAME4 || name == programs::GETPEERNAME6;
         let result = ebpf
             .program_mut(name)
             .ok_or_else(|| "missing from the object".to_owned())
             .and_then(|p| {
-                <&mut CgroupSockAddr>::try_from(p).map_err(|e| summarize_error(&e.to_string()))
-            })
-            .and_then(|p| {
-                p.load().map_err(|e| summarize_error(&e.to_string()))?;
-                p.info()
-                    .map(|i| format!("{:016x}", i.tag()))
+                let info = if name == programs::SOCK_OPS {
+                    let p = <&mut aya::programs::SockOps>::try_from(p)
+                        .map_err(|e| summarize_error(&e.to_string()))?;
+                    p.load().map_err(|e| summarize_error(&e.to_string()))?;
+                    p.info()
+                } else {
+                    let p = <&mut CgroupSockAddr>::try_from(p)
+                        .map_err(|e| summarize_error(&e.to_string()))?;
+                    p.load().map_err(|e| summarize_error(&e.to_string()))?;
+                    p.info()
+                };
+                info.map(|i| format!("{:016x}", i.tag()))
                     .map_err(|e| e.to_string())
             });
         match result {
@@ -1185,6 +1193,49 @@ fn embedded_programs_check_in(
         )
     };
     (check, tags)
+}
+
+/// Whether the kernel can name the pods here: kubelet's pod cgroups below the attach cgroup.
+pub fn attestation_check(target: Option<&Path>) -> Check {
+    const NAME: &str = "attestation";
+    let Some(target) = target else {
+        return Check::warn(
+            NAME,
+            "cgroup2 is not mounted here, so kubelet's pod cgroups cannot be read",
+            "pods are served by address alone with --identity-attestation prefer and refused \
+             with require; mount cgroup2 (the agent mounts its own for attaching)",
+        );
+    };
+    let pods = crate::attest::CgroupPods::new(target.to_owned());
+    match pods.rescan() {
+        Err(e) => Check::warn(
+            NAME,
+            format!(
+                "cannot read the cgroup tree below {}: {e}",
+                target.display()
+            ),
+            "grant read access to the cgroup2 mount",
+        ),
+        Ok(()) if pods.pod_count() > 0 => Check::ok(
+            NAME,
+            format!(
+                "{} pod cgroups of kubelet below {}: the kernel names the pod of every metadata \
+                 connection",
+                pods.pod_count(),
+                target.display()
+            ),
+        ),
+        Ok(()) => Check::warn(
+            NAME,
+            format!(
+                "no kubelet pod cgroups (kubepods…/pod<uid>) below {}: pods are not in cgroup v2 \
+                 here (a cgroup-v1 node), or none runs yet",
+                target.display()
+            ),
+            "with --identity-attestation prefer such pods are served by address alone; require \
+             refuses them; cgroup v2 nodes (AL2023, Bottlerocket) attest every pod",
+        ),
+    }
 }
 
 /// What is pinned under the pin directory, and whether a starting agent can adopt it.

@@ -1,15 +1,18 @@
 //! kube2iam-ebpf's agent as a library, so the binary and the tests drive the same parts.
 //!
 //! `cli` → `bpf` (load, attach, pin, typed map access) → `kube` (watch → `identity` map) →
-//! `policy` (pure rules) → `credentials` (STS, cache) → `imds` (the server pods reach) →
+//! `attest` (the kernel's word on who connected) → `decision` (who is calling and which role,
+//! one pure function over `policy`'s rules) → `credentials` (STS, cache) → `imds` (the server pods reach) →
 //! `admin` (health, readiness) with `metrics` and `events` (Kubernetes Events on refused pods);
 //! `inspect` reads the pins; `agent` wires them together. `kube2iam` reads kube2iam's flags.
 
 pub mod admin;
 pub mod agent;
+pub mod attest;
 pub mod bpf;
 pub mod cli;
 pub mod credentials;
+pub mod decision;
 pub mod doctor;
 pub mod events;
 pub mod identity;

@@ -100,6 +100,11 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EventLabels {
     pub reason: &'static str,
     pub outcome: &'static str,
@@ -113,6 +118,8 @@ pub struct RequestMetrics {
     requests: Family<RequestLabels, Counter>,
     duration: HistogramFamily<RouteLabels>,
     rejected_connections: Counter,
+    refusals: Family<KindLabels, Counter>,
+    callers: Family<KindLabels, Counter>,
 }
 
 impl Default for RequestMetrics {
@@ -121,6 +128,8 @@ impl Default for RequestMetrics {
             requests: Family::default(),
             duration: Family::new_with_constructor(latency_histogram),
             rejected_connections: Counter::default(),
+            refusals: Family::default(),
+            callers: Family::default(),
         }
     }
 }
@@ -139,6 +148,23 @@ impl RequestMetrics {
     /// A connection answered 503 and closed because `--max-connections` were open.
     pub fn rejected_connection(&self) {
         self.rejected_connections.inc();
+    }
+
+    /// A request refused for `kind` (a [`crate::decision::Refusal`] kind).
+    pub fn refused(&self, kind: &'static str) {
+        self.refusals.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    /// Refusals of `kind` so far.
+    pub fn refusals(&self, kind: &'static str) -> u64 {
+        self.refusals
+            .get(&KindLabels { kind })
+            .map_or(0, |c| c.get())
+    }
+
+    /// An accepted connection, by what the kernel attested of it.
+    pub fn caller(&self, kind: &'static str) {
+        self.callers.get_or_create(&KindLabels { kind }).inc();
     }
 
     /// How many requests got `status` on `route` so far.
@@ -207,6 +233,19 @@ pub fn registry(sources: Arc<Sources>) -> Registry {
         "rejected_connections",
         "Connections answered 503 and closed because --max-connections were open",
         state.stats.rejected_connections.clone(),
+    );
+    registry.register(
+        "refusals",
+        "Requests refused, by reason (mismatch: the kernel attributes the connection to another \
+         pod than the one that owns its address; unattested: the connection did not come \
+         through the metadata redirect on this node; …)",
+        state.stats.refusals.clone(),
+    );
+    registry.register(
+        "connections",
+        "Accepted metadata connections, by what the kernel attested (pod, no_pod_cgroup, \
+         unattested, off)",
+        state.stats.callers.clone(),
     );
     registry.register(
         "sts_call_duration_seconds",

@@ -4,6 +4,9 @@
 //!   network namespace is rewritten to the agent's address, or refused when the agent has not
 //!   configured (or has disabled) interception. Never let through.
 //! * `getpeername4` / `getpeername6`: a redirected socket reports the address it asked for.
+//! * `sock_ops`: a redirected socket's attestation (the cgroup and netns that connected) moves
+//!   from its socket cookie to its connection's addresses and ports, where the agent reads it
+//!   for the connection it accepts; it goes when the socket closes.
 //!
 //! Byte order: `user_ip4`, the words of `user_ip6` and the low 16 bits of `user_port` hold network
 //! order bytes; the config stores them in the same representation, so they are compared as-is.
@@ -15,16 +18,23 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_F_NO_PREALLOC, bpf_sock_addr},
-    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, classifier, map},
+    bindings::{
+        BPF_F_NO_PREALLOC, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_addr,
+    },
+    helpers::generated::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
+        bpf_get_socket_cookie,
+    },
+    macros::{cgroup_sock_addr, classifier, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    programs::{SockAddrContext, TcContext},
+    programs::{SockAddrContext, SockOpsContext, TcContext},
 };
 use aya_log_ebpf::debug;
 use kube2iam_common::{
-    CONFIG_KEY, COUNTER_SLOTS, Config, Counter, DEFAULT_IDENTITY_CAPACITY, DEFAULT_METADATA_IP4,
-    DEFAULT_METADATA_IP6, DEFAULT_METADATA_PORT, FLAG_AGENT_IP6, FLAG_ENABLED, Identity,
+    ATTEST_CAPACITY, Attestation, CONFIG_KEY, COUNTER_SLOTS, Config, ConnKey, Counter,
+    DEFAULT_IDENTITY_CAPACITY, DEFAULT_METADATA_IP4, DEFAULT_METADATA_IP6, DEFAULT_METADATA_PORT,
+    FLAG_AGENT_IP6, FLAG_ENABLED, FLAG_HOST_PODS, HOST_POD_MAX_DEPTH, HOST_PODS_CAPACITY, Identity,
     REVNAT_CAPACITY, RevNat, ip4_mapped,
 };
 
@@ -47,6 +57,19 @@ static K2I_REVNAT: LruHashMap<u64, RevNat> = LruHashMap::pinned(REVNAT_CAPACITY,
 #[map]
 static K2I_IDENTITY: HashMap<[u8; 16], Identity> =
     HashMap::pinned(DEFAULT_IDENTITY_CAPACITY, BPF_F_NO_PREALLOC);
+
+/// Socket cookie → who connected; written at a redirected connect, taken by [`k2i_sock_ops`].
+#[map]
+static K2I_CONNECTING: LruHashMap<u64, Attestation> = LruHashMap::pinned(ATTEST_CAPACITY, 0);
+
+/// Connection → who connected; written by [`k2i_sock_ops`], read by the agent, removed when the
+/// client's socket closes.
+#[map]
+static K2I_ATTEST: LruHashMap<ConnKey, Attestation> = LruHashMap::pinned(ATTEST_CAPACITY, 0);
+
+/// Pod cgroup ids of the hostNetwork pods served their own role; written by the agent.
+#[map]
+static K2I_HOST_PODS: HashMap<u64, u8> = HashMap::pinned(HOST_PODS_CAPACITY, BPF_F_NO_PREALLOC);
 
 /// Not pinned: written by [`k2i_netns_probe`] for the agent on kernels without SO_NETNS_COOKIE.
 #[map]
@@ -94,8 +117,8 @@ pub fn k2i_netns_probe(ctx: SockAddrContext) -> i32 {
 enum Verdict<'a> {
     /// The socket lives in the host network namespace: leave it alone.
     Host,
-    /// Rewrite to the agent (the config is present and enabled).
-    Redirect(&'a Config),
+    /// Rewrite to the agent (the config is present and enabled); the socket's netns cookie.
+    Redirect(&'a Config, u64),
     /// No usable config: refuse.
     Refuse,
 }
@@ -120,12 +143,58 @@ fn verdict<'a>(ctx: &SockAddrContext, config: Option<&'a Config>) -> Verdict<'a>
         None => unsafe { bpf_get_netns_cookie(core::ptr::null_mut()) },
     };
     if netns == host {
-        return Verdict::Host;
+        // A hostNetwork pod with its own role is redirected like any pod; every other host
+        // process (kubelet, the CNI daemon, the agent itself) keeps the node's metadata service.
+        return match config {
+            Some(config)
+                if config.flags & (FLAG_ENABLED | FLAG_HOST_PODS)
+                    == FLAG_ENABLED | FLAG_HOST_PODS
+                    && in_host_pod() =>
+            {
+                count(Counter::RedirectedHostPod);
+                Verdict::Redirect(config, netns)
+            }
+            _ => Verdict::Host,
+        };
     }
     match config {
-        Some(config) if config.flags & FLAG_ENABLED != 0 => Verdict::Redirect(config),
+        Some(config) if config.flags & FLAG_ENABLED != 0 => Verdict::Redirect(config, netns),
         _ => Verdict::Refuse,
     }
+}
+
+/// Whether the connecting task is in the cgroup of a hostNetwork pod listed by the agent (the
+/// pod's cgroup or any cgroup below it, so containers that come and go are covered).
+fn in_host_pod() -> bool {
+    for level in 1..=HOST_POD_MAX_DEPTH {
+        // SAFETY: the helper takes a level; it returns 0 past the task's own cgroup.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 {
+            return false;
+        }
+        // SAFETY: only presence is read.
+        if unsafe { K2I_HOST_PODS.get(&id) }.is_some() {
+            return true;
+        }
+    }
+    false
+}
+
+/// Records who is connecting under the socket cookie, for [`k2i_sock_ops`].
+fn attest(ctx: &SockAddrContext, netns_cookie: u64) {
+    // SAFETY: the helpers take the program context, or nothing.
+    let (cookie, cgroup_id) = unsafe {
+        (
+            bpf_get_socket_cookie(ctx.as_ptr()),
+            bpf_get_current_cgroup_id(),
+        )
+    };
+    let entry = Attestation {
+        cgroup_id,
+        netns_cookie,
+    };
+    // A failed insert leaves the connection without attestation, which the agent refuses.
+    let _ = K2I_CONNECTING.insert(cookie, entry, 0);
 }
 
 fn try_connect4(ctx: &SockAddrContext) -> i32 {
@@ -160,7 +229,8 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
             );
             DENY
         }
-        Verdict::Redirect(config) => {
+        Verdict::Redirect(config, netns) => {
+            attest(ctx, netns);
             remember(
                 ctx,
                 ip4_mapped(dst_ip),
@@ -233,7 +303,10 @@ fn try_connect6(ctx: &SockAddrContext) -> i32 {
             );
             return DENY;
         }
-        Verdict::Redirect(config) => config,
+        Verdict::Redirect(config, netns) => {
+            attest(ctx, netns);
+            config
+        }
     };
     let (agent, counter) = if mapped {
         (ip4_mapped(config.agent_ip4), Counter::RedirectedMapped)
@@ -328,6 +401,89 @@ fn try_getpeername6(ctx: &SockAddrContext) {
             write_volatile(addr_of_mut!((*sa).user_port), entry.orig_port);
             count(Counter::PeerRestored);
         }
+    }
+}
+
+#[sock_ops]
+pub fn k2i_sock_ops(ctx: SockOpsContext) -> u32 {
+    try_sock_ops(&ctx);
+    // The reply is ignored for these callbacks.
+    1
+}
+
+/// This connection's key, as the agent will build it from its accepted socket.
+fn conn_key(ctx: &SockOpsContext) -> ConnKey {
+    let ops = ctx.ops;
+    // SAFETY: the context fields are read at their 4-byte width. local_port is in host order;
+    // remote_port holds the network-order port in its upper 16 bits on little-endian machines
+    // (the kernel shifts it there), so it is taken from there and byte-swapped.
+    // Every field is read unconditionally, at its own fixed offset: a load whose offset
+    // depends on the family is a modified context pointer, which the verifier refuses.
+    unsafe {
+        let family = read_volatile(addr_of!((*ops).family));
+        let local4 = read_volatile(addr_of!((*ops).local_ip4));
+        let remote4 = read_volatile(addr_of!((*ops).remote_ip4));
+        let local6 = [
+            read_volatile(addr_of!((*ops).local_ip6[0])),
+            read_volatile(addr_of!((*ops).local_ip6[1])),
+            read_volatile(addr_of!((*ops).local_ip6[2])),
+            read_volatile(addr_of!((*ops).local_ip6[3])),
+        ];
+        let remote6 = [
+            read_volatile(addr_of!((*ops).remote_ip6[0])),
+            read_volatile(addr_of!((*ops).remote_ip6[1])),
+            read_volatile(addr_of!((*ops).remote_ip6[2])),
+            read_volatile(addr_of!((*ops).remote_ip6[3])),
+        ];
+        let (client_addr, agent_addr) = if family == AF_INET6 {
+            (local6, remote6)
+        } else {
+            (ip4_mapped(local4), ip4_mapped(remote4))
+        };
+        let remote = read_volatile(addr_of!((*ops).remote_port));
+        ConnKey {
+            client_addr,
+            agent_addr,
+            client_port: read_volatile(addr_of!((*ops).local_port)),
+            agent_port: u32::from(u16::from_be(remote_port_be(remote))),
+        }
+    }
+}
+
+/// The network-order port in the raw `remote_port` field.
+#[inline(always)]
+fn remote_port_be(raw: u32) -> u16 {
+    if cfg!(target_endian = "little") {
+        (raw >> 16) as u16
+    } else {
+        raw as u16
+    }
+}
+
+const AF_INET6: u32 = 10;
+
+fn try_sock_ops(ctx: &SockOpsContext) {
+    // SAFETY: `op` is read at its 4-byte width.
+    let op = unsafe { read_volatile(addr_of!((*ctx.ops).op)) };
+    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        // The source port is chosen now and the SYN not yet sent: the entry exists before the
+        // agent can accept the connection.
+        // SAFETY: the helper takes the program context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        // SAFETY: copied at once.
+        let Some(entry) = (unsafe { K2I_CONNECTING.get(&cookie) }).copied() else {
+            return;
+        };
+        let _ = K2I_CONNECTING.remove(&cookie);
+        if K2I_ATTEST.insert(&conn_key(ctx), &entry, 0).is_ok() {
+            count(Counter::Attested);
+            // Called back when the socket changes state, to drop the entry when it closes.
+            let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+        }
+    } else if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE {
+        // A closed connection's entry never outlives it: a later connection on the same
+        // addresses and ports gets its own entry from its own connect, or none.
+        let _ = K2I_ATTEST.remove(&conn_key(ctx));
     }
 }
 

@@ -38,6 +38,8 @@ pub enum RunIn<'a> {
     Pod(&'a Pod<'a>),
     /// A node (host) process: the node's network namespace, outside the test cgroup.
     Node(&'a TestNode),
+    /// A hostNetwork pod's process: the pod's cgroup, the node's network namespace.
+    HostNetworkPod(&'a Pod<'a>),
 }
 
 impl RunIn<'_> {
@@ -45,6 +47,7 @@ impl RunIn<'_> {
         match self {
             RunIn::Pod(pod) => pod.command(program),
             RunIn::Node(node) => node.command(program),
+            RunIn::HostNetworkPod(pod) => pod.command_in_netns(program, &pod.node().netns_path()),
         }
     }
 
@@ -52,6 +55,7 @@ impl RunIn<'_> {
         match self {
             RunIn::Pod(pod) => format!("pod {}", pod.name()),
             RunIn::Node(node) => format!("node {}", node.netns_name()),
+            RunIn::HostNetworkPod(pod) => format!("hostNetwork pod {}", pod.name()),
         }
     }
 }

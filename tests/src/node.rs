@@ -90,8 +90,13 @@ impl CgroupGuard {
         Self { path }
     }
 
+    /// The PIDs in the cgroup and every cgroup below it.
     fn procs(&self) -> Vec<u32> {
-        read_procs(&self.path)
+        let mut out = Vec::new();
+        for dir in subtree(&self.path) {
+            out.extend(read_procs(&dir));
+        }
+        out
     }
 
     /// Kills every process in the cgroup and waits until it is empty.
@@ -119,6 +124,24 @@ impl CgroupGuard {
     }
 }
 
+/// `dir` and every directory below it, deepest first.
+fn subtree(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        if let Ok(entries) = fs::read_dir(&d) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(e.path());
+                }
+            }
+        }
+        out.push(d);
+    }
+    out.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    out
+}
+
 fn read_procs(cgroup: &Path) -> Vec<u32> {
     fs::read_to_string(cgroup.join("cgroup.procs"))
         .map(|text| text.lines().filter_map(|l| l.trim().parse().ok()).collect())
@@ -128,6 +151,12 @@ fn read_procs(cgroup: &Path) -> Vec<u32> {
 impl Drop for CgroupGuard {
     fn drop(&mut self) {
         self.sweep();
+        // Pod and container cgroups the tests laid out below it go first, deepest first.
+        for dir in subtree(&self.path) {
+            if dir != self.path {
+                let _ = fs::remove_dir(&dir);
+            }
+        }
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match fs::remove_dir(&self.path) {
@@ -321,6 +350,37 @@ impl TestNode {
         command
     }
 
+    /// Lays out a pod's cgroups below the test cgroup as kubelet does (for hostNetwork pods,
+    /// which have no namespace of their own; see [`Pod::use_kubelet_cgroup`] for the others).
+    pub fn kubelet_cgroup(
+        &self,
+        driver: CgroupDriver,
+        uid: &str,
+        container: &str,
+    ) -> KubeletCgroup {
+        let (pod, ctr) = KubeletCgroup::layout(driver, uid, container);
+        let (pod, ctr) = (self.cgroup.path.join(pod), self.cgroup.path.join(ctr));
+        fs::create_dir_all(&ctr).unwrap_or_else(|e| panic!("cannot create {}: {e}", ctr.display()));
+        KubeletCgroup {
+            uid: uid.to_owned(),
+            pod,
+            container: ctr,
+        }
+    }
+
+    /// A command in the node (host) network namespace and in `cgroup` (below the test cgroup):
+    /// a hostNetwork pod's process.
+    pub fn command_in(&self, program: impl AsRef<std::ffi::OsStr>, cgroup: &Path) -> Command {
+        assert!(
+            cgroup.starts_with(&self.cgroup.path),
+            "{} is not below the test cgroup",
+            cgroup.display()
+        );
+        let mut command = Command::new(program);
+        place(&mut command, Some(cgroup), Some(&self.netns_path()));
+        command
+    }
+
     /// Adds a pod `name` (at most 9 characters, unique on this node) behind a veth.
     ///
     /// Pod `i` (0-based) gets 198.51.100.(4i+2)/30 and fd00:77:<i>::2/64 on its eth0 with default
@@ -342,6 +402,7 @@ impl TestNode {
             name: name.to_owned(),
             index,
             netns,
+            cgroup: std::sync::Mutex::new(None),
         };
         let node_ns = self.netns_name();
         let pod_ns = pod.netns.name.as_str();
@@ -440,6 +501,50 @@ pub struct Pod<'n> {
     name: String,
     index: u32,
     netns: NetnsGuard,
+    /// The container cgroup the pod's processes join, once laid out as kubelet does; until
+    /// then they join the test cgroup itself. Removed with the test cgroup.
+    cgroup: std::sync::Mutex<Option<KubeletCgroup>>,
+}
+
+/// kubelet's cgroup drivers: how pod cgroups are named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupDriver {
+    /// `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_>.slice/<ctr>.scope`
+    Systemd,
+    /// `kubepods/burstable/pod<uid>/<ctr>`
+    Cgroupfs,
+}
+
+/// A pod's cgroups as kubelet lays them out below the test cgroup.
+#[derive(Debug, Clone)]
+pub struct KubeletCgroup {
+    pub uid: String,
+    /// The pod-level cgroup.
+    pub pod: PathBuf,
+    /// The container cgroup the pod's processes join.
+    pub container: PathBuf,
+}
+
+impl KubeletCgroup {
+    /// The pod-level and container cgroup paths, relative to the cgroup programs attach to.
+    pub fn layout(driver: CgroupDriver, uid: &str, container: &str) -> (PathBuf, PathBuf) {
+        let pod = match driver {
+            CgroupDriver::Systemd => PathBuf::from("kubepods.slice")
+                .join("kubepods-burstable.slice")
+                .join(format!(
+                    "kubepods-burstable-pod{}.slice",
+                    uid.replace('-', "_")
+                )),
+            CgroupDriver::Cgroupfs => PathBuf::from("kubepods")
+                .join("burstable")
+                .join(format!("pod{uid}")),
+        };
+        let container = match driver {
+            CgroupDriver::Systemd => pod.join(format!("cri-containerd-{container}.scope")),
+            CgroupDriver::Cgroupfs => pod.join(container),
+        };
+        (pod, container)
+    }
 }
 
 impl<'n> Pod<'n> {
@@ -491,15 +596,55 @@ impl<'n> Pod<'n> {
         ip == std::net::IpAddr::V4(self.ip4()) || ip == std::net::IpAddr::V6(self.ip6())
     }
 
-    /// A command that runs as a pod process: it joins the test cgroup, then enters the pod's
-    /// network namespace.
+    /// Lays the pod's cgroups out below the test cgroup as kubelet would for pod `uid`; the
+    /// pod's processes started afterwards join its container cgroup. Called again (another pod
+    /// that got this address), the new layout replaces the old for new processes.
+    pub fn use_kubelet_cgroup(&self, driver: CgroupDriver, uid: &str) -> KubeletCgroup {
+        let root = self.node.cgroup_path();
+        let (pod, container) = KubeletCgroup::layout(driver, uid, &format!("ctr-{}", self.name));
+        let (pod, container) = (root.join(pod), root.join(container));
+        fs::create_dir_all(&container)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", container.display()));
+        let laid = KubeletCgroup {
+            uid: uid.to_owned(),
+            pod,
+            container,
+        };
+        *self.cgroup.lock().unwrap_or_else(|p| p.into_inner()) = Some(laid.clone());
+        laid
+    }
+
+    /// The pod's kubelet cgroup, if laid out.
+    pub fn kubelet_cgroup(&self) -> Option<KubeletCgroup> {
+        self.cgroup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The cgroup the pod's processes join: its container cgroup, else the test cgroup.
+    pub fn process_cgroup(&self) -> PathBuf {
+        self.kubelet_cgroup()
+            .map_or(self.node.cgroup_path().to_owned(), |c| c.container)
+    }
+
+    /// A command that runs as a pod process: it joins the pod's cgroup (the test cgroup until
+    /// [`Pod::use_kubelet_cgroup`]), then enters the pod's network namespace.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut command = Command::new(program);
         place(
             &mut command,
-            Some(self.node.cgroup_path()),
+            Some(&self.process_cgroup()),
             Some(&self.netns_path()),
         );
+        command
+    }
+
+    /// A command that runs in this pod's cgroup but in another network namespace (`netns`):
+    /// a pod process that took another's address, or a hostNetwork pod (the node's netns).
+    pub fn command_in_netns(&self, program: impl AsRef<std::ffi::OsStr>, netns: &Path) -> Command {
+        let mut command = Command::new(program);
+        place(&mut command, Some(&self.process_cgroup()), Some(netns));
         command
     }
 

@@ -302,6 +302,13 @@ fn healthz_answers_on_the_metadata_port_as_kube2iams_did() {
     let health: serde_json::Value = serde_json::from_str(&body).expect("JSON");
     assert_eq!(health["hostIP"], HOST_IP4.to_string());
     assert_eq!(health["instanceId"], INSTANCE_ID);
+    // A pod on the node reaches it through the redirect too.
+    let pod = node.add_pod("a");
+    world.add_pod(&pod, "default", "web", &[(ROLE_KEY, "web-role")]);
+    world.wait_known(&node, &pod);
+    let (status, body) = kube2iam_tests::e2e::pod_get(&pod, "/healthz", &[]);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(INSTANCE_ID), "{body}");
     // kube2iam's /healthz failed when the instance ID could not be read.
     world.imds.set_down(true);
     let (status, body) = node_get(&node, port, "/healthz");

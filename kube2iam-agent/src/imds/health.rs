@@ -1,7 +1,10 @@
 //! `/healthz` on the metadata port, as kube2iam served it (its chart's probes, and checks
 //! written for it, point there): 200 with `{"hostIP": …, "instanceId": …}` while the node's
 //! metadata service answers, 500 with the reason when it does not. The agent's own probes use
-//! `/healthz` and `/readyz` on the admin port (`admin.rs`).
+//! `/healthz` and `/readyz` on the admin port (`admin.rs`). Unlike kube2iam's, it answers only
+//! the node itself and its pods: other hosts are refused as on every route of this port.
+
+use std::net::IpAddr;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -11,6 +14,11 @@ use super::{State, text};
 
 /// The path, answered before routing and without an IMDSv2 token, as kube2iam did.
 pub const PATH: &str = "/healthz";
+
+/// Whether `peer` is the node itself: its address (what kubelet's probes come from) or loopback.
+pub fn from_node(peer: IpAddr, host_ip: IpAddr) -> bool {
+    peer == host_ip || peer.is_loopback()
+}
 
 /// kube2iam's `HealthResponse`.
 #[derive(serde::Serialize)]
