@@ -197,6 +197,7 @@ async fn wait_for_signal() -> anyhow::Result<impl std::future::Future<Output = (
 /// Runs until SIGTERM/SIGINT.
 pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
     let settings = args.settings(kernel_debug_log)?;
+    warn_about_host_interfaces(args);
     // Handlers first: once "interception active" is logged, SIGTERM must mean a clean exit.
     let signal = wait_for_signal().await?;
     if args.interception_only {
@@ -208,6 +209,11 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
         return Ok(());
     }
 
+    args.check_ports()?;
+    let (timing, warnings) = args.sts_timing()?;
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
     let node = match &args.node {
         Some(node) if !node.is_empty() => node.clone(),
         _ => bail!("--node (or NODE_NAME) is required: the agent serves the pods of one node"),
@@ -221,8 +227,9 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
     let cache = CredentialCache::new(
         Arc::new(SdkSts::new(sts)),
         CacheSettings {
-            duration: args.iam_role_session_ttl,
-            refresh_before: args.refresh_before,
+            duration: timing.session,
+            refresh_before: timing.refresh_before,
+            backoff_max: timing.error_ttl,
             prefetch_concurrency: args.prefetch_concurrency,
             ..CacheSettings::default()
         },
@@ -314,6 +321,8 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
             tokens: args.imds_tokens,
             namespace_restrictions: args.namespace_restrictions,
             session_per_pod: args.session_per_pod,
+            kube2iam_session_names: args.kube2iam_session_names,
+            host_ip: IpAddr::V4(settings.agent_ip4),
             rules,
             header_read_timeout: args.header_read_timeout,
             max_connections: args.max_connections,
@@ -529,6 +538,34 @@ async fn sync_host_pods(
             Duration::from_secs(10)
         };
         let _ = tokio::time::timeout(wait, changes.changed()).await;
+    }
+}
+
+/// kube2iam's `docker0` default, and exact interface names this node does not have: the packet
+/// guard would cover nothing there (it attaches when such an interface appears).
+fn warn_about_host_interfaces(args: &RunArgs) {
+    if !args.packet_guard {
+        return;
+    }
+    if let Some(warning) = args.host_interface_warning() {
+        tracing::warn!("{warning}");
+        return;
+    }
+    let Ok(present) = bpf::guard::interfaces() else {
+        return;
+    };
+    for pattern in args.guard_patterns() {
+        let name = pattern.trim();
+        if name.is_empty() || name.ends_with('+') || name.starts_with('!') {
+            continue;
+        }
+        if !present.contains_key(name) {
+            tracing::warn!(
+                interface = name,
+                "--host-interface names an interface this node does not have; the packet guard \
+                 attaches to it when it appears (use name+ for a prefix, e.g. eni+ on EKS)"
+            );
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 //! `attest` (the kernel's word on who connected) → `decision` (who is calling and which role,
 //! one pure function over `policy`'s rules) → `credentials` (STS, cache) → `imds` (the server pods reach) →
 //! `admin` (health, readiness) with `metrics` and `events` (Kubernetes Events on refused pods);
-//! `inspect` reads the pins; `agent` wires them together.
+//! `inspect` reads the pins; `agent` wires them together. `kube2iam` reads kube2iam's flags.
 
 pub mod admin;
 pub mod agent;
@@ -19,6 +19,7 @@ pub mod identity;
 pub mod imds;
 pub mod inspect;
 pub mod kube;
+pub mod kube2iam;
 pub mod metrics;
 pub mod policy;
 pub mod telemetry;

@@ -1,15 +1,21 @@
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::Parser as _;
 use kube2iam_agent::{
     agent, bpf,
-    cli::{Cli, Command, DoctorArgs, InspectArgs, InspectFormat, RunArgs, UninstallArgs},
-    inspect, telemetry,
+    cli::{Command, DoctorArgs, InspectArgs, InspectFormat, RunArgs, UninstallArgs},
+    inspect, kube2iam, telemetry,
 };
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let (cli, kube2iam_warnings) = match kube2iam::parse(std::env::args_os()) {
+        Ok(parsed) => parsed,
+        Err(kube2iam::ParseError::Clap(e)) => e.exit(),
+        Err(e @ kube2iam::ParseError::Kube2iam(_)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     if let Some(Command::InternalNetnsProbe) = cli.command {
         return match bpf::netns_probe_child() {
             Ok(()) => ExitCode::SUCCESS,
@@ -22,6 +28,9 @@ fn main() -> ExitCode {
     if let Err(e) = telemetry::init(&cli.log) {
         eprintln!("error: {e}");
         return ExitCode::from(2);
+    }
+    for warning in kube2iam_warnings {
+        tracing::warn!("{warning}");
     }
     if let Some(Command::Doctor(args)) = &cli.command {
         return doctor(args);

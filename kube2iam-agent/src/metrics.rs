@@ -51,7 +51,8 @@ use prometheus_client::{
 use crate::admin::Sources;
 
 /// The `route` label values of the metadata server, a fixed set.
-pub const ROUTES: [&str; 10] = [
+pub const ROUTES: [&str; 11] = [
+    "healthz",
     "token",
     "unauthorized",
     "method",

@@ -470,6 +470,18 @@ pub fn pod_session_name(namespace: &str, pod: &str) -> String {
     session_name(&format!("{namespace}.{pod}"))
 }
 
+/// kube2iam's session name (iam/iam.go, `sessionName`): the 32-bit FNV-1a hash of the pod's
+/// address in hex, `-`, the role's name (the ARN after its last `/`), cut to 64 characters.
+pub fn kube2iam_session_name(pod_ip: std::net::IpAddr, role: &RoleArn) -> String {
+    let hash = pod_ip.to_string().bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    format!("{hash:x}-{}", role.name())
+        .chars()
+        .take(MAX_SESSION_NAME)
+        .collect()
+}
+
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
@@ -743,6 +755,44 @@ mod tests {
         assert_eq!(long.len(), 64);
         let other = pod_session_name(&"n".repeat(63), &format!("{}q", "p".repeat(199)));
         assert_ne!(long, other, "truncated names stay distinct");
+        assert!(long.chars().all(is_name_char));
+    }
+
+    #[test]
+    fn kube2iam_session_names_match_kube2iams() {
+        let role = |arn: &str| RoleArn::parse(arn).unwrap();
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        // FNV-1a 32 of the address text, in hex without padding (Go's %x), then the role name.
+        assert_eq!(
+            kube2iam_session_name(ip("10.0.0.1"), &role("arn:aws:iam::123456789012:role/web")),
+            "debebe8d-web"
+        );
+        assert_eq!(
+            kube2iam_session_name(
+                ip("192.168.12.7"),
+                &role("arn:aws:iam::123456789012:role/team-a/app")
+            ),
+            "9f400fd6-app",
+            "the path is not part of the name"
+        );
+        assert_eq!(
+            kube2iam_session_name(ip("10.1.3.130"), &role("arn:aws:iam::123456789012:role/x")),
+            "200b200-x",
+            "no zero padding"
+        );
+        assert_eq!(
+            kube2iam_session_name(ip("fd00::1"), &role("arn:aws:iam::123456789012:role/x")),
+            "9954580a-x"
+        );
+        let long = kube2iam_session_name(
+            ip("10.0.0.1"),
+            &role(&format!(
+                "arn:aws:iam::123456789012:role/{}",
+                "r".repeat(64)
+            )),
+        );
+        assert_eq!(long.len(), 64, "cut to 64 characters as kube2iam did");
+        assert!(long.starts_with("debebe8d-rrr"));
         assert!(long.chars().all(is_name_char));
     }
 }

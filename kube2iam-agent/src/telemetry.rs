@@ -6,10 +6,11 @@ use tracing_subscriber::{EnvFilter, fmt};
 
 use crate::cli::{LogArgs, LogFormat};
 
-/// Installs the global subscriber. A plain level (`info`) applies to every target; a full
-/// directive (`info,kube2iam_agent=debug`) is taken as written.
+/// Installs the global subscriber. A plain level (`info`, or logrus's `warning`, `fatal`,
+/// `panic` as kube2iam took them) applies to every target; a full directive
+/// (`info,kube2iam_agent=debug`) is taken as written. `--verbose` means debug.
 pub fn init(args: &LogArgs) -> Result<(), String> {
-    let filter = EnvFilter::try_new(&args.log_level)
+    let filter = EnvFilter::try_new(args.filter())
         .map_err(|e| format!("--log-level {:?}: {e}", args.log_level))?;
     let builder = fmt()
         .with_env_filter(filter)

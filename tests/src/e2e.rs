@@ -290,8 +290,6 @@ fn start_agent(
         &api.url(),
         "--sts-endpoint",
         &sts.endpoint(),
-        "--base-role-arn",
-        BASE_ROLE_ARN,
         "--metrics-port",
         &METRICS_PORT.to_string(),
         "--debug",
@@ -299,6 +297,10 @@ fn start_agent(
     .iter()
     .map(OsString::from)
     .collect();
+    // The base ARN, unless the test has the agent discover it (the two flags conflict).
+    if !extra.contains(&"--auto-discover-base-arn") {
+        extra_args.extend(["--base-role-arn", BASE_ROLE_ARN].map(OsString::from));
+    }
     extra_args.extend(extra.iter().map(OsString::from));
     let options = AgentOptions {
         host_ipv6: ipv6,

@@ -417,7 +417,10 @@ fn a_thousand_concurrent_cold_requests_make_exactly_one_assume_role() {
 fn sts_throttled_or_down_serves_cached_credentials_and_a_clear_5xx_without_them() {
     let node = TestNode::new();
     // Always inside the refresh window, so every request tries STS again in the background.
-    let world = World::start(&node, &["--refresh-before", "1h"]);
+    let world = World::start(
+        &node,
+        &["--refresh-before", "1h", "--unchecked-refresh-before"],
+    );
     let pod = node.add_pod("a");
     world.add_pod(&pod, "default", "x", &[(ROLE_KEY, "cached-role")]);
     world.wait_known(&node, &pod);
@@ -763,13 +766,18 @@ fn malformed_and_oversized_annotations_get_clear_errors() {
 #[test]
 fn auto_discovered_base_arn_comes_from_the_instance_profile() {
     let node = TestNode::new();
-    // No --base-role-arn: the World passes one, so start a second agent flag set without it is
-    // not possible; instead a pod names a role relative to the discovered base.
+    // No --base-role-arn (the World leaves it out with this flag): a pod names a role relative
+    // to the base discovered from the emulator's instance profile.
     let world = World::start(&node, &["--auto-discover-base-arn"]);
     let pod = node.add_pod("a");
     world.add_pod(&pod, "default", "x", &[(ROLE_KEY, "discovered")]);
     world.wait_known(&node, &pod);
     let got = creds(&world, &pod);
+    assert!(
+        world.agent.log().contains("discovered the base role ARN"),
+        "{}",
+        world.agent.log()
+    );
     assert_eq!(
         Some(got.access_key_id.clone()),
         world.moto_key_for(&role_arn("discovered"))

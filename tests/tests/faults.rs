@@ -213,7 +213,10 @@ fn sts_failure_is_clear_and_cached_roles_survive(
     let node = TestNode::new();
     // Always inside the refresh window: every request also tries STS in the background, so the
     // cached answer below is served despite failed refreshes, not because none was tried.
-    let mut world = World::start(&node, &["--refresh-before", "1h"]);
+    let mut world = World::start(
+        &node,
+        &["--refresh-before", "1h", "--unchecked-refresh-before"],
+    );
     let cached = node.add_pod("a");
     let fresh = node.add_pod("b");
     world.add_pod(&cached, "default", "cached", &[(ROLE_KEY, "cached-role")]);

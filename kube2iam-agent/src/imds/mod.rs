@@ -2,6 +2,7 @@
 //! own role, IMDSv2 tokens bound to the pod, blocked paths never forwarded, everything else
 //! proxied to the node's metadata service.
 
+mod health;
 pub mod path;
 pub mod token;
 pub mod upstream;
@@ -60,6 +61,10 @@ pub struct ServerConfig {
     pub tokens: TokenMode,
     pub namespace_restrictions: bool,
     pub session_per_pod: bool,
+    /// Sessions named as kube2iam named them, one per pod.
+    pub kube2iam_session_names: bool,
+    /// The agent's address on the node, which kube2iam's `/healthz` reported.
+    pub host_ip: IpAddr,
     pub rules: PathRules,
     pub header_read_timeout: Duration,
     pub max_connections: usize,
@@ -260,15 +265,22 @@ impl State {
         }
     }
 
-    fn cache_key(&self, decision: &Decision) -> (CacheKey, String) {
-        let session = if self.config.session_per_pod {
+    /// The cache key and session name; `peer` is the pod's address, which kube2iam's session
+    /// names carry (`None` when not answering a request).
+    fn cache_key(&self, decision: &Decision, peer: Option<IpAddr>) -> (CacheKey, String) {
+        let kube2iam_name = peer
+            .filter(|_| self.config.kube2iam_session_names)
+            .map(|ip| policy::kube2iam_session_name(ip, &decision.role));
+        let session = if self.config.session_per_pod || kube2iam_name.is_some() {
             Session::Pod {
                 uid: decision.pod.uid.clone(),
             }
         } else {
             Session::Node
         };
-        let session_name = if self.config.session_per_pod {
+        let session_name = if let Some(name) = kube2iam_name {
+            name
+        } else if self.config.session_per_pod {
             policy::pod_session_name(&decision.pod.namespace, &decision.pod.name)
         } else {
             policy::node_session_name(&self.config.decision.node)
@@ -286,10 +298,14 @@ impl State {
     /// Starts fetching credentials for a pod the watch just saw, if it would get a role: the
     /// same decision a request from the pod would get, without waiting for anything.
     pub fn prefetch(self: &Arc<Self>, pod: &PodIdentity) {
+        if self.config.kube2iam_session_names {
+            // Those names carry the pod's address, which the watch does not hand over here.
+            return;
+        }
         let namespace = self.namespace_of(&pod.namespace);
         if let Outcome::Ok(decision) = decision::role(&self.config.decision, pod, &namespace, false)
         {
-            let (key, session_name) = self.cache_key(&decision);
+            let (key, session_name) = self.cache_key(&decision, None);
             self.cache.prefetch(key, &session_name);
         }
     }
@@ -335,8 +351,8 @@ impl State {
         }
     }
 
-    async fn credentials(&self, decision: &Decision) -> Result<String, Reply> {
-        let (key, session_name) = self.cache_key(decision);
+    async fn credentials(&self, decision: &Decision, peer: IpAddr) -> Result<String, Reply> {
+        let (key, session_name) = self.cache_key(decision, Some(peer));
         let creds = self.cache.get(&key, &session_name).await.map_err(|e| {
             let status = match e {
                 StsError::Denied { .. } => StatusCode::FORBIDDEN,
@@ -435,6 +451,16 @@ impl State {
             }
         };
         let method = request.method().clone();
+        if normalized == health::PATH {
+            // For the node itself (kubelet's probes) and its pods; other hosts are refused, as
+            // on every route.
+            if !health::from_node(peer, self.config.host_ip)
+                && let Err(r) = self.caller_pod(caller, peer).await
+            {
+                return ("refused", text(r.status, r.body), None);
+            }
+            return ("healthz", self.healthz().await, None);
+        }
         let route = path::route(&method, &normalized, &self.config.rules);
         // Every route is for the pods of this node only: the token and the proxy too.
         let pod = match self.caller_pod(caller, peer).await {
@@ -491,7 +517,7 @@ impl State {
                             || policy::resolve_role(&name, self.config.decision.base_arn.as_ref())
                                 .is_ok_and(|r| r == decision.role);
                         if same {
-                            self.credentials(&decision).await
+                            self.credentials(&decision, peer).await
                         } else {
                             let body = format!(
                                 "kube2iam-ebpf: pod {} has role {listed}, not {name}",
