@@ -33,6 +33,7 @@ pub const PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
 pub enum AttachType {
+    CgroupSockOps = 3,
     Inet4Connect = 10,
     Inet6Connect = 11,
     Inet4GetPeerName = 29,
@@ -40,11 +41,12 @@ pub enum AttachType {
 }
 
 impl AttachType {
-    pub const ALL: [AttachType; 4] = [
+    pub const ALL: [AttachType; 5] = [
         AttachType::Inet4Connect,
         AttachType::Inet6Connect,
         AttachType::Inet4GetPeerName,
         AttachType::Inet6GetPeerName,
+        AttachType::CgroupSockOps,
     ];
 }
 

@@ -112,3 +112,23 @@ pub fn attestations(pin_path: &Path) -> Vec<((SocketAddr, SocketAddr), Attestati
 pub fn attestation(pin_path: &Path, client: SocketAddr, agent: SocketAddr) -> Option<Attestation> {
     attest_map(pin_path).get(&conn_key(client, agent), 0).ok()
 }
+
+fn host_pods_map(pin_path: &Path) -> HashMap<MapData, u64, u8> {
+    HashMap::try_from(open(pin_path, maps::HOST_PODS))
+        .unwrap_or_else(|e| panic!("{} is not a u64 → u8 hash map: {e}", maps::HOST_PODS))
+}
+
+/// Lists the pod cgroup `cgroup_id` as a hostNetwork pod served its own role, as the agent's
+/// host-pods sync does.
+pub fn add_host_pod(pin_path: &Path, cgroup_id: u64) {
+    host_pods_map(pin_path)
+        .insert(cgroup_id, 1, 0)
+        .unwrap_or_else(|e| panic!("cannot write {cgroup_id} to {}: {e}", maps::HOST_PODS));
+}
+
+/// Takes `cgroup_id` off the host-pods map.
+pub fn remove_host_pod(pin_path: &Path, cgroup_id: u64) {
+    host_pods_map(pin_path)
+        .remove(&cgroup_id)
+        .unwrap_or_else(|e| panic!("cannot remove {cgroup_id} from {}: {e}", maps::HOST_PODS));
+}

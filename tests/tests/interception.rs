@@ -27,11 +27,12 @@ use kube2iam_tests::{
 
 const PROBE: &str = env!("CARGO_BIN_EXE_k2i-probe");
 const METADATA_URL: &str = "http://169.254.169.254/latest/meta-data/iam/security-credentials/";
-const LINKS: [&str; 4] = [
+const LINKS: [&str; 5] = [
     programs::CONNECT4,
     programs::CONNECT6,
     programs::GETPEERNAME4,
     programs::GETPEERNAME6,
+    programs::SOCK_OPS,
 ];
 
 /// Runs k2i-probe (already placed in a pod, the node or elsewhere) against `addr`.
