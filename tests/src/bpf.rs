@@ -41,11 +41,12 @@ pub enum AttachType {
 }
 
 impl AttachType {
-    pub const ALL: [AttachType; 4] = [
+    pub const ALL: [AttachType; 5] = [
         AttachType::Inet4Connect,
         AttachType::Inet6Connect,
         AttachType::Inet4GetPeerName,
         AttachType::Inet6GetPeerName,
+        AttachType::CgroupSockOps,
     ];
 }
 

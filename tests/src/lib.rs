@@ -44,7 +44,7 @@ pub use faults::{FaultMode, FaultProxy};
 pub use imds::{ImdsEmulator, NODE_ACCESS_KEY_ID};
 pub use kube_api::{KubeApi, KubeObject};
 pub use moto::{AssumeRoleCall, Moto};
-pub use node::{CgroupDriver, KubeletCgroup, Pod, TestNode};
+pub use node::{CgroupDriver, KubeletCgroup, Pod, TestNode, Topology};
 pub use probe::ProbeResult;
 pub use process::ChildGuard;
 pub use stub::{AgentStub, HttpStub, ImdsStub};

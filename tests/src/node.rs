@@ -25,6 +25,18 @@ pub const RUN_ROOT: &str = "/run/kube2iam-test";
 const NETNS_DIR: &str = "/run/netns";
 /// Pods per node: the /30s of 198.51.100.0/24.
 const MAX_PODS: u32 = 64;
+/// The bridge of a bridged node ([`TestNode::new_bridged`]), in the node namespace.
+pub const BRIDGE: &str = "k2i-br";
+
+/// How a node connects its pods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topology {
+    /// A routed veth per pod, each with its own /30 (as the VPC CNI, Calico and Cilium do).
+    Routed,
+    /// Every pod's host-side veth enslaved to one Linux bridge that holds the gateway address;
+    /// pods share one subnet and one L2 segment (as flannel, kubenet and the bridge CNI do).
+    Bridge,
+}
 
 /// The mount point of the cgroup2 hierarchy, from /proc/mounts.
 pub fn cgroup2_root() -> PathBuf {
@@ -39,6 +51,25 @@ pub fn cgroup2_root() -> PathBuf {
             (fstype == "cgroup2").then(|| PathBuf::from(target.replace("\\040", " ")))
         })
         .expect("no cgroup2 hierarchy is mounted (no cgroup2 line in /proc/mounts)")
+}
+
+/// The MAC address of `ifname` in the named namespace `netns`, from `ip -j link show`.
+pub fn link_mac(netns: &str, ifname: &str) -> String {
+    let output = crate::process::output_within(
+        Command::new("ip").args(["-n", netns, "-j", "link", "show", ifname]),
+        Duration::from_secs(10),
+        "ip link show",
+    );
+    let links: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "ip -n {netns} -j link show {ifname}: {e}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    links[0]["address"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{ifname} in {netns} has no MAC address: {links}"))
+        .to_owned()
 }
 
 /// A named network namespace (`ip netns add`), deleted on drop.
@@ -250,6 +281,7 @@ impl Drop for BpffsGuard {
 /// before it.
 pub struct TestNode {
     id: String,
+    topology: Topology,
     next_pod: AtomicU32,
     // Dropped in this order.
     netns: NetnsGuard,
@@ -259,7 +291,19 @@ pub struct TestNode {
 }
 
 impl TestNode {
+    /// A node with a routed veth per pod ([`Topology::Routed`]).
     pub fn new() -> Self {
+        Self::with_topology(Topology::Routed)
+    }
+
+    /// A node whose pods share one Linux bridge, [`BRIDGE`] ([`Topology::Bridge`]): it holds
+    /// the gateway 198.51.100.1/24 and fd00:77::1/64; pod `i` gets 198.51.100.(i+2)/24 and
+    /// fd00:77::(i+2)/64.
+    pub fn new_bridged() -> Self {
+        Self::with_topology(Topology::Bridge)
+    }
+
+    pub fn with_topology(topology: Topology) -> Self {
         crate::require_root();
         let id = unique_id();
         // Created in the reverse of the drop order, so a failure half-way unwinds cleanly.
@@ -278,8 +322,38 @@ impl TestNode {
         for addr in [format!("{METADATA_IP6}/128"), format!("{HOST_IP6}/128")] {
             ip(&["-n", n, "-6", "addr", "add", &addr, "dev", "lo", "nodad"]);
         }
+        if topology == Topology::Bridge {
+            // No STP: ports forward as soon as they are up.
+            ip(&[
+                "-n",
+                n,
+                "link",
+                "add",
+                BRIDGE,
+                "type",
+                "bridge",
+                "stp_state",
+                "0",
+                "forward_delay",
+                "0",
+            ]);
+            ip(&["-n", n, "addr", "add", "198.51.100.1/24", "dev", BRIDGE]);
+            ip(&[
+                "-n",
+                n,
+                "-6",
+                "addr",
+                "add",
+                "fd00:77::1/64",
+                "dev",
+                BRIDGE,
+                "nodad",
+            ]);
+            ip(&["-n", n, "link", "set", BRIDGE, "up"]);
+        }
         Self {
             id,
+            topology,
             next_pod: AtomicU32::new(0),
             netns,
             cgroup,
@@ -291,6 +365,15 @@ impl TestNode {
     /// `<pid>-<counter>`, the part shared by all of this node's names.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    pub fn topology(&self) -> Topology {
+        self.topology
+    }
+
+    /// The MAC address of the node's interface `ifname` (a pod's host side, or [`BRIDGE`]).
+    pub fn link_mac(&self, ifname: &str) -> String {
+        link_mac(self.netns_name(), ifname)
     }
 
     /// The node's network namespace name, `k2i-node-<id>`.
@@ -383,9 +466,11 @@ impl TestNode {
 
     /// Adds a pod `name` (at most 9 characters, unique on this node) behind a veth.
     ///
-    /// Pod `i` (0-based) gets 198.51.100.(4i+2)/30 and fd00:77:<i>::2/64 on its eth0 with default
-    /// routes via the node side `k2i-h-<name>`, which holds 198.51.100.(4i+1)/30 and
-    /// fd00:77:<i>::1/64.
+    /// Routed: pod `i` (0-based) gets 198.51.100.(4i+2)/30 and fd00:77:<i>::2/64 on its eth0 with
+    /// default routes via the node side `k2i-h-<name>`, which holds 198.51.100.(4i+1)/30 and
+    /// fd00:77:<i>::1/64. Bridged: pod `i` gets 198.51.100.(i+2)/24 and fd00:77::(i+2)/64, its
+    /// node side `k2i-h-<name>` is a port of [`BRIDGE`] without addresses, and the default routes
+    /// go via the bridge's 198.51.100.1 and fd00:77::1.
     pub fn add_pod(&self, name: &str) -> Pod<'_> {
         assert!(
             !name.is_empty()
@@ -413,26 +498,35 @@ impl TestNode {
             "-n", node_ns, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0",
             "netns", pod_ns,
         ]);
-        ip(&[
-            "-n",
-            node_ns,
-            "addr",
-            "add",
-            &format!("{gw4}/30"),
-            "dev",
-            &host_if,
-        ]);
-        ip(&[
-            "-n",
-            node_ns,
-            "-6",
-            "addr",
-            "add",
-            &format!("{gw6}/64"),
-            "dev",
-            &host_if,
-            "nodad",
-        ]);
+        let prefix4 = match self.topology {
+            Topology::Routed => {
+                ip(&[
+                    "-n",
+                    node_ns,
+                    "addr",
+                    "add",
+                    &format!("{gw4}/30"),
+                    "dev",
+                    &host_if,
+                ]);
+                ip(&[
+                    "-n",
+                    node_ns,
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{gw6}/64"),
+                    "dev",
+                    &host_if,
+                    "nodad",
+                ]);
+                30
+            }
+            Topology::Bridge => {
+                ip(&["-n", node_ns, "link", "set", &host_if, "master", BRIDGE]);
+                24
+            }
+        };
         ip(&["-n", node_ns, "link", "set", &host_if, "up"]);
         ip(&["-n", pod_ns, "link", "set", "lo", "up"]);
         ip(&[
@@ -440,7 +534,7 @@ impl TestNode {
             pod_ns,
             "addr",
             "add",
-            &format!("{ip4}/30"),
+            &format!("{ip4}/{prefix4}"),
             "dev",
             "eth0",
         ]);
@@ -565,29 +659,46 @@ impl<'n> Pod<'n> {
         self.netns.path()
     }
 
+    /// The MAC address of the pod's eth0.
+    pub fn mac(&self) -> String {
+        link_mac(self.netns_name(), "eth0")
+    }
+
     /// The node side of the veth, `k2i-h-<name>`.
     pub fn host_interface(&self) -> String {
         format!("k2i-h-{}", self.name)
     }
 
-    /// The pod's IPv4 address, 198.51.100.(4i+2).
+    /// The pod's IPv4 address: 198.51.100.(4i+2), bridged 198.51.100.(i+2).
     pub fn ip4(&self) -> Ipv4Addr {
-        Ipv4Addr::new(198, 51, 100, (4 * self.index + 2) as u8)
+        match self.node.topology {
+            Topology::Routed => Ipv4Addr::new(198, 51, 100, (4 * self.index + 2) as u8),
+            Topology::Bridge => Ipv4Addr::new(198, 51, 100, (self.index + 2) as u8),
+        }
     }
 
-    /// The pod's IPv6 address, fd00:77:<i>::2.
+    /// The pod's IPv6 address: fd00:77:<i>::2, bridged fd00:77::(i+2).
     pub fn ip6(&self) -> Ipv6Addr {
-        Ipv6Addr::new(0xfd00, 0x77, self.index as u16, 0, 0, 0, 0, 2)
+        match self.node.topology {
+            Topology::Routed => Ipv6Addr::new(0xfd00, 0x77, self.index as u16, 0, 0, 0, 0, 2),
+            Topology::Bridge => Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, (self.index + 2) as u16),
+        }
     }
 
-    /// The node side's IPv4 address, the pod's default gateway.
+    /// The pod's default gateway (IPv4): the node side of its veth, or the bridge.
     pub fn gateway4(&self) -> Ipv4Addr {
-        Ipv4Addr::new(198, 51, 100, (4 * self.index + 1) as u8)
+        match self.node.topology {
+            Topology::Routed => Ipv4Addr::new(198, 51, 100, (4 * self.index + 1) as u8),
+            Topology::Bridge => Ipv4Addr::new(198, 51, 100, 1),
+        }
     }
 
-    /// The node side's IPv6 address, the pod's default gateway.
+    /// The pod's default gateway (IPv6): the node side of its veth, or the bridge.
     pub fn gateway6(&self) -> Ipv6Addr {
-        Ipv6Addr::new(0xfd00, 0x77, self.index as u16, 0, 0, 0, 0, 1)
+        match self.node.topology {
+            Topology::Routed => Ipv6Addr::new(0xfd00, 0x77, self.index as u16, 0, 0, 0, 0, 1),
+            Topology::Bridge => Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 1),
+        }
     }
 
     /// Whether `ip` is one of this pod's addresses (IPv4-mapped forms included).

@@ -6,10 +6,11 @@
 use std::{process::Command, time::Duration};
 
 use kube2iam_tests::{
-    AGENT_PORT, CgroupDriver, HOST_IP4, NODE_ACCESS_KEY_ID, TestNode,
+    AGENT_PORT, CgroupDriver, HOST_IP4, NODE_ACCESS_KEY_ID, ProbeResult, TestNode,
     e2e::{NODE_NAME, World, credentials_with, curl, pod_credentials, role_arn},
     kube_api as objects,
-    process::place,
+    node::BRIDGE,
+    process::{output_within, place},
 };
 
 const ROLE_KEY: &str = "iam.amazonaws.com/role";
@@ -335,4 +336,175 @@ fn a_host_network_pod_with_a_role_gets_it_only_with_the_flag_and_nothing_else_ch
         host_pod_credentials(&node, &exporter.container),
     );
     assert_eq!(key, NODE_ACCESS_KEY_ID);
+}
+
+const RAW: &str = env!("CARGO_BIN_EXE_k2i-raw");
+/// The packet guard on the bridge ports: it must leave packets to the agent alone.
+const GUARD: [&str; 4] = ["--host-interface", "k2i-h-+", "--packet-guard", "true"];
+
+/// The attacker answers ARP for the victim's address and runs TCP by hand over AF_PACKET from it
+/// to the agent's address, asking for `path`.
+fn spoofed_request(
+    node: &TestNode,
+    attacker: &kube2iam_tests::Pod<'_>,
+    victim: &kube2iam_tests::Pod<'_>,
+    path: &str,
+) -> ProbeResult {
+    let gateway_mac = node.link_mac(BRIDGE);
+    let args = [
+        "http".to_owned(),
+        "eth0".to_owned(),
+        gateway_mac,
+        attacker.gateway4().to_string(),
+        victim.ip4().to_string(),
+        HOST_IP4.to_string(),
+        AGENT_PORT.to_string(),
+        path.to_owned(),
+    ];
+    let output = output_within(
+        attacker.command(RAW).args(&args),
+        Duration::from_secs(30),
+        "k2i-raw http",
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    ProbeResult::from_json(line).unwrap_or_else(|e| {
+        panic!(
+            "k2i-raw {args:?} printed unparsable JSON ({e}): {stdout:?}; stderr: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
+
+/// The node's neighbour entry for `ip` on the bridge: its MAC, if any.
+fn bridge_neighbour(node: &TestNode, ip: std::net::Ipv4Addr) -> Option<String> {
+    let output = output_within(
+        Command::new("ip").args([
+            "-n",
+            node.netns_name(),
+            "-j",
+            "neigh",
+            "show",
+            &ip.to_string(),
+            "dev",
+            BRIDGE,
+        ]),
+        Duration::from_secs(10),
+        "ip neigh show",
+    );
+    let entries: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+    entries[0]["lladdr"].as_str().map(str::to_owned)
+}
+
+#[test]
+fn on_a_bridge_a_pod_that_takes_its_neighbours_address_over_af_packet_gets_nothing() {
+    let node = TestNode::new_bridged();
+    let off: Vec<&str> = GUARD
+        .iter()
+        .copied()
+        .chain(["--identity-attestation", "off"])
+        .collect();
+    let mut world = World::start(&node, &off);
+    let victim = node.add_pod("victim");
+    let attacker = node.add_pod("attacker");
+    world.add_pod(&victim, "shop", "victim", &[(ROLE_KEY, "victim-role")]);
+    world.add_pod(
+        &attacker,
+        "tools",
+        "attacker",
+        &[(ROLE_KEY, "attacker-role")],
+    );
+    world.wait_known(&node, &victim);
+    world.wait_known(&node, &attacker);
+    assert_eq!(
+        victim.gateway4(),
+        attacker.gateway4(),
+        "one subnet, one gateway on the bridge"
+    );
+    let victim_key = served(&world, "victim over the bridge", pod_credentials(&victim));
+    assert_eq!(
+        Some(victim_key.clone()),
+        world.moto_key_for(&role_arn("victim-role"))
+    );
+    // The attacker's own kernel must not answer for the victim's address (it would reset the
+    // handshake); AF_PACKET sees the frames before this rule.
+    let rule = format!(
+        "add table ip k2i_spoof; add chain ip k2i_spoof pre {{ type filter hook prerouting \
+         priority -300; policy accept; }}; add rule ip k2i_spoof pre ip daddr {} drop",
+        victim.ip4()
+    );
+    let output = output_within(
+        Command::new("ip").args(["netns", "exec", attacker.netns_name(), "nft", &rule]),
+        Duration::from_secs(10),
+        "nft",
+    );
+    assert!(
+        output.status.success(),
+        "nft in the attacker's namespace: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let path = format!("{CREDS}victim-role");
+
+    // Without attestation the address is all the agent has: the attack works, so this test
+    // would see a bypass.
+    let result = spoofed_request(&node, &attacker, &victim, &path);
+    assert_eq!(
+        bridge_neighbour(&node, victim.ip4()),
+        Some(attacker.mac()),
+        "the node's neighbour entry for the victim points at the attacker"
+    );
+    assert!(
+        result.ok && result.status() == Some(200),
+        "with --identity-attestation off the spoofed handshake is served: {result:?}\nagent \
+         log:\n{}",
+        world.agent.log()
+    );
+    assert!(
+        result.http_body().is_some_and(|b| b.contains(&victim_key)),
+        "and it gets the victim's credentials: {result:?}"
+    );
+
+    for mode in ["prefer", "require"] {
+        world.kill_agent();
+        let args: Vec<&str> = GUARD
+            .iter()
+            .copied()
+            .chain(["--identity-attestation", mode])
+            .collect();
+        world.start_agent(&node, &args, false, true);
+        world.wait_known(&node, &victim);
+        assert!(
+            world.agent.log().lines().any(|l| {
+                l.contains("packet guard on pod interfaces") && l.contains("k2i-h-attacker")
+            }),
+            "{mode}: the packet guard sits on the attacker's bridge port:\n{}",
+            world.agent.log()
+        );
+        let result = spoofed_request(&node, &attacker, &victim, &path);
+        assert_eq!(
+            result.status(),
+            Some(403),
+            "{mode}: the spoofed handshake reaches the agent and is refused: {result:?}\nagent \
+             log:\n{}",
+            world.agent.log()
+        );
+        let body = result.http_body().unwrap_or_default();
+        assert!(
+            body.contains("did not come through the metadata redirect"),
+            "{mode}: {body}"
+        );
+        assert!(
+            !body.contains(&victim_key) && !body.contains("AccessKeyId"),
+            "{mode}: no credentials reach the attacker: {body}"
+        );
+        assert!(
+            metric(
+                &world,
+                &node,
+                "kube2iam_connections_total{kind=\"unattested\"}"
+            ) >= 1.0,
+            "{mode}: the agent counted an unattested connection"
+        );
+    }
+    world.imds.assert_no_pod_seen(&[&victim, &attacker]);
 }

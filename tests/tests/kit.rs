@@ -211,3 +211,65 @@ fn a_dropped_node_leaves_nothing_behind() {
     let status = child.wait().unwrap();
     assert!(!status.success(), "the sleeper was killed");
 }
+
+#[test]
+fn bridged_pods_share_one_subnet_on_the_bridge_and_reach_the_node_over_ipv4_and_ipv6() {
+    let node = TestNode::new_bridged();
+    let imds = ImdsStub::start(&node);
+    let a = node.add_pod("a");
+    let b = node.add_pod("b");
+    assert_eq!(
+        (a.ip4().to_string(), b.ip4().to_string()),
+        ("198.51.100.2".into(), "198.51.100.3".into())
+    );
+    assert_eq!(a.gateway4(), b.gateway4());
+    for pod in [&a, &b] {
+        let output = output_within(
+            Command::new("ip").args([
+                "-n",
+                node.netns_name(),
+                "-j",
+                "link",
+                "show",
+                &pod.host_interface(),
+            ]),
+            Duration::from_secs(10),
+            "ip link show",
+        );
+        let links: serde_json::Value =
+            serde_json::from_slice(&output.stdout).expect("ip -j output");
+        assert_eq!(
+            links[0]["master"].as_str(),
+            Some(kube2iam_tests::node::BRIDGE),
+            "{} is a port of the bridge",
+            pod.host_interface()
+        );
+        for addr in [metadata_addr4(), metadata_addr6()] {
+            let result = run_probe(pod.command(PROBE), &["--addr", &addr.to_string()]);
+            assert!(
+                result.ok && result.reached_imds_stub(),
+                "{addr}: {result:?}"
+            );
+        }
+        assert!(imds.saw(IpAddr::V4(pod.ip4())) && imds.saw(IpAddr::V6(pod.ip6())));
+    }
+    // One L2 segment: pod b is on-link for pod a, no gateway between them.
+    let output = output_within(
+        Command::new("ip").args([
+            "-n",
+            a.netns_name(),
+            "-j",
+            "route",
+            "get",
+            &b.ip4().to_string(),
+        ]),
+        Duration::from_secs(10),
+        "ip route get",
+    );
+    let route: serde_json::Value = serde_json::from_slice(&output.stdout).expect("ip -j output");
+    assert_eq!(route[0]["dev"].as_str(), Some("eth0"), "{route}");
+    assert!(
+        route[0].get("gateway").is_none(),
+        "b is on-link for a: {route}"
+    );
+}

@@ -27,7 +27,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ),
     (
         "nftables",
-        "nft: `cargo xtask bench` deletes the nat table between variants",
+        "nft: `cargo xtask bench` deletes the nat table between variants; the ARP-spoofing \
+         test keeps the attacker pod's own kernel off the victim's packets",
     ),
     (
         "qemu-system-x86",

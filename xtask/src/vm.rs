@@ -5,7 +5,8 @@
 //! checked, and once with a cgroup-v1 layout where the agent mounts cgroup2 and bpffs itself.
 //!
 //! One row per kernel: release, accelerator, boot seconds, tests passed/failed/skipped, skipped
-//! hooks, the doctor's summary. Console logs stay in `.cache/vm/logs`.
+//! hooks, what the kernel attested for a pod (its cgroup on the cgroup2 layout, the cgroup2 root
+//! on the v1 layout), the doctor's summary. Console logs stay in `.cache/vm/logs`.
 
 use std::{
     collections::VecDeque,
@@ -381,6 +382,7 @@ fn report(kernels: &[Kernel], results: &[Done], elapsed: Duration) -> bool {
         "skipped",
         "known",
         "skipped hooks",
+        "attestation (v2 / v1)",
         "doctor (v2 / v1 layout)",
     ];
     let mut rows: Vec<Vec<String>> = Vec::new();
@@ -394,6 +396,7 @@ fn report(kernels: &[Kernel], results: &[Done], elapsed: Duration) -> bool {
         let (mut passed, mut failed, mut skipped, mut known) = (0, 0, 0, 0);
         let mut hooks: Vec<String> = Vec::new();
         let mut doctors = Vec::new();
+        let mut attestation = Vec::new();
         let mut accel = "-";
         for layout in [Layout::V2, Layout::V1] {
             let Some(done) = find(name, layout) else {
@@ -430,6 +433,9 @@ fn report(kernels: &[Kernel], results: &[Done], elapsed: Duration) -> bool {
             }
             for event in outcome.events_of("doctor") {
                 doctors.push(short_doctor(str_of(event, "summary")));
+            }
+            for event in outcome.events_of("attestation") {
+                attestation.push(str_of(event, "result").to_owned());
             }
             if let Some(problem) = &outcome.problem {
                 failed += 1;
@@ -500,6 +506,7 @@ fn report(kernels: &[Kernel], results: &[Done], elapsed: Duration) -> bool {
             } else {
                 hooks.join(", ")
             },
+            attestation.join(" / "),
             doctors.join(" / "),
         ]);
     }
