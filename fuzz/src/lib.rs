@@ -380,7 +380,8 @@ pub fn annotations(data: &[u8]) {
 /// Namespace allowed-role patterns: `AllowedRoles::compile` with globs and regexps never panics,
 /// compiles within `budget`, names the namespace when it refuses, accepts only patterns that are
 /// valid on their own (so a pattern cannot break out of the anchoring), and matching is bounded
-/// too. A literal glob allows exactly its own role; `*` allows every role of the base account.
+/// too. A literal glob allows exactly its own role; `*` allows every role of the base account;
+/// without a base ARN, patterns that do not start with `arn:` allow nothing.
 ///
 /// Input: `<flags byte><annotation or patterns>\n<role annotation>`. Flag bit 0 picks regexp
 /// over glob; bit 1 takes the text as the raw annotation, otherwise the text is a tab-separated
@@ -448,15 +449,21 @@ pub fn allowed_roles(data: &[u8], budget: Duration) {
         "matching {} against {annotation:?} took {elapsed:?}",
         role.as_str()
     );
-    let same_account = base.is_none_or(|b| role.as_str().starts_with(b.as_str()));
-    if format == PatternFormat::Glob && same_account {
+    // A pattern without `arn:` names roles relative to the base ARN: without one it allows
+    // nothing (it would otherwise allow its roles in every account).
+    if base.is_none() && sources.iter().all(|s| !s.starts_with("arn:")) {
+        assert!(
+            !allows,
+            "{sources:?} has no full-ARN pattern and there is no base ARN, but allows {}",
+            role.as_str()
+        );
+    }
+    if let Some(subject) = base.and_then(|b| role.as_str().strip_prefix(b.as_str()))
+        && format == PatternFormat::Glob
+    {
         if sources.iter().any(|s| s == "*") {
             assert!(allows, "* allows {}", role.as_str());
         }
-        let subject = match base {
-            Some(b) => &role.as_str()[b.as_str().len()..],
-            None => role.path_and_name(),
-        };
         let literal = |s: &str| !s.starts_with("arn:") && !s.contains(['*', '?', '[', '{', '\\']);
         if sources.iter().all(|s| literal(s)) {
             assert_eq!(
