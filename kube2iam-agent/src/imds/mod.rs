@@ -5,6 +5,7 @@
 pub mod path;
 pub mod token;
 pub mod upstream;
+mod usage;
 
 use std::{
     convert::Infallible,
