@@ -15,7 +15,10 @@ use crate::{
     attest::{self, CgroupPods, HostPodsMap},
     bpf::{self, Action, Interception},
     cli::RunArgs,
-    credentials::{CacheSettings, CredentialCache, SdkSts},
+    credentials::{
+        Admission, CacheSettings, CredentialCache, PREFETCH_WINDOW, PREFETCHES_PER_POD,
+        PrefetchLimiter, SdkSts, UNUSED_GRACE,
+    },
     decision,
     events::PodEvents,
     identity::Registry,
@@ -222,6 +225,14 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
     let upstream = Arc::new(Upstream::new(metadata, UPSTREAM_TIMEOUT));
     let rules = compile_rules(&args.allow_paths, &args.block_paths)?;
     let base_arn = base_arn(args, &upstream).await?;
+    if args.namespace_restrictions && base_arn.is_none() {
+        tracing::warn!(
+            "--namespace-restrictions without --base-role-arn or --auto-discover-base-arn: \
+             allowed-roles patterns that do not start with arn: name no account and allow no \
+             role; write them as full ARNs (arn:aws:iam::<account>:role/<pattern>) or set a base \
+             ARN"
+        );
+    }
     let region = region(args, &upstream).await?;
     let sts = sts_client(args, region.clone(), metadata).await?;
     let cache = CredentialCache::new(
@@ -399,13 +410,34 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
             }
         });
     }
+    // One pod changing its annotations over and over must not turn into one AssumeRole per
+    // change: a few prefetches per pod and window, the rest on demand.
+    let limiter = Arc::new(PrefetchLimiter::new(PREFETCHES_PER_POD, PREFETCH_WINDOW));
+    let prefetch_limiter = limiter.clone();
     background.spawn(k8s::watch_pods(
         client.clone(),
         node,
         keys,
         registry,
         watch_stats.clone(),
-        move |pod| prefetch_state.prefetch(pod),
+        move |pod| {
+            let wanted = (pod.role.clone(), pod.external_id.clone());
+            match prefetch_limiter.admit(&pod.uid, &wanted, std::time::Instant::now()) {
+                Admission::Admitted => prefetch_state.prefetch(pod),
+                Admission::Limited { first } => {
+                    if first {
+                        tracing::warn!(
+                            pod = %pod.display_name(),
+                            per_pod = PREFETCHES_PER_POD,
+                            window = ?PREFETCH_WINDOW,
+                            "the pod's role or external-ID annotation keeps changing; no more \
+                             prefetches for it in this window (it still gets credentials when \
+                             it asks)"
+                        );
+                    }
+                }
+            }
+        },
     ));
     if args.namespace_restrictions {
         background.spawn(namespaces.watch(
@@ -415,6 +447,7 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
             watch_stats,
         ));
     }
+    let eviction_state = state.clone();
     background.spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(60));
         loop {
@@ -423,6 +456,20 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
             if evicted > 0 {
                 tracing::debug!(evicted, "dropped idle credential entries");
             }
+            // Entries of roles no pod has any more (annotation changes, deleted pods). Only once
+            // the pod list is in: before that, the identity map may lack live pods.
+            if eviction_state.registry.synced() {
+                match eviction_state.cache_keys_in_use() {
+                    Ok(in_use) => {
+                        let evicted = cache.evict_unused(&in_use, UNUSED_GRACE);
+                        if evicted > 0 {
+                            tracing::debug!(evicted, "dropped credential entries no pod uses");
+                        }
+                    }
+                    Err(e) => tracing::warn!("credential cache eviction: {e}"),
+                }
+            }
+            limiter.prune(std::time::Instant::now());
         }
     });
     background.spawn(async move {

@@ -246,10 +246,12 @@ pub struct RunArgs {
     /// Whether token-less (IMDSv1) requests are served.
     #[arg(long, env = "IMDS_TOKENS", value_enum, default_value_t = TokenMode::Optional)]
     pub imds_tokens: TokenMode,
-    /// Regex of a normally blocked path to forward anyway (repeatable), e.g. '^/latest/user-data$'.
+    /// Regex of a path to forward beyond the default allow list of metadata safe for any pod
+    /// (repeatable), e.g. '^/latest/meta-data/tags/instance/' or '^/latest/user-data$'. The
+    /// node's credentials are never forwarded.
     #[arg(long = "allow-path", env = "ALLOW_PATHS", value_delimiter = ',')]
     pub allow_paths: Vec<String>,
-    /// Regex of a path to block in addition (repeatable).
+    /// Regex of a path to refuse even when it would be forwarded (repeatable).
     #[arg(long = "block-path", env = "BLOCK_PATHS", value_delimiter = ',')]
     pub block_paths: Vec<String>,
     /// How long a request from an unknown address waits for the pod watch (kube2iam's

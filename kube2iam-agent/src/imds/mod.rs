@@ -1,11 +1,12 @@
 //! The metadata server pods reach through the redirect: IMDS-compatible answers for the pod's
-//! own role, IMDSv2 tokens bound to the pod, blocked paths never forwarded, everything else
-//! proxied to the node's metadata service.
+//! own role, IMDSv2 tokens bound to the pod, the node's credentials and data never forwarded,
+//! metadata that is safe for any pod (an allow list) proxied to the node's metadata service.
 
 mod health;
 pub mod path;
 pub mod token;
 pub mod upstream;
+mod usage;
 
 use std::{
     collections::HashMap,
@@ -546,15 +547,9 @@ impl State {
                 });
                 ("iam_info", reply(body), role)
             }
-            Route::Blocked(what) => (
+            Route::Blocked(refusal) => (
                 "blocked",
-                text(
-                    StatusCode::FORBIDDEN,
-                    format!(
-                        "kube2iam-ebpf: {normalized} ({what}) is blocked for pods; allow it with \
-                         --allow-path '<regex>'"
-                    ),
-                ),
+                text(StatusCode::FORBIDDEN, refusal.message(&normalized)),
                 None,
             ),
             Route::Proxy => {
