@@ -65,7 +65,7 @@ impl PacketWatch {
         let mut threads = Vec::new();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         for kind in ["tcp", "udp", "udp6"] {
-            let netns = node.netns_path();
+            let netns = node.metadata_netns_path();
             let (seen, stop, ready) = (seen.clone(), stop.clone(), ready_tx.clone());
             threads.push(std::thread::spawn(move || {
                 enter_netns_on_this_thread(&netns).expect("enter the node netns");
