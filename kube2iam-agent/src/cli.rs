@@ -128,6 +128,13 @@ pub struct RunArgs {
     /// Attach the guard as cls_bpf filters even where TCX exists (testing aid).
     #[arg(long, env = "PACKET_GUARD_NETLINK", hide = true)]
     pub packet_guard_netlink: bool,
+    /// Drop packets that sockets in the intercepted cgroup send to the metadata service unless
+    /// the socket connected there itself, which only host-namespace sockets may (a cgroup_skb
+    /// egress program beside the connect hooks). Catches what the packet guard cannot see by
+    /// interface: a DNAT rule inside a pod, raw sockets on any interface. `--egress-guard false`
+    /// turns it off.
+    #[arg(long, env = "EGRESS_GUARD", default_value_t = true, action = clap::ArgAction::Set)]
+    pub egress_guard: bool,
 
     /// This node's name; only its pods are watched (the DaemonSet passes spec.nodeName).
     #[arg(long, env = "NODE_NAME")]
@@ -329,6 +336,7 @@ impl RunArgs {
                 None
             },
             guard_netlink: self.packet_guard_netlink,
+            egress_guard: self.egress_guard,
         })
     }
 }

@@ -30,6 +30,9 @@ pub mod programs {
     pub const NETNS_PROBE: &str = "k2i_netns_probe";
     /// tc ingress on the host side of pod interfaces: drops packets to the metadata service.
     pub const GUARD: &str = "k2i_guard";
+    /// cgroup_skb/egress beside connect4: drops socket packets to the metadata service that did
+    /// not come from a connect the connect hooks let through unchanged.
+    pub const EGRESS: &str = "k2i_egress";
 }
 
 /// The only key of the config map.
@@ -144,10 +147,15 @@ pub enum Counter {
     GuardDropped4 = 8,
     /// The packet guard dropped an IPv6 packet from a pod addressed to the metadata service.
     GuardDropped6 = 9,
+    /// The egress backstop dropped an IPv4 packet a socket in the cgroup addressed to the
+    /// metadata service (DNAT after connect, raw socket, unconnected UDP).
+    EgressDropped4 = 10,
+    /// The egress backstop dropped such an IPv6 packet.
+    EgressDropped6 = 11,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 10] = [
+    pub const ALL: [Counter; 12] = [
         Counter::Passed,
         Counter::Redirected4,
         Counter::Redirected6,
@@ -158,6 +166,8 @@ impl Counter {
         Counter::PeerRestored,
         Counter::GuardDropped4,
         Counter::GuardDropped6,
+        Counter::EgressDropped4,
+        Counter::EgressDropped6,
     ];
 
     /// Stable snake_case name, used in logs and metrics.
@@ -173,6 +183,8 @@ impl Counter {
             Counter::PeerRestored => "peer_restored",
             Counter::GuardDropped4 => "guard_dropped_ipv4",
             Counter::GuardDropped6 => "guard_dropped_ipv6",
+            Counter::EgressDropped4 => "egress_dropped_ipv4",
+            Counter::EgressDropped6 => "egress_dropped_ipv6",
         }
     }
 }

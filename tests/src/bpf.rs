@@ -37,14 +37,18 @@ pub enum AttachType {
     Inet6Connect = 11,
     Inet4GetPeerName = 29,
     Inet6GetPeerName = 30,
+    /// BPF_CGROUP_INET_EGRESS: cgroup_skb on the way out (the egress backstop).
+    InetEgress = 1,
 }
 
 impl AttachType {
-    pub const ALL: [AttachType; 4] = [
+    /// Every hook the agent attaches to its cgroup.
+    pub const ALL: [AttachType; 5] = [
         AttachType::Inet4Connect,
         AttachType::Inet6Connect,
         AttachType::Inet4GetPeerName,
         AttachType::Inet6GetPeerName,
+        AttachType::InetEgress,
     ];
 }
 
@@ -381,3 +385,22 @@ pub fn swap_pinned_link_prog(link_path: &Path, new_prog: BorrowedFd<'_>) {
 }
 
 const _: () = assert!(size_of::<Insn>() == 8);
+
+/// enum bpf_prog_type: BPF_PROG_TYPE_CGROUP_SKB.
+pub const PROG_TYPE_CGROUP_SKB: u32 = 8;
+
+/// A cgroup_skb egress program that passes every packet (`r0 = 1; exit`): an older agent's
+/// backstop stand-in, to swap under the pinned link.
+pub fn load_cgroup_skb_pass_all() -> OwnedFd {
+    let insns = allow_all_insns();
+    let license = c"GPL";
+    let mut attr = attr();
+    put_u32(&mut attr, 0, PROG_TYPE_CGROUP_SKB);
+    put_u32(&mut attr, 4, insns.len() as u32);
+    put_u64(&mut attr, 8, insns.as_ptr() as u64);
+    put_u64(&mut attr, 16, license.as_ptr() as u64);
+    attr[48..48 + 12].copy_from_slice(b"k2i_test_skb");
+    put_u32(&mut attr, 68, AttachType::InetEgress as u32);
+    sys_bpf_fd(BPF_PROG_LOAD, &mut attr)
+        .unwrap_or_else(|e| panic!("cannot load the pass-all cgroup_skb program: {e}"))
+}
