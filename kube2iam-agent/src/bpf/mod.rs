@@ -10,6 +10,7 @@ pub mod egress;
 pub mod guard;
 pub mod host;
 pub mod sys;
+pub mod tcfilter;
 
 use std::{
     fs, io,
@@ -329,8 +330,12 @@ pub fn install(settings: &Settings) -> Result<Interception> {
                 adopted = ?changes.adopted,
                 replaced = ?changes.replaced,
                 released = ?changes.released,
+                repaired = ?changes.repaired,
                 "packet guard on pod interfaces"
             );
+            for (interface, error) in &changes.failed {
+                tracing::error!(interface, "packet guard: {error}");
+            }
             Some((g, patterns.clone()))
         }
         None => {
