@@ -70,6 +70,7 @@ const REFUSED: &[(&str, &str)] = &[
     ),
     ("extraArgs.app-port=8182", "set host.port"),
     ("extraArgs.packet-guard=false", "set packetGuard"),
+    ("extraArgs.egress-guard=false", "set egressGuard"),
     (
         "podSecurityPolicy.enabled=true",
         "PodSecurityPolicy was removed",

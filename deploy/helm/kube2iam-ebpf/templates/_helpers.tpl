@@ -78,6 +78,7 @@ counterpart here fails to render with what to do instead, rather than crash-loop
   "cgroup-path" "set cgroup.path"
   "host-interface" "set host.interface"
   "packet-guard" "set packetGuard"
+  "egress-guard" "set egressGuard"
 }}
 {{- $unsupported := dict
   "iptables" "interception is done by eBPF programs in the kernel, there is no iptables rule: remove it"
