@@ -427,7 +427,8 @@ const IPPROTO_TCP: u32 = 6;
 /// port: the connect hooks let such a connect through unchanged only for sockets in the host
 /// network namespace, and rewrite or refuse it everywhere else. Everything else to the metadata
 /// address is dropped: a connect to another address that a DNAT rule then sent there, raw
-/// sockets, unconnected UDP, ICMP.
+/// sockets, unconnected UDP, ICMP. Only a service on the namespace's own metadata address
+/// answering a local client ([`local_reply`]) is let through as well.
 #[cgroup_skb(egress)]
 pub fn k2i_egress(ctx: SkBuffContext) -> i32 {
     match try_egress(&ctx) {
@@ -458,6 +459,10 @@ fn try_egress(ctx: &SkBuffContext) -> Option<Counter> {
             if dst != metadata {
                 return None;
             }
+            // Source at offset 12, network order.
+            if local_reply(ctx, ctx.load::<u32>(12).ok()? == metadata) {
+                return None;
+            }
             match connected_sock(ctx) {
                 // SAFETY: a full socket from bpf_sk_fullsock; dst_ip4 is readable at 4 bytes.
                 Some(sk)
@@ -481,6 +486,16 @@ fn try_egress(ctx: &SkBuffContext) -> Option<Counter> {
             if dst != metadata {
                 return None;
             }
+            // Source at offset 8, four network-order words.
+            let src = [
+                ctx.load::<u32>(8).ok()?,
+                ctx.load::<u32>(12).ok()?,
+                ctx.load::<u32>(16).ok()?,
+                ctx.load::<u32>(20).ok()?,
+            ];
+            if local_reply(ctx, src == metadata) {
+                return None;
+            }
             match connected_sock(ctx) {
                 Some(sk) if sock_dst6(sk) == metadata && sock_port(sk) == port => None,
                 _ => Some(Counter::EgressDropped6),
@@ -488,6 +503,19 @@ fn try_egress(ctx: &SkBuffContext) -> Option<Counter> {
         }
         _ => None,
     }
+}
+
+/// `ifindex` of the loopback device, the same in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+
+/// A packet from the metadata address to the metadata address that leaves through the loopback
+/// device: a service on this namespace's own metadata address (an emulator, a local proxy)
+/// answering a local client. It never leaves the namespace, so it cannot reach the node's
+/// metadata service; anything a pod sends towards that service leaves by another device, or
+/// carries another source address.
+fn local_reply(ctx: &SkBuffContext, from_metadata: bool) -> bool {
+    // SAFETY: the context pointer; ifindex (the output device's) is readable at 4 bytes.
+    from_metadata && unsafe { read_volatile(addr_of!((*ctx.skb.skb).ifindex)) } == LOOPBACK_IFINDEX
 }
 
 /// The packet's socket when it is a full TCP socket (the only kind whose destination went

@@ -12,7 +12,7 @@ use std::{net::IpAddr, os::fd::AsFd as _, process::Output, time::Duration};
 
 use kube2iam_common::{Counter, programs};
 use kube2iam_tests::{
-    Agent, AgentOptions, AgentStub, ImdsEmulator, NODE_ACCESS_KEY_ID, Pod, TestNode,
+    Agent, AgentOptions, AgentStub, ChildGuard, ImdsEmulator, NODE_ACCESS_KEY_ID, Pod, TestNode,
     bpf::{self, AttachType},
     maps,
     node::UPLINK_NODE4,
@@ -244,6 +244,45 @@ fn host_sockets_still_reach_the_metadata_service_and_pods_still_reach_the_agent(
     assert_eq!(stub.connections(), 1);
     imds.assert_no_pod_seen(&[&pod]);
     assert_eq!(dropped(&node), (0, 0), "nothing legitimate was dropped");
+}
+
+#[test]
+fn a_metadata_service_inside_the_cgroup_on_the_node_itself_still_answers_the_node() {
+    // As in the kernel matrix: the metadata stand-in listens on the node's own metadata address
+    // and runs inside the intercepted cgroup. Its answers go from the metadata address to the
+    // metadata address (the client's source) through lo, from sockets that never connected.
+    let node = TestNode::new();
+    let _agent = agent(&node, true);
+    let mut server = node.command_in_cgroup("python3");
+    server
+        .args(["-m", "http.server", "80", "--bind", "169.254.169.254"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let _server = ChildGuard::spawn(&mut server, "python3 -m http.server");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let output = run(
+            node.command_in_cgroup("curl").args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-m",
+                "3",
+                "http://169.254.169.254/",
+            ]),
+            "curl on the node",
+        );
+        let status = String::from_utf8_lossy(&output.stdout).into_owned();
+        if status == "200" || std::time::Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status, "200", "the node's own client must get an answer");
+    assert_eq!(dropped(&node), (0, 0), "nothing was dropped");
 }
 
 #[test]
