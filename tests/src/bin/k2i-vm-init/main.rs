@@ -9,6 +9,7 @@
 //! `k2i.caps.install=bpf+net_admin`, `k2i.caps.restart=...`, `k2i.caps.uninstall=...`.
 
 mod caps;
+mod guard;
 mod report;
 mod suite;
 mod topology;

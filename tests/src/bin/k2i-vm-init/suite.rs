@@ -65,11 +65,12 @@ fn link_path(name: &str) -> PathBuf {
     Path::new(PIN_DIR).join("links").join(name)
 }
 
-const HOOK_LINKS: [(&str, AttachType); 4] = [
+const HOOK_LINKS: [(&str, AttachType); 5] = [
     ("k2i_connect4", AttachType::Inet4Connect),
     ("k2i_connect6", AttachType::Inet6Connect),
     ("k2i_getpeername4", AttachType::Inet4GetPeerName),
     ("k2i_getpeername6", AttachType::Inet6GetPeerName),
+    ("k2i_egress", AttachType::InetEgress),
 ];
 
 /// The link ids of the pinned links that exist.
@@ -316,6 +317,7 @@ pub fn production(tally: &mut Tally, kernel: Kernel) -> Option<Node> {
             after.iter().map(|(_, id)| *id).collect::<Vec<_>>()
         ))
     });
+    crate::guard::rows(tally, kernel, &node, &mut agent);
     tally.run("uninstall detaches and unpins everything", || {
         if let Some(mut agent) = agent.take() {
             let status = agent.terminate().unwrap_or_else(|e| panic!("{e}"));
