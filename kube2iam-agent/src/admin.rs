@@ -41,6 +41,10 @@ pub struct Readiness {
 /// Reads the pinned per-CPU counters (summed), or says why it could not.
 pub type BpfCounters = Box<dyn Fn() -> Result<Vec<(Counter, u64)>, String> + Send + Sync>;
 
+/// Reads where the packet guard stands on each matching interface; `None` with the guard off.
+pub type GuardStatus =
+    Box<dyn Fn() -> Option<Result<Vec<crate::bpf::guard::InterfaceStatus>, String>> + Send + Sync>;
+
 /// What the admin server reports on.
 pub struct Sources {
     pub state: Arc<State>,
@@ -48,6 +52,7 @@ pub struct Sources {
     pub watch_stats: Arc<WatchStats>,
     pub events: Arc<PodEvents>,
     pub bpf_counters: BpfCounters,
+    pub guard_status: GuardStatus,
 }
 
 impl Sources {

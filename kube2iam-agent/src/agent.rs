@@ -33,16 +33,19 @@ const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Follows interfaces coming and going: the packet guard is attached to each new pod
-/// interface as the CNI creates it, and released when it goes.
+/// interface as the CNI creates it, and released when it goes. Every `resync` (and on any
+/// interface or tc change) it also checks that the guard is still present and first on every
+/// matching interface, and puts it back in front where it is not.
 fn spawn_guard_watch(
     interception: Arc<std::sync::Mutex<Interception>>,
+    resync: Duration,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let events = bpf::guard::link_events().context("watch network interfaces (netlink)")?;
     // SAFETY: the OwnedFd moves into the AsyncFd, which keeps it open while registered.
     let events =
         unsafe { tokio::io::unix::AsyncFd::register(events) }.context("poll the netlink socket")?;
     Ok(tokio::spawn(async move {
-        let mut resync = tokio::time::interval(Duration::from_secs(30));
+        let mut resync = tokio::time::interval(resync);
         loop {
             tokio::select! {
                 ready = events.readable() => {
@@ -60,12 +63,18 @@ fn spawn_guard_watch(
                 .unwrap_or_else(|p| p.into_inner())
                 .sync_guard();
             match result {
-                Ok(Some(changes)) if !changes.is_empty() => tracing::info!(
-                    attached = ?changes.attached,
-                    replaced = ?changes.replaced,
-                    released = ?changes.released,
-                    "packet guard follows pod interfaces"
-                ),
+                Ok(Some(changes)) if !changes.is_empty() => {
+                    tracing::info!(
+                        attached = ?changes.attached,
+                        replaced = ?changes.replaced,
+                        released = ?changes.released,
+                        repaired = ?changes.repaired,
+                        "packet guard follows pod interfaces"
+                    );
+                    for (interface, error) in &changes.failed {
+                        tracing::error!(interface, "packet guard: {error}");
+                    }
+                }
                 Ok(_) => {}
                 Err(e) => tracing::error!("packet guard: {e:#}"),
             }
@@ -205,7 +214,7 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
     let signal = wait_for_signal().await?;
     if args.interception_only {
         let interception = Arc::new(std::sync::Mutex::new(intercept(&settings)?));
-        let guard = spawn_guard_watch(interception.clone())?;
+        let guard = spawn_guard_watch(interception.clone(), args.guard_resync_interval)?;
         signal.await;
         guard.abort();
         log_shutdown();
@@ -314,7 +323,7 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
     let host_netns_cookie = interception.host_netns_cookie;
     let pin_dir = interception.pin_dir.clone();
     let interception = Arc::new(std::sync::Mutex::new(interception));
-    let guard_watch = spawn_guard_watch(interception.clone())?;
+    let guard_watch = spawn_guard_watch(interception.clone(), args.guard_resync_interval)?;
     let namespaces = Arc::new(Namespaces::default());
     let tokens = TokenIssuer::random().context("draw the IMDSv2 token key")?;
     let events = PodEvents::new(args.event_interval, &node);
@@ -372,9 +381,14 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
             readiness: readiness.clone(),
             watch_stats: watch_stats.clone(),
             events: events.clone(),
-            bpf_counters: Box::new(move || {
-                bpf::pinned_counters(&pin_dir).map_err(|e| format!("{:#}", anyhow::Error::new(e)))
+            bpf_counters: Box::new({
+                let pin_dir = pin_dir.clone();
+                move || {
+                    bpf::pinned_counters(&pin_dir)
+                        .map_err(|e| format!("{:#}", anyhow::Error::new(e)))
+                }
             }),
+            guard_status: guard_status(pin_dir, settings.packet_guard.clone()),
         },
         args.debug,
     ));
@@ -614,6 +628,18 @@ fn warn_about_host_interfaces(args: &RunArgs) {
             );
         }
     }
+}
+
+/// Reads where the packet guard stands on the matching interfaces, for the metrics; `None`
+/// with the guard off.
+fn guard_status(
+    pin_dir: std::path::PathBuf,
+    patterns: Option<bpf::guard::InterfacePatterns>,
+) -> crate::admin::GuardStatus {
+    Box::new(move || {
+        let patterns = patterns.as_ref()?;
+        Some(bpf::guard::status(&pin_dir, patterns).map_err(|e| e.to_string()))
+    })
 }
 
 fn log_shutdown() {

@@ -18,9 +18,6 @@ use crate::{
     policy::PatternFormat,
 };
 
-/// The default of `--host-interface`: the VPC CNI (eni), Calico (cali), Cilium (lxc) and bridge
-/// CNIs (veth).
-pub const DEFAULT_HOST_INTERFACES: &str = "eni+,cali+,lxc+,veth+";
 /// kube2iam's default `--host-interface`, the interface its iptables rule matched.
 pub const KUBE2IAM_HOST_INTERFACE: &str = "docker0";
 
@@ -145,8 +142,8 @@ pub struct RunArgs {
     #[arg(long, env = "PACKET_GUARD", default_value_t = true, action = clap::ArgAction::Set)]
     pub packet_guard: bool,
     /// Host-side pod interfaces the packet guard covers, kube2iam's syntax: `name`, `prefix+`,
-    /// `!excluded` (comma-separated or repeated). Defaults cover the VPC CNI (eni), Calico
-    /// (cali), Cilium (lxc) and bridge CNIs (veth).
+    /// `!excluded` (comma-separated or repeated). Defaults cover the VPC CNI (eni, and vlan for
+    /// pods with branch ENIs), Calico (cali), Cilium (lxc) and bridge CNIs (veth).
     #[arg(
         long = "host-interface",
         env = "HOST_INTERFACE",
@@ -157,6 +154,17 @@ pub struct RunArgs {
     /// Attach the guard as cls_bpf filters even where TCX exists (testing aid).
     #[arg(long, env = "PACKET_GUARD_NETLINK", hide = true)]
     pub packet_guard_netlink: bool,
+    /// How often the packet guard is checked on every matching interface (present, and first
+    /// in line) and repaired; interface and tc changes trigger a check at once as well.
+    #[arg(long, env = "GUARD_RESYNC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub guard_resync_interval: Duration,
+    /// Drop packets that sockets in the intercepted cgroup send to the metadata service unless
+    /// the socket connected there itself, which only host-namespace sockets may (a cgroup_skb
+    /// egress program beside the connect hooks). Catches what the packet guard cannot see by
+    /// interface: a DNAT rule inside a pod, raw sockets on any interface. `--egress-guard false`
+    /// turns it off.
+    #[arg(long, env = "EGRESS_GUARD", default_value_t = true, action = clap::ArgAction::Set)]
+    pub egress_guard: bool,
 
     /// This node's name; only its pods are watched (the DaemonSet passes spec.nodeName).
     #[arg(long, env = "NODE_NAME")]
@@ -332,7 +340,27 @@ pub struct DoctorArgs {
     /// The agent's pin directory.
     #[arg(long, env = "BPF_PIN_PATH", default_value = "/sys/fs/bpf/kube2iam")]
     pub bpf_pin_path: PathBuf,
+    /// Whether the agent runs the packet guard (as its own flag).
+    #[arg(long, env = "PACKET_GUARD", default_value_t = true, action = clap::ArgAction::Set)]
+    pub packet_guard: bool,
+    /// The interfaces the agent guards (as its own flag): the doctor checks that each has the
+    /// guard, first in line.
+    #[arg(
+        long = "host-interface",
+        env = "HOST_INTERFACE",
+        value_delimiter = ',',
+        default_value = DEFAULT_HOST_INTERFACES
+    )]
+    pub host_interfaces: Vec<String>,
+    /// Whether the agent attaches the egress backstop (as its own flag).
+    #[arg(long, env = "EGRESS_GUARD", default_value_t = true, action = clap::ArgAction::Set)]
+    pub egress_guard: bool,
 }
+
+/// `--host-interface` unless told otherwise: the VPC CNI's pod interfaces (`eni`, and `vlan`
+/// for pods with branch ENIs in the strict security-group mode), Calico's (`cali`), Cilium's
+/// (`lxc`) and bridge CNIs' (`veth`).
+pub const DEFAULT_HOST_INTERFACES: &str = "eni+,vlan+,cali+,lxc+,veth+";
 
 /// A bad flag value, named with the fix.
 #[derive(Debug, thiserror::Error)]
@@ -543,6 +571,7 @@ impl RunArgs {
             },
             guard_netlink: self.packet_guard_netlink,
             host_network_pods: self.host_network_pods,
+            egress_guard: self.egress_guard,
         })
     }
 }
@@ -612,6 +641,32 @@ mod tests {
         };
         assert!(verbose.debug_enabled());
         assert_eq!(verbose.filter(), "debug");
+    }
+
+    #[test]
+    fn default_host_interfaces_cover_the_vpc_cnis_branch_eni_pods() {
+        let cli = Cli::try_parse_from(["kube2iam-agent", "--host-ip", "10.0.0.1"]).unwrap();
+        let patterns = cli.run.settings(false).unwrap().packet_guard.unwrap();
+        // VPC CNI: eni<hash> for pods on the node's ENIs; vlan<hash> for pods with branch ENIs
+        // (security groups for pods, strict mode), and their vlan.eth.<id> devices.
+        for name in [
+            "eni1a2b3c4d5e6",
+            "vlan1c357e15edb",
+            "vlan.eth.2",
+            "cali1234abcd",
+            "lxc9f8e7d6c",
+            "veth12ab",
+        ] {
+            assert!(patterns.matches(name), "{name} must be guarded by default");
+        }
+        for name in ["eth0", "ens5", "lo", "cilium_host"] {
+            assert!(!patterns.matches(name), "{name} is the node's own");
+        }
+        let doctor = Cli::try_parse_from(["kube2iam-agent", "doctor"]).unwrap();
+        let Some(Command::Doctor(args)) = doctor.command else {
+            panic!("doctor subcommand")
+        };
+        assert_eq!(args.host_interfaces, cli.run.host_interfaces);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! The report is a table (check, status, result, what to do). The agent cannot run when any
 //! check failed; warnings name what is missing but optional.
 
+pub mod guard;
 pub mod raw;
 
 use std::{
@@ -26,7 +27,7 @@ use std::{
 use aya::{
     EbpfLoader,
     maps::{HashMap, Map, MapData},
-    programs::CgroupSockAddr,
+    programs::{CgroupSkb, CgroupSockAddr},
 };
 use kube2iam_common::{
     CONFIG_KEY, Config, DEFAULT_IDENTITY_CAPACITY, FLAG_ENABLED, maps, port_from_repr, programs,
@@ -246,6 +247,10 @@ pub struct Options {
     pub cgroup_path: Option<PathBuf>,
     /// The agent's pin directory.
     pub pin_dir: PathBuf,
+    /// The interfaces the agent guards; `None` with `--packet-guard false`.
+    pub packet_guard: Option<crate::bpf::guard::InterfacePatterns>,
+    /// Whether the agent attaches the egress backstop.
+    pub egress_guard: bool,
 }
 
 /// The capability numbers the checks name.
@@ -579,6 +584,11 @@ pub fn run(options: &Options) -> Report {
         target.as_deref(),
         &tags,
     ));
+    checks.push(guard::packet_guard_check(
+        &options.pin_dir,
+        options.packet_guard.as_ref(),
+    ));
+    checks.push(guard::egress_check(&options.pin_dir, options.egress_guard));
     Report { checks }
 }
 
@@ -702,11 +712,12 @@ fn pinned_prog_ids(pin_dir: &Path) -> Vec<u32> {
         .collect()
 }
 
-const LINK_NAMES: [&str; 4] = [
+const LINK_NAMES: [&str; 5] = [
     programs::CONNECT4,
     programs::CONNECT6,
     programs::GETPEERNAME4,
     programs::GETPEERNAME6,
+    programs::EGRESS,
 ];
 
 /// The target cgroup, a bpf_link on a temporary child of it, and who else is attached there.
@@ -1163,6 +1174,20 @@ fn embedded_programs_check_in(
             }
             Err(e) => failed.push(format!("{name}: {e}")),
         }
+    }
+    let egress = ebpf
+        .program_mut(programs::EGRESS)
+        .ok_or_else(|| "missing from the object".to_owned())
+        .and_then(|p| <&mut CgroupSkb>::try_from(p).map_err(|e| summarize_error(&e.to_string())))
+        .and_then(|p| {
+            p.load().map_err(|e| summarize_error(&e.to_string()))?;
+            p.info()
+                .map(|i| format!("{:016x}", i.tag()))
+                .map_err(|e| e.to_string())
+        });
+    match egress {
+        Ok(tag) => tags.push((programs::EGRESS.to_owned(), tag)),
+        Err(e) => failed.push(format!("{}: {e}", programs::EGRESS)),
     }
     drop(ebpf);
     drop(guard);

@@ -89,9 +89,22 @@ fn run_inspect(args: &InspectArgs) -> anyhow::Result<()> {
 
 /// Prints the doctor's table and summary; exits 1 when the agent cannot run here.
 fn doctor(args: &DoctorArgs) -> ExitCode {
+    let packet_guard = if args.packet_guard {
+        match kube2iam_agent::bpf::guard::InterfacePatterns::parse(&args.host_interfaces) {
+            Ok(patterns) => Some(patterns),
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
     let report = kube2iam_agent::doctor::run(&kube2iam_agent::doctor::Options {
         cgroup_path: args.cgroup_path.clone(),
         pin_dir: args.bpf_pin_path.clone(),
+        packet_guard,
+        egress_guard: args.egress_guard,
     });
     print!("{}", report.table());
     println!("{}", report.summary());

@@ -21,6 +21,7 @@
 //! | `kube2iam_identity_map_entries` | gauge | |
 //! | `kube2iam_identity_map_capacity` | gauge | |
 //! | `kube2iam_bpf_events_total` | counter | `event` |
+//! | `kube2iam_packet_guard_interfaces` | gauge | `state` |
 //! | `kube2iam_watch_restarts_total` | counter | `resource` |
 //! | `kube2iam_watch_synced` | gauge | `resource` |
 //! | `kube2iam_upstream_reachable` | gauge | |
@@ -48,7 +49,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::admin::Sources;
+use crate::{admin::Sources, bpf::guard::Placement};
 
 /// The `route` label values of the metadata server, a fixed set.
 pub const ROUTES: [&str; 11] = [
@@ -348,6 +349,20 @@ struct BpfLabels {
     event: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GuardLabels {
+    state: &'static str,
+}
+
+/// The `state` label of `kube2iam_packet_guard_interfaces` for one interface.
+pub fn guard_state(placement: &Placement) -> &'static str {
+    match placement {
+        Placement::First => "first",
+        Placement::NotFirst { .. } => "not_first",
+        Placement::Missing => "unguarded",
+    }
+}
+
 impl Collector for Live {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let sources = &self.0;
@@ -440,6 +455,32 @@ impl Collector for Live {
                 )?;
             }
             Err(e) => tracing::debug!("metrics: BPF counters: {e}"),
+        }
+
+        match (sources.guard_status)() {
+            Some(Ok(interfaces)) => {
+                let samples: Vec<_> = ["first", "not_first", "unguarded"]
+                    .into_iter()
+                    .map(|state| {
+                        let n = interfaces
+                            .iter()
+                            .filter(|i| guard_state(&i.placement) == state)
+                            .count();
+                        (GuardLabels { state }, n as u64)
+                    })
+                    .collect();
+                labeled(
+                    &mut encoder,
+                    "packet_guard_interfaces",
+                    "Interfaces matching --host-interface, by where the packet guard stands: \
+                     first (it sees every packet), not_first (another program runs before it and \
+                     may pass packets past it), unguarded (not attached)",
+                    MetricType::Gauge,
+                    &samples,
+                )?;
+            }
+            Some(Err(e)) => tracing::debug!("metrics: packet guard: {e}"),
+            None => {}
         }
 
         let watch = &sources.watch_stats;

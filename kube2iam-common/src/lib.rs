@@ -42,6 +42,9 @@ pub mod programs {
     /// sock_ops on the attach cgroup: moves a redirected socket's attestation from its socket
     /// cookie to its connection's addresses and ports, and drops it when the socket closes.
     pub const SOCK_OPS: &str = "k2i_sock_ops";
+    /// cgroup_skb/egress beside connect4: drops socket packets to the metadata service that did
+    /// not come from a connect the connect hooks let through unchanged.
+    pub const EGRESS: &str = "k2i_egress";
 }
 
 /// The only key of the config map.
@@ -166,10 +169,15 @@ pub enum Counter {
     /// A non-TCP (UDP) connect to the metadata address from a pod, refused: the metadata
     /// service is TCP only.
     RefusedNotTcp = 12,
+    /// The egress backstop dropped an IPv4 packet a socket in the cgroup addressed to the
+    /// metadata service (DNAT after connect, raw socket, unconnected UDP).
+    EgressDropped4 = 13,
+    /// The egress backstop dropped such an IPv6 packet.
+    EgressDropped6 = 14,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 13] = [
+    pub const ALL: [Counter; 15] = [
         Counter::Passed,
         Counter::Redirected4,
         Counter::Redirected6,
@@ -183,6 +191,8 @@ impl Counter {
         Counter::Attested,
         Counter::RedirectedHostPod,
         Counter::RefusedNotTcp,
+        Counter::EgressDropped4,
+        Counter::EgressDropped6,
     ];
 
     /// Stable snake_case name, used in logs and metrics.
@@ -201,6 +211,8 @@ impl Counter {
             Counter::Attested => "attested",
             Counter::RedirectedHostPod => "redirected_host_pod",
             Counter::RefusedNotTcp => "refused_not_tcp",
+            Counter::EgressDropped4 => "egress_dropped_ipv4",
+            Counter::EgressDropped6 => "egress_dropped_ipv6",
         }
     }
 }

@@ -20,15 +20,15 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{
         BPF_F_NO_PREALLOC, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_addr,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock, bpf_sock_addr,
     },
     helpers::generated::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
-        bpf_get_socket_cookie,
+        bpf_get_socket_cookie, bpf_sk_fullsock,
     },
-    macros::{cgroup_sock_addr, classifier, map, sock_ops},
+    macros::{cgroup_skb, cgroup_sock_addr, classifier, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    programs::{SockAddrContext, SockOpsContext, TcContext},
+    programs::{SkBuffContext, SockAddrContext, SockOpsContext, TcContext},
 };
 use aya_log_ebpf::debug;
 use kube2iam_common::{
@@ -600,4 +600,148 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     // SAFETY: the programs contain no panicking paths the verifier would accept; this handler
     // only satisfies no_std linking.
     unsafe { core::hint::unreachable_unchecked() }
+}
+
+// The egress backstop: cgroup_skb/egress on the intercepted cgroup.
+
+/// cgroup_skb verdicts.
+const SKB_PASS: i32 = 1;
+const SKB_DROP: i32 = 0;
+const IPPROTO_TCP: u32 = 6;
+
+/// The backstop that does not depend on interface names. It sees every packet a socket in the
+/// cgroup sends, after the nat table (a DNAT in the OUTPUT chain has already changed the
+/// destination) and whatever interface it leaves by. A packet addressed to the metadata service
+/// passes only if it belongs to a TCP socket that connected to exactly the metadata address and
+/// port: the connect hooks let such a connect through unchanged only for sockets in the host
+/// network namespace, and rewrite or refuse it everywhere else. Everything else to the metadata
+/// address is dropped: a connect to another address that a DNAT rule then sent there, raw
+/// sockets, unconnected UDP, ICMP. Only a service on the namespace's own metadata address
+/// answering a local client ([`local_reply`]) is let through as well.
+#[cgroup_skb(egress)]
+pub fn k2i_egress(ctx: SkBuffContext) -> i32 {
+    match try_egress(&ctx) {
+        Some(counter) => {
+            count(counter);
+            debug!(
+                &ctx,
+                "kube2iam egress: dropped a socket packet addressed to the metadata service"
+            );
+            SKB_DROP
+        }
+        None => SKB_PASS,
+    }
+}
+
+/// The drop counter when the packet is addressed to the metadata service and its socket did not
+/// connect there.
+fn try_egress(ctx: &SkBuffContext) -> Option<Counter> {
+    // The data starts at the network header; the version is the high nibble of its first byte.
+    let version = ctx.load::<u8>(0).ok()? >> 4;
+    let config = config();
+    let port = config.map_or(DEFAULT_METADATA_PORT, |c| c.metadata_port);
+    match version {
+        4 => {
+            // Destination at offset 16, network order (compared as read).
+            let dst: u32 = ctx.load(16).ok()?;
+            let metadata = config.map_or(DEFAULT_METADATA_IP4, |c| c.metadata_ip4);
+            if dst != metadata {
+                return None;
+            }
+            // Source at offset 12, network order.
+            if local_reply(ctx, ctx.load::<u32>(12).ok()? == metadata) {
+                return None;
+            }
+            match connected_sock(ctx) {
+                // SAFETY: a full socket from bpf_sk_fullsock; dst_ip4 is readable at 4 bytes.
+                Some(sk)
+                    if unsafe { read_volatile(addr_of!((*sk).dst_ip4)) } == metadata
+                        && sock_port(sk) == port =>
+                {
+                    None
+                }
+                _ => Some(Counter::EgressDropped4),
+            }
+        }
+        6 => {
+            // Destination at offset 24, four network-order words.
+            let dst = [
+                ctx.load::<u32>(24).ok()?,
+                ctx.load::<u32>(28).ok()?,
+                ctx.load::<u32>(32).ok()?,
+                ctx.load::<u32>(36).ok()?,
+            ];
+            let metadata = config.map_or(DEFAULT_METADATA_IP6, |c| c.metadata_ip6);
+            if dst != metadata {
+                return None;
+            }
+            // Source at offset 8, four network-order words.
+            let src = [
+                ctx.load::<u32>(8).ok()?,
+                ctx.load::<u32>(12).ok()?,
+                ctx.load::<u32>(16).ok()?,
+                ctx.load::<u32>(20).ok()?,
+            ];
+            if local_reply(ctx, src == metadata) {
+                return None;
+            }
+            match connected_sock(ctx) {
+                Some(sk) if sock_dst6(sk) == metadata && sock_port(sk) == port => None,
+                _ => Some(Counter::EgressDropped6),
+            }
+        }
+        _ => None,
+    }
+}
+
+/// `ifindex` of the loopback device, the same in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+
+/// A packet from the metadata address to the metadata address that leaves through the loopback
+/// device: a service on this namespace's own metadata address (an emulator, a local proxy)
+/// answering a local client. It never leaves the namespace, so it cannot reach the node's
+/// metadata service; anything a pod sends towards that service leaves by another device, or
+/// carries another source address.
+fn local_reply(ctx: &SkBuffContext, from_metadata: bool) -> bool {
+    // SAFETY: the context pointer; ifindex (the output device's) is readable at 4 bytes.
+    from_metadata && unsafe { read_volatile(addr_of!((*ctx.skb.skb).ifindex)) } == LOOPBACK_IFINDEX
+}
+
+/// The packet's socket when it is a full TCP socket (the only kind whose destination went
+/// through the connect hooks).
+fn connected_sock(ctx: &SkBuffContext) -> Option<*mut bpf_sock> {
+    // SAFETY: `sk` of the context is a socket pointer or NULL (the verifier's
+    // PTR_TO_SOCK_COMMON_OR_NULL), read at its full 8 bytes.
+    let sk = unsafe { read_volatile(addr_of!((*ctx.skb.skb).__bindgen_anon_2.sk)) };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: the helper takes a socket pointer and returns a full socket or NULL.
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() {
+        return None;
+    }
+    // SAFETY: a full socket; protocol is readable at 4 bytes.
+    (unsafe { read_volatile(addr_of!((*full).protocol)) } == IPPROTO_TCP).then_some(full)
+}
+
+/// The socket's destination port as `user_port` holds it (big-endian u16 in the low 16 bits). A
+/// 4-byte load of `dst_port` is valid on every kernel (5.18 narrowed the field to 16 bits and
+/// kept the wide load, with zero upper bits).
+fn sock_port(sk: *mut bpf_sock) -> u32 {
+    // SAFETY: a full socket; dst_port read at 4 bytes, as above.
+    unsafe { read_volatile(addr_of!((*sk).dst_port).cast::<u32>()) & 0xffff }
+}
+
+/// The socket's IPv6 destination, four network-order words.
+fn sock_dst6(sk: *mut bpf_sock) -> [u32; 4] {
+    // SAFETY: a full socket; each word of dst_ip6 is readable at 4 bytes.
+    unsafe {
+        [
+            read_volatile(addr_of!((*sk).dst_ip6[0])),
+            read_volatile(addr_of!((*sk).dst_ip6[1])),
+            read_volatile(addr_of!((*sk).dst_ip6[2])),
+            read_volatile(addr_of!((*sk).dst_ip6[3])),
+        ]
+    }
 }

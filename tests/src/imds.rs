@@ -180,7 +180,8 @@ pub struct ImdsEmulator {
 }
 
 impl ImdsEmulator {
-    /// Listens at 169.254.169.254:80 and [fd00:ec2::254]:80 inside `node`.
+    /// Listens at 169.254.169.254:80 and [fd00:ec2::254]:80 inside `node` (behind its uplink
+    /// with [`TestNode::with_uplink`]).
     pub fn start(node: &TestNode) -> Self {
         let now = SystemTime::now();
         let node_credentials = NodeCredentials::generate(NODE_ACCESS_KEY_ID, now);
@@ -197,7 +198,7 @@ impl ImdsEmulator {
         Self {
             server: HttpServer::start(
                 "imds-emulator",
-                &node.netns_path(),
+                &node.metadata_netns_path(),
                 &[metadata_addr4(), metadata_addr6()],
                 state,
             ),

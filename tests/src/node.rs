@@ -285,25 +285,68 @@ pub struct TestNode {
     next_pod: AtomicU32,
     // Dropped in this order.
     netns: NetnsGuard,
+    /// With [`TestNode::with_uplink`]: where the metadata service lives, behind the node's uplink.
+    uplink: Option<NetnsGuard>,
     cgroup: CgroupGuard,
     bpffs: BpffsGuard,
     _dir: DirGuard,
 }
 
+/// The node side of the uplink veth ([`TestNode::with_uplink`]).
+pub const UPLINK: &str = "k2i-up";
+/// The node's address on its uplink, and the metadata side's.
+pub const UPLINK_NODE4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+pub const UPLINK_PEER4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
+pub const UPLINK_NODE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x203, 0, 0, 0, 0, 0, 1);
+pub const UPLINK_PEER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x203, 0, 0, 0, 0, 0, 2);
+
+/// Writes a sysctl of the network namespace at `netns` (`/proc/sys/net/...` is per namespace, so
+/// the write happens on a thread inside it).
+fn netns_sysctl(netns: &Path, key: &str, value: &str) {
+    let (netns, path, value) = (
+        netns.to_owned(),
+        Path::new("/proc/sys/net").join(key),
+        value.to_owned(),
+    );
+    thread::spawn(move || {
+        crate::process::enter_netns_on_this_thread(&netns)
+            .unwrap_or_else(|e| panic!("cannot enter {}: {e}", netns.display()));
+        fs::write(&path, &value)
+            .unwrap_or_else(|e| panic!("cannot write {value} to {}: {e}", path.display()));
+    })
+    .join()
+    .unwrap_or_else(|_| panic!("setting {key} in the node failed"));
+}
+
 impl TestNode {
-    /// A node with a routed veth per pod ([`Topology::Routed`]).
+    /// A node with a routed veth per pod ([`Topology::Routed`]), its metadata service on its
+    /// own lo (packets to it are delivered locally).
     pub fn new() -> Self {
-        Self::with_topology(Topology::Routed)
+        Self::build(Topology::Routed, false)
     }
 
     /// A node whose pods share one Linux bridge, [`BRIDGE`] ([`Topology::Bridge`]): it holds
     /// the gateway 198.51.100.1/24 and fd00:77::1/64; pod `i` gets 198.51.100.(i+2)/24 and
     /// fd00:77::(i+2)/64.
     pub fn new_bridged() -> Self {
-        Self::with_topology(Topology::Bridge)
+        Self::build(Topology::Bridge, false)
     }
 
     pub fn with_topology(topology: Topology) -> Self {
+        Self::build(topology, false)
+    }
+
+    /// A node modelled as EC2 has it: the metadata service off the host, in a further network
+    /// namespace `k2i-imds-<id>` behind the node's uplink veth [`UPLINK`]. The node routes the
+    /// metadata addresses there and forwards (IPv4 and IPv6), so a pod's packet to the metadata
+    /// service leaves the node the way it would on EC2, and a guard on the way out can be tested.
+    /// [`crate::ImdsEmulator`], [`crate::ImdsStub`] and [`crate::packets::PacketWatch`] start
+    /// there ([`TestNode::metadata_netns_path`]). The node reaches it from [`UPLINK_NODE4`].
+    pub fn with_uplink() -> Self {
+        Self::build(Topology::Routed, true)
+    }
+
+    fn build(topology: Topology, uplink: bool) -> Self {
         crate::require_root();
         let id = unique_id();
         // Created in the reverse of the drop order, so a failure half-way unwinds cleanly.
@@ -316,10 +359,20 @@ impl TestNode {
         let netns = NetnsGuard::create(&format!("k2i-node-{id}"));
         let n = netns.name.as_str();
         ip(&["-n", n, "link", "set", "lo", "up"]);
-        for addr in [format!("{METADATA_IP4}/32"), format!("{HOST_IP4}/32")] {
+        let on_lo4 = if uplink {
+            vec![format!("{HOST_IP4}/32")]
+        } else {
+            vec![format!("{METADATA_IP4}/32"), format!("{HOST_IP4}/32")]
+        };
+        for addr in on_lo4 {
             ip(&["-n", n, "addr", "add", &addr, "dev", "lo"]);
         }
-        for addr in [format!("{METADATA_IP6}/128"), format!("{HOST_IP6}/128")] {
+        let on_lo6 = if uplink {
+            vec![format!("{HOST_IP6}/128")]
+        } else {
+            vec![format!("{METADATA_IP6}/128"), format!("{HOST_IP6}/128")]
+        };
+        for addr in on_lo6 {
             ip(&["-n", n, "-6", "addr", "add", &addr, "dev", "lo", "nodad"]);
         }
         if topology == Topology::Bridge {
@@ -351,11 +404,65 @@ impl TestNode {
             ]);
             ip(&["-n", n, "link", "set", BRIDGE, "up"]);
         }
+        let uplink = uplink.then(|| {
+            let peer = NetnsGuard::create(&format!("k2i-imds-{id}"));
+            let p = peer.name.as_str();
+            ip(&[
+                "-n", n, "link", "add", UPLINK, "type", "veth", "peer", "name", "eth0", "netns", p,
+            ]);
+            // No duplicate address detection on the link: with both link-local addresses still
+            // tentative, neighbour discovery across it stalls for the first second.
+            netns_sysctl(
+                &netns.path(),
+                &format!("ipv6/conf/{UPLINK}/accept_dad"),
+                "0",
+            );
+            netns_sysctl(&peer.path(), "ipv6/conf/eth0/accept_dad", "0");
+            let node4 = format!("{UPLINK_NODE4}/30");
+            let node6 = format!("{UPLINK_NODE6}/64");
+            ip(&["-n", n, "addr", "add", &node4, "dev", UPLINK]);
+            ip(&["-n", n, "-6", "addr", "add", &node6, "dev", UPLINK, "nodad"]);
+            ip(&["-n", n, "link", "set", UPLINK, "up"]);
+            ip(&["-n", p, "link", "set", "lo", "up"]);
+            ip(&[
+                "-n",
+                p,
+                "addr",
+                "add",
+                &format!("{METADATA_IP4}/32"),
+                "dev",
+                "lo",
+            ]);
+            let metadata6 = format!("{METADATA_IP6}/128");
+            ip(&[
+                "-n", p, "-6", "addr", "add", &metadata6, "dev", "lo", "nodad",
+            ]);
+            let peer4 = format!("{UPLINK_PEER4}/30");
+            let peer6 = format!("{UPLINK_PEER6}/64");
+            ip(&["-n", p, "addr", "add", &peer4, "dev", "eth0"]);
+            ip(&["-n", p, "-6", "addr", "add", &peer6, "dev", "eth0", "nodad"]);
+            ip(&["-n", p, "link", "set", "eth0", "up"]);
+            let (node4, node6) = (UPLINK_NODE4.to_string(), UPLINK_NODE6.to_string());
+            ip(&["-n", p, "route", "add", "default", "via", &node4]);
+            ip(&[
+                "-n", p, "-6", "route", "add", "default", "via", &node6, "dev", "eth0",
+            ]);
+            let (peer4, peer6) = (UPLINK_PEER4.to_string(), UPLINK_PEER6.to_string());
+            let (m4, m6) = (format!("{METADATA_IP4}/32"), format!("{METADATA_IP6}/128"));
+            ip(&["-n", n, "route", "add", &m4, "via", &peer4, "dev", UPLINK]);
+            ip(&[
+                "-n", n, "-6", "route", "add", &m6, "via", &peer6, "dev", UPLINK,
+            ]);
+            netns_sysctl(&netns.path(), "ipv4/ip_forward", "1");
+            netns_sysctl(&netns.path(), "ipv6/conf/all/forwarding", "1");
+            peer
+        });
         Self {
             id,
             topology,
             next_pod: AtomicU32::new(0),
             netns,
+            uplink,
             cgroup,
             bpffs,
             _dir: dir,
@@ -384,6 +491,17 @@ impl TestNode {
     /// `/run/netns/k2i-node-<id>`, for setns.
     pub fn netns_path(&self) -> PathBuf {
         self.netns.path()
+    }
+
+    /// The namespace where the node's metadata service lives: the node's own, or with
+    /// [`TestNode::with_uplink`] the one behind its uplink.
+    pub fn metadata_netns_path(&self) -> PathBuf {
+        self.uplink.as_ref().unwrap_or(&self.netns).path()
+    }
+
+    /// With [`TestNode::with_uplink`]: the name of the namespace behind the uplink.
+    pub fn uplink_netns_name(&self) -> Option<&str> {
+        self.uplink.as_ref().map(|u| u.name.as_str())
     }
 
     /// The test cgroup, `<cgroup2 root>/k2i-test-<id>`.

@@ -242,7 +242,7 @@ pub fn run(args: &Args) -> Result<()> {
 
 /// Builds the agent, the probe and the VM's init, and strips their debug info.
 fn payload() -> Result<Payload> {
-    let bins = ["kube2iam-agent", "k2i-probe", "k2i-vm-init"];
+    let bins = ["kube2iam-agent", "k2i-probe", "k2i-raw", "k2i-vm-init"];
     let mut command = cmd::cargo();
     command.args(["build", "-p", "kube2iam-agent", "-p", "kube2iam-tests"]);
     for bin in bins {
@@ -285,6 +285,7 @@ fn payload() -> Result<Payload> {
         init: get("k2i-vm-init")?,
         agent: get("kube2iam-agent")?,
         probe: get("k2i-probe")?,
+        raw: get("k2i-raw")?,
     })
 }
 

@@ -6,9 +6,11 @@
 //! changed, each link's program is swapped atomically (BPF_LINK_UPDATE). Only `uninstall`
 //! detaches.
 
+pub mod egress;
 pub mod guard;
 pub mod host;
 pub mod sys;
+pub mod tcfilter;
 
 use std::{
     fs, io,
@@ -160,6 +162,8 @@ pub struct Settings {
     pub guard_netlink: bool,
     /// Redirect the metadata connects of hostNetwork pods listed in the host-pods map.
     pub host_network_pods: bool,
+    /// Attach the egress backstop (`k2i_egress`) beside the connect hooks.
+    pub egress_guard: bool,
 }
 
 impl Settings {
@@ -335,6 +339,13 @@ pub fn install(settings: &Settings) -> Result<Interception> {
         };
         reports.push(report);
     }
+    reports.push(egress_backstop(
+        &mut ebpf,
+        settings,
+        &cgroup,
+        cgroup_id,
+        log_level_changed,
+    )?);
 
     let guard = match &settings.packet_guard {
         Some(patterns) => {
@@ -345,8 +356,12 @@ pub fn install(settings: &Settings) -> Result<Interception> {
                 adopted = ?changes.adopted,
                 replaced = ?changes.replaced,
                 released = ?changes.released,
+                repaired = ?changes.repaired,
                 "packet guard on pod interfaces"
             );
+            for (interface, error) in &changes.failed {
+                tracing::error!(interface, "packet guard: {error}");
+            }
             Some((g, patterns.clone()))
         }
         None => {
@@ -365,6 +380,30 @@ pub fn install(settings: &Settings) -> Result<Interception> {
         pin_dir: settings.pin_dir.clone(),
         host_netns_cookie,
         programs: reports,
+    })
+}
+
+/// Attaches or adopts the egress backstop, or removes it when it is turned off.
+fn egress_backstop(
+    ebpf: &mut Ebpf,
+    settings: &Settings,
+    cgroup: &Path,
+    cgroup_id: u64,
+    force_replace: bool,
+) -> Result<ProgramReport> {
+    if settings.egress_guard {
+        return egress::install(ebpf, &settings.pin_dir, cgroup, cgroup_id, force_replace);
+    }
+    let removed = egress::release(&settings.pin_dir)?;
+    tracing::warn!(
+        removed,
+        "egress guard off: packets that pod sockets send to the metadata service after a DNAT, \
+         or from raw sockets, are not dropped unless the packet guard sees them"
+    );
+    Ok(ProgramReport {
+        name: programs::EGRESS,
+        action: Action::Skipped("--egress-guard false".into()),
+        link_id: None,
     })
 }
 

@@ -85,6 +85,9 @@ counterpart here fails to render with what to do instead, rather than crash-loop
   "cgroup-path" "set cgroup.path"
   "host-interface" "set host.interface"
   "packet-guard" "set packetGuard"
+  "egress-guard" "set egressGuard"
+  "identity-attestation" "set identityAttestation"
+  "host-network-pods" "set hostNetworkPods"
   "version" "it prints the version and exits: remove it"
 }}
 {{- /* kube2iam's flags: the table the agent compiles in, so both refuse the same ones. */}}

@@ -10,6 +10,7 @@
 
 mod attest;
 mod caps;
+mod guard;
 mod report;
 mod suite;
 mod topology;

@@ -72,6 +72,7 @@ const HOOK_LINKS: [(&str, AttachType); 5] = [
     ("k2i_getpeername6", AttachType::Inet6GetPeerName),
     // The attestation hook.
     ("k2i_sock_ops", AttachType::CgroupSockOps),
+    ("k2i_egress", AttachType::InetEgress),
 ];
 
 /// The link ids of the pinned links that exist.
@@ -352,6 +353,7 @@ pub fn production(tally: &mut Tally, kernel: Kernel) -> Option<Node> {
             after.iter().map(|(_, id)| *id).collect::<Vec<_>>()
         ))
     });
+    crate::guard::rows(tally, kernel, &node, &mut agent);
     tally.run("uninstall detaches and unpins everything", || {
         if let Some(mut agent) = agent.take() {
             let status = agent.terminate().unwrap_or_else(|e| panic!("{e}"));
