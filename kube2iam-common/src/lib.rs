@@ -174,10 +174,13 @@ pub enum Counter {
     EgressDropped4 = 13,
     /// The egress backstop dropped such an IPv6 packet.
     EgressDropped6 = 14,
+    /// The packet guard dropped a VLAN-tagged frame from a pod (pods send none; stacked tags
+    /// would otherwise hide the metadata address).
+    GuardDroppedTagged = 15,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 15] = [
+    pub const ALL: [Counter; 16] = [
         Counter::Passed,
         Counter::Redirected4,
         Counter::Redirected6,
@@ -193,6 +196,7 @@ impl Counter {
         Counter::RefusedNotTcp,
         Counter::EgressDropped4,
         Counter::EgressDropped6,
+        Counter::GuardDroppedTagged,
     ];
 
     /// Stable snake_case name, used in logs and metrics.
@@ -213,6 +217,7 @@ impl Counter {
             Counter::RefusedNotTcp => "refused_not_tcp",
             Counter::EgressDropped4 => "egress_dropped_ipv4",
             Counter::EgressDropped6 => "egress_dropped_ipv6",
+            Counter::GuardDroppedTagged => "guard_dropped_tagged",
         }
     }
 }

@@ -551,14 +551,17 @@ const ETH_P_8021AD: u16 = 0x88a8;
 
 /// The drop counter when the frame is addressed to the metadata service.
 fn try_guard(ctx: &TcContext) -> Option<Counter> {
-    // Ethertype, network order on the wire; one VLAN tag is looked through, since a crafted
-    // tagged frame could otherwise carry the address past a guard that only reads the outer type.
-    let mut l3 = ETH_HLEN;
-    let mut proto = u16::from_be(ctx.load::<u16>(12).ok()?);
-    if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
-        proto = u16::from_be(ctx.load::<u16>(16).ok()?);
-        l3 += 4;
+    // Ethertype, network order on the wire. Pods never send VLAN-tagged frames on their own
+    // interface, and the kernel strips stacked tags (VLAN 0) one after another on the way in:
+    // any tagged frame, whether the tag is still in the data or already moved into the skb, is
+    // dropped, whatever it carries.
+    let proto = u16::from_be(ctx.load::<u16>(12).ok()?);
+    // SAFETY: the context pointer; vlan_present is readable at 4 bytes.
+    let tag_taken = unsafe { read_volatile(addr_of!((*ctx.skb.skb).vlan_present)) } != 0;
+    if tag_taken || proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+        return Some(Counter::GuardDroppedTagged);
     }
+    let l3 = ETH_HLEN;
     let config = config();
     match proto {
         ETH_P_IP => {

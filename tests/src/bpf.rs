@@ -44,7 +44,7 @@ pub enum AttachType {
 
 impl AttachType {
     /// Every hook the agent attaches to its cgroup.
-    pub const ALL: [AttachType; 5] = [
+    pub const ALL: [AttachType; 6] = [
         AttachType::Inet4Connect,
         AttachType::Inet6Connect,
         AttachType::Inet4GetPeerName,

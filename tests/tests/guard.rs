@@ -172,6 +172,53 @@ fn without_the_guard_the_same_bypasses_reach_the_node() {
     assert_eq!(dropped(&node.pin_path()), (0, 0));
 }
 
+/// AF_PACKET frames from the pod with 1, 2 and 3 stacked VLAN-0 tags around UDP to the metadata
+/// address.
+fn send_tagged(node: &TestNode, pod: &Pod<'_>) {
+    let src = pod.ip4().to_string();
+    let port = WATCH_PORT.to_string();
+    let mac = gateway_mac(node, pod);
+    for tags in ["1", "2", "3"] {
+        let args = ["frame", "eth0", &mac, &src, "169.254.169.254", &port, tags];
+        let output = output_within(
+            pod.command(RAW).args(args),
+            Duration::from_secs(10),
+            "k2i-raw",
+        );
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(stdout.contains("\"ok\":true"), "k2i-raw {args:?}: {stdout}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+#[test]
+fn stacked_vlan_tags_do_not_carry_a_packet_past_the_guard() {
+    // Control first: without either guard the kernel strips the priority tags and delivers at
+    // least one of the frames, or this test would prove nothing.
+    {
+        let node = TestNode::new();
+        let watch = PacketWatch::start(&node);
+        let pod = node.add_pod("a");
+        let _agent = agent(&node, false);
+        send_tagged(&node, &pod);
+        assert!(
+            !kinds(&watch, &pod).is_empty(),
+            "without the guard no tagged frame arrived: the test cannot tell a bypass"
+        );
+    }
+    let node = TestNode::new();
+    let watch = PacketWatch::start(&node);
+    let pod = node.add_pod("a");
+    let _agent = agent(&node, true);
+    send_tagged(&node, &pod);
+    assert_eq!(
+        kinds(&watch, &pod),
+        Vec::<&str>::new(),
+        "a tagged frame reached the metadata address"
+    );
+    assert!(maps::counter(&node.pin_path(), Counter::GuardDroppedTagged) >= 3);
+}
+
 #[test]
 fn the_guard_follows_pod_interfaces_that_appear_after_start() {
     let node = TestNode::new();

@@ -272,7 +272,9 @@ impl State {
         let kube2iam_name = peer
             .filter(|_| self.config.kube2iam_session_names)
             .map(|ip| policy::kube2iam_session_name(ip, &decision.role));
-        let session = if self.config.session_per_pod || kube2iam_name.is_some() {
+        // The key does not depend on whether the address is known: kube2iam's names are one
+        // session per pod, like --session-per-pod.
+        let session = if self.config.session_per_pod || self.config.kube2iam_session_names {
             Session::Pod {
                 uid: decision.pod.uid.clone(),
             }
@@ -553,12 +555,9 @@ impl State {
                 None,
             ),
             Route::Proxy => {
-                let query = request
-                    .uri()
-                    .query()
-                    .map(|q| format!("?{q}"))
-                    .unwrap_or_default();
-                let target = format!("{}{query}", path::encode(&normalized));
+                // IMDS takes no query parameters: none is forwarded, so nothing a pod writes
+                // after `?` reaches the upstream.
+                let target = path::encode(&normalized);
                 let accept = request
                     .headers()
                     .get(header::ACCEPT)

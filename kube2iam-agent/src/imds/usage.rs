@@ -3,54 +3,36 @@
 
 use std::collections::HashSet;
 
-use super::{Decision, State};
+use super::State;
 use crate::{
     credentials::CacheKey,
-    identity::{self, Annotation, PodIdentity},
-    policy,
+    decision::{self, Namespace, Outcome},
+    identity::{self, PodIdentity},
 };
 
 impl State {
     /// The key `pod` would be served from, as its annotations are now; `None` when it would get
     /// no credentials (no role, an invalid annotation, a namespace that does not allow the role).
-    /// Before namespaces are listed the key counts as used: keeping an entry is always safe.
+    /// The same decision as a request's. Before namespaces are listed the key counts as used:
+    /// keeping an entry is always safe.
     pub fn cache_key_in_use(&self, pod: &PodIdentity) -> Option<CacheKey> {
-        let config = &self.config;
-        let raw = match &pod.role {
-            Annotation::Value(v) => v.as_str(),
-            Annotation::Absent => config.default_role.as_deref()?,
-            Annotation::Oversize(_) => return None,
+        let namespace = match self.namespace_of(&pod.namespace) {
+            Namespace::NotListed => Namespace::Unrestricted,
+            known => known,
         };
-        let role = policy::resolve_role(raw, config.base_arn.as_ref()).ok()?;
-        let external_id = match &pod.external_id {
-            Annotation::Value(v) => Some(policy::validate_external_id(v).ok()?.to_owned()),
-            Annotation::Absent => None,
-            Annotation::Oversize(_) => return None,
-        };
-        if config.namespace_restrictions
-            && self.namespaces.synced()
-            && !matches!(
-                self.namespaces.get(&pod.namespace),
-                Some(Some(Ok(allowed))) if allowed.allows(&role, config.base_arn.as_ref())
-            )
-        {
-            return None;
+        match decision::role(&self.config.decision, pod, &namespace, false) {
+            Outcome::Ok(decision) => Some(self.cache_key(&decision, None).0),
+            Outcome::Wait | Outcome::Refuse(_) => None,
         }
-        let decision = Decision {
-            pod: pod.clone(),
-            role,
-            external_id,
-        };
-        Some(self.cache_key(&decision).0)
     }
 
-    /// The keys of every pod in the identity map.
+    /// The keys of every pod the agent serves.
     pub fn cache_keys_in_use(&self) -> Result<HashSet<CacheKey>, identity::Error> {
         Ok(self
             .registry
-            .entries()?
+            .live_pods()
             .iter()
-            .filter_map(|(_, pod)| self.cache_key_in_use(pod))
+            .filter_map(|pod| self.cache_key_in_use(pod))
             .collect())
     }
 }
@@ -95,18 +77,24 @@ mod tests {
 
     fn state(session_per_pod: bool, default_role: Option<&str>) -> State {
         let config = ServerConfig {
-            node: "node-a".into(),
+            decision: crate::decision::Rules {
+                node: "node-a".into(),
+                attestation: crate::attest::Mode::Prefer,
+                role_key: "iam.amazonaws.com/role".into(),
+                namespace_key: "iam.amazonaws.com/allowed-roles".into(),
+                base_arn: Some(BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap()),
+                default_role: default_role.map(str::to_owned),
+            },
             pod_wait: Duration::ZERO,
             tokens: TokenMode::Optional,
-            role_key: "iam.amazonaws.com/role".into(),
-            namespace_key: "iam.amazonaws.com/allowed-roles".into(),
-            base_arn: Some(BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap()),
-            default_role: default_role.map(str::to_owned),
             namespace_restrictions: false,
             session_per_pod,
+            kube2iam_session_names: false,
+            host_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             rules: PathRules::default(),
             header_read_timeout: Duration::from_secs(1),
             max_connections: 1,
+            max_connections_per_caller: 1,
             max_header_bytes: 8192,
             drain_timeout: Duration::ZERO,
         };
@@ -124,6 +112,13 @@ mod tests {
             tokens: TokenIssuer::new([7; 32]),
             stats: Default::default(),
             events: PodEvents::new(Duration::ZERO, "node-a"),
+            attestation: super::super::Attestation {
+                map: None,
+                cgroups: Arc::new(crate::attest::CgroupPods::new("/nonexistent".into())),
+                host_netns_cookie: 0,
+            },
+            per_caller: Default::default(),
+            refusal_log: crate::telemetry::LogLimiter::new(Duration::from_secs(1)),
         }
     }
 

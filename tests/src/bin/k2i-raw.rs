@@ -192,6 +192,7 @@ fn frame(
     src: Ipv4Addr,
     dst: Ipv4Addr,
     port: u16,
+    vlan_tags: usize,
 ) -> io::Result<()> {
     let c =
         std::ffi::CString::new(ifname).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
@@ -219,8 +220,20 @@ fn frame(
     udp.extend_from_slice(&[0, 0]); // no UDP checksum (allowed for IPv4)
     udp.extend_from_slice(payload);
     let ip = ipv4(src, dst, libc::IPPROTO_UDP as u8, &udp);
+    // `vlan_tags` stacked 802.1Q tags with VLAN ID 0 (priority tags, which the kernel strips on
+    // the way in) around the IPv4 packet.
+    let mut inner = ip;
+    let mut ethertype = ETH_P_IP;
+    for _ in 0..vlan_tags {
+        let mut tagged = Vec::with_capacity(inner.len() + 4);
+        tagged.extend_from_slice(&[0, 0]); // TCI: priority 0, VLAN 0
+        tagged.extend_from_slice(&ethertype.to_be_bytes());
+        tagged.extend_from_slice(&inner);
+        inner = tagged;
+        ethertype = 0x8100;
+    }
     // A locally administered source.
-    let packet = ethernet(dst_mac, [0x02, 0, 0, 0, 0, 0x01], ETH_P_IP, &ip);
+    let packet = ethernet(dst_mac, [0x02, 0, 0, 0, 0, 0x01], ethertype, &inner);
     // SAFETY: zeroed sockaddr_ll is valid; fields set below.
     let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     addr.sll_family = libc::AF_PACKET as u16;
@@ -243,7 +256,12 @@ fn run(args: &[String]) -> Result<(), String> {
         }
         [cmd, ifname, mac, src, dst, p] if cmd == "frame" => {
             let mac = parse_mac(mac).ok_or_else(|| format!("{mac}: not a MAC address"))?;
-            frame(ifname, mac, ip(src)?, ip(dst)?, port(p)?).map_err(|e| e.to_string())
+            frame(ifname, mac, ip(src)?, ip(dst)?, port(p)?, 0).map_err(|e| e.to_string())
+        }
+        [cmd, ifname, mac, src, dst, p, tags] if cmd == "frame" => {
+            let mac = parse_mac(mac).ok_or_else(|| format!("{mac}: not a MAC address"))?;
+            let tags: usize = tags.parse().map_err(|e| format!("{tags}: {e}"))?;
+            frame(ifname, mac, ip(src)?, ip(dst)?, port(p)?, tags).map_err(|e| e.to_string())
         }
         _ => Err(format!("usage: see the source; got {args:?}")),
     }
