@@ -710,3 +710,40 @@ fn the_doctor_names_unguarded_interfaces_and_ones_where_the_guard_is_not_first()
         assert!(row.contains(words), "{words:?} missing from the row: {row}");
     }
 }
+
+#[test]
+fn a_replacement_link_an_agent_staged_before_it_stopped_takes_the_old_links_place_tcx() {
+    // An agent that stopped between pinning the new link at the head and moving it over the old
+    // pin: the next agent finishes the move instead of throwing the new link away.
+    let node = TestNode::new();
+    let pod = node.add_pod("a");
+    let mut first = agent(&node, true);
+    first.kill9();
+    let tc_dir = node.pin_path().join("tc");
+    let pin = format!("{}-{}", ifindex(&node, &pod), pod.host_interface());
+    let index = ifindex(&node, &pod);
+    // An older program under the staged link: the agent swaps its own in through the link.
+    let staged_prog = bpf::load_tc_ok("k2i_test_staged");
+    let staged = in_node(&node, move || {
+        bpf::tcx_attach_first(staged_prog.as_fd(), index)
+    })
+    .expect("attach the staged link");
+    bpf::obj_pin(staged.as_fd(), &tc_dir.join(format!("new-{pin}"))).expect("pin it");
+    drop(staged);
+    assert_eq!(
+        tcx_order(&node, &pod),
+        vec!["k2i_test_staged".to_owned(), "k2i_guard".to_owned()]
+    );
+    let _second = agent(&node, true);
+    let pins: Vec<String> = std::fs::read_dir(&tc_dir)
+        .expect("tc pins")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(pins, vec![pin], "the staged pin moved into place");
+    assert_eq!(
+        tcx_order(&node, &pod),
+        vec!["k2i_guard".to_owned()],
+        "one guard link, the staged one, now running the agent's program"
+    );
+}

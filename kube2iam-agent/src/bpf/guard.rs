@@ -152,6 +152,9 @@ pub struct Guard {
     tcx: bool,
 }
 
+/// The pin name prefix of a replacement link before it is moved into place.
+const STAGED: &str = "new-";
+
 fn pin_name(name: &str, ifindex: u32) -> String {
     format!("{ifindex}-{name}")
 }
@@ -322,13 +325,30 @@ impl Guard {
         {
             let entry = entry.map_err(|e| Error::io(format!("list {}", self.dir.display()), e))?;
             let file = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            // A replacement staged by an agent that stopped before moving it into place: it is
+            // the link in front, so it takes the place of the old one.
+            if let Some(target) = file.strip_prefix(STAGED)
+                && parse_pin_name(target).is_some_and(|(n, i)| wanted.get(&n) == Some(&i))
+            {
+                let final_path = self.dir.join(target);
+                if let Ok(old) = sys::obj_get(&final_path) {
+                    let _ = sys::link_detach(old.as_fd());
+                }
+                fs::rename(&path, &final_path).map_err(|e| {
+                    Error::io(
+                        format!("move {} to {}", path.display(), final_path.display()),
+                        e,
+                    )
+                })?;
+                continue;
+            }
             let parsed = parse_pin_name(&file);
             if let Some((ifname, ifindex)) = &parsed
                 && wanted.get(ifname) == Some(ifindex)
             {
                 continue;
             }
-            let path = entry.path();
             if let Ok(link) = sys::obj_get(&path) {
                 let _ = sys::link_detach(link.as_fd());
             }
@@ -394,7 +414,9 @@ impl Guard {
                     .and_then(|()| program.load())
                     .map_err(|source| Error::Program { name, source })?;
                 let fresh = attach_tcx_first(program, ifname)?;
-                let staged = self.dir.join(format!("new-{}", pin_name(ifname, ifindex)));
+                let staged = self
+                    .dir
+                    .join(format!("{STAGED}{}", pin_name(ifname, ifindex)));
                 let _ = fs::remove_file(&staged);
                 fresh.pin(&staged).map_err(|e| {
                     Error::io(
