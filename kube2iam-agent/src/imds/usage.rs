@@ -53,7 +53,7 @@ mod tests {
             AssumeRequest, CacheSettings, CredentialCache, Credentials, Session, Sts, StsError,
         },
         events::PodEvents,
-        identity::{MemoryIdentityMap, Registry},
+        identity::{Annotation, MemoryIdentityMap, Registry},
         imds::{PathRules, ServerConfig, TokenMode, token::TokenIssuer, upstream::Upstream},
         kube::Namespaces,
         policy::BaseArn,

@@ -65,7 +65,7 @@ fn link_path(name: &str) -> PathBuf {
     Path::new(PIN_DIR).join("links").join(name)
 }
 
-const HOOK_LINKS: [(&str, AttachType); 5] = [
+const HOOK_LINKS: [(&str, AttachType); 6] = [
     ("k2i_connect4", AttachType::Inet4Connect),
     ("k2i_connect6", AttachType::Inet6Connect),
     ("k2i_getpeername4", AttachType::Inet4GetPeerName),
