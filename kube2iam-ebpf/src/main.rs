@@ -173,7 +173,7 @@ fn in_host_pod() -> bool {
             return false;
         }
         // SAFETY: only presence is read.
-        if unsafe { K2I_HOST_PODS.get(&id) }.is_some() {
+        if unsafe { K2I_HOST_PODS.get(id) }.is_some() {
             return true;
         }
     }
@@ -496,11 +496,11 @@ fn try_sock_ops(ctx: &SockOpsContext) {
         // SAFETY: the helper takes the program context.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         // SAFETY: copied at once.
-        let Some(entry) = (unsafe { K2I_CONNECTING.get(&cookie) }).copied() else {
+        let Some(entry) = (unsafe { K2I_CONNECTING.get(cookie) }).copied() else {
             return;
         };
-        let _ = K2I_CONNECTING.remove(&cookie);
-        if K2I_ATTEST.insert(&conn_key(ctx), &entry, 0).is_ok() {
+        let _ = K2I_CONNECTING.remove(cookie);
+        if K2I_ATTEST.insert(conn_key(ctx), entry, 0).is_ok() {
             count(Counter::Attested);
             // Called back when the socket changes state, to drop the entry when it closes.
             let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
@@ -513,9 +513,9 @@ fn try_sock_ops(ctx: &SockOpsContext) {
         // SAFETY: the helper takes the program context.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         // SAFETY: one field read at once.
-        let owner = unsafe { K2I_ATTEST.get(&key) }.map(|e| e.socket_cookie);
+        let owner = unsafe { K2I_ATTEST.get(key) }.map(|e| e.socket_cookie);
         if owner == Some(cookie) {
-            let _ = K2I_ATTEST.remove(&key);
+            let _ = K2I_ATTEST.remove(key);
         }
     }
 }
