@@ -210,11 +210,15 @@ fn node_get(node: &TestNode, port: u16, path: &str) -> (u16, String) {
 
 #[test]
 fn kube2iams_own_default_values_run_the_agent_and_serve_a_pod() {
-    let (args, _) = container(&render(&values_file("kube2iam-defaults-values.yaml")));
-    assert!(
-        args.contains(&"--host-interface=docker0".to_owned()),
-        "kube2iam's docker0 reaches the agent: {args:?}"
+    let (mut args, env) = container(&render(&values_file("kube2iam-defaults-values.yaml")));
+    // The chart passes host.interface as HOST_INTERFACE (so `doctor` in the container reads the
+    // same list); the agent reads it as --host-interface.
+    assert_eq!(
+        env.get("HOST_INTERFACE"),
+        Some(&Some("docker0".to_owned())),
+        "kube2iam's docker0 reaches the agent: {env:?}"
     );
+    args.push("--host-interface=docker0".to_owned());
     let (args, port) = as_started(&args);
     let node = TestNode::new();
     let world = start_rendered(&node, args, port);
