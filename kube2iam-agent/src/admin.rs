@@ -4,8 +4,8 @@
 //!
 //! `/healthz` answers 200 while the process serves at all (liveness: a restart would not help
 //! anything it could report). `/readyz` answers 200 when the programs are attached with their
-//! config written, the pod watch (and the namespace watch, with namespace restrictions) has
-//! synced, and the last probe of the node's metadata service succeeded; otherwise 503 with the
+//! config written, the pod watch (and the namespace watch, with namespace restrictions, and the
+//! service account watch, with service account roles) has synced, and the last probe of the node's metadata service succeeded; otherwise 503 with the
 //! reasons, one per line after `not ready:`. An upstream outage therefore takes the pod out of
 //! readiness without restarting it, and it comes back by itself.
 
@@ -67,6 +67,9 @@ impl Sources {
         }
         if self.state.config.namespace_restrictions && !self.state.namespaces.synced() {
             reasons.push("namespace watch not synced".to_owned());
+        }
+        if self.state.config.service_account_roles && !self.state.service_accounts.synced() {
+            reasons.push("service account watch not synced".to_owned());
         }
         if !self.readiness.upstream.load(Ordering::Acquire) {
             reasons.push(format!(

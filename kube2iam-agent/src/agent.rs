@@ -25,6 +25,8 @@ use crate::{
     imds::{self, ServerConfig, State, path::PathRules, token::TokenIssuer, upstream::Upstream},
     kube::{self as k8s, Keys, Namespaces, WatchStats},
     policy::BaseArn,
+    service_accounts::ServiceAccounts,
+    session_tags::SessionTagging,
 };
 
 /// Upstream requests (and the agent's own IMDS calls) give up after this.
@@ -233,6 +235,15 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
     let metadata = SocketAddr::new(IpAddr::V4(settings.metadata_ip4), settings.metadata_port);
     let upstream = Arc::new(Upstream::new(metadata, UPSTREAM_TIMEOUT));
     let rules = compile_rules(&args.allow_paths, &args.block_paths)?;
+    let sessions = SessionTagging::from_args(&args.session_tags)?;
+    if sessions.needs_service_account()
+        && sessions.cluster.as_ref().is_some_and(|c| c.arn.is_none())
+    {
+        tracing::warn!(
+            "--session-tags without --cluster-arn: sessions carry no eks-cluster-arn tag, so \
+             policies that read aws:PrincipalTag/eks-cluster-arn do not match"
+        );
+    }
     let base_arn = base_arn(args, &upstream).await?;
     if args.namespace_restrictions && base_arn.is_none() {
         tracing::warn!(
@@ -325,6 +336,7 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
     let interception = Arc::new(std::sync::Mutex::new(interception));
     let guard_watch = spawn_guard_watch(interception.clone(), args.guard_resync_interval)?;
     let namespaces = Arc::new(Namespaces::default());
+    let service_accounts = Arc::new(ServiceAccounts::default());
     let tokens = TokenIssuer::random().context("draw the IMDSv2 token key")?;
     let events = PodEvents::new(args.event_interval, &node);
     let state = Arc::new(State {
@@ -336,6 +348,8 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
                 namespace_key: args.namespace_key.clone(),
                 base_arn,
                 default_role: args.default_role.clone(),
+                service_account_key: args.service_accounts.service_account_role_key.clone(),
+                needs_service_account: sessions.needs_service_account(),
             },
             pod_wait: args.pod_wait,
             tokens: args.imds_tokens,
@@ -343,6 +357,8 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
             session_per_pod: args.session_per_pod,
             kube2iam_session_names: args.kube2iam_session_names,
             host_ip: IpAddr::V4(settings.agent_ip4),
+            sessions,
+            service_account_roles: args.service_accounts.service_account_roles,
             rules,
             header_read_timeout: args.header_read_timeout,
             max_connections: args.max_connections,
@@ -352,6 +368,7 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
         },
         registry: registry.clone(),
         namespaces: namespaces.clone(),
+        service_accounts: service_accounts.clone(),
         cache: cache.clone(),
         upstream: upstream.clone(),
         tokens,
@@ -423,6 +440,24 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
                 state.prefetch(&pod);
             }
         });
+    }
+    if args.service_accounts.service_account_roles {
+        // A change of an account's role reaches its pods' next request through the store; the
+        // prefetch has the new role's credentials ready by then.
+        let (state, registry) = (state.clone(), registry.clone());
+        background.spawn(service_accounts.watch(
+            client.clone(),
+            args.service_accounts.service_account_role_key.clone(),
+            move |namespace, name| {
+                for pod in registry.live_pods() {
+                    let uses = pod.namespace == namespace
+                        && pod.account.as_ref().is_some_and(|a| a.name == name);
+                    if uses {
+                        state.prefetch(&pod);
+                    }
+                }
+            },
+        ));
     }
     // One pod changing its annotations over and over must not turn into one AssumeRole per
     // change: a few prefetches per pod and window, the rest on demand.

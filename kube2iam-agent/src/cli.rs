@@ -301,6 +301,10 @@ pub struct RunArgs {
     /// redirected, whatever its annotations.
     #[arg(long, env = "POD_UID", hide = true)]
     pub pod_uid: Option<String>,
+    #[command(flatten)]
+    pub session_tags: crate::session_tags::SessionTagArgs,
+    #[command(flatten)]
+    pub service_accounts: crate::service_accounts::ServiceAccountArgs,
 }
 
 /// Parses a duration in Go's syntax as kube2iam took them (`1500ms`, `30s`, `15m0s`, `1h30m`);

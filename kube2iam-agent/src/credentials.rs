@@ -1,4 +1,4 @@
-//! Role credentials from STS, cached per (role ARN, external ID[, pod]).
+//! Role credentials from STS, cached per (role ARN, external ID[, pod][, session tags]).
 //!
 //! * Concurrent misses for one key share one AssumeRole call.
 //! * Credentials are refreshed ahead of expiry (`refresh_before`), in the background while the
@@ -22,6 +22,8 @@ use std::{
 
 use futures::future::BoxFuture;
 use tokio::sync::{Mutex, Semaphore};
+
+use crate::session_tags::SessionTags;
 
 /// Temporary credentials for one role session.
 #[derive(Clone, PartialEq, Eq)]
@@ -55,6 +57,9 @@ pub struct CacheKey {
     pub role_arn: String,
     pub external_id: Option<String>,
     pub session: Session,
+    /// Session tags and source identity (`--session-tags`, `--source-identity`): whatever
+    /// varies them varies the session.
+    pub tags: SessionTags,
 }
 
 /// One AssumeRole call.
@@ -64,6 +69,7 @@ pub struct AssumeRequest {
     pub external_id: Option<String>,
     pub session_name: String,
     pub duration: Duration,
+    pub tags: SessionTags,
 }
 
 /// Why STS gave no credentials.
@@ -120,14 +126,28 @@ impl Sts for SdkSts {
         Box::pin(async move {
             use aws_sdk_sts::error::{ProvideErrorMetadata as _, SdkError};
             let role = request.role_arn.clone();
-            let result = client
+            let mut call = client
                 .assume_role()
                 .role_arn(&request.role_arn)
                 .role_session_name(&request.session_name)
                 .duration_seconds(request.duration.as_secs().clamp(900, 43_200) as i32)
                 .set_external_id(request.external_id.clone())
-                .send()
-                .await;
+                .set_source_identity(request.tags.source_identity.clone());
+            for (key, value) in &request.tags.tags {
+                let tag = aws_sdk_sts::types::Tag::builder()
+                    .key(key)
+                    .value(value)
+                    .build()
+                    .map_err(|e| StsError::Unavailable {
+                        role: role.clone(),
+                        message: format!("session tag {key}: {e}"),
+                    })?;
+                call = call.tags(tag);
+            }
+            for key in &request.tags.transitive_keys {
+                call = call.transitive_tag_keys(key);
+            }
+            let result = call.send().await;
             let output = match result {
                 Ok(output) => output,
                 Err(SdkError::ServiceError(e)) => {
@@ -143,11 +163,21 @@ impl Sts for SdkSts {
                             role,
                             message: format!("{code}: {message}"),
                         },
-                        _ => StsError::Denied {
-                            role,
-                            code,
-                            message,
-                        },
+                        _ => {
+                            // What STS says names the action the trust policy lacks; say which
+                            // flag asked for it.
+                            let message = match request.tags.denial_hint(&role) {
+                                Some(hint) if code == "AccessDenied" => {
+                                    format!("{message}; {hint}")
+                                }
+                                _ => message,
+                            };
+                            StsError::Denied {
+                                role,
+                                code,
+                                message,
+                            }
+                        }
                     });
                 }
                 Err(e) => {
@@ -391,6 +421,7 @@ impl CredentialCache {
             external_id: key.external_id.clone(),
             session_name: entry.session_name.clone(),
             duration: self.settings.duration,
+            tags: key.tags.clone(),
         };
         let started = std::time::Instant::now();
         let result = self.sts.assume_role(request).await;
@@ -673,6 +704,7 @@ mod tests {
             role_arn: format!("arn:aws:iam::123456789012:role/{role}"),
             external_id: None,
             session: Session::Node,
+            tags: SessionTags::default(),
         }
     }
 
@@ -716,6 +748,48 @@ mod tests {
         cache.get(&per_pod, "default.web").await.unwrap();
         cache.get(&key("a"), "s").await.unwrap();
         assert_eq!(sts.calls(), 4);
+    }
+
+    #[tokio::test]
+    async fn session_tags_are_part_of_the_key_and_reach_the_request() {
+        struct Recording(std::sync::Mutex<Vec<AssumeRequest>>);
+        impl Sts for Recording {
+            fn assume_role(
+                &self,
+                request: AssumeRequest,
+            ) -> BoxFuture<'static, Result<Credentials, StsError>> {
+                self.0.lock().unwrap().push(request.clone());
+                Box::pin(async move {
+                    Ok(Credentials {
+                        access_key_id: format!("ASIA-{}", request.tags.tags.len()),
+                        secret_access_key: "secret".into(),
+                        session_token: "token".into(),
+                        expiration: SystemTime::now() + Duration::from_secs(3600),
+                        last_updated: SystemTime::now(),
+                    })
+                })
+            }
+        }
+        let sts = Arc::new(Recording(Default::default()));
+        let cache = CredentialCache::new(sts.clone(), CacheSettings::default());
+        let tagged = |account: &str| {
+            let mut k = key("web");
+            k.tags = SessionTags {
+                tags: vec![("kubernetes-service-account".into(), account.into())],
+                transitive_keys: vec!["kubernetes-service-account".into()],
+                source_identity: None,
+            };
+            k
+        };
+        cache.get(&tagged("billing"), "s").await.unwrap();
+        cache.get(&tagged("billing"), "s").await.unwrap();
+        cache.get(&tagged("reports"), "s").await.unwrap();
+        cache.get(&key("web"), "s").await.unwrap();
+        let requests = sts.0.lock().unwrap();
+        assert_eq!(requests.len(), 3, "one session per tag set");
+        assert_eq!(requests[0].tags, tagged("billing").tags);
+        assert_eq!(requests[1].tags, tagged("reports").tags);
+        assert!(requests[2].tags.is_empty());
     }
 
     #[tokio::test]

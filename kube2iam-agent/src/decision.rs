@@ -10,6 +10,7 @@ use crate::{
     identity::{Annotation, PodIdentity},
     kube::Restriction,
     policy::{self, BaseArn, RoleArn},
+    service_accounts::{AccountRole, WEB_IDENTITY_ENV},
 };
 
 /// The rules the deployment set.
@@ -21,6 +22,11 @@ pub struct Rules {
     pub namespace_key: String,
     pub base_arn: Option<BaseArn>,
     pub default_role: Option<String>,
+    /// The ServiceAccount annotation naming a role (`--service-account-role-key`), for messages.
+    pub service_account_key: String,
+    /// Sessions are tagged with the pod's service account (`--session-tags`): a pod record that
+    /// does not name it yet cannot be served.
+    pub needs_service_account: bool,
 }
 
 /// What the registry knows when a request is decided.
@@ -114,6 +120,8 @@ pub struct Decision {
 }
 
 /// The outcome of one look.
+// Returned and matched at once, never stored in bulk: the size of a refusal does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome<T> {
     Ok(T),
@@ -238,20 +246,30 @@ fn unknown_address(rules: &Rules, known: &Known<'_>) -> Refusal {
     )
 }
 
-/// The role `pod` gets under `rules` and its namespace's restriction.
+/// Where a pod's role comes from.
+enum Source {
+    Pod,
+    Account(String),
+    Default,
+}
+
+/// The role `pod` gets under `rules`, its namespace's restriction and its service account's
+/// role annotation (`account`, [`AccountRole::Off`] without `--service-account-roles`).
 pub fn role(
     rules: &Rules,
     pod: &PodIdentity,
     namespace: &Namespace,
+    account: &AccountRole,
     last_look: bool,
 ) -> Outcome<Decision> {
     let who = pod.display_name();
     let key = &rules.role_key;
+    let sa_key = &rules.service_account_key;
     let invalid = |reason: Reason, body: String| {
         Outcome::Refuse(Refusal::new(403, "invalid_annotation", body).on(pod, reason))
     };
-    let raw_role = match &pod.role {
-        Annotation::Value(v) => v.clone(),
+    let (raw_role, source) = match &pod.role {
+        Annotation::Value(v) => (v.clone(), Source::Pod),
         Annotation::Oversize(len) => {
             return invalid(
                 Reason::InvalidRoleAnnotation,
@@ -260,27 +278,131 @@ pub fn role(
                 ),
             );
         }
-        Annotation::Absent => match &rules.default_role {
-            Some(default) => default.clone(),
-            None => {
-                return Outcome::Refuse(Refusal::new(
-                    404,
-                    "no_role",
-                    format!(
-                        "pod {who} has no {key} annotation and the agent has no --default-role"
-                    ),
-                ));
+        Annotation::Absent => {
+            // The pod annotation wins; without it, the service account's, then the default.
+            let web_identity = pod.account.as_ref().is_some_and(|a| a.web_identity);
+            let mut why_none = String::new();
+            match account {
+                AccountRole::Off | AccountRole::None => {}
+                AccountRole::NotListed if !last_look => return Outcome::Wait,
+                AccountRole::NotListed => {
+                    return Outcome::Refuse(Refusal::new(
+                        503,
+                        "service_accounts_not_listed",
+                        format!(
+                            "pod {who} has no {key} annotation, and its service account's role \
+                             is not known yet (the service account or pod list is not synced); \
+                             try again"
+                        ),
+                    ));
+                }
+                AccountRole::Annotated { account, .. } if web_identity => {
+                    why_none = format!(
+                        "; its service account {account}'s {sa_key} role is left to IRSA, whose \
+                         web-identity environment ({}) the pod's containers carry",
+                        WEB_IDENTITY_ENV.join(", ")
+                    );
+                }
+                AccountRole::Annotated {
+                    role: Annotation::Value(v),
+                    account,
+                } => {
+                    return decide_role(
+                        rules,
+                        pod,
+                        namespace,
+                        v,
+                        Source::Account(account.clone()),
+                        last_look,
+                    );
+                }
+                AccountRole::Annotated {
+                    role: Annotation::Oversize(len),
+                    account,
+                } => {
+                    return invalid(
+                        Reason::InvalidRoleAnnotation,
+                        format!(
+                            "pod {who}: service account {account} annotation {sa_key} is {len} \
+                             bytes; no valid role ARN is that long"
+                        ),
+                    );
+                }
+                AccountRole::Annotated {
+                    role: Annotation::Absent,
+                    ..
+                } => {}
             }
-        },
+            match &rules.default_role {
+                Some(default) => (default.clone(), Source::Default),
+                None => {
+                    let account_note = match (account, &pod.account) {
+                        (AccountRole::None, Some(a)) => {
+                            format!(
+                                ", its service account {} has no {sa_key} annotation",
+                                a.name
+                            )
+                        }
+                        _ => String::new(),
+                    };
+                    let and = if account_note.is_empty() && why_none.is_empty() {
+                        " and"
+                    } else {
+                        ", and"
+                    };
+                    return Outcome::Refuse(Refusal::new(
+                        404,
+                        "no_role",
+                        format!(
+                            "pod {who} has no {key} annotation{account_note}{why_none}{and} the \
+                             agent has no --default-role"
+                        ),
+                    ));
+                }
+            }
+        }
     };
-    let role = match policy::resolve_role(&raw_role, rules.base_arn.as_ref()) {
+    decide_role(rules, pod, namespace, &raw_role, source, last_look)
+}
+
+/// The rest of [`role`] once the raw role is known: resolve it, read the external ID, apply the
+/// namespace's restriction.
+fn decide_role(
+    rules: &Rules,
+    pod: &PodIdentity,
+    namespace: &Namespace,
+    raw_role: &str,
+    source: Source,
+    last_look: bool,
+) -> Outcome<Decision> {
+    let who = pod.display_name();
+    let key = &rules.role_key;
+    let sa_key = &rules.service_account_key;
+    let invalid = |reason: Reason, body: String| {
+        Outcome::Refuse(Refusal::new(403, "invalid_annotation", body).on(pod, reason))
+    };
+    let role = match policy::resolve_role(raw_role, rules.base_arn.as_ref()) {
         Ok(role) => role,
         Err(e) => {
+            let what = match &source {
+                Source::Pod => format!("annotation {key}"),
+                Source::Account(account) => {
+                    format!("service account {account} annotation {sa_key}")
+                }
+                Source::Default => "--default-role".to_owned(),
+            };
             return invalid(
                 Reason::InvalidRoleAnnotation,
-                format!("pod {who}: annotation {key}: {e}"),
+                format!("pod {who}: {what}: {e}"),
             );
         }
+    };
+    let from = match &source {
+        Source::Pod => String::new(),
+        Source::Account(account) => {
+            format!(" (from service account {account}'s {sa_key} annotation)")
+        }
+        Source::Default => " (--default-role)".to_owned(),
     };
     let external_id = match &pod.external_id {
         Annotation::Absent => None,
@@ -326,20 +448,34 @@ pub fn role(
         }
         Namespace::NoAnnotation => {
             return denied(format!(
-                "pod {who} has role {role}, but namespace {ns} has no {ns_key} annotation, so it \
-                 allows no role"
+                "pod {who} has role {role}{from}, but namespace {ns} has no {ns_key} annotation, \
+                 so it allows no role"
             ));
         }
         Namespace::Restricted(Err(e)) => return denied(format!("pod {who}: {e}")),
         Namespace::Restricted(Ok(allowed)) => {
             if !allowed.allows(&role, rules.base_arn.as_ref()) {
                 return denied(format!(
-                    "pod {who} has role {role}, but namespace {ns} allows only {:?} (annotation \
-                     {ns_key})",
+                    "pod {who} has role {role}{from}, but namespace {ns} allows only {:?} \
+                     (annotation {ns_key})",
                     allowed.sources()
                 ));
             }
         }
+    }
+    if rules.needs_service_account && pod.account.is_none() {
+        if !last_look {
+            return Outcome::Wait;
+        }
+        return Outcome::Refuse(Refusal::new(
+            503,
+            "pod_not_listed",
+            format!(
+                "pod {who}: its session is tagged with its service account (--session-tags), \
+                 which the agent learns from the pod list; the list is not synced since the \
+                 agent started; try again"
+            ),
+        ));
     }
     Outcome::Ok(Decision {
         pod: pod.clone(),
@@ -353,10 +489,17 @@ pub fn decide(
     rules: &Rules,
     known: &Known<'_>,
     namespace_of: impl Fn(&str) -> Namespace,
+    account_of: impl Fn(&PodIdentity) -> AccountRole,
     last_look: bool,
 ) -> Outcome<Decision> {
     match identify(rules, known, last_look) {
-        Outcome::Ok(pod) => role(rules, &pod, &namespace_of(&pod.namespace), last_look),
+        Outcome::Ok(pod) => role(
+            rules,
+            &pod,
+            &namespace_of(&pod.namespace),
+            &account_of(&pod),
+            last_look,
+        ),
         Outcome::Wait => Outcome::Wait,
         Outcome::Refuse(r) => Outcome::Refuse(r),
     }
@@ -367,7 +510,10 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::policy::{AllowedRoles, PatternFormat};
+    use crate::{
+        identity::PodAccount,
+        policy::{AllowedRoles, PatternFormat},
+    };
 
     const UID_A: &str = "aaaaaaaa-0000-4000-8000-000000000001";
     const UID_B: &str = "bbbbbbbb-0000-4000-8000-000000000002";
@@ -380,6 +526,8 @@ mod tests {
             namespace_key: "iam.amazonaws.com/allowed-roles".into(),
             base_arn: Some(BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap()),
             default_role: None,
+            service_account_key: "eks.amazonaws.com/role-arn".into(),
+            needs_service_account: false,
         }
     }
 
@@ -391,6 +539,10 @@ mod tests {
             created_ms: 1,
             role: Annotation::from_option(role, 640),
             external_id: Annotation::Absent,
+            account: Some(PodAccount {
+                name: "default".into(),
+                web_identity: false,
+            }),
         }
     }
 
@@ -433,6 +585,10 @@ mod tests {
         Namespace::Unrestricted
     }
 
+    fn no_account(_: &PodIdentity) -> AccountRole {
+        AccountRole::Off
+    }
+
     #[test]
     fn an_attested_pod_that_owns_the_address_gets_its_role() {
         let a = [pod("web", UID_A, Some("web"))];
@@ -441,6 +597,7 @@ mod tests {
             &rules(Mode::Prefer),
             &known(&caller, &a),
             unrestricted,
+            no_account,
             false,
         ));
         assert_eq!(d.pod.uid, UID_A);
@@ -455,10 +612,16 @@ mod tests {
         let attacker = pod("evil", UID_B, None);
         k.attested = Some(&attacker);
         assert_eq!(
-            decide(&rules(Mode::Require), &k, unrestricted, false),
+            decide(&rules(Mode::Require), &k, unrestricted, no_account, false),
             Outcome::Wait
         );
-        let r = refused(decide(&rules(Mode::Require), &k, unrestricted, true));
+        let r = refused(decide(
+            &rules(Mode::Require),
+            &k,
+            unrestricted,
+            no_account,
+            true,
+        ));
         assert_eq!((r.status, r.kind), (403, "mismatch"));
         assert!(
             r.body.contains("shop/evil") && r.body.contains("shop/web"),
@@ -466,7 +629,13 @@ mod tests {
             r.body
         );
         // Whatever the mode, a pod the kernel names is never served another pod's record.
-        let r = refused(decide(&rules(Mode::Prefer), &k, unrestricted, true));
+        let r = refused(decide(
+            &rules(Mode::Prefer),
+            &k,
+            unrestricted,
+            no_account,
+            true,
+        ));
         assert_eq!(r.kind, "mismatch");
     }
 
@@ -479,12 +648,20 @@ mod tests {
         k.pinned = Some(&gone);
         k.synced = false;
         let r = rules(Mode::Prefer);
-        assert_eq!(decide(&r, &k, unrestricted, false), Outcome::Wait);
-        assert_eq!(refused(decide(&r, &k, unrestricted, true)).kind, "mismatch");
+        assert_eq!(
+            decide(&r, &k, unrestricted, no_account, false),
+            Outcome::Wait
+        );
+        assert_eq!(
+            refused(decide(&r, &k, unrestricted, no_account, true)).kind,
+            "mismatch"
+        );
         let own = attested(UID_A);
         let mine = Known { caller: &own, ..k };
         assert_eq!(
-            served(decide(&r, &mine, unrestricted, false)).pod.uid,
+            served(decide(&r, &mine, unrestricted, no_account, false))
+                .pod
+                .uid,
             UID_A
         );
         // By address alone (attestation off, or no pod cgroups on the node) a pinned record is
@@ -499,8 +676,11 @@ mod tests {
                 ..k
             };
             let r = rules(mode);
-            assert_eq!(decide(&r, &by_address, unrestricted, false), Outcome::Wait);
-            let refusal = refused(decide(&r, &by_address, unrestricted, true));
+            assert_eq!(
+                decide(&r, &by_address, unrestricted, no_account, false),
+                Outcome::Wait
+            );
+            let refusal = refused(decide(&r, &by_address, unrestricted, no_account, true));
             assert_eq!(refusal.status, 404, "{mode:?}: {}", refusal.body);
         }
     }
@@ -514,7 +694,7 @@ mod tests {
                 pods_attestable: false,
                 ..known(&caller, &owner)
             };
-            let r = refused(decide(&rules(mode), &k, unrestricted, false));
+            let r = refused(decide(&rules(mode), &k, unrestricted, no_account, false));
             assert_eq!((r.status, r.kind), (403, "unresolved_cgroup"));
         }
     }
@@ -532,6 +712,7 @@ mod tests {
                 &rules(Mode::Require),
                 &known(&caller, &both),
                 unrestricted,
+                no_account,
                 false,
             ));
             assert!(d.role.as_str().ends_with(role), "{uid} got {}", d.role);
@@ -571,17 +752,35 @@ mod tests {
         let caller = Caller::NoPodCgroup { cgroup_id: 1 };
         // Where the pods of the node are in pod cgroups, a process outside them is no pod.
         let k = known(&caller, &owner);
-        let r = refused(decide(&rules(Mode::Prefer), &k, unrestricted, false));
+        let r = refused(decide(
+            &rules(Mode::Prefer),
+            &k,
+            unrestricted,
+            no_account,
+            false,
+        ));
         assert_eq!((r.status, r.kind), (403, "no_pod_cgroup"));
         // A cgroup-v1 node: the kernel can name no pod, the address decides under prefer...
         let v1 = Known {
             pods_attestable: false,
             ..k
         };
-        let d = served(decide(&rules(Mode::Prefer), &v1, unrestricted, false));
+        let d = served(decide(
+            &rules(Mode::Prefer),
+            &v1,
+            unrestricted,
+            no_account,
+            false,
+        ));
         assert_eq!(d.pod.uid, UID_A);
         // ...and never under require.
-        let r = refused(decide(&rules(Mode::Require), &v1, unrestricted, false));
+        let r = refused(decide(
+            &rules(Mode::Require),
+            &v1,
+            unrestricted,
+            no_account,
+            false,
+        ));
         assert_eq!((r.status, r.kind), (403, "no_pod_cgroup"));
         assert!(r.body.contains("doctor"), "{}", r.body);
         let off = Caller::NotChecked;
@@ -589,6 +788,7 @@ mod tests {
             &rules(Mode::Off),
             &known(&off, &owner),
             unrestricted,
+            no_account,
             false,
         ));
         assert_eq!(d.pod.uid, UID_A);
@@ -609,9 +809,15 @@ mod tests {
         );
         k.host_pod = Some(&host);
         assert_eq!(
-            served(decide(&rules(Mode::Prefer), &k, unrestricted, false))
-                .pod
-                .uid,
+            served(decide(
+                &rules(Mode::Prefer),
+                &k,
+                unrestricted,
+                no_account,
+                false
+            ))
+            .pod
+            .uid,
             UID_A
         );
     }
@@ -624,6 +830,7 @@ mod tests {
             &rules(Mode::Off),
             &known(&caller, &plain),
             unrestricted,
+            no_account,
             false,
         ));
         assert_eq!((r.status, r.kind), (404, "no_role"));
@@ -633,6 +840,7 @@ mod tests {
             &with_default,
             &known(&caller, &plain),
             unrestricted,
+            no_account,
             false,
         ));
         assert!(d.role.as_str().ends_with("/fallback"));
@@ -641,6 +849,7 @@ mod tests {
             &rules(Mode::Off),
             &known(&caller, &bad),
             unrestricted,
+            no_account,
             false,
         ));
         assert_eq!((r.status, r.kind), (403, "invalid_annotation"));
@@ -661,28 +870,234 @@ mod tests {
         )
         .unwrap();
         let restricted = |_: &str| Namespace::Restricted(Ok(Arc::new(allowed.clone())));
-        let denial = refused(decide(&r, &k, restricted, false));
+        let denial = refused(decide(&r, &k, restricted, no_account, false));
         assert_eq!((denial.status, denial.kind), (403, "role_not_allowed"));
         assert!(matches!(denial.event, Some((_, Reason::RoleNotAllowed))));
         assert_eq!(
-            decide(&r, &k, |_| Namespace::NotListed, false),
+            decide(&r, &k, |_| Namespace::NotListed, no_account, false),
             Outcome::Wait
         );
         assert_eq!(
-            refused(decide(&r, &k, |_| Namespace::NotListed, true)).kind,
+            refused(decide(&r, &k, |_| Namespace::NotListed, no_account, true)).kind,
             "namespaces_not_listed"
         );
         assert_eq!(
-            refused(decide(&r, &k, |_| Namespace::NoAnnotation, false)).status,
+            refused(decide(
+                &r,
+                &k,
+                |_| Namespace::NoAnnotation,
+                no_account,
+                false
+            ))
+            .status,
             403
         );
         assert_eq!(
-            refused(decide(&r, &k, |_| Namespace::Unknown, false)).status,
+            refused(decide(&r, &k, |_| Namespace::Unknown, no_account, false)).status,
             403
         );
         let web_role = [pod("web", UID_A, Some("web-frontend"))];
         assert!(matches!(
-            decide(&r, &known(&caller, &web_role), restricted, false),
+            decide(
+                &r,
+                &known(&caller, &web_role),
+                restricted,
+                no_account,
+                false
+            ),
+            Outcome::Ok(_)
+        ));
+    }
+
+    fn annotated(role: &str) -> AccountRole {
+        AccountRole::Annotated {
+            account: "default".into(),
+            role: Annotation::Value(role.into()),
+        }
+    }
+
+    #[test]
+    fn service_account_roles_serve_unannotated_pods_and_the_pod_annotation_wins() {
+        let r = rules(Mode::Off);
+        let plain = pod("plain", UID_A, None);
+        let d = served(role(
+            &r,
+            &plain,
+            &Namespace::Unrestricted,
+            &annotated("sa-role"),
+            false,
+        ));
+        assert_eq!(d.role.as_str(), "arn:aws:iam::123456789012:role/sa-role");
+        let own = pod("own", UID_A, Some("pod-role"));
+        let d = served(role(
+            &r,
+            &own,
+            &Namespace::Unrestricted,
+            &annotated("sa-role"),
+            false,
+        ));
+        assert!(
+            d.role.as_str().ends_with("/pod-role"),
+            "the pod annotation wins"
+        );
+        let none = refused(role(
+            &r,
+            &plain,
+            &Namespace::Unrestricted,
+            &AccountRole::None,
+            true,
+        ));
+        assert_eq!((none.status, none.kind), (404, "no_role"));
+        assert!(
+            none.body
+                .contains("service account default has no eks.amazonaws.com/role-arn"),
+            "{}",
+            none.body
+        );
+    }
+
+    #[test]
+    fn service_account_roles_wait_for_the_list_and_obey_namespace_restrictions() {
+        let r = rules(Mode::Off);
+        let plain = pod("plain", UID_A, None);
+        assert_eq!(
+            role(
+                &r,
+                &plain,
+                &Namespace::Unrestricted,
+                &AccountRole::NotListed,
+                false
+            ),
+            Outcome::Wait
+        );
+        let late = refused(role(
+            &r,
+            &plain,
+            &Namespace::Unrestricted,
+            &AccountRole::NotListed,
+            true,
+        ));
+        assert_eq!(
+            (late.status, late.kind),
+            (503, "service_accounts_not_listed")
+        );
+        let allowed = AllowedRoles::compile(
+            "shop",
+            "iam.amazonaws.com/allowed-roles",
+            r#"["web-*"]"#,
+            PatternFormat::Glob,
+        )
+        .unwrap();
+        let restricted = Namespace::Restricted(Ok(Arc::new(allowed)));
+        let denial = refused(role(&r, &plain, &restricted, &annotated("admin"), false));
+        assert_eq!((denial.status, denial.kind), (403, "role_not_allowed"));
+        assert!(
+            denial
+                .body
+                .contains("from service account default's eks.amazonaws.com/role-arn"),
+            "{}",
+            denial.body
+        );
+        assert!(matches!(
+            role(&r, &plain, &restricted, &annotated("web-api"), false),
+            Outcome::Ok(_)
+        ));
+        let bad = refused(role(
+            &r,
+            &plain,
+            &Namespace::Unrestricted,
+            &annotated("arn:aws:s3:::bucket"),
+            false,
+        ));
+        assert_eq!(bad.kind, "invalid_annotation");
+        assert!(
+            bad.body.contains("service account default annotation"),
+            "{}",
+            bad.body
+        );
+    }
+
+    #[test]
+    fn pods_with_irsas_web_identity_environment_are_left_to_irsa() {
+        let mut r = rules(Mode::Off);
+        let mut irsa = pod("irsa", UID_A, None);
+        irsa.account = Some(PodAccount {
+            name: "default".into(),
+            web_identity: true,
+        });
+        let left = refused(role(
+            &r,
+            &irsa,
+            &Namespace::Unrestricted,
+            &annotated("sa-role"),
+            false,
+        ));
+        assert_eq!((left.status, left.kind), (404, "no_role"));
+        assert!(
+            left.body.contains("left to IRSA")
+                && left
+                    .body
+                    .contains("AWS_ROLE_ARN, AWS_WEB_IDENTITY_TOKEN_FILE"),
+            "{}",
+            left.body
+        );
+        irsa.role = Annotation::Value("own".into());
+        assert!(matches!(
+            role(
+                &r,
+                &irsa,
+                &Namespace::Unrestricted,
+                &annotated("sa-role"),
+                false
+            ),
+            Outcome::Ok(_)
+        ));
+        irsa.role = Annotation::Absent;
+        r.default_role = Some("fallback".into());
+        let d = served(role(
+            &r,
+            &irsa,
+            &Namespace::Unrestricted,
+            &annotated("sa-role"),
+            false,
+        ));
+        assert!(d.role.as_str().ends_with("/fallback"));
+    }
+
+    #[test]
+    fn tagged_sessions_wait_for_a_record_that_names_the_service_account() {
+        let mut r = rules(Mode::Off);
+        r.needs_service_account = true;
+        let mut pinned = pod("web", UID_A, Some("web"));
+        pinned.account = None;
+        assert_eq!(
+            role(
+                &r,
+                &pinned,
+                &Namespace::Unrestricted,
+                &AccountRole::Off,
+                false
+            ),
+            Outcome::Wait
+        );
+        let late = refused(role(
+            &r,
+            &pinned,
+            &Namespace::Unrestricted,
+            &AccountRole::Off,
+            true,
+        ));
+        assert_eq!((late.status, late.kind), (503, "pod_not_listed"));
+        assert!(late.body.contains("--session-tags"), "{}", late.body);
+        let listed = pod("web", UID_A, Some("web"));
+        assert!(matches!(
+            role(
+                &r,
+                &listed,
+                &Namespace::Unrestricted,
+                &AccountRole::Off,
+                false
+            ),
             Outcome::Ok(_)
         ));
     }

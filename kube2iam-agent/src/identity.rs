@@ -61,6 +61,19 @@ pub struct PodIdentity {
     pub created_ms: u64,
     pub role: Annotation,
     pub external_id: Annotation,
+    /// The pod's service account, from the watch. Kept in memory only: the pinned map does not
+    /// hold it, so a record a previous agent pinned has `None` until the pod list is back.
+    pub account: Option<PodAccount>,
+}
+
+/// What the pod spec says about its service account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodAccount {
+    /// `spec.serviceAccountName` (`default` when the spec names none).
+    pub name: String,
+    /// Some container carries the web-identity environment the EKS pod identity webhook
+    /// injects for IRSA (`AWS_ROLE_ARN` and `AWS_WEB_IDENTITY_TOKEN_FILE`).
+    pub web_identity: bool,
 }
 
 impl PodIdentity {
@@ -198,6 +211,7 @@ pub fn decode(raw: &Identity) -> Result<PodIdentity, String> {
             raw.flags & IDENTITY_EXTERNAL_ID_OVERSIZE != 0,
             "external id",
         )?,
+        account: None,
     })
 }
 
@@ -749,6 +763,7 @@ mod tests {
             created_ms,
             role: Annotation::from_option(role, ROLE_CAP),
             external_id: Annotation::Absent,
+            account: None,
         }
     }
 

@@ -132,6 +132,7 @@ pub fn pod_state(pod: &Pod, keys: &Keys) -> Option<PodState> {
         created_ms,
         role: Annotation::from_option(annotation(&keys.role), ROLE_CAP),
         external_id: Annotation::from_option(annotation(&keys.external_id), EXTERNAL_ID_CAP),
+        account: Some(crate::service_accounts::pod_account(spec)),
     };
     if host_network {
         // Its address is the node's: only the kernel's attestation can tell it apart, and only

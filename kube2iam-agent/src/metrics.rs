@@ -506,6 +506,21 @@ impl Collector for Live {
                 u64::from(sources.state.namespaces.synced()),
             ));
         }
+        if sources.state.config.service_account_roles {
+            let accounts = &sources.state.service_accounts;
+            restarts.push((
+                ResourceLabels {
+                    resource: "serviceaccounts",
+                },
+                load(&accounts.restarts),
+            ));
+            synced.push((
+                ResourceLabels {
+                    resource: "serviceaccounts",
+                },
+                u64::from(accounts.synced()),
+            ));
+        }
         labeled(
             &mut encoder,
             "watch_restarts",

@@ -125,6 +125,18 @@ impl World {
         annotations: &[(&str, &str)],
         uid: &str,
     ) {
+        self.add_pod_object_with(pod, namespace, name, annotations, uid, |o| o);
+    }
+
+    fn add_pod_object_with(
+        &self,
+        pod: &Pod<'_>,
+        namespace: &str,
+        name: &str,
+        annotations: &[(&str, &str)],
+        uid: &str,
+        change: impl FnOnce(objects::KubeObject) -> objects::KubeObject,
+    ) {
         self.objects
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -137,7 +149,36 @@ impl World {
         for (k, v) in annotations {
             object = object.annotate(k, v);
         }
-        self.api.add_pod(object);
+        self.api.add_pod(change(object));
+    }
+
+    /// As [`World::add_pod`], with the pod spec's `serviceAccountName` set to `account` and the
+    /// container's environment to `env`.
+    pub fn add_pod_of_account(
+        &self,
+        pod: &Pod<'_>,
+        namespace: &str,
+        name: &str,
+        account: &str,
+        annotations: &[(&str, &str)],
+        env: &[(&str, &str)],
+    ) -> String {
+        let uid = objects::new_uid();
+        pod.use_kubelet_cgroup(crate::CgroupDriver::Cgroupfs, &uid);
+        let env: Vec<serde_json::Value> = env
+            .iter()
+            .map(|(k, v)| serde_json::json!({"name": k, "value": v}))
+            .collect();
+        self.add_pod_object_with(pod, namespace, name, annotations, &uid, |object| {
+            object.with(|value| {
+                value["spec"]["serviceAccountName"] = serde_json::json!(account);
+                value["spec"]["serviceAccount"] = serde_json::json!(account);
+                if !env.is_empty() {
+                    value["spec"]["containers"][0]["env"] = serde_json::Value::Array(env);
+                }
+            })
+        });
+        uid
     }
 
     /// Waits until the agent knows `pod` (via its debug store) or panics.

@@ -95,6 +95,16 @@ const REFUSED: &[(&str, &str)] = &[
         "updateStrategy=Recreate",
         "updateStrategy must be one of the following",
     ),
+    (
+        "sessionTags.scope=all",
+        "sessionTags.scope must be one of the following",
+    ),
+    ("sessionTags.scope=pod", "set sessionTags.clusterArn"),
+    ("extraArgs.session-tags=pod", "set sessionTags.scope"),
+    (
+        "extraArgs.service-account-roles=true",
+        "set serviceAccountRoles.enabled",
+    ),
 ];
 
 #[derive(clap::Args)]

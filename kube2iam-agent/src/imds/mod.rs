@@ -32,13 +32,15 @@ use self::{
 };
 use crate::{
     attest::{self, AttestMap, Caller, CgroupPods},
-    credentials::{CacheKey, CredentialCache, Session, StsError, imds_time},
+    credentials::{CredentialCache, StsError, imds_time},
     decision::{self, Decision, Known, Namespace, Outcome, Refusal},
     events::{PodEvents, Reason},
     identity::{PodIdentity, Registry},
     kube::Namespaces,
     metrics::RequestMetrics,
     policy,
+    service_accounts::{AccountRole, ServiceAccounts},
+    session_tags::SessionTagging,
     telemetry::LogLimiter,
 };
 
@@ -66,6 +68,10 @@ pub struct ServerConfig {
     pub kube2iam_session_names: bool,
     /// The agent's address on the node, which kube2iam's `/healthz` reported.
     pub host_ip: IpAddr,
+    /// Session tags and source identity on AssumeRole.
+    pub sessions: SessionTagging,
+    /// Pods without a role annotation get their ServiceAccount's role.
+    pub service_account_roles: bool,
     pub rules: PathRules,
     pub header_read_timeout: Duration,
     pub max_connections: usize,
@@ -88,6 +94,7 @@ pub struct State {
     pub config: ServerConfig,
     pub registry: Arc<Registry>,
     pub namespaces: Arc<Namespaces>,
+    pub service_accounts: Arc<ServiceAccounts>,
     pub cache: Arc<CredentialCache>,
     pub upstream: Arc<Upstream>,
     pub tokens: TokenIssuer,
@@ -190,6 +197,17 @@ impl State {
         )
     }
 
+    /// The role the pod's ServiceAccount names, as far as the watches know it.
+    fn account_of(&self, pod: &PodIdentity) -> AccountRole {
+        if !self.config.service_account_roles {
+            return AccountRole::Off;
+        }
+        match &pod.account {
+            Some(account) => self.service_accounts.role(&pod.namespace, &account.name),
+            None => AccountRole::NotListed,
+        }
+    }
+
     /// What the registry knows of `peer` and the attested pod, right now.
     fn snapshot(&self, caller: &Caller, peer: IpAddr) -> Snapshot {
         let (host_pod, attested) = match caller {
@@ -213,6 +231,7 @@ impl State {
             &self.config.decision,
             &snapshot.known(caller, peer),
             |ns| self.namespace_of(ns),
+            |pod| self.account_of(pod),
             last_look,
         )
     }
@@ -268,33 +287,21 @@ impl State {
 
     /// The cache key and session name; `peer` is the pod's address, which kube2iam's session
     /// names carry (`None` when not answering a request).
-    fn cache_key(&self, decision: &Decision, peer: Option<IpAddr>) -> (CacheKey, String) {
+    fn cache_key(
+        &self,
+        decision: &Decision,
+        peer: Option<IpAddr>,
+    ) -> Result<(crate::credentials::CacheKey, String), crate::session_tags::Missing> {
         let kube2iam_name = peer
             .filter(|_| self.config.kube2iam_session_names)
             .map(|ip| policy::kube2iam_session_name(ip, &decision.role));
         // The key does not depend on whether the address is known: kube2iam's names are one
         // session per pod, like --session-per-pod.
-        let session = if self.config.session_per_pod || self.config.kube2iam_session_names {
-            Session::Pod {
-                uid: decision.pod.uid.clone(),
-            }
-        } else {
-            Session::Node
-        };
-        let session_name = if let Some(name) = kube2iam_name {
-            name
-        } else if self.config.session_per_pod {
-            policy::pod_session_name(&decision.pod.namespace, &decision.pod.name)
-        } else {
-            policy::node_session_name(&self.config.decision.node)
-        };
-        (
-            CacheKey {
-                role_arn: decision.role.as_str().to_owned(),
-                external_id: decision.external_id.clone(),
-                session,
-            },
-            session_name,
+        self.config.sessions.cache_key(
+            decision,
+            &self.config.decision.node,
+            self.config.session_per_pod || self.config.kube2iam_session_names,
+            kube2iam_name,
         )
     }
 
@@ -306,9 +313,11 @@ impl State {
             return;
         }
         let namespace = self.namespace_of(&pod.namespace);
-        if let Outcome::Ok(decision) = decision::role(&self.config.decision, pod, &namespace, false)
+        let account = self.account_of(pod);
+        if let Outcome::Ok(decision) =
+            decision::role(&self.config.decision, pod, &namespace, &account, false)
+            && let Ok((key, session_name)) = self.cache_key(&decision, None)
         {
-            let (key, session_name) = self.cache_key(&decision, None);
             self.cache.prefetch(key, &session_name);
         }
     }
@@ -355,7 +364,15 @@ impl State {
     }
 
     async fn credentials(&self, decision: &Decision, peer: IpAddr) -> Result<String, Reply> {
-        let (key, session_name) = self.cache_key(decision, Some(peer));
+        let (key, session_name) = self.cache_key(decision, Some(peer)).map_err(|missing| {
+            Reply::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "kube2iam-ebpf: pod {}: {missing} is not known yet; try again",
+                    decision.pod.display_name()
+                ),
+            )
+        })?;
         let creds = self.cache.get(&key, &session_name).await.map_err(|e| {
             let status = match e {
                 StsError::Denied { .. } => StatusCode::FORBIDDEN,

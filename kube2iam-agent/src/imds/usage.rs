@@ -20,8 +20,9 @@ impl State {
             Namespace::NotListed => Namespace::Unrestricted,
             known => known,
         };
-        match decision::role(&self.config.decision, pod, &namespace, false) {
-            Outcome::Ok(decision) => Some(self.cache_key(&decision, None).0),
+        let account = self.account_of(pod);
+        match decision::role(&self.config.decision, pod, &namespace, &account, false) {
+            Outcome::Ok(decision) => self.cache_key(&decision, None).ok().map(|(key, _)| key),
             Outcome::Wait | Outcome::Refuse(_) => None,
         }
     }
@@ -84,6 +85,8 @@ mod tests {
                 namespace_key: "iam.amazonaws.com/allowed-roles".into(),
                 base_arn: Some(BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap()),
                 default_role: default_role.map(str::to_owned),
+                service_account_key: "eks.amazonaws.com/role-arn".into(),
+                needs_service_account: false,
             },
             pod_wait: Duration::ZERO,
             tokens: TokenMode::Optional,
@@ -91,6 +94,8 @@ mod tests {
             session_per_pod,
             kube2iam_session_names: false,
             host_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            sessions: Default::default(),
+            service_account_roles: false,
             rules: PathRules::default(),
             header_read_timeout: Duration::from_secs(1),
             max_connections: 1,
@@ -104,6 +109,7 @@ mod tests {
                 16,
             )))),
             namespaces: Arc::new(Namespaces::default()),
+            service_accounts: Default::default(),
             cache: CredentialCache::new(Arc::new(NoSts), CacheSettings::default()),
             upstream: Arc::new(Upstream::new(
                 SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9),
@@ -130,6 +136,7 @@ mod tests {
             created_ms: 1,
             role,
             external_id,
+            account: None,
         }
     }
 
@@ -138,6 +145,7 @@ mod tests {
             role_arn: format!("arn:aws:iam::123456789012:role/{role}"),
             external_id: external_id.map(str::to_owned),
             session,
+            tags: Default::default(),
         }
     }
 

@@ -66,6 +66,9 @@ counterpart here fails to render with what to do instead, rather than crash-loop
 {{- if and (eq .Values.bpf.mountPropagation "Bidirectional") (not .Values.securityContext.privileged) }}
 {{- fail "bpf.mountPropagation=Bidirectional needs securityContext.privileged=true (Kubernetes allows bidirectional propagation only in privileged containers)" }}
 {{- end }}
+{{- if and .Values.sessionTags.scope (not (or .Values.sessionTags.clusterArn .Values.sessionTags.clusterName)) }}
+{{- fail "sessionTags.scope needs the cluster for the eks-cluster-arn and eks-cluster-name tags: set sessionTags.clusterArn (arn:aws:eks:<region>:<account>:cluster/<name>)" }}
+{{- end }}
 {{- if not (has .Values.updateStrategy (list "RollingUpdate" "OnDelete")) }}
 {{- fail (printf "updateStrategy %q: use RollingUpdate or OnDelete" .Values.updateStrategy) }}
 {{- end }}
@@ -89,6 +92,12 @@ counterpart here fails to render with what to do instead, rather than crash-loop
   "identity-attestation" "set identityAttestation"
   "host-network-pods" "set hostNetworkPods"
   "version" "it prints the version and exits: remove it"
+  "session-tags" "set sessionTags.scope"
+  "cluster-arn" "set sessionTags.clusterArn"
+  "cluster-name" "set sessionTags.clusterName"
+  "source-identity" "set sessionTags.sourceIdentity"
+  "service-account-roles" "set serviceAccountRoles.enabled (it also grants the ServiceAccount watch)"
+  "service-account-role-key" "set serviceAccountRoles.annotation"
 }}
 {{- /* kube2iam's flags: the table the agent compiles in, so both refuse the same ones. */}}
 {{- $kube2iam := (.Files.Get "kube2iam-flags.json" | fromJson).flags }}
