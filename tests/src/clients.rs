@@ -38,6 +38,9 @@ pub enum RunIn<'a> {
     Pod(&'a Pod<'a>),
     /// A node (host) process: the node's network namespace, outside the test cgroup.
     Node(&'a TestNode),
+    /// A process of a pod's container as the kubelet lays it out (its own cgroup under the
+    /// test cgroup, the pod's network namespace).
+    Container(&'a crate::cri::AppContainer),
 }
 
 impl RunIn<'_> {
@@ -45,6 +48,7 @@ impl RunIn<'_> {
         match self {
             RunIn::Pod(pod) => pod.command(program),
             RunIn::Node(node) => node.command(program),
+            RunIn::Container(container) => container.command(program),
         }
     }
 
@@ -52,6 +56,7 @@ impl RunIn<'_> {
         match self {
             RunIn::Pod(pod) => format!("pod {}", pod.name()),
             RunIn::Node(node) => format!("node {}", node.netns_name()),
+            RunIn::Container(container) => format!("container {}", container.cgroup().display()),
         }
     }
 }
