@@ -322,7 +322,7 @@ fn unpack_debian_package(package: &str, dir: &std::path::Path, binary: &str) -> 
         .map(|entry| entry.path())
         .find(|path| path.extension().is_some_and(|ext| ext == "deb"))
         .with_context(|| format!("apt-get download {package} left no .deb"))?;
-    cmd::run(cmd::command("dpkg-deb").arg("-x").arg(&deb).arg(&dir))?;
+    cmd::run(cmd::command("dpkg-deb").arg("-x").arg(&deb).arg(dir))?;
     fs::remove_dir_all(&download).with_context(|| format!("removing {}", download.display()))?;
     if !binary.is_file() {
         bail!("{} has no {}", deb.display(), binary.display());
