@@ -51,7 +51,6 @@ use crate::{
     kube_api::new_uid,
     node::{RUN_ROOT, cgroup2_root},
     process::{ChildGuard, output_within},
-    venv::workspace_root,
 };
 
 /// How the node's `/sys/fs/cgroup` looks, which the chart mounts into the agent's container.
@@ -82,7 +81,8 @@ pub struct Kubelet<'n> {
     ca_pem: String,
     /// The service account token the kubelet mounts.
     pub token: String,
-    /// The kubelet's seccomp root (`/var/lib/kubelet/seccomp`), where Localhost profiles live.
+    /// The kubelet's seccomp root (`/var/lib/kubelet/seccomp`), where Localhost profiles live
+    /// (the chart ships none: containerd's RuntimeDefault lets the agent run).
     seccomp_root: PathBuf,
     /// What the node's `/sys/fs/cgroup` is.
     host_cgroupfs: PathBuf,
@@ -107,7 +107,7 @@ impl<'n> Kubelet<'n> {
             api_port: api.addr().port(),
             ca_pem: api.ca_pem().to_owned(),
             token: format!("k2i-test-token-{}", new_uid()),
-            seccomp_root: workspace_root().join("deploy/seccomp"),
+            seccomp_root: dir.join("seccomp"),
             host_cgroupfs: node.cgroup_path().to_owned(),
             node_cgroupns: None,
             mounts: Mutex::default(),
