@@ -113,6 +113,11 @@ pub struct RunArgs {
     /// those connects are refused.
     #[arg(long, env = "HOST_IPV6")]
     pub host_ipv6: Option<Ipv6Addr>,
+    /// The node's addresses as the downward API gives them (status.hostIPs: comma-separated,
+    /// the primary first; the DaemonSet passes them). Without --host-ipv6, the IPv6 one is used
+    /// for pods' IPv6 metadata connects.
+    #[arg(long, env = "HOST_IPS", value_parser = parse_host_ips)]
+    pub host_ips: Option<HostIps>,
     /// The agent's port.
     #[arg(long, env = "APP_PORT", default_value_t = 8181)]
     pub app_port: u16,
@@ -425,6 +430,36 @@ pub struct StsTiming {
     pub error_ttl: Duration,
 }
 
+/// The node's addresses, as the downward API's status.hostIPs gives them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostIps(pub Vec<IpAddr>);
+
+impl HostIps {
+    /// The node's IPv6 address, if it has one.
+    pub fn ipv6(&self) -> Option<Ipv6Addr> {
+        self.0.iter().find_map(|ip| match ip {
+            IpAddr::V6(ip) if ip.to_ipv4_mapped().is_none() => Some(*ip),
+            _ => None,
+        })
+    }
+}
+
+/// Parses a comma-separated address list. Empty is an empty list: the kubelet fills
+/// status.hostIPs with "" when its PodHostIPs feature gate is off.
+pub fn parse_host_ips(value: &str) -> Result<HostIps, String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|ip| !ip.is_empty())
+        .map(|ip| {
+            ip.parse().map_err(|_| {
+                format!("{ip:?} is not an IP address (expected a list like 10.0.0.1,2600:1f14::1)")
+            })
+        })
+        .collect::<Result<_, _>>()
+        .map(HostIps)
+}
+
 /// Parses `IP` or `IP:PORT` (IPv4 only; the IPv6 address has its own flag).
 pub fn parse_metadata_addr(value: &str) -> Result<(Ipv4Addr, u16), Error> {
     let bad = || Error::MetadataAddr(value.to_owned());
@@ -557,7 +592,9 @@ impl RunArgs {
             cgroup_path: self.cgroup_path.clone(),
             pin_dir: self.bpf_pin_path.clone(),
             agent_ip4,
-            agent_ip6: self.host_ipv6,
+            agent_ip6: self
+                .host_ipv6
+                .or_else(|| self.host_ips.as_ref().and_then(HostIps::ipv6)),
             agent_port: self.app_port,
             metadata_ip4,
             metadata_ip6: self.metadata_addr_ipv6,
@@ -624,6 +661,38 @@ mod tests {
             let err = parse_metadata_addr(bad).unwrap_err().to_string();
             assert!(err.contains("--metadata-addr"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn host_ips_give_the_ipv6_address_unless_host_ipv6_is_set() {
+        let settings = |args: &[&str]| {
+            let mut argv = vec!["kube2iam-agent", "--host-ip", "10.0.0.1"];
+            argv.extend(args);
+            Cli::try_parse_from(argv)
+                .unwrap()
+                .run
+                .settings(false)
+                .unwrap()
+                .agent_ip6
+        };
+        let v6: Ipv6Addr = "2600:1f14::1".parse().unwrap();
+        assert_eq!(settings(&["--host-ips", "10.0.0.1,2600:1f14::1"]), Some(v6));
+        assert_eq!(settings(&["--host-ips", "2600:1f14::1,10.0.0.1"]), Some(v6));
+        assert_eq!(settings(&["--host-ips", "10.0.0.1"]), None);
+        assert_eq!(settings(&["--host-ips", "::ffff:10.0.0.1"]), None);
+        assert_eq!(settings(&["--host-ips", ""]), None);
+        assert_eq!(
+            settings(&[
+                "--host-ips",
+                "10.0.0.1,2600:1f14::1",
+                "--host-ipv6",
+                "fd00::1"
+            ]),
+            Some("fd00::1".parse().unwrap())
+        );
+        assert!(
+            Cli::try_parse_from(["kube2iam-agent", "--host-ips", "10.0.0.1,nonsense"]).is_err()
+        );
     }
 
     #[test]

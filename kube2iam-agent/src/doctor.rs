@@ -1301,16 +1301,16 @@ fn pinned_state_check(pin_dir: &Path, target: Option<&Path>, tags: &[(String, St
             }
         };
         links.push(format!("{name} (link {})", info.id));
-        if let Err(e) = sys::prog_fd_by_id(info.prog_id) {
+        // A starting agent compares the program tag from the link's fdinfo with its own and
+        // swaps through the link when they differ; opening the program by id is optional.
+        if let Err(e) = sys::link_prog_tag(link.as_fd()) {
             return Check::fail(
                 NAME,
                 format!(
-                    "{name} is pinned, and a starting agent adopts it by opening its program \
-                     {} by id, which fails here: {e}",
-                    info.prog_id
+                    "{name} is pinned, and a starting agent adopts it by reading its program \
+                     tag from the link, which fails here: {e}"
                 ),
-                "grant CAP_SYS_ADMIN (BPF_PROG_GET_FD_BY_ID needs it), or run `kube2iam-agent \
-                 uninstall` with CAP_BPF and CAP_NET_ADMIN first",
+                "run `kube2iam-agent uninstall` with CAP_BPF and CAP_NET_ADMIN first",
             );
         }
         if target_id.is_some_and(|id| id != info.cgroup_id) {

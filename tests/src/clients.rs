@@ -40,6 +40,9 @@ pub enum RunIn<'a> {
     Node(&'a TestNode),
     /// A hostNetwork pod's process: the pod's cgroup, the node's network namespace.
     HostNetworkPod(&'a Pod<'a>),
+    /// A process of a pod's container as the kubelet lays it out (its own cgroup under the
+    /// test cgroup, the pod's network namespace).
+    Container(&'a crate::cri::AppContainer),
 }
 
 impl RunIn<'_> {
@@ -48,6 +51,7 @@ impl RunIn<'_> {
             RunIn::Pod(pod) => pod.command(program),
             RunIn::Node(node) => node.command(program),
             RunIn::HostNetworkPod(pod) => pod.command_in_netns(program, &pod.node().netns_path()),
+            RunIn::Container(container) => container.command(program),
         }
     }
 
@@ -56,6 +60,7 @@ impl RunIn<'_> {
             RunIn::Pod(pod) => format!("pod {}", pod.name()),
             RunIn::Node(node) => format!("node {}", node.netns_name()),
             RunIn::HostNetworkPod(pod) => format!("hostNetwork pod {}", pod.name()),
+            RunIn::Container(container) => format!("container {}", container.cgroup().display()),
         }
     }
 }

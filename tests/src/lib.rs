@@ -22,6 +22,7 @@ pub mod agent;
 pub mod bench;
 pub mod bpf;
 pub mod clients;
+pub mod cri;
 pub mod e2e;
 pub mod encode;
 pub mod faults;

@@ -100,31 +100,29 @@ pub fn links() -> Result<Vec<String>> {
         .collect())
 }
 
+/// Test cgroups in the cgroup2 hierarchy and, on hybrid hosts, in the v1 hierarchies (where
+/// runc creates a container's cgroups too, for the image tests).
 fn cgroups() -> Result<Vec<PathBuf>> {
-    let Some(root) = cgroup2_mount()? else {
-        return Ok(Vec::new());
-    };
+    let roots: Vec<PathBuf> = proc_mounts()?
+        .into_iter()
+        .filter(|(_, fstype)| fstype == "cgroup2" || fstype == "cgroup")
+        .map(|(path, _)| path)
+        .collect();
     let mut found = Vec::new();
-    for entry in fs::read_dir(&root).with_context(|| format!("listing {}", root.display()))? {
-        let entry = entry.with_context(|| format!("listing {}", root.display()))?;
-        let is_test_cgroup = entry
-            .file_name()
-            .to_string_lossy()
-            .starts_with(CGROUP_PREFIX);
-        if is_test_cgroup && entry.file_type().is_ok_and(|kind| kind.is_dir()) {
-            found.push(entry.path());
+    for root in roots {
+        for entry in fs::read_dir(&root).with_context(|| format!("listing {}", root.display()))? {
+            let entry = entry.with_context(|| format!("listing {}", root.display()))?;
+            let is_test_cgroup = entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(CGROUP_PREFIX);
+            if is_test_cgroup && entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                found.push(entry.path());
+            }
         }
     }
     found.sort();
     Ok(found)
-}
-
-/// Where the cgroup2 hierarchy is mounted (the first cgroup2 entry in /proc/mounts), if anywhere.
-pub fn cgroup2_mount() -> Result<Option<PathBuf>> {
-    Ok(proc_mounts()?
-        .into_iter()
-        .find(|(_, fstype)| fstype == "cgroup2")
-        .map(|(path, _)| path))
 }
 
 /// Mount points at or below `dir`, in mount order.

@@ -71,13 +71,16 @@ fn documented_caps(kernel: &str) -> &'static [(&'static str, &'static str)] {
         // BPF memory is charged to RLIMIT_MEMLOCK (64 KiB), which the agent lifts.
         "5.10" => &[
             ("install", "bpf+perfmon+net_admin+sys_resource+dac_override"),
-            ("restart", "sys_admin+sys_resource+dac_override"),
+            ("restart", "bpf+perfmon+net_admin+sys_resource+dac_override"),
+            ("upgrade", "bpf+perfmon+net_admin+sys_resource+dac_override"),
             ("uninstall", "bpf+net_admin"),
         ],
+        // Restart and upgrade read the pinned programs' tags from the links' fdinfo and swap
+        // through the links, which needs no CAP_SYS_ADMIN.
         _ => &[
             ("install", "bpf+perfmon+net_admin"),
-            // Adopting pinned links opens their programs by id (BPF_PROG_GET_FD_BY_ID).
-            ("restart", "sys_admin"),
+            ("restart", "bpf+perfmon+net_admin"),
+            ("upgrade", "bpf+perfmon+net_admin"),
             ("uninstall", "bpf+net_admin"),
         ],
     }
@@ -572,7 +575,7 @@ mod tests {
     fn every_kernel_documents_its_capabilities() {
         for kernel in vm_kernels::KERNELS {
             let sets = documented_caps(kernel.name);
-            for job in ["install", "restart", "uninstall"] {
+            for job in ["install", "restart", "upgrade", "uninstall"] {
                 assert!(
                     sets.iter().any(|(j, _)| *j == job),
                     "{} has no documented set for {job}",
