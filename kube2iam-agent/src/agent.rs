@@ -405,7 +405,10 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
                         .map_err(|e| format!("{:#}", anyhow::Error::new(e)))
                 }
             }),
-            guard_status: guard_status(pin_dir, settings.packet_guard.clone()),
+            guard_status: guard_status(
+                pin_dir,
+                bpf::guard::Coverage::new(settings.packet_guard.clone(), settings.node_guard),
+            ),
         },
         args.debug,
     ));
@@ -665,15 +668,15 @@ fn warn_about_host_interfaces(args: &RunArgs) {
     }
 }
 
-/// Reads where the packet guard stands on the matching interfaces, for the metrics; `None`
-/// with the guard off.
+/// Reads where the packet guards stand on the covered interfaces, for the metrics; `None`
+/// with both guards off.
 fn guard_status(
     pin_dir: std::path::PathBuf,
-    patterns: Option<bpf::guard::InterfacePatterns>,
+    coverage: Option<bpf::guard::Coverage>,
 ) -> crate::admin::GuardStatus {
     Box::new(move || {
-        let patterns = patterns.as_ref()?;
-        Some(bpf::guard::status(&pin_dir, patterns).map_err(|e| e.to_string()))
+        let coverage = coverage.as_ref()?;
+        Some(bpf::guard::status(&pin_dir, coverage).map_err(|e| e.to_string()))
     })
 }
 

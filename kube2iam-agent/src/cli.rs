@@ -156,6 +156,13 @@ pub struct RunArgs {
         default_value = DEFAULT_HOST_INTERFACES
     )]
     pub host_interfaces: Vec<String>,
+    /// Drop packets addressed to the metadata service that enter the node by any other
+    /// interface but loopback: the uplink, and tunnel and overlay devices (VXLAN, Geneve, IPIP,
+    /// GRE, WireGuard), where a packet a pod wrapped and sent to the node's own address comes out
+    /// after decapsulation and would be forwarded to the metadata service. `--node-guard false`
+    /// turns it off.
+    #[arg(long, env = "NODE_GUARD", default_value_t = true, action = clap::ArgAction::Set)]
+    pub node_guard: bool,
     /// Attach the guard as cls_bpf filters even where TCX exists (testing aid).
     #[arg(long, env = "PACKET_GUARD_NETLINK", hide = true)]
     pub packet_guard_netlink: bool,
@@ -352,6 +359,9 @@ pub struct DoctorArgs {
     /// Whether the agent runs the packet guard (as its own flag).
     #[arg(long, env = "PACKET_GUARD", default_value_t = true, action = clap::ArgAction::Set)]
     pub packet_guard: bool,
+    /// Whether the agent runs the node guard on the other interfaces (as its own flag).
+    #[arg(long, env = "NODE_GUARD", default_value_t = true, action = clap::ArgAction::Set)]
+    pub node_guard: bool,
     /// The interfaces the agent guards (as its own flag): the doctor checks that each has the
     /// guard, first in line.
     #[arg(
@@ -610,6 +620,7 @@ impl RunArgs {
             } else {
                 None
             },
+            node_guard: self.node_guard,
             guard_netlink: self.packet_guard_netlink,
             host_network_pods: self.host_network_pods,
             egress_guard: self.egress_guard,

@@ -249,6 +249,8 @@ pub struct Options {
     pub pin_dir: PathBuf,
     /// The interfaces the agent guards; `None` with `--packet-guard false`.
     pub packet_guard: Option<crate::bpf::guard::InterfacePatterns>,
+    /// Whether the agent puts the node guard on the other interfaces (`--node-guard`).
+    pub node_guard: bool,
     /// Whether the agent attaches the egress backstop.
     pub egress_guard: bool,
 }
@@ -584,9 +586,10 @@ pub fn run(options: &Options) -> Report {
         target.as_deref(),
         &tags,
     ));
-    checks.push(guard::packet_guard_check(
+    checks.extend(guard::packet_guard_checks(
         &options.pin_dir,
         options.packet_guard.as_ref(),
+        options.node_guard,
     ));
     checks.push(guard::egress_check(&options.pin_dir, options.egress_guard));
     Report { checks }

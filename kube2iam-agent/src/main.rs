@@ -104,6 +104,7 @@ fn doctor(args: &DoctorArgs) -> ExitCode {
         cgroup_path: args.cgroup_path.clone(),
         pin_dir: args.bpf_pin_path.clone(),
         packet_guard,
+        node_guard: args.node_guard,
         egress_guard: args.egress_guard,
     });
     print!("{}", report.table());

@@ -21,7 +21,7 @@
 //! | `kube2iam_identity_map_entries` | gauge | |
 //! | `kube2iam_identity_map_capacity` | gauge | |
 //! | `kube2iam_bpf_events_total` | counter | `event` |
-//! | `kube2iam_packet_guard_interfaces` | gauge | `state` |
+//! | `kube2iam_packet_guard_interfaces` | gauge | `guard`, `state` |
 //! | `kube2iam_watch_restarts_total` | counter | `resource` |
 //! | `kube2iam_watch_synced` | gauge | `resource` |
 //! | `kube2iam_upstream_reachable` | gauge | |
@@ -49,7 +49,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{admin::Sources, bpf::guard::Placement};
+use crate::{
+    admin::Sources,
+    bpf::guard::{Kind, Placement},
+};
 
 /// The `route` label values of the metadata server, a fixed set.
 pub const ROUTES: [&str; 11] = [
@@ -351,6 +354,7 @@ struct BpfLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct GuardLabels {
+    guard: &'static str,
     state: &'static str,
 }
 
@@ -459,22 +463,25 @@ impl Collector for Live {
 
         match (sources.guard_status)() {
             Some(Ok(interfaces)) => {
-                let samples: Vec<_> = ["first", "not_first", "unguarded"]
+                let samples: Vec<_> = [Kind::Pod, Kind::Node]
                     .into_iter()
-                    .map(|state| {
+                    .flat_map(|kind| ["first", "not_first", "unguarded"].map(|state| (kind, state)))
+                    .map(|(kind, state)| {
                         let n = interfaces
                             .iter()
-                            .filter(|i| guard_state(&i.placement) == state)
+                            .filter(|i| i.kind == kind && guard_state(&i.placement) == state)
                             .count();
-                        (GuardLabels { state }, n as u64)
+                        let guard = kind.as_str();
+                        (GuardLabels { guard, state }, n as u64)
                     })
                     .collect();
                 labeled(
                     &mut encoder,
                     "packet_guard_interfaces",
-                    "Interfaces matching --host-interface, by where the packet guard stands: \
-                     first (it sees every packet), not_first (another program runs before it and \
-                     may pass packets past it), unguarded (not attached)",
+                    "Interfaces the packet guards cover, by guard (pod: matching \
+                     --host-interface; node: every other interface but lo, --node-guard) and \
+                     where it stands: first (it sees every packet), not_first (another program \
+                     runs before it and may pass packets past it), unguarded (not attached)",
                     MetricType::Gauge,
                     &samples,
                 )?;

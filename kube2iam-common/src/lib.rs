@@ -39,6 +39,9 @@ pub mod programs {
     pub const NETNS_PROBE: &str = "k2i_netns_probe";
     /// tc ingress on the host side of pod interfaces: drops packets to the metadata service.
     pub const GUARD: &str = "k2i_guard";
+    /// tc ingress on every other interface of the node but loopback (the uplink, tunnel and
+    /// overlay devices): drops packets entering the node addressed to the metadata service.
+    pub const NODE_GUARD: &str = "k2i_node_guard";
     /// sock_ops on the attach cgroup: moves a redirected socket's attestation from its socket
     /// cookie to its connection's addresses and ports, and drops it when the socket closes.
     pub const SOCK_OPS: &str = "k2i_sock_ops";
@@ -177,10 +180,16 @@ pub enum Counter {
     /// The packet guard dropped a VLAN-tagged frame from a pod (pods send none; stacked tags
     /// would otherwise hide the metadata address).
     GuardDroppedTagged = 15,
+    /// The node guard dropped an IPv4 packet that entered the node by an interface other than
+    /// a pod's (a tunnel or overlay device after decapsulation, the uplink) addressed to the
+    /// metadata service.
+    NodeGuardDropped4 = 16,
+    /// The node guard dropped such an IPv6 packet.
+    NodeGuardDropped6 = 17,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 16] = [
+    pub const ALL: [Counter; 18] = [
         Counter::Passed,
         Counter::Redirected4,
         Counter::Redirected6,
@@ -197,6 +206,8 @@ impl Counter {
         Counter::EgressDropped4,
         Counter::EgressDropped6,
         Counter::GuardDroppedTagged,
+        Counter::NodeGuardDropped4,
+        Counter::NodeGuardDropped6,
     ];
 
     /// Stable snake_case name, used in logs and metrics.
@@ -218,6 +229,8 @@ impl Counter {
             Counter::EgressDropped4 => "egress_dropped_ipv4",
             Counter::EgressDropped6 => "egress_dropped_ipv6",
             Counter::GuardDroppedTagged => "guard_dropped_tagged",
+            Counter::NodeGuardDropped4 => "node_guard_dropped_ipv4",
+            Counter::NodeGuardDropped6 => "node_guard_dropped_ipv6",
         }
     }
 }

@@ -20,11 +20,12 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{
         BPF_F_NO_PREALLOC, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock, bpf_sock_addr,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_hdr_start_off::BPF_HDR_START_NET, bpf_sock,
+        bpf_sock_addr,
     },
     helpers::generated::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
-        bpf_get_socket_cookie, bpf_sk_fullsock,
+        bpf_get_socket_cookie, bpf_sk_fullsock, bpf_skb_load_bytes_relative,
     },
     macros::{cgroup_skb, cgroup_sock_addr, classifier, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -549,6 +550,55 @@ const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 
+/// The node guard, on tc ingress of every other interface of the node but loopback: the uplink,
+/// and the tunnel and overlay devices (VXLAN, Geneve, IPIP, GRE, WireGuard) where a packet a pod
+/// wrapped and sent to the node's own address comes out again after decapsulation, then to be
+/// forwarded to the metadata service. No packet entering the node is addressed to that service
+/// legitimately: the node's own traffic to it never enters by a device (its replies come from
+/// the service's address, not to it). Unlike the pod guard it lets VLAN-tagged frames through,
+/// which uplinks carry: the kernel removes the tags and runs tc ingress again, on the VLAN
+/// device or, for priority tags, on this one, where the packet inside is checked.
+#[classifier]
+pub fn k2i_node_guard(ctx: TcContext) -> i32 {
+    match try_node_guard(&ctx) {
+        Some(counter) => {
+            count(counter);
+            debug!(
+                &ctx,
+                "kube2iam node guard: dropped a packet entering the node addressed to the metadata service"
+            );
+            TC_DROP
+        }
+        None => TC_NEXT,
+    }
+}
+
+fn try_node_guard(ctx: &TcContext) -> Option<Counter> {
+    // The skb's protocol, not the bytes at offset 12: tunnel devices such as IPIP, GRE and
+    // WireGuard have no link-layer header, and the packet starts at its IP header there. Loads
+    // are relative to the network header for the same reason.
+    // SAFETY: the context pointer; protocol is readable at 4 bytes (network order in the low 16).
+    let proto = u16::from_be(unsafe { read_volatile(addr_of!((*ctx.skb.skb).protocol)) } as u16);
+    let load = |offset: usize| -> Option<u32> {
+        let mut word = 0u32;
+        // SAFETY: the context's skb, a 4-byte local buffer of the stated length.
+        let ret = unsafe {
+            bpf_skb_load_bytes_relative(
+                ctx.skb.skb.cast(),
+                offset as u32,
+                addr_of_mut!(word).cast(),
+                4,
+                BPF_HDR_START_NET,
+            )
+        };
+        (ret == 0).then_some(word)
+    };
+    match metadata_dst(proto, load)? {
+        Counter::GuardDropped4 => Some(Counter::NodeGuardDropped4),
+        _ => Some(Counter::NodeGuardDropped6),
+    }
+}
+
 /// The drop counter when the frame is addressed to the metadata service.
 fn try_guard(ctx: &TcContext) -> Option<Counter> {
     // Ethertype, network order on the wire. Pods never send VLAN-tagged frames on their own
@@ -561,23 +611,31 @@ fn try_guard(ctx: &TcContext) -> Option<Counter> {
     if tag_taken || proto == ETH_P_8021Q || proto == ETH_P_8021AD {
         return Some(Counter::GuardDroppedTagged);
     }
-    let l3 = ETH_HLEN;
+    to_metadata(ctx, proto)
+}
+
+/// `GuardDropped4`/`GuardDropped6` when the Ethernet frame's IPv4 or IPv6 packet (`proto`, the
+/// ethertype) is addressed to the metadata service.
+fn to_metadata(ctx: &TcContext, proto: u16) -> Option<Counter> {
+    metadata_dst(proto, |offset| ctx.load::<u32>(ETH_HLEN + offset).ok())
+}
+
+/// `GuardDropped4`/`GuardDropped6` when the IPv4 or IPv6 packet (`proto`, its ethertype) is
+/// addressed to the metadata service (IPv4, IPv6, or IPv4-mapped); `load` reads a network-order
+/// word at an offset from the start of the IP header.
+#[inline(always)]
+fn metadata_dst(proto: u16, load: impl Fn(usize) -> Option<u32>) -> Option<Counter> {
     let config = config();
     match proto {
         ETH_P_IP => {
             // IPv4 destination at offset 16 of the header, network order (compared as read).
-            let dst: u32 = ctx.load(l3 + 16).ok()?;
+            let dst = load(16)?;
             let metadata = config.map_or(DEFAULT_METADATA_IP4, |c| c.metadata_ip4);
             (dst == metadata).then_some(Counter::GuardDropped4)
         }
         ETH_P_IPV6 => {
             // IPv6 destination at offset 24, four network-order words.
-            let dst = [
-                ctx.load::<u32>(l3 + 24).ok()?,
-                ctx.load::<u32>(l3 + 28).ok()?,
-                ctx.load::<u32>(l3 + 32).ok()?,
-                ctx.load::<u32>(l3 + 36).ok()?,
-            ];
+            let dst = [load(24)?, load(28)?, load(32)?, load(36)?];
             let metadata = config.map_or(DEFAULT_METADATA_IP6, |c| c.metadata_ip6);
             let mapped = ip4_mapped(config.map_or(DEFAULT_METADATA_IP4, |c| c.metadata_ip4));
             (dst == metadata || dst == mapped).then_some(Counter::GuardDropped6)

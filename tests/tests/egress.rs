@@ -38,6 +38,8 @@ fn options(egress_guard: bool) -> AgentOptions {
         extra_args: vec![
             "--packet-guard".into(),
             "false".into(),
+            "--node-guard".into(),
+            "false".into(),
             "--egress-guard".into(),
             egress_guard.to_string().into(),
         ],

@@ -39,6 +39,8 @@ fn agent_with(node: &TestNode, guard: bool, extra: &[&str]) -> Agent {
         "k2i-h-+".into(),
         "--packet-guard".into(),
         guard.to_string().into(),
+        "--node-guard".into(),
+        guard.to_string().into(),
         "--egress-guard".into(),
         "false".into(),
     ];
@@ -619,11 +621,11 @@ fn a_restarted_agent_moves_an_old_filter_from_the_back_to_the_front_netlink() {
     );
 }
 
-/// `state` → value of `kube2iam_packet_guard_interfaces`.
+/// `state` → value of `kube2iam_packet_guard_interfaces` for the pod guard.
 fn guard_gauges(metrics: &str) -> Vec<(String, u64)> {
     metrics
         .lines()
-        .filter_map(|l| l.strip_prefix("kube2iam_packet_guard_interfaces{state=\""))
+        .filter_map(|l| l.strip_prefix("kube2iam_packet_guard_interfaces{guard=\"pod\",state=\""))
         .filter_map(|rest| {
             let (state, value) = rest.split_once("\"} ")?;
             Some((state.to_owned(), value.trim().parse().ok()?))

@@ -475,7 +475,7 @@ fn on_a_bridge_a_pod_that_takes_its_neighbours_address_over_af_packet_gets_nothi
         world.wait_known(&node, &victim);
         assert!(
             world.agent.log().lines().any(|l| {
-                l.contains("packet guard on pod interfaces") && l.contains("k2i-h-attacker")
+                l.contains("packet guards on the node's interfaces") && l.contains("k2i-h-attacker")
             }),
             "{mode}: the packet guard sits on the attacker's bridge port:\n{}",
             world.agent.log()

@@ -160,7 +160,15 @@ fn pod_process_outside_the_cgroup_is_not_rewritten() {
     let imds = ImdsStub::start(&node);
     let stub = AgentStub::start(&node);
     let pod = node.add_pod("a");
-    let _agent = Agent::start(&node);
+    // Interception is by cgroup; the node guard, on interfaces no pod pattern matches (these
+    // pods' k2i-h-*), would drop the miss on its way in and hide it.
+    let _agent = Agent::start_with(
+        &node,
+        &AgentOptions {
+            extra_args: vec!["--node-guard".into(), "false".into()],
+            ..AgentOptions::default()
+        },
+    );
 
     let outside = probe(pod.command_outside_cgroup(PROBE), metadata_addr4(), &[]);
     assert!(

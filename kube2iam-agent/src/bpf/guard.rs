@@ -10,6 +10,12 @@
 //! the head of that priority's list), and every sync checks that it is still present and first
 //! on every matching interface and puts it back in front when it is not. [`status`] reports the
 //! same for metrics and the doctor.
+//!
+//! Every other interface of the node but loopback (the uplink, and the tunnel and overlay devices
+//! where a packet a pod wrapped and sent to the node's own address comes out again after
+//! decapsulation) gets the node guard, `k2i_node_guard`, in the same way: no packet entering the
+//! node by any device is addressed to the metadata service legitimately. Which interface gets
+//! which is [`Coverage`]; one pinned link or filter per interface either way.
 
 use std::{
     collections::BTreeMap,
@@ -99,6 +105,56 @@ impl InterfacePatterns {
     }
 }
 
+/// Which guard an interface gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    /// `k2i_guard`: a pod interface (`--host-interface`); also drops VLAN-tagged frames.
+    Pod,
+    /// `k2i_node_guard`: any other interface but loopback (`--node-guard`).
+    Node,
+}
+
+impl Kind {
+    pub fn program(self) -> &'static str {
+        match self {
+            Kind::Pod => programs::GUARD,
+            Kind::Node => programs::NODE_GUARD,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Pod => "pod",
+            Kind::Node => "node",
+        }
+    }
+}
+
+/// Which interfaces get which guard: those matching the pod patterns the pod guard, and with
+/// `node` every other interface but loopback the node guard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Coverage {
+    pub pods: Option<InterfacePatterns>,
+    pub node: bool,
+}
+
+impl Coverage {
+    /// `None` when neither guard is on.
+    pub fn new(pods: Option<InterfacePatterns>, node: bool) -> Option<Coverage> {
+        (pods.is_some() || node).then_some(Coverage { pods, node })
+    }
+
+    pub fn kind(&self, name: &str) -> Option<Kind> {
+        if self.pods.as_ref().is_some_and(|p| p.matches(name)) {
+            Some(Kind::Pod)
+        } else if self.node && name != "lo" {
+            Some(Kind::Node)
+        } else {
+            None
+        }
+    }
+}
+
 /// The interfaces of this network namespace: name → ifindex.
 pub fn interfaces() -> io::Result<BTreeMap<String, u32>> {
     // SAFETY: if_nameindex returns a list terminated by a zero entry, freed below.
@@ -175,19 +231,20 @@ pub enum Placement {
     Missing,
 }
 
-/// The guard on one matching interface.
+/// The guard on one covered interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InterfaceStatus {
     pub name: String,
     pub ifindex: u32,
+    pub kind: Kind,
     pub placement: Placement,
 }
 
-/// The matching interfaces of this network namespace.
-fn wanted(patterns: &InterfacePatterns) -> io::Result<BTreeMap<String, u32>> {
+/// The covered interfaces of this network namespace: name → (ifindex, guard).
+fn wanted(coverage: &Coverage) -> io::Result<BTreeMap<String, (u32, Kind)>> {
     Ok(interfaces()?
         .into_iter()
-        .filter(|(name, _)| patterns.matches(name))
+        .filter_map(|(name, ifindex)| Some((ifindex, coverage.kind(&name)?)).map(|v| (name, v)))
         .collect())
 }
 
@@ -209,7 +266,11 @@ fn describe_tcx(prog_id: u32) -> String {
 }
 
 fn is_ours(filter: &tcfilter::Filter) -> bool {
-    filter.kind == "bpf" && filter.name.as_deref() == Some(programs::GUARD)
+    filter.kind == "bpf"
+        && matches!(
+            filter.name.as_deref(),
+            Some(programs::GUARD | programs::NODE_GUARD)
+        )
 }
 
 /// Where the guard stands on one interface, whichever way it was attached.
@@ -250,15 +311,16 @@ pub fn placement(pin_dir: &Path, name: &str, ifindex: u32) -> io::Result<Placeme
     })
 }
 
-/// The guard on every interface that matches `patterns`.
-pub fn status(pin_dir: &Path, patterns: &InterfacePatterns) -> io::Result<Vec<InterfaceStatus>> {
-    wanted(patterns)?
+/// The guard on every interface `coverage` names.
+pub fn status(pin_dir: &Path, coverage: &Coverage) -> io::Result<Vec<InterfaceStatus>> {
+    wanted(coverage)?
         .into_iter()
-        .map(|(name, ifindex)| {
+        .map(|(name, (ifindex, kind))| {
             let placement = placement(pin_dir, &name, ifindex)?;
             Ok(InterfaceStatus {
                 name,
                 ifindex,
+                kind,
                 placement,
             })
         })
@@ -276,8 +338,7 @@ impl Guard {
         })
     }
 
-    fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
-        let name = programs::GUARD;
+    fn program<'e>(ebpf: &'e mut Ebpf, name: &'static str) -> Result<&'e mut SchedClassifier> {
         let program: &mut SchedClassifier = super::program_mut(ebpf, name)?;
         if program.fd().is_err() {
             program
@@ -289,18 +350,18 @@ impl Guard {
 
     /// Brings the attachments in line with the interfaces that exist now and match: the guard
     /// present and first on each. One interface's failure does not stop the others.
-    pub fn sync(&mut self, ebpf: &mut Ebpf, patterns: &InterfacePatterns) -> Result<GuardChanges> {
-        let wanted = wanted(patterns).map_err(|e| Error::io("list network interfaces", e))?;
-        let program = Self::program(ebpf)?;
+    pub fn sync(&mut self, ebpf: &mut Ebpf, coverage: &Coverage) -> Result<GuardChanges> {
+        let wanted = wanted(coverage).map_err(|e| Error::io("list network interfaces", e))?;
         let mut changes = GuardChanges::default();
         if self.tcx {
             self.release_stale_pins(&wanted, &mut changes)?;
         }
-        for (ifname, ifindex) in &wanted {
+        for (ifname, (ifindex, kind)) in &wanted {
+            let program = Self::program(ebpf, kind.program())?;
             let result = if self.tcx {
-                self.sync_tcx(program, ifname, *ifindex, &mut changes)
+                self.sync_tcx(program, *kind, ifname, *ifindex, &mut changes)
             } else {
-                sync_netlink(program, ifname, *ifindex, &mut changes)
+                sync_netlink(program, *kind, ifname, *ifindex, &mut changes)
             };
             if let Err(e) = result {
                 // The interface went away between listing and attaching: nothing to guard.
@@ -317,7 +378,7 @@ impl Guard {
     /// Detaches and unpins links of interfaces that are gone, renamed or no longer match.
     fn release_stale_pins(
         &self,
-        wanted: &BTreeMap<String, u32>,
+        wanted: &BTreeMap<String, (u32, Kind)>,
         changes: &mut GuardChanges,
     ) -> Result<()> {
         for entry in fs::read_dir(&self.dir)
@@ -329,7 +390,8 @@ impl Guard {
             // A replacement staged by an agent that stopped before moving it into place: it is
             // the link in front, so it takes the place of the old one.
             if let Some(target) = file.strip_prefix(STAGED)
-                && parse_pin_name(target).is_some_and(|(n, i)| wanted.get(&n) == Some(&i))
+                && parse_pin_name(target)
+                    .is_some_and(|(n, i)| wanted.get(&n).map(|w| w.0) == Some(i))
             {
                 let final_path = self.dir.join(target);
                 if let Ok(old) = sys::obj_get(&final_path) {
@@ -345,7 +407,7 @@ impl Guard {
             }
             let parsed = parse_pin_name(&file);
             if let Some((ifname, ifindex)) = &parsed
-                && wanted.get(ifname) == Some(ifindex)
+                && wanted.get(ifname).map(|w| w.0) == Some(*ifindex)
             {
                 continue;
             }
@@ -364,11 +426,12 @@ impl Guard {
     fn sync_tcx(
         &self,
         program: &mut SchedClassifier,
+        kind: Kind,
         ifname: &str,
         ifindex: u32,
         changes: &mut GuardChanges,
     ) -> Result<()> {
-        let name = programs::GUARD;
+        let name = kind.program();
         let path = self.dir.join(pin_name(ifname, ifindex));
         let existing = match sys::obj_get(&path) {
             Ok(link) => Some(link),
@@ -376,7 +439,7 @@ impl Guard {
             Err(e) => return Err(Error::io(format!("open {}", path.display()), e)),
         };
         let Some(link) = existing else {
-            let link = attach_tcx_first(program, ifname)?;
+            let link = attach_tcx_first(program, name, ifname)?;
             link.pin(&path).map_err(|e| {
                 Error::io(
                     format!("pin {}: {e}", path.display()),
@@ -413,7 +476,7 @@ impl Guard {
                     .unload()
                     .and_then(|()| program.load())
                     .map_err(|source| Error::Program { name, source })?;
-                let fresh = attach_tcx_first(program, ifname)?;
+                let fresh = attach_tcx_first(program, name, ifname)?;
                 let staged = self
                     .dir
                     .join(format!("{STAGED}{}", pin_name(ifname, ifindex)));
@@ -460,8 +523,11 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-fn attach_tcx_first(program: &mut SchedClassifier, ifname: &str) -> Result<FdLink> {
-    let name = programs::GUARD;
+fn attach_tcx_first(
+    program: &mut SchedClassifier,
+    name: &'static str,
+    ifname: &str,
+) -> Result<FdLink> {
     let link_id = program
         .attach_with_options(
             ifname,
@@ -484,11 +550,11 @@ fn attach_tcx_first(program: &mut SchedClassifier, ifname: &str) -> Result<FdLin
 /// fail-closed state), so the link object, which would detach it when dropped, is forgotten.
 fn attach_netlink(
     program: &mut SchedClassifier,
+    name: &'static str,
     ifname: &str,
     priority: u16,
     handle: u32,
 ) -> Result<()> {
-    let name = programs::GUARD;
     let options = TcAttachOptions::Netlink(NlOptions {
         priority,
         handle: TcHandle::from(handle),
@@ -510,11 +576,12 @@ fn attach_netlink(
 /// an older agent left at another priority).
 fn sync_netlink(
     program: &mut SchedClassifier,
+    kind: Kind,
     ifname: &str,
     ifindex: u32,
     changes: &mut GuardChanges,
 ) -> Result<()> {
-    let name = programs::GUARD;
+    let name = kind.program();
     // A clsact qdisc may already be there (ours from before, or a CNI's).
     let _ = tc::qdisc_add_clsact(ifname);
     let filters = tcfilter::ingress_filters(ifindex)
@@ -559,7 +626,7 @@ fn sync_netlink(
                     io::ErrorKind::AlreadyExists.into(),
                 ));
             };
-            attach_netlink(program, ifname, NL_PRIORITY, handle)?;
+            attach_netlink(program, name, ifname, NL_PRIORITY, handle)?;
             if ours.is_empty() {
                 changes.attached.push(ifname.to_owned());
             } else {
@@ -631,8 +698,8 @@ pub fn drain(fd: std::os::fd::BorrowedFd<'_>) {
     while unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) } > 0 {}
 }
 
-/// Removes the guard: pinned TCX links, and netlink filters named `k2i_guard` on every
-/// interface. Returns one line per removed attachment.
+/// Removes the guards: pinned TCX links, and netlink filters named `k2i_guard` or
+/// `k2i_node_guard` on every interface. Returns one line per removed attachment.
 pub fn uninstall(pin_dir: &Path) -> Result<Vec<String>> {
     let mut removed = Vec::new();
     let dir = pin_dir.join("tc");
@@ -659,8 +726,10 @@ pub fn uninstall(pin_dir: &Path) -> Result<Vec<String>> {
     }
     if let Ok(list) = interfaces() {
         for ifname in list.keys() {
-            if tc::qdisc_detach_program(ifname, TcAttachType::Ingress, programs::GUARD).is_ok() {
-                removed.push(format!("guard filter on {ifname}: removed"));
+            for program in [programs::GUARD, programs::NODE_GUARD] {
+                if tc::qdisc_detach_program(ifname, TcAttachType::Ingress, program).is_ok() {
+                    removed.push(format!("{program} filter on {ifname}: removed"));
+                }
             }
         }
     }

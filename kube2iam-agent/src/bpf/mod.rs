@@ -158,6 +158,8 @@ pub struct Settings {
     pub identity_capacity: u32,
     /// Which host interfaces get the packet guard; `None` turns the guard off.
     pub packet_guard: Option<guard::InterfacePatterns>,
+    /// Put the node guard on every other interface but loopback (`--node-guard`).
+    pub node_guard: bool,
     /// Use cls_bpf filters for the guard even where TCX exists (testing aid).
     pub guard_netlink: bool,
     /// Redirect the metadata connects of hostNetwork pods listed in the host-pods map.
@@ -212,7 +214,7 @@ pub struct ProgramReport {
 /// The running interception: the loaded object (for map access) and what start-up did.
 pub struct Interception {
     ebpf: Ebpf,
-    guard: Option<(guard::Guard, guard::InterfacePatterns)>,
+    guard: Option<(guard::Guard, guard::Coverage)>,
     pub kernel: KernelVersion,
     pub cgroup: PathBuf,
     pub pin_dir: PathBuf,
@@ -347,29 +349,36 @@ pub fn install(settings: &Settings) -> Result<Interception> {
         log_level_changed,
     )?);
 
-    let guard = match &settings.packet_guard {
-        Some(patterns) => {
+    if settings.packet_guard.is_none() {
+        tracing::warn!(
+            "packet guard off: raw-socket traffic from pods to the metadata service is not dropped \
+             on pod interfaces"
+        );
+    }
+    if !settings.node_guard {
+        tracing::warn!(
+            "node guard off: packets to the metadata service that enter the node by another \
+             interface (a tunnel or overlay device after decapsulation, the uplink) are not dropped"
+        );
+    }
+    let guard = match guard::Coverage::new(settings.packet_guard.clone(), settings.node_guard) {
+        Some(coverage) => {
             let mut g = guard::Guard::new(&settings.pin_dir, kernel, settings.guard_netlink)?;
-            let changes = g.sync(&mut ebpf, patterns)?;
+            let changes = g.sync(&mut ebpf, &coverage)?;
             tracing::info!(
                 attached = ?changes.attached,
                 adopted = ?changes.adopted,
                 replaced = ?changes.replaced,
                 released = ?changes.released,
                 repaired = ?changes.repaired,
-                "packet guard on pod interfaces"
+                "packet guards on the node's interfaces"
             );
             for (interface, error) in &changes.failed {
                 tracing::error!(interface, "packet guard: {error}");
             }
-            Some((g, patterns.clone()))
+            Some((g, coverage))
         }
-        None => {
-            tracing::warn!(
-                "packet guard off: raw-socket traffic from pods to the metadata service is not dropped"
-            );
-            None
-        }
+        None => None,
     };
 
     Ok(Interception {
@@ -593,7 +602,7 @@ impl Interception {
     /// Attaches the guard to interfaces that appeared, releases vanished ones.
     pub fn sync_guard(&mut self) -> Result<Option<guard::GuardChanges>> {
         match &mut self.guard {
-            Some((g, patterns)) => g.sync(&mut self.ebpf, patterns).map(Some),
+            Some((g, coverage)) => g.sync(&mut self.ebpf, coverage).map(Some),
             None => Ok(None),
         }
     }

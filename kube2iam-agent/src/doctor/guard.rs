@@ -1,16 +1,18 @@
 //! The doctor's rows for the packet guard (on every interface matching `--host-interface`,
-//! present and first) and the egress backstop (its pinned link).
+//! present and first), the node guard (on every other interface but loopback) and the egress
+//! backstop (its pinned link).
 
 use std::{os::fd::AsFd as _, path::Path};
 
 use super::Check;
 use crate::bpf::{
     egress,
-    guard::{self, InterfacePatterns, InterfaceStatus, Placement},
+    guard::{self, Coverage, InterfacePatterns, InterfaceStatus, Kind, Placement},
     sys,
 };
 
 const GUARD: &str = "packet guard";
+const NODE_GUARD: &str = "node guard";
 const EGRESS: &str = "egress guard";
 /// Interfaces named in one row, at most.
 const SHOWN: usize = 8;
@@ -35,6 +37,24 @@ pub fn packet_guard_row(
     all_interfaces: &[String],
     installed: bool,
 ) -> Check {
+    guard_row(GUARD, "matching", statuses, all_interfaces, installed)
+}
+
+/// The row of one guard (`label`) over the interfaces it covers (`which`: how the row names
+/// them).
+fn guard_row(
+    label: &'static str,
+    which: &str,
+    statuses: &[InterfaceStatus],
+    all_interfaces: &[String],
+    installed: bool,
+) -> Check {
+    if statuses.is_empty() && label == NODE_GUARD {
+        return Check::ok(
+            NODE_GUARD,
+            "no interface other than the pod interfaces and loopback",
+        );
+    }
     if statuses.is_empty() {
         return Check::warn(
             GUARD,
@@ -65,9 +85,9 @@ pub fn packet_guard_row(
         .collect();
     if !installed {
         return Check::ok(
-            GUARD,
+            label,
             format!(
-                "{} interfaces match --host-interface ({}); the agent guards them when it starts",
+                "{} {which} interfaces ({}); the agent guards them when it starts",
                 statuses.len(),
                 list(&names(|_| true))
             ),
@@ -75,9 +95,9 @@ pub fn packet_guard_row(
     }
     if missing.is_empty() && behind.is_empty() {
         return Check::ok(
-            GUARD,
+            label,
             format!(
-                "first on all {} matching interfaces ({})",
+                "first on all {} {which} interfaces ({})",
                 first.len(),
                 list(&first)
             ),
@@ -91,7 +111,7 @@ pub fn packet_guard_row(
         problems.push(format!("not first: {}", list(&behind)));
     }
     Check::warn(
-        GUARD,
+        label,
         format!(
             "{}; first on {} of {}",
             problems.join("; "),
@@ -104,27 +124,67 @@ pub fn packet_guard_row(
     )
 }
 
-/// The packet guard row for this host.
-pub fn packet_guard_check(pin_dir: &Path, patterns: Option<&InterfacePatterns>) -> Check {
-    let Some(patterns) = patterns else {
-        return Check::warn(
+/// The packet guard and node guard rows for this host.
+pub fn packet_guard_checks(
+    pin_dir: &Path,
+    patterns: Option<&InterfacePatterns>,
+    node: bool,
+) -> Vec<Check> {
+    let off_pods = || {
+        Check::warn(
             GUARD,
             "off (--packet-guard false)",
             "raw IP and AF_PACKET traffic from pods to the metadata service is not dropped on \
              their interfaces; turn it on unless another layer blocks it",
-        );
+        )
+    };
+    let off_node = || {
+        Check::warn(
+            NODE_GUARD,
+            "off (--node-guard false)",
+            "a packet a pod wraps in a tunnel (VXLAN, IPIP, GRE) to the node's own address is \
+             forwarded to the metadata service after decapsulation; turn it on",
+        )
+    };
+    let Some(coverage) = Coverage::new(patterns.cloned(), node) else {
+        return vec![off_pods(), off_node()];
     };
     let all: Vec<String> = guard::interfaces()
         .map(|m| m.into_keys().collect())
         .unwrap_or_default();
-    match guard::status(pin_dir, patterns) {
-        Ok(statuses) => packet_guard_row(&statuses, &all, pin_dir.exists()),
-        Err(e) => Check::warn(
-            GUARD,
-            format!("cannot read the interfaces' tc programs: {e}"),
-            "needs CAP_NET_ADMIN (and CAP_BPF for TCX)",
-        ),
-    }
+    let statuses = match guard::status(pin_dir, &coverage) {
+        Ok(statuses) => statuses,
+        Err(e) => {
+            let unreadable = |label| {
+                Check::warn(
+                    label,
+                    format!("cannot read the interfaces' tc programs: {e}"),
+                    "needs CAP_NET_ADMIN (and CAP_BPF for TCX)",
+                )
+            };
+            return vec![unreadable(GUARD), unreadable(NODE_GUARD)];
+        }
+    };
+    let of = |kind: Kind| -> Vec<InterfaceStatus> {
+        statuses
+            .iter()
+            .filter(|s| s.kind == kind)
+            .cloned()
+            .collect()
+    };
+    let installed = pin_dir.exists();
+    vec![
+        if patterns.is_some() {
+            packet_guard_row(&of(Kind::Pod), &all, installed)
+        } else {
+            off_pods()
+        },
+        if node {
+            guard_row(NODE_GUARD, "other", &of(Kind::Node), &all, installed)
+        } else {
+            off_node()
+        },
+    ]
 }
 
 /// The egress backstop row: its pinned link, once the agent has run.
@@ -166,6 +226,7 @@ mod tests {
         InterfaceStatus {
             name: name.into(),
             ifindex: 1,
+            kind: Kind::Pod,
             placement,
         }
     }
@@ -198,6 +259,33 @@ mod tests {
         // Before the agent ever ran, nothing is guarded yet, as expected.
         let fresh = [iface("lxc1", Placement::Missing)];
         assert_eq!(packet_guard_row(&fresh, &[], false).status, Status::Ok);
+    }
+
+    #[test]
+    fn the_node_guard_row_names_its_own_unguarded_interfaces() {
+        let statuses = [
+            InterfaceStatus {
+                kind: Kind::Node,
+                ..iface("eth0", Placement::First)
+            },
+            InterfaceStatus {
+                kind: Kind::Node,
+                ..iface("flannel.1", Placement::Missing)
+            },
+        ];
+        let row = guard_row(NODE_GUARD, "other", &statuses, &[], true);
+        assert_eq!(row.status, Status::Warn);
+        assert_eq!(row.name, NODE_GUARD);
+        assert!(
+            row.result.contains("unguarded: flannel.1"),
+            "{}",
+            row.result
+        );
+        // Nothing but pod interfaces and loopback: nothing to guard, and that is fine.
+        assert_eq!(
+            guard_row(NODE_GUARD, "other", &[], &["lo".into()], true).status,
+            Status::Ok
+        );
     }
 
     #[test]

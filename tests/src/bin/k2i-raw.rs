@@ -6,9 +6,17 @@
 //! k2i-raw udp   <dst-ip> <port>                        unconnected UDP datagram (v4 or v6)
 //! k2i-raw frame <ifname> <dst-mac> <src-ip> <dst-ip> <port>   AF_PACKET Ethernet+IPv4+UDP frame
 //! k2i-raw http  <ifname> <gw-mac> <gw-ip> <src-ip> <dst-ip> <port> <path>
+//! k2i-raw vxlan <outer-dst> <udp-port> <inner-dst-mac> <src-ip> <dst-ip> <port>
+//! k2i-raw tun   <ifname> <src-ip> <dst-ip> <port>
 //! ```
 //!
-//! `syn`, `udp` and `frame` send one packet and print `{"ok":bool,"error":str|null}`.
+//! `syn`, `udp`, `frame`, `vxlan` and `tun` send one packet and print
+//! `{"ok":bool,"error":str|null}`. `vxlan` sends a UDP datagram from `src-ip` to `dst-ip:port`
+//! (IPv4 or IPv6) wrapped in VXLAN (VNI 1, the inner frame addressed to `inner-dst-mac`, the
+//! node's VXLAN device) to `outer-dst:udp-port`, the node's own address: what the node forwards
+//! after decapsulating it. It needs no privilege: it is an ordinary UDP datagram. `tun` writes the
+//! same datagram into the existing TUN device `ifname`, so that it is received there as a
+//! layer-3 tunnel device (IPIP, GRE, WireGuard, a userspace VPN) delivers what it decapsulated.
 //!
 //! `http` is ARP spoofing plus TCP by hand over AF_PACKET on `ifname`: it tells the gateway
 //! that `src-ip` (a neighbour's address, not this pod's) is at this interface's MAC, answers ARP
@@ -21,7 +29,7 @@
 use std::{
     ffi::CString,
     io,
-    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -72,6 +80,7 @@ const TCP_RST: u8 = 0x04;
 const TCP_PSH: u8 = 0x08;
 const TCP_ACK: u8 = 0x10;
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_ARP: u16 = 0x0806;
 
 /// Sequence and acknowledgement numbers of a segment.
@@ -123,6 +132,89 @@ fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, payload: &[u8]) -> Vec<u8> {
     ip[10..12].copy_from_slice(&sum.to_be_bytes());
     ip.extend_from_slice(payload);
     ip
+}
+
+/// A UDP datagram inside an IPv4 or IPv6 header (for IPv6 the checksum is mandatory and filled
+/// in; IPv4 carries none), and the ethertype of that IP version.
+fn inner_udp(src: IpAddr, dst: IpAddr, port: u16) -> Result<(Vec<u8>, u16), String> {
+    let payload = b"k2i-raw tunnel";
+    let mut udp = Vec::with_capacity(8 + payload.len());
+    udp.extend_from_slice(&40002u16.to_be_bytes());
+    udp.extend_from_slice(&port.to_be_bytes());
+    udp.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(payload);
+    match (src, dst) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            Ok((ipv4(src, dst, libc::IPPROTO_UDP as u8, &udp), ETH_P_IP))
+        }
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            let mut pseudo = Vec::with_capacity(40 + udp.len());
+            pseudo.extend_from_slice(&src.octets());
+            pseudo.extend_from_slice(&dst.octets());
+            pseudo.extend_from_slice(&(udp.len() as u32).to_be_bytes());
+            pseudo.extend_from_slice(&[0, 0, 0, libc::IPPROTO_UDP as u8]);
+            pseudo.extend_from_slice(&udp);
+            let sum = match checksum(&pseudo) {
+                0 => 0xffff,
+                sum => sum,
+            };
+            udp[6..8].copy_from_slice(&sum.to_be_bytes());
+            let mut ip = vec![0u8; 40];
+            ip[0] = 0x60;
+            ip[4..6].copy_from_slice(&(udp.len() as u16).to_be_bytes());
+            ip[6] = libc::IPPROTO_UDP as u8;
+            ip[7] = 64;
+            ip[8..24].copy_from_slice(&src.octets());
+            ip[24..40].copy_from_slice(&dst.octets());
+            ip.extend_from_slice(&udp);
+            Ok((ip, ETH_P_IPV6))
+        }
+        _ => Err(format!("{src} and {dst} are not of one IP version")),
+    }
+}
+
+/// A VXLAN packet (VNI 1) around an Ethernet frame to `mac` holding `inner`'s datagram, sent as
+/// a UDP datagram to `outer`.
+fn vxlan(outer: SocketAddr, mac: [u8; 6], inner: (IpAddr, IpAddr, u16)) -> Result<(), String> {
+    let (packet, ethertype) = inner_udp(inner.0, inner.1, inner.2)?;
+    // Flags: VNI present; VNI 1.
+    let mut vxlan = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
+    vxlan.extend_from_slice(&ethernet(mac, [0x02, 0, 0, 0, 0, 0x02], ethertype, &packet));
+    UdpSocket::bind("0.0.0.0:0")
+        .and_then(|socket| socket.send_to(&vxlan, outer))
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+/// Writes `inner`'s datagram into the TUN device `ifname` (which must exist, e.g. from
+/// `ip tuntap add mode tun`), where the kernel receives it as from a layer-3 tunnel.
+fn tun(ifname: &str, inner: (IpAddr, IpAddr, u16)) -> Result<(), String> {
+    let (packet, _) = inner_udp(inner.0, inner.1, inner.2)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(|e| format!("/dev/net/tun: {e}"))?;
+    // struct ifreq: the name, then the flags (a short) in the union.
+    let mut ifreq = [0u8; 40];
+    if ifname.len() >= 16 {
+        return Err(format!("{ifname}: not an interface name"));
+    }
+    ifreq[..ifname.len()].copy_from_slice(ifname.as_bytes());
+    let flags = (libc::IFF_TUN | libc::IFF_NO_PI) as u16;
+    ifreq[16..18].copy_from_slice(&flags.to_ne_bytes());
+    // SAFETY: TUNSETIFF reads and writes a struct ifreq, which the 40-byte buffer holds.
+    if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, ifreq.as_mut_ptr()) } < 0 {
+        return Err(format!(
+            "TUNSETIFF {ifname}: {}",
+            io::Error::last_os_error()
+        ));
+    }
+    use std::io::Write as _;
+    (&file)
+        .write_all(&packet)
+        .map_err(|e| format!("write to {ifname}: {e}"))
 }
 
 fn ethernet(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
@@ -262,6 +354,16 @@ fn run(args: &[String]) -> Result<(), String> {
             let mac = parse_mac(mac).ok_or_else(|| format!("{mac}: not a MAC address"))?;
             let tags: usize = tags.parse().map_err(|e| format!("{tags}: {e}"))?;
             frame(ifname, mac, ip(src)?, ip(dst)?, port(p)?, tags).map_err(|e| e.to_string())
+        }
+        [cmd, outer, udp_port, mac, src, dst, p] if cmd == "vxlan" => {
+            let any = |s: &String| s.parse::<IpAddr>().map_err(|e| format!("{s}: {e}"));
+            let mac = parse_mac(mac).ok_or_else(|| format!("{mac}: not a MAC address"))?;
+            let outer = SocketAddr::from((ip(outer)?, port(udp_port)?));
+            vxlan(outer, mac, (any(src)?, any(dst)?, port(p)?))
+        }
+        [cmd, ifname, src, dst, p] if cmd == "tun" => {
+            let any = |s: &String| s.parse::<IpAddr>().map_err(|e| format!("{s}: {e}"));
+            tun(ifname, (any(src)?, any(dst)?, port(p)?))
         }
         _ => Err(format!("usage: see the source; got {args:?}")),
     }

@@ -182,8 +182,9 @@ pub fn rows(tally: &mut Tally, kernel: Kernel, node: &Node, agent: &mut Option<V
             // Start clean: the tc guard from the row before must not be what drops.
             let output = vmagent::agent_command(&["uninstall"], None, Duration::from_secs(60));
             assert!(output.status.success(), "uninstall before the row failed");
-            let started = VmAgent::start(&["--packet-guard", "false"], None)
-                .unwrap_or_else(|e| panic!("{e}"));
+            let started =
+                VmAgent::start(&["--packet-guard", "false", "--node-guard", "false"], None)
+                    .unwrap_or_else(|e| panic!("{e}"));
             let link = Path::new(PIN_DIR).join("links").join(programs::EGRESS);
             let info = bpf::pinned_link_info(&link);
             let root = bpf::open_cgroup(Path::new("/sys/fs/cgroup"));
