@@ -77,6 +77,7 @@ const REFUSED: &[(&str, &str)] = &[
     ("verbose=yes", "verbose: Invalid type"),
     ("extraArgs.version=true", "prints the version and exits"),
     ("extraArgs.packet-guard=false", "set packetGuard"),
+    ("extraArgs.node-guard=false", "set nodeGuard"),
     ("extraArgs.egress-guard=false", "set egressGuard"),
     (
         "podSecurityPolicy.enabled=true",

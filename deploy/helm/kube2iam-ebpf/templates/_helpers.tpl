@@ -88,6 +88,7 @@ counterpart here fails to render with what to do instead, rather than crash-loop
   "cgroup-path" "set cgroup.path"
   "host-interface" "set host.interface"
   "packet-guard" "set packetGuard"
+  "node-guard" "set nodeGuard"
   "egress-guard" "set egressGuard"
   "identity-attestation" "set identityAttestation"
   "host-network-pods" "set hostNetworkPods"

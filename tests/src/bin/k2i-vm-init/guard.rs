@@ -169,9 +169,14 @@ pub fn rows(tally: &mut Tally, kernel: Kernel, node: &Node, agent: &mut Option<V
                 table.contains("first on all 1 matching"),
                 "the doctor's packet guard row:\n{table}"
             );
+            assert!(
+                table.contains("first on all 2 other"),
+                "the doctor's node guard row (k2i-n0, k2i-n1):\n{table}"
+            );
             Outcome::Pass(format!(
                 "{mode}: the guard runs ahead of a TC_ACT_OK classifier attached first, and is \
-                 put back in front when another goes ahead"
+                 put back in front when another goes ahead; the node guard is first on the \
+                 other interfaces"
             ))
         },
     );

@@ -55,6 +55,13 @@ pub fn build() -> Node {
         "nodad",
     ]);
     ip(&["link", "set", "k2i-h-a", "up"]);
+    // Two interfaces no pod pattern names, as a node's uplink and overlay devices: the node
+    // guard's, on every kernel of the matrix (the VM has no network device of its own).
+    ip(&[
+        "link", "add", "k2i-n0", "type", "veth", "peer", "name", "k2i-n1",
+    ]);
+    ip(&["link", "set", "k2i-n0", "up"]);
+    ip(&["link", "set", "k2i-n1", "up"]);
     let n = POD_NETNS;
     ip(&["-n", n, "link", "set", "lo", "up"]);
     ip(&[
