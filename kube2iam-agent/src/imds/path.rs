@@ -128,6 +128,11 @@ pub enum Refusal {
     NotAllowed,
     /// An `--block-path` matches.
     BlockPath,
+    /// A segment that servers read differently: a dot segment with parameters (`..;x`, which
+    /// some servers resolve as `..`), or characters outside ASCII (fullwidth dots, which some
+    /// normalize to `.`). Never forwarded, whatever `--allow-path` says: an allowed prefix
+    /// followed by such a segment could be read upstream as a path outside it.
+    Ambiguous,
 }
 
 impl Refusal {
@@ -150,6 +155,11 @@ impl Refusal {
             Refusal::BlockPath => format!(
                 "kube2iam-ebpf: {path} is blocked by --block-path (an --allow-path does not \
                  override it)"
+            ),
+            Refusal::Ambiguous => format!(
+                "kube2iam-ebpf: {path} has a segment that servers read in different ways (a \
+                 dot segment with parameters, or characters outside ASCII); it is not forwarded, \
+                 whatever --allow-path says"
             ),
         }
     }
@@ -231,6 +241,14 @@ pub fn lenient_segment(segment: &str) -> String {
         .trim_matches(|c: char| c.is_ascii_whitespace())
         .trim_end_matches(['.', ' '])
         .to_owned()
+}
+
+/// A segment that a lenient server may read as `.` or `..` or as nothing though it is neither
+/// (`..;x`, `.;`, fullwidth dots), or that holds characters outside ASCII. [`normalize`] has
+/// already resolved the real dot segments.
+fn ambiguous(segment: &str) -> bool {
+    !segment.is_ascii()
+        || (!segment.is_empty() && matches!(lenient_segment(segment).as_str(), "" | "." | ".."))
 }
 
 /// The node-only data a segment names, read leniently. Checked in every segment position: no
@@ -320,7 +338,8 @@ fn own_iam_route(path: &str) -> Option<Route> {
 /// 1. the IMDSv2 token PUT and the IAM routes, which the agent answers itself;
 /// 2. the node's credentials, user-data and signed identity — a segment with one of their names,
 ///    anywhere in the path, read as a lenient server would ([`lenient_segment`]) — refused;
-///    user-data and the signed identity are forwarded when an `--allow-path` matches;
+///    then any path with an [`ambiguous`] segment; user-data and the signed identity are
+///    forwarded when an `--allow-path` matches;
 /// 3. what is safe for any pod ([`is_safe_for_pods`]) or matched by an `--allow-path` is
 ///    forwarded unless an `--block-path` matches; everything else is refused.
 pub fn route(method: &hyper::Method, path: &str, rules: &PathRules) -> Route {
@@ -339,6 +358,9 @@ pub fn route(method: &hyper::Method, path: &str, rules: &PathRules) -> Route {
             Refusal::NodeCredentials(_) => return Route::Blocked(refusal),
             _ => node_data = node_data.or(Some(refusal)),
         }
+    }
+    if path.split('/').any(ambiguous) {
+        return Route::Blocked(Refusal::Ambiguous);
     }
     if let Some(refusal) = node_data
         && !allowed()
@@ -526,7 +548,6 @@ mod tests {
             "/latest/x",
             // A segment a lenient server could read as something else.
             "/latest/meta-data/placement/region;x",
-            "/latest/meta-data/placement/..;/tags/instance/Name",
             "/latest/meta-data/placement/region.",
             "/latest/meta-data/placement/region%3F/x",
             "/latest/meta-data/placement/a%20b",
@@ -667,6 +688,38 @@ mod tests {
         ] {
             assert_eq!(get(p), IDENTITY_CREDENTIALS, "{p}");
         }
+    }
+
+    #[test]
+    fn ambiguous_segments_are_refused_whatever_allow_path_says() {
+        let rules = PathRules {
+            allow: vec![Regex::new("^/latest/meta-data/tags/").unwrap()],
+            block: Vec::new(),
+        };
+        for path in [
+            // A Tomcat-style `..;` walks out of the allowed prefix, up to user-data.
+            "/latest/meta-data/tags/..;/..;/user-data",
+            "/latest/meta-data/tags/.;/instance",
+            "/latest/meta-data/tags/..;x/..;y/dynamic/instance-identity/pkcs7",
+            // Fullwidth full stops, which NFKC normalization turns into `..`.
+            "/latest/meta-data/tags/\u{ff0e}\u{ff0e}/\u{ff0e}\u{ff0e}/user-data",
+            "/latest/meta-data/tags/instance/N\u{e4}me",
+        ] {
+            assert_eq!(
+                route(&Method::GET, path, &rules),
+                Route::Blocked(Refusal::Ambiguous),
+                "{path}"
+            );
+        }
+        // What the allow-path means stays forwarded.
+        assert_eq!(
+            route(&Method::GET, "/latest/meta-data/tags/instance/Name", &rules),
+            Route::Proxy
+        );
+        assert_eq!(
+            route(&Method::GET, "/latest/meta-data/placement/region", &rules),
+            Route::Proxy
+        );
     }
 
     #[test]
