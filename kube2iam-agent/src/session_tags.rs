@@ -498,6 +498,45 @@ mod tests {
     }
 
     #[test]
+    fn no_pod_can_take_a_long_named_pods_source_identity() {
+        // A CronJob's pod: `<namespace>.<pod>` is over 64 characters, so its tail is hashed.
+        let victim = source_identity(
+            "team-a",
+            "nightly-billing-report-exporter-to-warehouse-29384756-x7k2q",
+        );
+        assert_eq!(victim.len(), 64);
+        // Another pod of the namespace named after the victim's source identity, as far as a
+        // pod name (a DNS subdomain) can spell it: short enough to be sent as it is.
+        let named_after: String = victim
+            .strip_prefix("team-a.")
+            .unwrap()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        assert_ne!(
+            source_identity("team-a", &named_after),
+            victim,
+            "a name that is not cut never looks like a cut one"
+        );
+        // A pod name chosen so that the 32-bit FNV-1a hash of `team-a.<name>` equals the
+        // victim's (found by meet-in-the-middle in seconds): the hash must resist that.
+        assert_ne!(
+            source_identity(
+                "team-a",
+                "nightly-billing-report-exporter-to-warehouse-293zzpnxyad91"
+            ),
+            victim,
+            "the hash of a cut name resists chosen collisions"
+        );
+    }
+
+    #[test]
     fn cluster_flags_are_checked() {
         assert_eq!(
             SessionTagging::from_args(&args(TagScope::Pod, None, None)),
