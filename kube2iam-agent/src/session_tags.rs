@@ -50,8 +50,9 @@ pub struct SessionTagArgs {
     /// kubernetes-namespace, kubernetes-service-account, kubernetes-pod-name,
     /// kubernetes-pod-uid), all transitive. `pod` (also `--session-tags` alone) sends the six
     /// and makes every session a pod's own; `service-account` sends the first four and shares a
-    /// session among the pods of one service account. Roles' trust policies must then allow
-    /// sts:TagSession.
+    /// session among the pods of one service account. The node's role then needs sts:TagSession
+    /// on the roles besides sts:AssumeRole, in its permissions policy and in each role's trust
+    /// policy.
     #[arg(
         long,
         env = "SESSION_TAGS",
@@ -70,8 +71,9 @@ pub struct SessionTagArgs {
     #[arg(long, env = "CLUSTER_NAME")]
     pub cluster_name: Option<String>,
     /// Set the STS source identity to `<namespace>.<pod>`: it shows in CloudTrail and stays
-    /// with the session through role chaining. Makes every session a pod's own; roles' trust
-    /// policies must allow sts:SetSourceIdentity.
+    /// with the session through role chaining. Makes every session a pod's own; the node's role
+    /// then needs sts:SetSourceIdentity on the roles, in its permissions policy and in each role's
+    /// trust policy.
     #[arg(
         long,
         env = "SOURCE_IDENTITY",
@@ -121,8 +123,10 @@ impl SessionTags {
         self.tags.is_empty() && self.source_identity.is_none()
     }
 
-    /// The permissions-only actions the role's trust policy must allow for this session besides
-    /// sts:AssumeRole, with the flag that asks for each.
+    /// The permissions-only actions the node's role must be allowed on the role for this session
+    /// besides sts:AssumeRole (in its own permissions policy and in the role's trust policy: IAM
+    /// User Guide, "Permissions required to add session tags" and "Permissions required to set
+    /// source identity"), with the flag that asks for each.
     pub fn required_actions(&self) -> Vec<(&'static str, &'static str)> {
         let mut out = Vec::new();
         if !self.tags.is_empty() {
@@ -143,8 +147,9 @@ impl SessionTags {
         let names: Vec<&str> = actions.iter().map(|(action, _)| *action).collect();
         let flags: Vec<&str> = actions.iter().map(|(_, flag)| *flag).collect();
         Some(format!(
-            "this AssumeRole carried {} ({}): the trust policy of {role} must allow {} for the \
-             node's role besides sts:AssumeRole",
+            "this AssumeRole carried {} ({}): the node's role must be allowed {} on {role} \
+             besides sts:AssumeRole: in the trust policy of {role} and in the node role's \
+             permissions policy",
             if names.len() == 1 && names[0] == "sts:TagSession" {
                 "session tags"
             } else if names.len() == 1 {
@@ -586,10 +591,15 @@ mod tests {
         let hint = tags
             .denial_hint("arn:aws:iam::123456789012:role/web")
             .unwrap();
-        assert!(
-            hint.contains("sts:TagSession and sts:SetSourceIdentity")
-                && hint.contains("arn:aws:iam::123456789012:role/web"),
-            "{hint}"
+        // Both policies are named: STS checks the node role's permissions policy as well as
+        // the role's trust policy for the permissions-only actions.
+        assert_eq!(
+            hint,
+            "this AssumeRole carried session tags and a source identity (--session-tags, \
+             --source-identity): the node's role must be allowed sts:TagSession and \
+             sts:SetSourceIdentity on arn:aws:iam::123456789012:role/web besides \
+             sts:AssumeRole: in the trust policy of arn:aws:iam::123456789012:role/web and in \
+             the node role's permissions policy"
         );
         assert_eq!(SessionTags::default().denial_hint("r"), None);
     }
