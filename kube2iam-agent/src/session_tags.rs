@@ -27,7 +27,7 @@ pub const KUBERNETES_SERVICE_ACCOUNT: &str = "kubernetes-service-account";
 pub const KUBERNETES_POD_NAME: &str = "kubernetes-pod-name";
 pub const KUBERNETES_POD_UID: &str = "kubernetes-pod-uid";
 
-/// STS limits on session tags (the STS API's `tagValueType`).
+/// STS limits on session tags (the STS API's `tagValueType`): characters, not bytes.
 pub const MAX_TAG_VALUE: usize = 256;
 
 /// Which session tags are sent.
@@ -194,21 +194,25 @@ impl fmt::Display for Missing {
     }
 }
 
-/// Checks a value against STS's tag value rules (`[\p{L}\p{Z}\p{N}_.:/=+\-@]*`, at most 256).
+/// Checks a value against STS's tag value rules: at most 256 characters matching
+/// `[\p{L}\p{Z}\p{N}_.:/=+\-@]*` (the STS API's `tagValueType`). Approximately that pattern:
+/// Rust's alphanumeric is Unicode's Alphabetic (letters, plus some combining marks) or Numeric,
+/// and its whitespace without the control characters (tab, newline, ...) is the separators.
 pub fn check_tag_value(value: &str) -> Result<(), String> {
-    if value.len() > MAX_TAG_VALUE {
+    let chars = value.chars().count();
+    if chars > MAX_TAG_VALUE {
         return Err(format!(
-            "{} bytes, STS allows at most {MAX_TAG_VALUE}",
-            value.len()
+            "{chars} characters, STS allows at most {MAX_TAG_VALUE}"
         ));
     }
-    match value
-        .chars()
-        .find(|c| !(c.is_alphanumeric() || c.is_whitespace() || "_.:/=+-@".contains(*c)))
-    {
-        Some(c) => Err(format!(
-            "{c:?} is not allowed (letters, digits, spaces and _.:/=+-@ are)"
+    let allowed = "letters, digits, spaces and _.:/=+-@ are";
+    match value.chars().find(|c| {
+        !(c.is_alphanumeric() || (c.is_whitespace() && !c.is_control()) || "_.:/=+-@".contains(*c))
+    }) {
+        Some(c) if c.is_control() => Err(format!(
+            "{c:?} is a control character, which STS refuses ({allowed})"
         )),
+        Some(c) => Err(format!("{c:?} is not allowed ({allowed})")),
         None => Ok(()),
     }
 }
@@ -244,19 +248,32 @@ pub fn cluster_name_of(arn: &str) -> Option<&str> {
 
 impl SessionTagging {
     pub fn from_args(args: &SessionTagArgs) -> Result<SessionTagging, Error> {
-        let arn = match &args.cluster_arn {
-            Some(arn) if !arn.trim().is_empty() => {
-                let arn = arn.trim();
+        // Surrounding whitespace (a value read from a file with its newline) is dropped; what
+        // is left is checked as the tag value it becomes before anything else, so a control
+        // character inside (a tab, a newline), which STS would refuse on every AssumeRole,
+        // stops the start with the flag named.
+        fn tag_value<'a>(
+            flag: &'static str,
+            value: Option<&'a str>,
+        ) -> Result<Option<&'a str>, Error> {
+            let value = value.map(str::trim).filter(|v| !v.is_empty());
+            if let Some(value) = value {
+                check_tag_value(value).map_err(|reason| Error::TagValue {
+                    flag,
+                    value: value.into(),
+                    reason,
+                })?;
+            }
+            Ok(value)
+        }
+        let arn = match tag_value("--cluster-arn", args.cluster_arn.as_deref())? {
+            Some(arn) => {
                 let name = cluster_name_of(arn).ok_or_else(|| Error::ClusterArn(arn.into()))?;
                 Some((arn.to_owned(), name.to_owned()))
             }
-            _ => None,
+            None => None,
         };
-        let name = args
-            .cluster_name
-            .as_deref()
-            .map(str::trim)
-            .filter(|n| !n.is_empty());
+        let name = tag_value("--cluster-name", args.cluster_name.as_deref())?;
         let cluster = match (arn, name) {
             (Some((arn, from_arn)), Some(name)) if name != from_arn => {
                 return Err(Error::NameMismatch {
@@ -268,28 +285,14 @@ impl SessionTagging {
                 arn: Some(arn),
                 name,
             }),
-            (None, Some(name)) => {
-                check_tag_value(name).map_err(|reason| Error::TagValue {
-                    flag: "--cluster-name",
-                    value: name.into(),
-                    reason,
-                })?;
-                Some(Cluster {
-                    arn: None,
-                    name: name.into(),
-                })
-            }
+            (None, Some(name)) => Some(Cluster {
+                arn: None,
+                name: name.into(),
+            }),
             (None, None) => None,
         };
         if args.session_tags != TagScope::Off && cluster.is_none() {
             return Err(Error::NoCluster);
-        }
-        if let Some(Cluster { arn: Some(arn), .. }) = &cluster {
-            check_tag_value(arn).map_err(|reason| Error::TagValue {
-                flag: "--cluster-arn",
-                value: arn.clone(),
-                reason,
-            })?;
         }
         Ok(SessionTagging {
             scope: args.session_tags,
@@ -609,7 +612,66 @@ mod tests {
         assert!(check_tag_value("arn:aws:eks:us-east-1:123456789012:cluster/a_b").is_ok());
         assert!(check_tag_value("kube-system").is_ok());
         assert!(check_tag_value("a,b").is_err());
-        assert!(check_tag_value(&"x".repeat(257)).is_err());
+        // STS counts characters: 256 letters of two bytes each are allowed, 257 are not.
+        assert!(check_tag_value(&"x".repeat(256)).is_ok());
+        assert_eq!(
+            check_tag_value(&"é".repeat(256)),
+            Ok(()),
+            "512 bytes, 256 characters"
+        );
+        let long = check_tag_value(&"é".repeat(257)).unwrap_err();
+        assert!(long.contains("257 characters"), "{long}");
+        // Letters, digits and separators of any script (\p{L}, \p{N}, \p{Z}).
+        assert!(check_tag_value("équipe 東京 ٣\u{a0}x\u{2028}y").is_ok());
+        // White space that is a control character is not a separator: STS refuses it.
+        for control in ["a\tb", "a\nb", "a\rb", "a\u{b}b", "a\u{85}b", "a\u{0}b"] {
+            let err = check_tag_value(control).unwrap_err();
+            assert!(err.contains("is a control character"), "{control:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn control_characters_in_the_cluster_flags_stop_the_start() {
+        for (arn, name, flag) in [
+            (
+                Some("arn:aws:eks:eu\twest-1:123456789012:cluster/prod-1"),
+                None,
+                "--cluster-arn",
+            ),
+            (
+                Some("arn:aws:eks:eu-west-1:123456789012:cluster/prod\n1"),
+                None,
+                "--cluster-arn",
+            ),
+            (None, Some("prod\t1"), "--cluster-name"),
+            (None, Some("prod\n1"), "--cluster-name"),
+            (Some(ARN), Some("prod-1\n2"), "--cluster-name"),
+        ] {
+            let err = SessionTagging::from_args(&args(TagScope::Pod, arn, name)).unwrap_err();
+            assert!(
+                matches!(&err, Error::TagValue { flag: f, .. } if *f == flag),
+                "{arn:?} {name:?}: {err}"
+            );
+            let message = err.to_string();
+            assert!(
+                message.starts_with(flag) && message.contains("is a control character"),
+                "{message}"
+            );
+        }
+        // A trailing newline (a value read from a file) is not part of the value.
+        let trimmed = SessionTagging::from_args(&args(
+            TagScope::Pod,
+            Some(&format!("{ARN}\n")),
+            Some("prod-1\n"),
+        ))
+        .unwrap();
+        assert_eq!(
+            trimmed.cluster,
+            Some(Cluster {
+                arn: Some(ARN.into()),
+                name: "prod-1".into()
+            })
+        );
     }
 
     #[test]
