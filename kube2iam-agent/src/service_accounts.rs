@@ -4,9 +4,10 @@
 //!
 //! ServiceAccounts are watched metadata-only (`PartialObjectMetadata`): only annotations are
 //! needed, and secrets or token lists never reach the agent. Only annotated accounts are kept.
-//! A pod whose containers already carry IRSA's web-identity environment (injected by the EKS
-//! pod identity webhook) is left to IRSA: its SDK reads that environment before it ever asks the
-//! metadata service.
+//! A pod whose containers already carry the credentials environment the EKS pod identity webhook
+//! injects is left to it: IRSA's web-identity pair, or, when the ServiceAccount also has an EKS
+//! Pod Identity association (which takes precedence in the webhook), the container-credentials
+//! pair. SDKs read either before they ever ask the metadata service.
 
 use std::{
     collections::HashMap,
@@ -36,13 +37,58 @@ use crate::{
 pub const IRSA_ROLE_KEY: &str = "eks.amazonaws.com/role-arn";
 /// The environment the webhook injects into each container for IRSA.
 pub const WEB_IDENTITY_ENV: [&str; 2] = ["AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE"];
+/// The environment the webhook injects instead when the pod's ServiceAccount has an EKS Pod
+/// Identity association: the container-credentials method takes precedence over IRSA's
+/// (aws/amazon-eks-pod-identity-webhook, `pkg/handler/handler.go`, `buildPodPatchConfig`).
+pub const CONTAINER_CREDENTIALS_ENV: [&str; 2] = [
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+];
+
+/// Which credentials the EKS pod identity webhook gave a pod's containers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookCredentials {
+    /// IRSA: `AWS_ROLE_ARN` and `AWS_WEB_IDENTITY_TOKEN_FILE`.
+    WebIdentity,
+    /// EKS Pod Identity: `AWS_CONTAINER_CREDENTIALS_FULL_URI` and
+    /// `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE`.
+    ContainerCredentials,
+}
+
+impl WebhookCredentials {
+    /// The environment variables that make the SDK's provider, all of which a container carries.
+    pub fn env(self) -> [&'static str; 2] {
+        match self {
+            WebhookCredentials::WebIdentity => WEB_IDENTITY_ENV,
+            WebhookCredentials::ContainerCredentials => CONTAINER_CREDENTIALS_ENV,
+        }
+    }
+
+    /// Who serves the pod instead, as messages name it.
+    pub fn provider(self) -> &'static str {
+        match self {
+            WebhookCredentials::WebIdentity => "IRSA",
+            WebhookCredentials::ContainerCredentials => "EKS Pod Identity",
+        }
+    }
+
+    /// The SDK provider the environment makes, as messages name it.
+    pub fn method(self) -> &'static str {
+        match self {
+            WebhookCredentials::WebIdentity => "web-identity",
+            WebhookCredentials::ContainerCredentials => "container-credentials",
+        }
+    }
+}
 
 /// The flags (flattened into the run flags).
 #[derive(Debug, Clone, Args)]
 pub struct ServiceAccountArgs {
     /// Serve a pod without a role annotation the role its ServiceAccount's annotation names
     /// (--service-account-role-key), under the same namespace restrictions; the pod annotation
-    /// still wins. Pods that carry IRSA's web-identity environment are left to IRSA.
+    /// still wins. Pods that carry the environment of IRSA (AWS_ROLE_ARN,
+    /// AWS_WEB_IDENTITY_TOKEN_FILE) or of EKS Pod Identity (AWS_CONTAINER_CREDENTIALS_FULL_URI,
+    /// AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE) are left to it.
     #[arg(
         long,
         env = "SERVICE_ACCOUNT_ROLES",
@@ -59,7 +105,8 @@ pub struct ServiceAccountArgs {
 
 /// What the pod spec says about its service account: its name (`default` when the spec names
 /// none, as the API server's ServiceAccount admission sets it) and whether a container carries
-/// the web-identity environment.
+/// the credentials environment the EKS pod identity webhook injects (the container-credentials
+/// one first: the webhook injects it instead of the web-identity one when both apply).
 pub fn pod_account(spec: Option<&PodSpec>) -> PodAccount {
     let name = spec
         .and_then(|s| {
@@ -71,18 +118,27 @@ pub fn pod_account(spec: Option<&PodSpec>) -> PodAccount {
         })
         .unwrap_or("default")
         .to_owned();
-    let web_identity = spec.is_some_and(|s| {
-        s.containers
-            .iter()
-            .chain(s.init_containers.iter().flatten())
-            .any(|c| {
-                let env = c.env.as_deref().unwrap_or_default();
-                WEB_IDENTITY_ENV
-                    .iter()
-                    .all(|key| env.iter().any(|e| e.name == *key))
-            })
-    });
-    PodAccount { name, web_identity }
+    let carries = |credentials: WebhookCredentials| {
+        spec.is_some_and(|s| {
+            s.containers
+                .iter()
+                .chain(s.init_containers.iter().flatten())
+                .any(|c| {
+                    let env = c.env.as_deref().unwrap_or_default();
+                    credentials
+                        .env()
+                        .iter()
+                        .all(|key| env.iter().any(|e| e.name == *key))
+                })
+        })
+    };
+    let webhook = [
+        WebhookCredentials::ContainerCredentials,
+        WebhookCredentials::WebIdentity,
+    ]
+    .into_iter()
+    .find(|c| carries(*c));
+    PodAccount { name, webhook }
 }
 
 /// A ServiceAccount's role, as the watch knows it.
@@ -332,30 +388,76 @@ mod tests {
     }
 
     #[test]
-    fn the_webhooks_web_identity_environment_is_recognized_in_any_container() {
+    fn the_webhooks_credentials_environment_is_recognized_in_any_container() {
         let env = |names: &[&str]| -> serde_json::Value {
             names
                 .iter()
                 .map(|n| serde_json::json!({"name": n, "value": "x"}))
                 .collect()
         };
-        let irsa = spec(serde_json::json!({
-            "containers": [{"name": "sidecar"},
-                           {"name": "app", "env": env(&["AWS_REGION", "AWS_ROLE_ARN",
-                                                         "AWS_WEB_IDENTITY_TOKEN_FILE"])}],
-        }));
-        assert!(pod_account(Some(&irsa)).web_identity);
-        let init = spec(serde_json::json!({
-            "containers": [{"name": "app"}],
-            "initContainers": [{"name": "init", "env": env(&WEB_IDENTITY_ENV)}],
-        }));
-        assert!(pod_account(Some(&init)).web_identity);
-        let half = spec(serde_json::json!({
-            "containers": [{"name": "app", "env": env(&["AWS_ROLE_ARN"])}],
-        }));
-        assert!(
-            !pod_account(Some(&half)).web_identity,
+        let webhook = |pod: serde_json::Value| pod_account(Some(&spec(pod))).webhook;
+        assert_eq!(
+            webhook(serde_json::json!({
+                "containers": [{"name": "sidecar"},
+                               {"name": "app", "env": env(&["AWS_REGION", "AWS_ROLE_ARN",
+                                                             "AWS_WEB_IDENTITY_TOKEN_FILE"])}],
+            })),
+            Some(WebhookCredentials::WebIdentity)
+        );
+        assert_eq!(
+            webhook(serde_json::json!({
+                "containers": [{"name": "app"}],
+                "initContainers": [{"name": "init", "env": env(&WEB_IDENTITY_ENV)}],
+            })),
+            Some(WebhookCredentials::WebIdentity)
+        );
+        assert_eq!(
+            webhook(serde_json::json!({
+                "containers": [{"name": "app", "env": env(&["AWS_ROLE_ARN"])}],
+            })),
+            None,
             "both variables make the web-identity provider"
+        );
+        // A ServiceAccount with an EKS Pod Identity association: the webhook injects the
+        // container-credentials pair instead of IRSA's.
+        assert_eq!(
+            webhook(serde_json::json!({
+                "containers": [{"name": "sidecar"},
+                               {"name": "app", "env": env(&[
+                                   "AWS_STS_REGIONAL_ENDPOINTS",
+                                   "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                                   "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+                               ])}],
+            })),
+            Some(WebhookCredentials::ContainerCredentials)
+        );
+        assert_eq!(
+            webhook(serde_json::json!({
+                "containers": [{"name": "app"}],
+                "initContainers": [{"name": "init", "env": env(&CONTAINER_CREDENTIALS_ENV)}],
+            })),
+            Some(WebhookCredentials::ContainerCredentials)
+        );
+        for half in CONTAINER_CREDENTIALS_ENV {
+            assert_eq!(
+                webhook(serde_json::json!({
+                    "containers": [{"name": "app", "env": env(&[half])}],
+                })),
+                None,
+                "both variables are what the webhook injects ({half} alone is not)"
+            );
+        }
+        assert_eq!(
+            webhook(serde_json::json!({
+                "containers": [{"name": "a", "env": env(&WEB_IDENTITY_ENV)},
+                               {"name": "b", "env": env(&CONTAINER_CREDENTIALS_ENV)}],
+            })),
+            Some(WebhookCredentials::ContainerCredentials),
+            "the method the webhook prefers is named"
+        );
+        assert_eq!(
+            webhook(serde_json::json!({"containers": [{"name": "app"}]})),
+            None
         );
     }
 

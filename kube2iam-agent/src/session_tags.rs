@@ -420,7 +420,7 @@ mod tests {
             external_id: Annotation::Absent,
             account: account.map(|name| PodAccount {
                 name: name.into(),
-                web_identity: false,
+                webhook: None,
             }),
         }
     }
