@@ -2,11 +2,12 @@
 //! attribute-based policies written for Pod Identity (`aws:PrincipalTag/kubernetes-namespace`)
 //! work unchanged and CloudTrail shows which pod acted.
 //!
-//! The tag keys are the six of the EKS User Guide's "List of session tags added by EKS Pod
-//! Identity". Which of them are sent decides how sessions are shared: with the service-account
-//! scope only the cluster, namespace and service account are tagged, and pods of one service
-//! account with one role share a session; with the pod scope the pod's name and UID are tagged
-//! too, which makes every session a pod's own.
+//! The tag keys are the six of the EKS User Guide's "Enable session tags" (`pod-id-abac.adoc`,
+//! `#pod-id-abac-tags`; formerly "List of session tags added by EKS Pod Identity"). Which of
+//! them are sent decides how sessions are shared: with the service-account scope only the
+//! cluster, namespace and service account are tagged, and pods of one service account with one
+//! role share a session; with the pod scope the pod's name and UID are tagged too, which makes
+//! every session a pod's own.
 
 use std::fmt;
 
