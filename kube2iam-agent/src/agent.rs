@@ -522,6 +522,9 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
                 }
             }
             limiter.prune(std::time::Instant::now());
+            eviction_state
+                .service_accounts
+                .prune(std::time::Instant::now());
         }
     });
     background.spawn(async move {

@@ -164,8 +164,8 @@ impl Sts for SdkSts {
                             message: format!("{code}: {message}"),
                         },
                         _ => {
-                            // What STS says names the action the trust policy lacks; say which
-                            // flag asked for it.
+                            // What STS says names the action the node's role is not allowed;
+                            // say which flag asked for it.
                             let message = match request.tags.denial_hint(&role) {
                                 Some(hint) if code == "AccessDenied" => {
                                     format!("{message}; {hint}")

@@ -10,7 +10,7 @@ use crate::{
     identity::{Annotation, PodIdentity},
     kube::Restriction,
     policy::{self, BaseArn, RoleArn},
-    service_accounts::{AccountRole, WEB_IDENTITY_ENV},
+    service_accounts::AccountRole,
 };
 
 /// The rules the deployment set.
@@ -280,7 +280,7 @@ pub fn role(
         }
         Annotation::Absent => {
             // The pod annotation wins; without it, the service account's, then the default.
-            let web_identity = pod.account.as_ref().is_some_and(|a| a.web_identity);
+            let webhook = pod.account.as_ref().and_then(|a| a.webhook);
             let mut why_none = String::new();
             match account {
                 AccountRole::Off | AccountRole::None => {}
@@ -296,12 +296,16 @@ pub fn role(
                         ),
                     ));
                 }
-                AccountRole::Annotated { account, .. } if web_identity => {
-                    why_none = format!(
-                        "; its service account {account}'s {sa_key} role is left to IRSA, whose \
-                         web-identity environment ({}) the pod's containers carry",
-                        WEB_IDENTITY_ENV.join(", ")
-                    );
+                AccountRole::Annotated { account, .. } if webhook.is_some() => {
+                    if let Some(webhook) = webhook {
+                        why_none = format!(
+                            "; its service account {account}'s {sa_key} role is left to {}, \
+                             whose {} environment ({}) the pod's containers carry",
+                            webhook.provider(),
+                            webhook.method(),
+                            webhook.env().join(", ")
+                        );
+                    }
                 }
                 AccountRole::Annotated {
                     role: Annotation::Value(v),
@@ -541,7 +545,7 @@ mod tests {
             external_id: Annotation::Absent,
             account: Some(PodAccount {
                 name: "default".into(),
-                web_identity: false,
+                webhook: None,
             }),
         }
     }
@@ -1018,50 +1022,64 @@ mod tests {
     }
 
     #[test]
-    fn pods_with_irsas_web_identity_environment_are_left_to_irsa() {
-        let mut r = rules(Mode::Off);
-        let mut irsa = pod("irsa", UID_A, None);
-        irsa.account = Some(PodAccount {
-            name: "default".into(),
-            web_identity: true,
-        });
-        let left = refused(role(
-            &r,
-            &irsa,
-            &Namespace::Unrestricted,
-            &annotated("sa-role"),
-            false,
-        ));
-        assert_eq!((left.status, left.kind), (404, "no_role"));
-        assert!(
-            left.body.contains("left to IRSA")
-                && left
-                    .body
-                    .contains("AWS_ROLE_ARN, AWS_WEB_IDENTITY_TOKEN_FILE"),
-            "{}",
-            left.body
-        );
-        irsa.role = Annotation::Value("own".into());
-        assert!(matches!(
-            role(
+    fn pods_with_the_webhooks_credentials_environment_are_left_to_it() {
+        use crate::service_accounts::WebhookCredentials;
+        for (webhook, provider, env) in [
+            (
+                WebhookCredentials::WebIdentity,
+                "left to IRSA, whose web-identity environment",
+                "AWS_ROLE_ARN, AWS_WEB_IDENTITY_TOKEN_FILE",
+            ),
+            (
+                WebhookCredentials::ContainerCredentials,
+                "left to EKS Pod Identity, whose container-credentials environment",
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI, AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+            ),
+        ] {
+            let mut r = rules(Mode::Off);
+            let mut left_pod = pod("left", UID_A, None);
+            left_pod.account = Some(PodAccount {
+                name: "default".into(),
+                webhook: Some(webhook),
+            });
+            let left = refused(role(
                 &r,
-                &irsa,
+                &left_pod,
                 &Namespace::Unrestricted,
                 &annotated("sa-role"),
-                false
-            ),
-            Outcome::Ok(_)
-        ));
-        irsa.role = Annotation::Absent;
-        r.default_role = Some("fallback".into());
-        let d = served(role(
-            &r,
-            &irsa,
-            &Namespace::Unrestricted,
-            &annotated("sa-role"),
-            false,
-        ));
-        assert!(d.role.as_str().ends_with("/fallback"));
+                false,
+            ));
+            assert_eq!((left.status, left.kind), (404, "no_role"), "{webhook:?}");
+            assert!(
+                left.body.contains(provider) && left.body.contains(env),
+                "{}",
+                left.body
+            );
+            left_pod.role = Annotation::Value("own".into());
+            assert!(
+                matches!(
+                    role(
+                        &r,
+                        &left_pod,
+                        &Namespace::Unrestricted,
+                        &annotated("sa-role"),
+                        false
+                    ),
+                    Outcome::Ok(_)
+                ),
+                "the pod's own annotation still wins ({webhook:?})"
+            );
+            left_pod.role = Annotation::Absent;
+            r.default_role = Some("fallback".into());
+            let d = served(role(
+                &r,
+                &left_pod,
+                &Namespace::Unrestricted,
+                &annotated("sa-role"),
+                false,
+            ));
+            assert!(d.role.as_str().ends_with("/fallback"), "{webhook:?}");
+        }
     }
 
     #[test]

@@ -71,9 +71,11 @@ pub struct PodIdentity {
 pub struct PodAccount {
     /// `spec.serviceAccountName` (`default` when the spec names none).
     pub name: String,
-    /// Some container carries the web-identity environment the EKS pod identity webhook
-    /// injects for IRSA (`AWS_ROLE_ARN` and `AWS_WEB_IDENTITY_TOKEN_FILE`).
-    pub web_identity: bool,
+    /// The credentials environment the EKS pod identity webhook injected into some container:
+    /// IRSA's (`AWS_ROLE_ARN` and `AWS_WEB_IDENTITY_TOKEN_FILE`) or, when the ServiceAccount has
+    /// an EKS Pod Identity association, which takes precedence there, Pod Identity's
+    /// (`AWS_CONTAINER_CREDENTIALS_FULL_URI` and `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE`).
+    pub webhook: Option<crate::service_accounts::WebhookCredentials>,
 }
 
 impl PodIdentity {

@@ -462,11 +462,17 @@ pub fn session_name(raw: &str) -> String {
         .map(|c| if is_name_char(c) { c } else { '-' })
         .collect();
     if name.len() > MAX_SESSION_NAME {
-        // Keep it unique: a short hash of the full value replaces the cut tail.
-        let hash = fnv1a(raw.as_bytes());
-        name.truncate(MAX_SESSION_NAME - 9);
-        name.push('-');
-        name.push_str(&format!("{:08x}", hash as u32));
+        // Keep it unique, also against a pod that picks its name to take another's: 64 bits of
+        // SHA-256 of the full value replace the cut tail (a 32-bit FNV hash was matched by a
+        // chosen name in seconds), after a `_`, which no Kubernetes name has, so no name that
+        // is sent uncut can spell a cut one.
+        use sha2::Digest as _;
+        let digest = sha2::Sha256::digest(raw.as_bytes());
+        name.truncate(MAX_SESSION_NAME - 17);
+        name.push('_');
+        for byte in &digest[..8] {
+            name.push_str(&format!("{byte:02x}"));
+        }
     }
     while name.len() < 2 {
         name.push('-');
@@ -494,12 +500,6 @@ pub fn kube2iam_session_name(pod_ip: std::net::IpAddr, role: &RoleArn) -> String
         .chars()
         .take(MAX_SESSION_NAME)
         .collect()
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    })
 }
 
 #[cfg(test)]

@@ -4,9 +4,10 @@
 //!
 //! ServiceAccounts are watched metadata-only (`PartialObjectMetadata`): only annotations are
 //! needed, and secrets or token lists never reach the agent. Only annotated accounts are kept.
-//! A pod whose containers already carry IRSA's web-identity environment (injected by the EKS
-//! pod identity webhook) is left to IRSA: its SDK reads that environment before it ever asks the
-//! metadata service.
+//! A pod whose containers already carry the credentials environment the EKS pod identity webhook
+//! injects is left to it: IRSA's web-identity pair, or, when the ServiceAccount also has an EKS
+//! Pod Identity association (which takes precedence in the webhook), the container-credentials
+//! pair. SDKs read either before they ever ask the metadata service.
 
 use std::{
     collections::HashMap,
@@ -14,6 +15,7 @@ use std::{
         RwLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
+    time::Instant,
 };
 
 use clap::Args;
@@ -26,19 +28,67 @@ use kube::{
 };
 use kube2iam_common::ROLE_CAP;
 
-use crate::identity::{Annotation, PodAccount};
+use crate::{
+    credentials::{Admission, PREFETCH_WINDOW, PREFETCHES_PER_POD, PrefetchLimiter},
+    identity::{Annotation, PodAccount},
+};
 
 /// The annotation IRSA (the EKS pod identity webhook) reads on a ServiceAccount.
 pub const IRSA_ROLE_KEY: &str = "eks.amazonaws.com/role-arn";
 /// The environment the webhook injects into each container for IRSA.
 pub const WEB_IDENTITY_ENV: [&str; 2] = ["AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE"];
+/// The environment the webhook injects instead when the pod's ServiceAccount has an EKS Pod
+/// Identity association: the container-credentials method takes precedence over IRSA's
+/// (aws/amazon-eks-pod-identity-webhook, `pkg/handler/handler.go`, `buildPodPatchConfig`).
+pub const CONTAINER_CREDENTIALS_ENV: [&str; 2] = [
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+];
+
+/// Which credentials the EKS pod identity webhook gave a pod's containers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookCredentials {
+    /// IRSA: `AWS_ROLE_ARN` and `AWS_WEB_IDENTITY_TOKEN_FILE`.
+    WebIdentity,
+    /// EKS Pod Identity: `AWS_CONTAINER_CREDENTIALS_FULL_URI` and
+    /// `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE`.
+    ContainerCredentials,
+}
+
+impl WebhookCredentials {
+    /// The environment variables that make the SDK's provider, all of which a container carries.
+    pub fn env(self) -> [&'static str; 2] {
+        match self {
+            WebhookCredentials::WebIdentity => WEB_IDENTITY_ENV,
+            WebhookCredentials::ContainerCredentials => CONTAINER_CREDENTIALS_ENV,
+        }
+    }
+
+    /// Who serves the pod instead, as messages name it.
+    pub fn provider(self) -> &'static str {
+        match self {
+            WebhookCredentials::WebIdentity => "IRSA",
+            WebhookCredentials::ContainerCredentials => "EKS Pod Identity",
+        }
+    }
+
+    /// The SDK provider the environment makes, as messages name it.
+    pub fn method(self) -> &'static str {
+        match self {
+            WebhookCredentials::WebIdentity => "web-identity",
+            WebhookCredentials::ContainerCredentials => "container-credentials",
+        }
+    }
+}
 
 /// The flags (flattened into the run flags).
 #[derive(Debug, Clone, Args)]
 pub struct ServiceAccountArgs {
     /// Serve a pod without a role annotation the role its ServiceAccount's annotation names
     /// (--service-account-role-key), under the same namespace restrictions; the pod annotation
-    /// still wins. Pods that carry IRSA's web-identity environment are left to IRSA.
+    /// still wins. Pods that carry the environment of IRSA (AWS_ROLE_ARN,
+    /// AWS_WEB_IDENTITY_TOKEN_FILE) or of EKS Pod Identity (AWS_CONTAINER_CREDENTIALS_FULL_URI,
+    /// AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE) are left to it.
     #[arg(
         long,
         env = "SERVICE_ACCOUNT_ROLES",
@@ -55,7 +105,8 @@ pub struct ServiceAccountArgs {
 
 /// What the pod spec says about its service account: its name (`default` when the spec names
 /// none, as the API server's ServiceAccount admission sets it) and whether a container carries
-/// the web-identity environment.
+/// the credentials environment the EKS pod identity webhook injects (the container-credentials
+/// one first: the webhook injects it instead of the web-identity one when both apply).
 pub fn pod_account(spec: Option<&PodSpec>) -> PodAccount {
     let name = spec
         .and_then(|s| {
@@ -67,18 +118,27 @@ pub fn pod_account(spec: Option<&PodSpec>) -> PodAccount {
         })
         .unwrap_or("default")
         .to_owned();
-    let web_identity = spec.is_some_and(|s| {
-        s.containers
-            .iter()
-            .chain(s.init_containers.iter().flatten())
-            .any(|c| {
-                let env = c.env.as_deref().unwrap_or_default();
-                WEB_IDENTITY_ENV
-                    .iter()
-                    .all(|key| env.iter().any(|e| e.name == *key))
-            })
-    });
-    PodAccount { name, web_identity }
+    let carries = |credentials: WebhookCredentials| {
+        spec.is_some_and(|s| {
+            s.containers
+                .iter()
+                .chain(s.init_containers.iter().flatten())
+                .any(|c| {
+                    let env = c.env.as_deref().unwrap_or_default();
+                    credentials
+                        .env()
+                        .iter()
+                        .all(|key| env.iter().any(|e| e.name == *key))
+                })
+        })
+    };
+    let webhook = [
+        WebhookCredentials::ContainerCredentials,
+        WebhookCredentials::WebIdentity,
+    ]
+    .into_iter()
+    .find(|c| carries(*c));
+    PodAccount { name, webhook }
 }
 
 /// A ServiceAccount's role, as the watch knows it.
@@ -96,13 +156,25 @@ pub enum AccountRole {
 }
 
 /// The annotated ServiceAccounts, kept by a metadata-only watch.
-#[derive(Default)]
 pub struct ServiceAccounts {
     /// (namespace, name) → the role annotation, for annotated accounts only.
     roles: RwLock<HashMap<(String, String), Annotation>>,
     synced: AtomicBool,
     /// Watch failures that made the agent relist.
     pub restarts: AtomicU64,
+    /// Bounds the prefetches role changes of one account start ("namespace/name" → its role).
+    prefetches: PrefetchLimiter<Annotation>,
+}
+
+impl Default for ServiceAccounts {
+    fn default() -> Self {
+        ServiceAccounts {
+            roles: RwLock::default(),
+            synced: AtomicBool::new(false),
+            restarts: AtomicU64::new(0),
+            prefetches: PrefetchLimiter::new(PREFETCHES_PER_POD, PREFETCH_WINDOW),
+        }
+    }
 }
 
 impl ServiceAccounts {
@@ -156,7 +228,11 @@ impl ServiceAccounts {
 
     /// Watches ServiceAccounts (metadata only) until the task is dropped. `on_change(namespace,
     /// name)` runs for every annotated account once the first list is in, and for each account
-    /// whose role changes after that (the prefetch for the pods that use it).
+    /// whose role changes after that (the prefetch for the pods that use it), at most
+    /// [`PREFETCHES_PER_POD`] times per account in [`PREFETCH_WINDOW`]: one write to an account
+    /// reaches every pod that uses it on every node, so a tenant flipping the annotation must
+    /// not turn each flip into AssumeRole calls. Pods still get their role's credentials when
+    /// they ask.
     pub async fn watch(
         self: std::sync::Arc<Self>,
         client: Client,
@@ -169,64 +245,110 @@ impl ServiceAccounts {
             .boxed();
         let mut buffer: HashMap<(String, String), Annotation> = HashMap::new();
         while let Some(event) = events.next().await {
-            match event {
-                Ok(watcher::Event::Init) => buffer.clear(),
-                Ok(watcher::Event::InitApply(meta)) => {
-                    let (id, role) = Self::read(&meta, &key);
-                    if role != Annotation::Absent {
-                        buffer.insert(id, role);
-                    }
+            self.handle(event, &mut buffer, &key, &on_change, Instant::now());
+        }
+    }
+
+    /// One watch event: `buffer` holds a relist until it is complete.
+    fn handle(
+        &self,
+        event: Result<watcher::Event<PartialObjectMeta<ServiceAccount>>, watcher::Error>,
+        buffer: &mut HashMap<(String, String), Annotation>,
+        key: &str,
+        on_change: &impl Fn(&str, &str),
+        now: Instant,
+    ) {
+        match event {
+            Ok(watcher::Event::Init) => buffer.clear(),
+            Ok(watcher::Event::InitApply(meta)) => {
+                let (id, role) = Self::read(&meta, key);
+                if role != Annotation::Absent {
+                    buffer.insert(id, role);
                 }
-                Ok(watcher::Event::InitDone) => {
-                    let fresh = std::mem::take(&mut buffer);
-                    let changed: Vec<(String, String)> = {
-                        let mut roles = self.roles.write().unwrap_or_else(|p| p.into_inner());
-                        let mut changed: Vec<_> = fresh
-                            .iter()
-                            .filter(|(id, role)| roles.get(*id) != Some(*role))
-                            .map(|(id, _)| id.clone())
-                            .collect();
-                        changed.extend(roles.keys().filter(|id| !fresh.contains_key(*id)).cloned());
-                        *roles = fresh;
-                        changed
-                    };
-                    let first = !self.synced.swap(true, Ordering::AcqRel);
-                    let annotated: Vec<(String, String)> = self
-                        .roles
-                        .read()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .keys()
-                        .cloned()
+            }
+            Ok(watcher::Event::InitDone) => {
+                let fresh = std::mem::take(buffer);
+                let changed: Vec<(String, String)> = {
+                    let mut roles = self.roles.write().unwrap_or_else(|p| p.into_inner());
+                    let mut changed: Vec<_> = fresh
+                        .iter()
+                        .filter(|(id, role)| roles.get(*id) != Some(*role))
+                        .map(|(id, _)| id.clone())
                         .collect();
-                    tracing::info!(annotated = annotated.len(), "service account list synced");
-                    // The first list: every annotated account's pods waited for it.
-                    for (namespace, name) in if first { &annotated } else { &changed } {
-                        on_change(namespace, name);
-                    }
+                    changed.extend(roles.keys().filter(|id| !fresh.contains_key(*id)).cloned());
+                    *roles = fresh;
+                    changed
+                };
+                let first = !self.synced.swap(true, Ordering::AcqRel);
+                let annotated: Vec<(String, String)> = self
+                    .roles
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .keys()
+                    .cloned()
+                    .collect();
+                tracing::info!(annotated = annotated.len(), "service account list synced");
+                // The first list: every annotated account's pods waited for it.
+                for id in if first { &annotated } else { &changed } {
+                    self.changed(id, on_change, now);
                 }
-                Ok(watcher::Event::Apply(meta)) => {
-                    let (id, role) = Self::read(&meta, &key);
-                    if self.apply(id.clone(), role.clone()) {
-                        tracing::info!(
-                            service_account = format!("{}/{}", id.0, id.1),
-                            role = ?role,
-                            "service account role changed"
-                        );
-                        on_change(&id.0, &id.1);
-                    }
+            }
+            Ok(watcher::Event::Apply(meta)) => {
+                let (id, role) = Self::read(&meta, key);
+                if self.apply(id.clone(), role.clone()) {
+                    tracing::info!(
+                        service_account = format!("{}/{}", id.0, id.1),
+                        role = ?role,
+                        "service account role changed"
+                    );
+                    self.changed(&id, on_change, now);
                 }
-                Ok(watcher::Event::Delete(meta)) => {
-                    let (id, _) = Self::read(&meta, &key);
-                    if self.apply(id.clone(), Annotation::Absent) {
-                        on_change(&id.0, &id.1);
-                    }
+            }
+            Ok(watcher::Event::Delete(meta)) => {
+                let (id, _) = Self::read(&meta, key);
+                if self.apply(id.clone(), Annotation::Absent) {
+                    self.changed(&id, on_change, now);
                 }
-                Err(error) => {
-                    self.restarts.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%error, "service account watch failed; relisting with backoff");
+            }
+            Err(error) => {
+                self.restarts.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%error, "service account watch failed; relisting with backoff");
+            }
+        }
+    }
+
+    /// Runs `on_change` for the account `id`, whose role just changed, within its budget.
+    fn changed(&self, id: &(String, String), on_change: &impl Fn(&str, &str), now: Instant) {
+        let role = self
+            .roles
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+            .unwrap_or(Annotation::Absent);
+        match self
+            .prefetches
+            .admit(&format!("{}/{}", id.0, id.1), &role, now)
+        {
+            Admission::Admitted => on_change(&id.0, &id.1),
+            Admission::Limited { first } => {
+                if first {
+                    tracing::warn!(
+                        service_account = format!("{}/{}", id.0, id.1),
+                        per_account = PREFETCHES_PER_POD,
+                        window = ?PREFETCH_WINDOW,
+                        "the service account's role annotation keeps changing; no more \
+                         prefetches for its pods in this window (they still get credentials \
+                         when they ask)"
+                    );
                 }
             }
         }
+    }
+
+    /// Forgets the prefetch budgets of accounts that have not changed for a while.
+    pub fn prune(&self, now: Instant) -> usize {
+        self.prefetches.prune(now)
     }
 
     /// A store filled by hand, for unit tests of the callers.
@@ -266,31 +388,154 @@ mod tests {
     }
 
     #[test]
-    fn the_webhooks_web_identity_environment_is_recognized_in_any_container() {
+    fn the_webhooks_credentials_environment_is_recognized_in_any_container() {
         let env = |names: &[&str]| -> serde_json::Value {
             names
                 .iter()
                 .map(|n| serde_json::json!({"name": n, "value": "x"}))
                 .collect()
         };
-        let irsa = spec(serde_json::json!({
-            "containers": [{"name": "sidecar"},
-                           {"name": "app", "env": env(&["AWS_REGION", "AWS_ROLE_ARN",
-                                                         "AWS_WEB_IDENTITY_TOKEN_FILE"])}],
-        }));
-        assert!(pod_account(Some(&irsa)).web_identity);
-        let init = spec(serde_json::json!({
-            "containers": [{"name": "app"}],
-            "initContainers": [{"name": "init", "env": env(&WEB_IDENTITY_ENV)}],
-        }));
-        assert!(pod_account(Some(&init)).web_identity);
-        let half = spec(serde_json::json!({
-            "containers": [{"name": "app", "env": env(&["AWS_ROLE_ARN"])}],
-        }));
-        assert!(
-            !pod_account(Some(&half)).web_identity,
+        let webhook = |pod: serde_json::Value| pod_account(Some(&spec(pod))).webhook;
+        assert_eq!(
+            webhook(serde_json::json!({
+                "containers": [{"name": "sidecar"},
+                               {"name": "app", "env": env(&["AWS_REGION", "AWS_ROLE_ARN",
+                                                             "AWS_WEB_IDENTITY_TOKEN_FILE"])}],
+            })),
+            Some(WebhookCredentials::WebIdentity)
+        );
+        assert_eq!(
+            webhook(serde_json::json!({
+                "containers": [{"name": "app"}],
+                "initContainers": [{"name": "init", "env": env(&WEB_IDENTITY_ENV)}],
+            })),
+            Some(WebhookCredentials::WebIdentity)
+        );
+        assert_eq!(
+            webhook(serde_json::json!({
+                "containers": [{"name": "app", "env": env(&["AWS_ROLE_ARN"])}],
+            })),
+            None,
             "both variables make the web-identity provider"
         );
+        // A ServiceAccount with an EKS Pod Identity association: the webhook injects the
+        // container-credentials pair instead of IRSA's.
+        assert_eq!(
+            webhook(serde_json::json!({
+                "containers": [{"name": "sidecar"},
+                               {"name": "app", "env": env(&[
+                                   "AWS_STS_REGIONAL_ENDPOINTS",
+                                   "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                                   "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+                               ])}],
+            })),
+            Some(WebhookCredentials::ContainerCredentials)
+        );
+        assert_eq!(
+            webhook(serde_json::json!({
+                "containers": [{"name": "app"}],
+                "initContainers": [{"name": "init", "env": env(&CONTAINER_CREDENTIALS_ENV)}],
+            })),
+            Some(WebhookCredentials::ContainerCredentials)
+        );
+        for half in CONTAINER_CREDENTIALS_ENV {
+            assert_eq!(
+                webhook(serde_json::json!({
+                    "containers": [{"name": "app", "env": env(&[half])}],
+                })),
+                None,
+                "both variables are what the webhook injects ({half} alone is not)"
+            );
+        }
+        assert_eq!(
+            webhook(serde_json::json!({
+                "containers": [{"name": "a", "env": env(&WEB_IDENTITY_ENV)},
+                               {"name": "b", "env": env(&CONTAINER_CREDENTIALS_ENV)}],
+            })),
+            Some(WebhookCredentials::ContainerCredentials),
+            "the method the webhook prefers is named"
+        );
+        assert_eq!(
+            webhook(serde_json::json!({"containers": [{"name": "app"}]})),
+            None
+        );
+    }
+
+    fn account(
+        namespace: &str,
+        name: &str,
+        role: Option<&str>,
+    ) -> PartialObjectMeta<ServiceAccount> {
+        use kube::core::PartialObjectMetaExt as _;
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            namespace: Some(namespace.into()),
+            name: Some(name.into()),
+            annotations: role.map(|r| [(IRSA_ROLE_KEY.to_owned(), r.to_owned())].into()),
+            ..Default::default()
+        }
+        .into_response_partial()
+    }
+
+    #[test]
+    fn a_tenant_flipping_an_accounts_annotation_starts_few_prefetches() {
+        let store = ServiceAccounts::default();
+        let calls = std::cell::RefCell::new(Vec::new());
+        let on_change = |ns: &str, name: &str| calls.borrow_mut().push(format!("{ns}/{name}"));
+        let mut buffer = HashMap::new();
+        let now = Instant::now();
+        let mut handle = |event: watcher::Event<PartialObjectMeta<ServiceAccount>>| {
+            store.handle(Ok(event), &mut buffer, IRSA_ROLE_KEY, &on_change, now)
+        };
+        handle(watcher::Event::Init);
+        handle(watcher::Event::InitApply(account(
+            "team",
+            "app",
+            Some("r-0"),
+        )));
+        handle(watcher::Event::InitApply(account(
+            "other",
+            "app",
+            Some("x"),
+        )));
+        handle(watcher::Event::InitDone);
+        assert_eq!(
+            calls.borrow().len(),
+            2,
+            "every annotated account after the first list"
+        );
+        // One write per flip; each one would reach every pod of the account on every node.
+        for i in 1..=20 {
+            handle(watcher::Event::Apply(account(
+                "team",
+                "app",
+                Some(&format!("r-{i}")),
+            )));
+        }
+        let team = calls.borrow().iter().filter(|c| *c == "team/app").count();
+        assert_eq!(
+            team as u32, PREFETCHES_PER_POD,
+            "the list and then changes, within the budget"
+        );
+        assert_eq!(
+            store.role("team", "app"),
+            AccountRole::Annotated {
+                account: "app".into(),
+                role: Annotation::Value("r-20".into())
+            },
+            "requests still get the current role"
+        );
+        // Other accounts keep their own budget.
+        handle(watcher::Event::Apply(account("other", "app", Some("y"))));
+        assert_eq!(calls.borrow().last().map(String::as_str), Some("other/app"));
+        // After the window, changes start prefetches again.
+        store.handle(
+            Ok(watcher::Event::Apply(account("team", "app", Some("r-21")))),
+            &mut HashMap::new(),
+            IRSA_ROLE_KEY,
+            &on_change,
+            now + PREFETCH_WINDOW,
+        );
+        assert_eq!(calls.borrow().last().map(String::as_str), Some("team/app"));
     }
 
     #[test]

@@ -2,11 +2,12 @@
 //! attribute-based policies written for Pod Identity (`aws:PrincipalTag/kubernetes-namespace`)
 //! work unchanged and CloudTrail shows which pod acted.
 //!
-//! The tag keys are the six of the EKS User Guide's "List of session tags added by EKS Pod
-//! Identity". Which of them are sent decides how sessions are shared: with the service-account
-//! scope only the cluster, namespace and service account are tagged, and pods of one service
-//! account with one role share a session; with the pod scope the pod's name and UID are tagged
-//! too, which makes every session a pod's own.
+//! The tag keys are the six of the EKS User Guide's "Enable session tags" (`pod-id-abac.adoc`,
+//! `#pod-id-abac-tags`; formerly "List of session tags added by EKS Pod Identity"). Which of
+//! them are sent decides how sessions are shared: with the service-account scope only the
+//! cluster, namespace and service account are tagged, and pods of one service account with one
+//! role share a session; with the pod scope the pod's name and UID are tagged too, which makes
+//! every session a pod's own.
 
 use std::fmt;
 
@@ -27,7 +28,7 @@ pub const KUBERNETES_SERVICE_ACCOUNT: &str = "kubernetes-service-account";
 pub const KUBERNETES_POD_NAME: &str = "kubernetes-pod-name";
 pub const KUBERNETES_POD_UID: &str = "kubernetes-pod-uid";
 
-/// STS limits on session tags (the STS API's `tagValueType`).
+/// STS limits on session tags (the STS API's `tagValueType`): characters, not bytes.
 pub const MAX_TAG_VALUE: usize = 256;
 
 /// Which session tags are sent.
@@ -50,8 +51,9 @@ pub struct SessionTagArgs {
     /// kubernetes-namespace, kubernetes-service-account, kubernetes-pod-name,
     /// kubernetes-pod-uid), all transitive. `pod` (also `--session-tags` alone) sends the six
     /// and makes every session a pod's own; `service-account` sends the first four and shares a
-    /// session among the pods of one service account. Roles' trust policies must then allow
-    /// sts:TagSession.
+    /// session among the pods of one service account. The node's role then needs sts:TagSession
+    /// on the roles besides sts:AssumeRole, in its permissions policy and in each role's trust
+    /// policy.
     #[arg(
         long,
         env = "SESSION_TAGS",
@@ -70,8 +72,9 @@ pub struct SessionTagArgs {
     #[arg(long, env = "CLUSTER_NAME")]
     pub cluster_name: Option<String>,
     /// Set the STS source identity to `<namespace>.<pod>`: it shows in CloudTrail and stays
-    /// with the session through role chaining. Makes every session a pod's own; roles' trust
-    /// policies must allow sts:SetSourceIdentity.
+    /// with the session through role chaining. Makes every session a pod's own; the node's role
+    /// then needs sts:SetSourceIdentity on the roles, in its permissions policy and in each role's
+    /// trust policy.
     #[arg(
         long,
         env = "SOURCE_IDENTITY",
@@ -121,8 +124,10 @@ impl SessionTags {
         self.tags.is_empty() && self.source_identity.is_none()
     }
 
-    /// The permissions-only actions the role's trust policy must allow for this session besides
-    /// sts:AssumeRole, with the flag that asks for each.
+    /// The permissions-only actions the node's role must be allowed on the role for this session
+    /// besides sts:AssumeRole (in its own permissions policy and in the role's trust policy: IAM
+    /// User Guide, "Permissions required to add session tags" and "Permissions required to set
+    /// source identity"), with the flag that asks for each.
     pub fn required_actions(&self) -> Vec<(&'static str, &'static str)> {
         let mut out = Vec::new();
         if !self.tags.is_empty() {
@@ -143,8 +148,9 @@ impl SessionTags {
         let names: Vec<&str> = actions.iter().map(|(action, _)| *action).collect();
         let flags: Vec<&str> = actions.iter().map(|(_, flag)| *flag).collect();
         Some(format!(
-            "this AssumeRole carried {} ({}): the trust policy of {role} must allow {} for the \
-             node's role besides sts:AssumeRole",
+            "this AssumeRole carried {} ({}): the node's role must be allowed {} on {role} \
+             besides sts:AssumeRole: in the trust policy of {role} and in the node role's \
+             permissions policy",
             if names.len() == 1 && names[0] == "sts:TagSession" {
                 "session tags"
             } else if names.len() == 1 {
@@ -189,21 +195,25 @@ impl fmt::Display for Missing {
     }
 }
 
-/// Checks a value against STS's tag value rules (`[\p{L}\p{Z}\p{N}_.:/=+\-@]*`, at most 256).
+/// Checks a value against STS's tag value rules: at most 256 characters matching
+/// `[\p{L}\p{Z}\p{N}_.:/=+\-@]*` (the STS API's `tagValueType`). Approximately that pattern:
+/// Rust's alphanumeric is Unicode's Alphabetic (letters, plus some combining marks) or Numeric,
+/// and its whitespace without the control characters (tab, newline, ...) is the separators.
 pub fn check_tag_value(value: &str) -> Result<(), String> {
-    if value.len() > MAX_TAG_VALUE {
+    let chars = value.chars().count();
+    if chars > MAX_TAG_VALUE {
         return Err(format!(
-            "{} bytes, STS allows at most {MAX_TAG_VALUE}",
-            value.len()
+            "{chars} characters, STS allows at most {MAX_TAG_VALUE}"
         ));
     }
-    match value
-        .chars()
-        .find(|c| !(c.is_alphanumeric() || c.is_whitespace() || "_.:/=+-@".contains(*c)))
-    {
-        Some(c) => Err(format!(
-            "{c:?} is not allowed (letters, digits, spaces and _.:/=+-@ are)"
+    let allowed = "letters, digits, spaces and _.:/=+-@ are";
+    match value.chars().find(|c| {
+        !(c.is_alphanumeric() || (c.is_whitespace() && !c.is_control()) || "_.:/=+-@".contains(*c))
+    }) {
+        Some(c) if c.is_control() => Err(format!(
+            "{c:?} is a control character, which STS refuses ({allowed})"
         )),
+        Some(c) => Err(format!("{c:?} is not allowed ({allowed})")),
         None => Ok(()),
     }
 }
@@ -239,19 +249,32 @@ pub fn cluster_name_of(arn: &str) -> Option<&str> {
 
 impl SessionTagging {
     pub fn from_args(args: &SessionTagArgs) -> Result<SessionTagging, Error> {
-        let arn = match &args.cluster_arn {
-            Some(arn) if !arn.trim().is_empty() => {
-                let arn = arn.trim();
+        // Surrounding whitespace (a value read from a file with its newline) is dropped; what
+        // is left is checked as the tag value it becomes before anything else, so a control
+        // character inside (a tab, a newline), which STS would refuse on every AssumeRole,
+        // stops the start with the flag named.
+        fn tag_value<'a>(
+            flag: &'static str,
+            value: Option<&'a str>,
+        ) -> Result<Option<&'a str>, Error> {
+            let value = value.map(str::trim).filter(|v| !v.is_empty());
+            if let Some(value) = value {
+                check_tag_value(value).map_err(|reason| Error::TagValue {
+                    flag,
+                    value: value.into(),
+                    reason,
+                })?;
+            }
+            Ok(value)
+        }
+        let arn = match tag_value("--cluster-arn", args.cluster_arn.as_deref())? {
+            Some(arn) => {
                 let name = cluster_name_of(arn).ok_or_else(|| Error::ClusterArn(arn.into()))?;
                 Some((arn.to_owned(), name.to_owned()))
             }
-            _ => None,
+            None => None,
         };
-        let name = args
-            .cluster_name
-            .as_deref()
-            .map(str::trim)
-            .filter(|n| !n.is_empty());
+        let name = tag_value("--cluster-name", args.cluster_name.as_deref())?;
         let cluster = match (arn, name) {
             (Some((arn, from_arn)), Some(name)) if name != from_arn => {
                 return Err(Error::NameMismatch {
@@ -263,28 +286,14 @@ impl SessionTagging {
                 arn: Some(arn),
                 name,
             }),
-            (None, Some(name)) => {
-                check_tag_value(name).map_err(|reason| Error::TagValue {
-                    flag: "--cluster-name",
-                    value: name.into(),
-                    reason,
-                })?;
-                Some(Cluster {
-                    arn: None,
-                    name: name.into(),
-                })
-            }
+            (None, Some(name)) => Some(Cluster {
+                arn: None,
+                name: name.into(),
+            }),
             (None, None) => None,
         };
         if args.session_tags != TagScope::Off && cluster.is_none() {
             return Err(Error::NoCluster);
-        }
-        if let Some(Cluster { arn: Some(arn), .. }) = &cluster {
-            check_tag_value(arn).map_err(|reason| Error::TagValue {
-                flag: "--cluster-arn",
-                value: arn.clone(),
-                reason,
-            })?;
         }
         Ok(SessionTagging {
             scope: args.session_tags,
@@ -412,7 +421,7 @@ mod tests {
             external_id: Annotation::Absent,
             account: account.map(|name| PodAccount {
                 name: name.into(),
-                web_identity: false,
+                webhook: None,
             }),
         }
     }
@@ -498,6 +507,45 @@ mod tests {
     }
 
     #[test]
+    fn no_pod_can_take_a_long_named_pods_source_identity() {
+        // A CronJob's pod: `<namespace>.<pod>` is over 64 characters, so its tail is hashed.
+        let victim = source_identity(
+            "team-a",
+            "nightly-billing-report-exporter-to-warehouse-29384756-x7k2q",
+        );
+        assert_eq!(victim.len(), 64);
+        // Another pod of the namespace named after the victim's source identity, as far as a
+        // pod name (a DNS subdomain) can spell it: short enough to be sent as it is.
+        let named_after: String = victim
+            .strip_prefix("team-a.")
+            .unwrap()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        assert_ne!(
+            source_identity("team-a", &named_after),
+            victim,
+            "a name that is not cut never looks like a cut one"
+        );
+        // A pod name chosen so that the 32-bit FNV-1a hash of `team-a.<name>` equals the
+        // victim's (found by meet-in-the-middle in seconds): the hash must resist that.
+        assert_ne!(
+            source_identity(
+                "team-a",
+                "nightly-billing-report-exporter-to-warehouse-293zzpnxyad91"
+            ),
+            victim,
+            "the hash of a cut name resists chosen collisions"
+        );
+    }
+
+    #[test]
     fn cluster_flags_are_checked() {
         assert_eq!(
             SessionTagging::from_args(&args(TagScope::Pod, None, None)),
@@ -547,10 +595,15 @@ mod tests {
         let hint = tags
             .denial_hint("arn:aws:iam::123456789012:role/web")
             .unwrap();
-        assert!(
-            hint.contains("sts:TagSession and sts:SetSourceIdentity")
-                && hint.contains("arn:aws:iam::123456789012:role/web"),
-            "{hint}"
+        // Both policies are named: STS checks the node role's permissions policy as well as
+        // the role's trust policy for the permissions-only actions.
+        assert_eq!(
+            hint,
+            "this AssumeRole carried session tags and a source identity (--session-tags, \
+             --source-identity): the node's role must be allowed sts:TagSession and \
+             sts:SetSourceIdentity on arn:aws:iam::123456789012:role/web besides \
+             sts:AssumeRole: in the trust policy of arn:aws:iam::123456789012:role/web and in \
+             the node role's permissions policy"
         );
         assert_eq!(SessionTags::default().denial_hint("r"), None);
     }
@@ -560,7 +613,66 @@ mod tests {
         assert!(check_tag_value("arn:aws:eks:us-east-1:123456789012:cluster/a_b").is_ok());
         assert!(check_tag_value("kube-system").is_ok());
         assert!(check_tag_value("a,b").is_err());
-        assert!(check_tag_value(&"x".repeat(257)).is_err());
+        // STS counts characters: 256 letters of two bytes each are allowed, 257 are not.
+        assert!(check_tag_value(&"x".repeat(256)).is_ok());
+        assert_eq!(
+            check_tag_value(&"é".repeat(256)),
+            Ok(()),
+            "512 bytes, 256 characters"
+        );
+        let long = check_tag_value(&"é".repeat(257)).unwrap_err();
+        assert!(long.contains("257 characters"), "{long}");
+        // Letters, digits and separators of any script (\p{L}, \p{N}, \p{Z}).
+        assert!(check_tag_value("équipe 東京 ٣\u{a0}x\u{2028}y").is_ok());
+        // White space that is a control character is not a separator: STS refuses it.
+        for control in ["a\tb", "a\nb", "a\rb", "a\u{b}b", "a\u{85}b", "a\u{0}b"] {
+            let err = check_tag_value(control).unwrap_err();
+            assert!(err.contains("is a control character"), "{control:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn control_characters_in_the_cluster_flags_stop_the_start() {
+        for (arn, name, flag) in [
+            (
+                Some("arn:aws:eks:eu\twest-1:123456789012:cluster/prod-1"),
+                None,
+                "--cluster-arn",
+            ),
+            (
+                Some("arn:aws:eks:eu-west-1:123456789012:cluster/prod\n1"),
+                None,
+                "--cluster-arn",
+            ),
+            (None, Some("prod\t1"), "--cluster-name"),
+            (None, Some("prod\n1"), "--cluster-name"),
+            (Some(ARN), Some("prod-1\n2"), "--cluster-name"),
+        ] {
+            let err = SessionTagging::from_args(&args(TagScope::Pod, arn, name)).unwrap_err();
+            assert!(
+                matches!(&err, Error::TagValue { flag: f, .. } if *f == flag),
+                "{arn:?} {name:?}: {err}"
+            );
+            let message = err.to_string();
+            assert!(
+                message.starts_with(flag) && message.contains("is a control character"),
+                "{message}"
+            );
+        }
+        // A trailing newline (a value read from a file) is not part of the value.
+        let trimmed = SessionTagging::from_args(&args(
+            TagScope::Pod,
+            Some(&format!("{ARN}\n")),
+            Some("prod-1\n"),
+        ))
+        .unwrap();
+        assert_eq!(
+            trimmed.cluster,
+            Some(Cluster {
+                arn: Some(ARN.into()),
+                name: "prod-1".into()
+            })
+        );
     }
 
     #[test]

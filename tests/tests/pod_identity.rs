@@ -511,7 +511,7 @@ fn namespace_restrictions_apply_to_service_account_roles() {
 }
 
 #[test]
-fn pods_with_irsas_web_identity_environment_are_left_to_irsa() {
+fn pods_with_the_webhooks_credentials_environment_are_left_to_it() {
     let node = TestNode::new();
     let world = accounts_world(&node, &[]);
     world.api.add_service_account(
@@ -519,7 +519,8 @@ fn pods_with_irsas_web_identity_environment_are_left_to_irsa() {
     );
     let irsa = node.add_pod("a");
     let plain = node.add_pod("b");
-    // What the EKS pod identity webhook injects into each container.
+    let pod_identity = node.add_pod("c");
+    // What the EKS pod identity webhook injects into each container for IRSA.
     world.add_pod_of_account(
         &irsa,
         "shop",
@@ -535,8 +536,29 @@ fn pods_with_irsas_web_identity_environment_are_left_to_irsa() {
             ),
         ],
     );
+    // What it injects instead when the ServiceAccount also has an EKS Pod Identity association
+    // (its defaults for the URI and the token path).
+    world.add_pod_of_account(
+        &pod_identity,
+        "shop",
+        "pod-identity",
+        "billing",
+        &[],
+        &[
+            ("AWS_STS_REGIONAL_ENDPOINTS", "regional"),
+            (
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                "http://169.254.170.23/v1/credentials",
+            ),
+            (
+                "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+                "/var/run/secrets/pods.eks.amazonaws.com/serviceaccount/eks-pod-identity-token",
+            ),
+        ],
+    );
     world.add_pod_of_account(&plain, "shop", "plain", "billing", &[], &[]);
     world.wait_known(&node, &irsa);
+    world.wait_known(&node, &pod_identity);
     world.wait_known(&node, &plain);
 
     let (status, body) = pod_get(&irsa, CREDS, &[]);
@@ -545,8 +567,15 @@ fn pods_with_irsas_web_identity_environment_are_left_to_irsa() {
         body.contains("left to IRSA") && body.contains("AWS_WEB_IDENTITY_TOKEN_FILE"),
         "{body}"
     );
-    // The pod beside it, on the same account without the environment, gets the role; the IRSA
-    // pod caused no AssumeRole (no prefetch either).
+    let (status, body) = pod_get(&pod_identity, CREDS, &[]);
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body.contains("left to EKS Pod Identity")
+            && body.contains("AWS_CONTAINER_CREDENTIALS_FULL_URI"),
+        "{body}"
+    );
+    // The pod beside them, on the same account without the environment, gets the role; the
+    // pods left to the webhook's credentials caused no AssumeRole (no prefetch either).
     let doc = creds(&world, &plain);
     let requests = world.sts.assume_role_requests();
     assert_eq!(requests.len(), 1, "{requests:?}");
@@ -554,7 +583,9 @@ fn pods_with_irsas_web_identity_environment_are_left_to_irsa() {
         Some(doc.access_key_id.clone()),
         world.moto_key_for(&role_arn("billing-role"))
     );
-    let (status, _) = pod_get(&irsa, &format!("{CREDS}billing-role"), &[]);
-    assert_eq!(status, 404);
-    world.assert_no_leak(&[&irsa, &plain], &[&as_client(&doc)]);
+    for left in [&irsa, &pod_identity] {
+        let (status, _) = pod_get(left, &format!("{CREDS}billing-role"), &[]);
+        assert_eq!(status, 404);
+    }
+    world.assert_no_leak(&[&irsa, &pod_identity, &plain], &[&as_client(&doc)]);
 }
