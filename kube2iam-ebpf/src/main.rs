@@ -558,8 +558,8 @@ const NODE_GUARD_MAX_TAGS: usize = 8;
 /// forwarded to the metadata service. No packet entering the node is addressed to that service
 /// legitimately: the node's own traffic to it never enters by a device (its replies come from
 /// the service's address, not to it). Unlike the pod guard it lets VLAN-tagged frames through,
-/// which uplinks carry: the kernel removes the tags and runs tc ingress again, on the VLAN
-/// device or, for priority tags, on this one, where the packet inside is checked.
+/// which uplinks carry: the kernel removes the outer tag before tc ingress runs and runs it
+/// again on a VLAN device; the tags after it are read past here (see `try_node_guard`).
 #[classifier]
 pub fn k2i_node_guard(ctx: TcContext) -> i32 {
     match try_node_guard(&ctx) {
