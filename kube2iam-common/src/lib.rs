@@ -178,7 +178,8 @@ pub enum Counter {
     /// The egress backstop dropped such an IPv6 packet.
     EgressDropped6 = 14,
     /// The packet guard dropped a VLAN-tagged frame from a pod (pods send none; stacked tags
-    /// would otherwise hide the metadata address).
+    /// would otherwise hide the metadata address), or the node guard a frame with more stacked
+    /// tags than it reads.
     GuardDroppedTagged = 15,
     /// The node guard dropped an IPv4 packet that entered the node by an interface other than
     /// a pod's (a tunnel or overlay device after decapsulation, the uplink) addressed to the

@@ -549,6 +549,8 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
+/// How many VLAN tags the node guard reads past after the one the kernel took off.
+const NODE_GUARD_MAX_TAGS: usize = 8;
 
 /// The node guard, on tc ingress of every other interface of the node but loopback: the uplink,
 /// and the tunnel and overlay devices (VXLAN, Geneve, IPIP, GRE, WireGuard) where a packet a pod
@@ -556,8 +558,8 @@ const ETH_P_8021AD: u16 = 0x88a8;
 /// forwarded to the metadata service. No packet entering the node is addressed to that service
 /// legitimately: the node's own traffic to it never enters by a device (its replies come from
 /// the service's address, not to it). Unlike the pod guard it lets VLAN-tagged frames through,
-/// which uplinks carry: the kernel removes the tags and runs tc ingress again, on the VLAN
-/// device or, for priority tags, on this one, where the packet inside is checked.
+/// which uplinks carry: the kernel removes the outer tag before tc ingress runs and runs it
+/// again on a VLAN device; the tags after it are read past here (see `try_node_guard`).
 #[classifier]
 pub fn k2i_node_guard(ctx: TcContext) -> i32 {
     match try_node_guard(&ctx) {
@@ -578,7 +580,8 @@ fn try_node_guard(ctx: &TcContext) -> Option<Counter> {
     // WireGuard have no link-layer header, and the packet starts at its IP header there. Loads
     // are relative to the network header for the same reason.
     // SAFETY: the context pointer; protocol is readable at 4 bytes (network order in the low 16).
-    let proto = u16::from_be(unsafe { read_volatile(addr_of!((*ctx.skb.skb).protocol)) } as u16);
+    let mut proto =
+        u16::from_be(unsafe { read_volatile(addr_of!((*ctx.skb.skb).protocol)) } as u16);
     let load = |offset: usize| -> Option<u32> {
         let mut word = 0u32;
         // SAFETY: the context's skb, a 4-byte local buffer of the stated length.
@@ -593,7 +596,24 @@ fn try_node_guard(ctx: &TcContext) -> Option<Counter> {
         };
         (ret == 0).then_some(word)
     };
-    match metadata_dst(proto, load)? {
+    // The kernel takes the outermost VLAN tag off before tc ingress runs; a VLAN ethertype here
+    // means more tags follow, and tc does not run again for them: with no VLAN device for the
+    // outer tag, a priority tag (VLAN ID 0) is stripped in place and the next one with it, until
+    // the IP packet inside goes up the stack on this device. So read past every remaining tag
+    // (TCI, then the ethertype inside) whatever its VLAN ID, and drop a frame with more tags
+    // than are read here, which no uplink carries.
+    let mut offset = 0usize;
+    for _ in 0..NODE_GUARD_MAX_TAGS {
+        if proto != ETH_P_8021Q && proto != ETH_P_8021AD {
+            break;
+        }
+        proto = u32::from_be(load(offset)?) as u16;
+        offset += 4;
+    }
+    if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+        return Some(Counter::GuardDroppedTagged);
+    }
+    match metadata_dst(proto, |o| load(offset + o))? {
         Counter::GuardDropped4 => Some(Counter::NodeGuardDropped4),
         _ => Some(Counter::NodeGuardDropped6),
     }

@@ -176,8 +176,16 @@ fn inner_udp(src: IpAddr, dst: IpAddr, port: u16) -> Result<(Vec<u8>, u16), Stri
 
 /// A VXLAN packet (VNI 1) around an Ethernet frame to `mac` holding `inner`'s datagram, sent as
 /// a UDP datagram to `outer`.
-fn vxlan(outer: SocketAddr, mac: [u8; 6], inner: (IpAddr, IpAddr, u16)) -> Result<(), String> {
+/// With `vlan_tags`, the inner frame carries that many stacked 802.1Q tags with VLAN ID 0
+/// (priority tags) around the IP packet.
+fn vxlan(
+    outer: SocketAddr,
+    mac: [u8; 6],
+    inner: (IpAddr, IpAddr, u16),
+    vlan_tags: usize,
+) -> Result<(), String> {
     let (packet, ethertype) = inner_udp(inner.0, inner.1, inner.2)?;
+    let (packet, ethertype) = priority_tagged(packet, ethertype, vlan_tags);
     // Flags: VNI present; VNI 1.
     let mut vxlan = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
     vxlan.extend_from_slice(&ethernet(mac, [0x02, 0, 0, 0, 0, 0x02], ethertype, &packet));
@@ -312,18 +320,7 @@ fn frame(
     udp.extend_from_slice(&[0, 0]); // no UDP checksum (allowed for IPv4)
     udp.extend_from_slice(payload);
     let ip = ipv4(src, dst, libc::IPPROTO_UDP as u8, &udp);
-    // `vlan_tags` stacked 802.1Q tags with VLAN ID 0 (priority tags, which the kernel strips on
-    // the way in) around the IPv4 packet.
-    let mut inner = ip;
-    let mut ethertype = ETH_P_IP;
-    for _ in 0..vlan_tags {
-        let mut tagged = Vec::with_capacity(inner.len() + 4);
-        tagged.extend_from_slice(&[0, 0]); // TCI: priority 0, VLAN 0
-        tagged.extend_from_slice(&ethertype.to_be_bytes());
-        tagged.extend_from_slice(&inner);
-        inner = tagged;
-        ethertype = 0x8100;
-    }
+    let (inner, ethertype) = priority_tagged(ip, ETH_P_IP, vlan_tags);
     // A locally administered source.
     let packet = ethernet(dst_mac, [0x02, 0, 0, 0, 0, 0x01], ethertype, &inner);
     // SAFETY: zeroed sockaddr_ll is valid; fields set below.
@@ -333,6 +330,22 @@ fn frame(
     addr.sll_halen = 6;
     addr.sll_addr[..6].copy_from_slice(&dst_mac);
     send_and_close(fd, &packet, &addr)
+}
+
+/// `vlan_tags` stacked 802.1Q tags with VLAN ID 0 (priority tags, which the kernel strips on
+/// the way in) around `packet` of `ethertype`; the tagged payload and its outer ethertype.
+fn priority_tagged(packet: Vec<u8>, ethertype: u16, vlan_tags: usize) -> (Vec<u8>, u16) {
+    let mut inner = packet;
+    let mut ethertype = ethertype;
+    for _ in 0..vlan_tags {
+        let mut tagged = Vec::with_capacity(inner.len() + 4);
+        tagged.extend_from_slice(&[0, 0]); // TCI: priority 0, VLAN 0
+        tagged.extend_from_slice(&ethertype.to_be_bytes());
+        tagged.extend_from_slice(&inner);
+        inner = tagged;
+        ethertype = 0x8100;
+    }
+    (inner, ethertype)
 }
 
 fn run(args: &[String]) -> Result<(), String> {
@@ -359,7 +372,14 @@ fn run(args: &[String]) -> Result<(), String> {
             let any = |s: &String| s.parse::<IpAddr>().map_err(|e| format!("{s}: {e}"));
             let mac = parse_mac(mac).ok_or_else(|| format!("{mac}: not a MAC address"))?;
             let outer = SocketAddr::from((ip(outer)?, port(udp_port)?));
-            vxlan(outer, mac, (any(src)?, any(dst)?, port(p)?))
+            vxlan(outer, mac, (any(src)?, any(dst)?, port(p)?), 0)
+        }
+        [cmd, outer, udp_port, mac, src, dst, p, tags] if cmd == "vxlan" => {
+            let any = |s: &String| s.parse::<IpAddr>().map_err(|e| format!("{s}: {e}"));
+            let mac = parse_mac(mac).ok_or_else(|| format!("{mac}: not a MAC address"))?;
+            let tags: usize = tags.parse().map_err(|e| format!("{tags}: {e}"))?;
+            let outer = SocketAddr::from((ip(outer)?, port(udp_port)?));
+            vxlan(outer, mac, (any(src)?, any(dst)?, port(p)?), tags)
         }
         [cmd, ifname, src, dst, p] if cmd == "tun" => {
             let any = |s: &String| s.parse::<IpAddr>().map_err(|e| format!("{s}: {e}"));
