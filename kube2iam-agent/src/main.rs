@@ -23,6 +23,9 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(2);
     }
+    if bpf::loader::is_child() {
+        return loader_child(&cli);
+    }
     if let Some(Command::Doctor(args)) = &cli.command {
         return doctor(args);
     }
@@ -37,6 +40,24 @@ fn main() -> ExitCode {
         Err(e) => {
             // `{:#}` prints the whole chain: what failed, then each cause.
             tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The short-lived child that loads and attaches the programs (see `bpf::loader`).
+fn loader_child(cli: &Cli) -> ExitCode {
+    // SAFETY: no other thread exists yet; the variable must not reach the netns probe's child.
+    unsafe { std::env::remove_var(bpf::loader::CHILD_ENV) };
+    let result = cli
+        .run
+        .settings(cli.log.debug_enabled())
+        .map_err(anyhow::Error::from)
+        .and_then(|settings| bpf::loader::child_main(&settings).map_err(anyhow::Error::from));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("loading the programs: {e:#}");
             ExitCode::FAILURE
         }
     }

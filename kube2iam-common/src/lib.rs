@@ -36,8 +36,12 @@ pub mod programs {
 pub const CONFIG_KEY: u32 = 0;
 
 /// Capacity of the reverse-NAT map. Entries are only needed while a redirected socket lives;
-/// the LRU evicts the oldest, and a stale entry is never applied (see [`RevNat`]).
-pub const REVNAT_CAPACITY: u32 = 65_536;
+/// the LRU evicts the oldest, and a stale entry is never applied (see [`RevNat`]). The agent
+/// holds at most `--max-connections` (default 4,096) pod connections open at once; twice that
+/// leaves room for connections still in its backlog or closing, for about 0.9 MiB of
+/// preallocated kernel memory (65,536 entries took 7 MiB). A pinned map of another size is
+/// recreated on start, its entries copied over (see the agent's `bpf::loader`).
+pub const REVNAT_CAPACITY: u32 = 8_192;
 
 /// The config is present and the agent is serving: redirect instead of refusing.
 pub const FLAG_ENABLED: u32 = 1 << 0;

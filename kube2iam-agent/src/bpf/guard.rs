@@ -172,12 +172,21 @@ impl Guard {
 
     /// Brings the attachments in line with the interfaces that exist now and match.
     pub fn sync(&mut self, ebpf: &mut Ebpf, patterns: &InterfacePatterns) -> Result<GuardChanges> {
+        let program = Self::program(ebpf)?;
+        self.sync_program(program, patterns)
+    }
+
+    /// [`Guard::sync`] with the program at hand (the agent opens it from its pin).
+    pub fn sync_program(
+        &mut self,
+        program: &mut SchedClassifier,
+        patterns: &InterfacePatterns,
+    ) -> Result<GuardChanges> {
         let wanted: BTreeMap<String, u32> = interfaces()
             .map_err(|e| Error::io("list network interfaces", e))?
             .into_iter()
             .filter(|(name, _)| patterns.matches(name))
             .collect();
-        let program = Self::program(ebpf)?;
         if self.tcx {
             self.sync_tcx(program, &wanted)
         } else {

@@ -8,6 +8,7 @@
 
 pub mod guard;
 pub mod host;
+pub mod loader;
 pub mod sys;
 
 use std::{
@@ -674,6 +675,7 @@ fn probe_netns_cookie(ebpf: &mut Ebpf, cgroup: &Path) -> Result<u64> {
 /// Detaches and unpins everything under `pin_dir`; returns one line per removed object.
 pub fn uninstall(pin_dir: &Path) -> Result<Vec<String>> {
     let mut removed = guard::uninstall(pin_dir)?;
+    removed.extend(loader::uninstall(pin_dir)?);
     if !pin_dir.exists() {
         return Ok(removed);
     }
