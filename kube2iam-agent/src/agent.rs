@@ -185,6 +185,7 @@ async fn sts_client(
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .region(region)
         .credentials_provider(credentials)
+        .http_client(crate::credentials::sts_http_client())
         .timeout_config(timeouts);
     if let Some(endpoint) = &args.sts_endpoint {
         loader = loader.endpoint_url(endpoint);
