@@ -100,12 +100,37 @@ pub fn links() -> Result<Vec<String>> {
         .collect())
 }
 
+/// Test cgroups of the cgroup2 hierarchy, and of the cgroup-v1 memory hierarchy where the
+/// benchmarks measure the agent's memory when the machine keeps that controller on v1.
 fn cgroups() -> Result<Vec<PathBuf>> {
-    let Some(root) = cgroup2_mount()? else {
-        return Ok(Vec::new());
-    };
     let mut found = Vec::new();
-    for entry in fs::read_dir(&root).with_context(|| format!("listing {}", root.display()))? {
+    let roots = [cgroup2_mount()?, memory_v1_mount()?];
+    for root in roots.into_iter().flatten() {
+        found.extend(test_cgroups_in(&root)?);
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Where the cgroup-v1 memory controller is mounted, if it is.
+pub fn memory_v1_mount() -> Result<Option<PathBuf>> {
+    let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    Ok(mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, target, fstype, options) = (
+            fields.next()?,
+            fields.next()?,
+            fields.next()?,
+            fields.next()?,
+        );
+        (fstype == "cgroup" && options.split(',').any(|o| o == "memory"))
+            .then(|| PathBuf::from(target))
+    }))
+}
+
+fn test_cgroups_in(root: &Path) -> Result<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir(root).with_context(|| format!("listing {}", root.display()))? {
         let entry = entry.with_context(|| format!("listing {}", root.display()))?;
         let is_test_cgroup = entry
             .file_name()
