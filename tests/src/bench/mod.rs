@@ -36,12 +36,6 @@ pub mod sts;
 pub mod topology;
 pub mod world;
 
-/// What the report says about the keep-alive tail of the floor (see [`report`]).
-pub const STALL_NOTE: &str = "(explanation pending)";
-
-/// What the report says about the agent's memory beyond the tables.
-pub const MEMORY_NOTE: &str = "";
-
 use std::path::{Path, PathBuf};
 
 /// CLOCK_MONOTONIC in nanoseconds: one clock for every process on the machine, so the runner
