@@ -29,14 +29,6 @@ const METHODS: [Method; 5] = [
     Method::DELETE,
 ];
 
-/// Segments that must never be forwarded upstream without an `--allow-path`.
-const NEVER_FORWARDED: [&str; 2] = ["user-data", "identity-credentials"];
-
-fn has_blocked_segment(path: &str) -> bool {
-    path.split('/')
-        .any(|s| NEVER_FORWARDED.iter().any(|b| s.eq_ignore_ascii_case(b)))
-}
-
 /// Runs a target's property on one input: the corpus replay calls this.
 pub fn check(target: &str, data: &[u8], budget: Duration) {
     match target {
@@ -48,13 +40,117 @@ pub fn check(target: &str, data: &[u8], budget: Duration) {
     }
 }
 
+/// A model of an upstream metadata service more lenient than IMDS, to check that nothing the
+/// agent forwards could be read upstream as the node's credentials or data. Such a server may:
+/// percent-decode the request target once or twice; take a decoded `?` or `#` as the start of
+/// the query or fragment; treat `\` as `/`; drop `;params` from a segment; compare letters
+/// without case (ASCII or Unicode, where `ſ` upper-cases to `S`); drop trailing dots and spaces
+/// from a segment; resolve `.` and `..` after all that; and ignore the version segment, or look
+/// for a category wherever it appears. Each reading is a list of segments.
+///
+/// Written independently of the agent's own normalization, so that the two can disagree.
+pub fn lenient_readings(target: &str) -> Vec<Vec<String>> {
+    let once = decode_once(target);
+    let twice = decode_once(&once);
+    let mut readings = Vec::new();
+    for text in [target.to_owned(), once, twice] {
+        for query_cut in [false, true] {
+            let text = if query_cut {
+                text.split(['?', '#']).next().unwrap_or("").to_owned()
+            } else {
+                text.clone()
+            };
+            for fold in [Fold::Ascii, Fold::Lower, Fold::UpperLower] {
+                let mut segments: Vec<String> = Vec::new();
+                for raw in text.split(['/', '\\']) {
+                    let segment = raw.split(';').next().unwrap_or("");
+                    let segment = fold.apply(segment);
+                    let segment = segment.trim_end_matches(['.', ' ']).trim();
+                    match segment {
+                        "" | "." => {}
+                        ".." => {
+                            segments.pop();
+                        }
+                        s => segments.push(s.to_owned()),
+                    }
+                }
+                if !readings.contains(&segments) {
+                    readings.push(segments);
+                }
+            }
+        }
+    }
+    readings
+}
+
+#[derive(Clone, Copy)]
+enum Fold {
+    Ascii,
+    Lower,
+    UpperLower,
+}
+
+impl Fold {
+    fn apply(self, s: &str) -> String {
+        match self {
+            Fold::Ascii => s.to_ascii_lowercase(),
+            Fold::Lower => s.to_lowercase(),
+            Fold::UpperLower => s.to_uppercase().to_lowercase(),
+        }
+    }
+}
+
+/// One round of percent-decoding, leaving malformed escapes as they are (as lenient servers do).
+fn decode_once(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && let (Some(h), Some(l)) = (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            )
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// What node-only data a reading names, in any position (the version ignored): the node's IAM
+/// role (`meta-data/iam/…`), its instance identity credentials, its user-data, or its signed
+/// instance identity (`instance-identity/{pkcs7,signature,rsa2048}`).
+pub fn reads_node_data(segments: &[String]) -> Option<&'static str> {
+    let at = |i: usize| segments.get(i).map(String::as_str);
+    (0..segments.len()).find_map(|i| match (at(i), at(i + 1)) {
+        (Some("user-data"), _) => Some("user-data"),
+        (Some("meta-data"), Some("iam")) => Some("meta-data/iam"),
+        (Some("meta-data"), Some("identity-credentials")) => Some("identity-credentials"),
+        (Some("iam"), Some("security-credentials" | "info")) => Some("iam"),
+        (Some("identity-credentials"), Some("ec2")) => Some("identity-credentials"),
+        (Some("instance-identity"), Some("pkcs7" | "signature" | "rsa2048")) => {
+            Some("signed instance identity")
+        }
+        _ => None,
+    })
+}
+
 /// `imds::path::normalize` + `route` on any request path:
 /// * a normalized path is absolute, decoded, and free of control characters, backslashes, empty
 ///   and dot segments;
 /// * re-encoding it for the upstream request line and normalizing again gives it back (what is
 ///   forwarded means what was decided on);
-/// * no path with a `user-data` or `identity-credentials` segment is routed to the upstream
-///   without an `--allow-path`, whatever the method and letter case.
+/// * no forwarded path, read by a lenient upstream ([`lenient_readings`]), names the node's
+///   credentials, user-data or signed identity ([`reads_node_data`]), whatever the method and
+///   letter case; and every such reading is itself on the default allow list, so a lenient
+///   upstream cannot be steered past it;
+/// * letter case never decides whether a path leaves the node.
 pub fn path_route(data: &[u8]) {
     let raw = String::from_utf8_lossy(data);
     let Ok(normalized) = path::normalize(&raw) else {
@@ -64,13 +160,22 @@ pub fn path_route(data: &[u8]) {
     let rules = PathRules::default();
     for method in &METHODS {
         let route = path::route(method, &normalized, &rules);
-        if has_blocked_segment(&normalized) {
-            assert_ne!(
-                route,
-                Route::Proxy,
-                "{raw:?} normalizes to {normalized:?}, which has a never-forwarded segment, but \
-                 {method} routes it upstream"
-            );
+        if route == Route::Proxy {
+            let forwarded = path::encode(&normalized);
+            for reading in lenient_readings(&forwarded) {
+                assert_eq!(
+                    reads_node_data(&reading),
+                    None,
+                    "{raw:?} normalizes to {normalized:?} and {method} forwards it as \
+                     {forwarded:?}, which a lenient upstream reads as {reading:?}"
+                );
+                let joined = format!("/{}", reading.join("/"));
+                assert!(
+                    path::is_safe_for_pods(&joined),
+                    "{raw:?} → {normalized:?} is forwarded as {forwarded:?}, which a lenient \
+                     upstream reads as {joined:?}, not on the allow list"
+                );
+            }
         }
         // Letter case never decides whether a path leaves the node.
         for variant in [
@@ -135,18 +240,58 @@ fn assert_normalized(raw: &str, normalized: &str) {
     }
 }
 
-/// Blocked paths and what they must normalize to (lowercase, without the trailing slash).
-const BLOCKED_BASES: [(&str, &str); 4] = [
+/// Paths of the node's credentials and data, what they must normalize to (lowercase, without
+/// the trailing slash), and whether the agent answers them itself (its IAM routes) rather than
+/// refusing them.
+const BLOCKED_BASES: [(&str, &str, bool); 12] = [
     (
         "/latest/meta-data/iam/security-credentials/../../user-data",
         "/latest/meta-data/user-data",
+        false,
     ),
-    ("/latest/user-data", "/latest/user-data"),
-    ("/2009-04-04/user-data/", "/2009-04-04/user-data"),
+    ("/latest/user-data", "/latest/user-data", false),
+    ("/2009-04-04/user-data/", "/2009-04-04/user-data", false),
     (
         "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
         "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
+        false,
     ),
+    (
+        "/latest/meta-data/iam/security-credentials/node-role",
+        "/latest/meta-data/iam/security-credentials/node-role",
+        true,
+    ),
+    (
+        "/1.0/meta-data/iam/security-credentials/",
+        "/1.0/meta-data/iam/security-credentials",
+        true,
+    ),
+    (
+        "/meta-data/iam/security-credentials/node-role",
+        "/meta-data/iam/security-credentials/node-role",
+        false,
+    ),
+    (
+        "/latest/meta-data/iam/info",
+        "/latest/meta-data/iam/info",
+        true,
+    ),
+    (
+        "/latest/dynamic/instance-identity/pkcs7",
+        "/latest/dynamic/instance-identity/pkcs7",
+        false,
+    ),
+    (
+        "/latest/dynamic/instance-identity/signature",
+        "/latest/dynamic/instance-identity/signature",
+        false,
+    ),
+    (
+        "/2021-03-23/dynamic/instance-identity/rsa2048",
+        "/2021-03-23/dynamic/instance-identity/rsa2048",
+        false,
+    ),
+    ("/k2i/user-data", "/k2i/user-data", false),
 ];
 
 /// The input as a stream of choices; zero once it runs out.
@@ -167,8 +312,11 @@ fn percent(byte: u8, upper: bool) -> String {
 }
 
 /// Spells one character of a path in a way that any server that percent-decodes (once or
-/// repeatedly), ignores case, treats `\` as `/` or resolves dot segments reads back unchanged.
-fn spell_char(c: char, choices: &mut Choices<'_>, out: &mut String) {
+/// repeatedly), ignores case, treats `\` as `/` or resolves dot segments reads back unchanged —
+/// or, when `lenient` allows it and the character ends a segment, in a way only a lenient server
+/// reads back unchanged: `;params`, a trailing dot, an encoded `?`. Returns whether it chose one
+/// of the lenient spellings.
+fn spell_char(c: char, lenient: bool, choices: &mut Choices<'_>, out: &mut String) -> bool {
     let choice = choices.next();
     let upper = choice & 0x80 != 0;
     match choice & 0x0f {
@@ -188,18 +336,33 @@ fn spell_char(c: char, choices: &mut Choices<'_>, out: &mut String) {
         10 if c == '/' => out.push_str(&format!("/{}/", percent(b'.', upper))),
         11 if c == '/' => out.push_str(&format!("/k2i/{}{}/", percent(b'.', upper), ".")),
         12 if c == '/' => out.push_str("/./k2i/%2e%2E/"),
+        13 if c == '/' && lenient => {
+            out.push_str(if upper { ";K2I=1/" } else { ";k2i/" });
+            return true;
+        }
+        14 if c == '/' && lenient => {
+            out.push_str(if upper { "%2E/" } else { "./" });
+            return true;
+        }
+        15 if c == '/' && lenient => {
+            out.push_str(if upper { "%253F/" } else { "%3f/" });
+            return true;
+        }
         _ => out.push(c),
     }
+    false
 }
 
-/// Every spelling of a blocked path — `/latest/meta-data/iam/security-credentials/../../user-data`
-/// and others — built from the input as a series of choices (case flips, single, double and
-/// triple percent-encoding, `//`, `/./`, `\`, `x/..` detours, query strings, fragments,
-/// leading `..`) is refused as a bad path or blocked, never forwarded, and normalizes to the
-/// blocked path itself.
+/// Every spelling of the node's credentials and data — user-data, identity credentials, the
+/// IAM role under any version or none, the signed instance identity — built from the input as a
+/// series of choices (case flips, single, double and triple percent-encoding, `//`, `/./`, `\`,
+/// `x/..` detours, query strings, fragments, leading `..`, and what only a lenient upstream reads
+/// back unchanged: `;params`, trailing dots, an encoded `?`) is refused as a bad path, refused,
+/// or answered by the agent's own IAM routes — never forwarded. Spellings every server reads the
+/// same way normalize to the path itself.
 pub fn path_spellings(data: &[u8]) {
     let mut choices = Choices(data.iter());
-    let (base, expected) = BLOCKED_BASES[choices.next() as usize % BLOCKED_BASES.len()];
+    let (base, expected, own_route) = BLOCKED_BASES[choices.next() as usize % BLOCKED_BASES.len()];
     let mut spelled = String::new();
     match choices.next() % 4 {
         1 => spelled.push_str("/.."),
@@ -207,15 +370,29 @@ pub fn path_spellings(data: &[u8]) {
         3 => spelled.push_str("/%2e%2e"),
         _ => {}
     }
-    for c in base.chars() {
-        spell_char(c, &mut choices, &mut spelled);
+    let mut lenient = false;
+    for (i, c) in base.char_indices() {
+        // A suffix on the segment before the first `/` would make the path relative.
+        lenient |= spell_char(c, i > 0, &mut choices, &mut spelled);
     }
-    match choices.next() % 6 {
+    match choices.next() % 9 {
         1 => spelled.push('/'),
         2 => spelled.push_str("/."),
         3 => spelled.push_str("?x=1"),
         4 => spelled.push_str("#k2i"),
         5 => spelled.push_str("?../../meta-data/instance-id"),
+        6 => {
+            spelled.push_str(";k2i");
+            lenient = true;
+        }
+        7 => {
+            spelled.push('.');
+            lenient = true;
+        }
+        8 => {
+            spelled.push_str("%3F");
+            lenient = true;
+        }
         _ => {}
     }
     let normalized = match path::normalize(&spelled) {
@@ -223,16 +400,24 @@ pub fn path_spellings(data: &[u8]) {
         Err(BadPath::Encoding) => return,
         Err(e) => panic!("{spelled:?} (a spelling of {base:?}) is refused as {e:?}"),
     };
-    assert_eq!(
-        normalized.to_ascii_lowercase().trim_end_matches('/'),
-        expected,
-        "{spelled:?} is a spelling of {base:?}"
-    );
+    if !lenient {
+        assert_eq!(
+            normalized.to_ascii_lowercase().trim_end_matches('/'),
+            expected,
+            "{spelled:?} is a spelling of {base:?}"
+        );
+    }
     let rules = PathRules::default();
     for method in &METHODS {
         let route = path::route(method, &normalized, &rules);
+        let answered_by_agent = matches!(
+            route,
+            Route::IamListing | Route::CredentialsList | Route::Credentials(_) | Route::IamInfo
+        );
         assert!(
-            matches!(route, Route::Blocked(_)),
+            // A lenient-only spelling may also turn a `..` into a plain segment, which can move
+            // the path under the agent's own IAM routes: answered there, still never forwarded.
+            matches!(route, Route::Blocked(_)) || ((own_route || lenient) && answered_by_agent),
             "{method} {spelled:?} (a spelling of {base:?}) → {normalized:?} → {route:?}"
         );
     }
@@ -380,7 +565,8 @@ pub fn annotations(data: &[u8]) {
 /// Namespace allowed-role patterns: `AllowedRoles::compile` with globs and regexps never panics,
 /// compiles within `budget`, names the namespace when it refuses, accepts only patterns that are
 /// valid on their own (so a pattern cannot break out of the anchoring), and matching is bounded
-/// too. A literal glob allows exactly its own role; `*` allows every role of the base account.
+/// too. A literal glob allows exactly its own role; `*` allows every role of the base account;
+/// without a base ARN, patterns that do not start with `arn:` allow nothing.
 ///
 /// Input: `<flags byte><annotation or patterns>\n<role annotation>`. Flag bit 0 picks regexp
 /// over glob; bit 1 takes the text as the raw annotation, otherwise the text is a tab-separated
@@ -448,15 +634,21 @@ pub fn allowed_roles(data: &[u8], budget: Duration) {
         "matching {} against {annotation:?} took {elapsed:?}",
         role.as_str()
     );
-    let same_account = base.is_none_or(|b| role.as_str().starts_with(b.as_str()));
-    if format == PatternFormat::Glob && same_account {
+    // A pattern without `arn:` names roles relative to the base ARN: without one it allows
+    // nothing (it would otherwise allow its roles in every account).
+    if base.is_none() && sources.iter().all(|s| !s.starts_with("arn:")) {
+        assert!(
+            !allows,
+            "{sources:?} has no full-ARN pattern and there is no base ARN, but allows {}",
+            role.as_str()
+        );
+    }
+    if let Some(subject) = base.and_then(|b| role.as_str().strip_prefix(b.as_str()))
+        && format == PatternFormat::Glob
+    {
         if sources.iter().any(|s| s == "*") {
             assert!(allows, "* allows {}", role.as_str());
         }
-        let subject = match base {
-            Some(b) => &role.as_str()[b.as_str().len()..],
-            None => role.path_and_name(),
-        };
         let literal = |s: &str| !s.starts_with("arn:") && !s.contains(['*', '?', '[', '{', '\\']);
         if sources.iter().all(|s| literal(s)) {
             assert_eq!(

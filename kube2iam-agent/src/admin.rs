@@ -4,8 +4,8 @@
 //!
 //! `/healthz` answers 200 while the process serves at all (liveness: a restart would not help
 //! anything it could report). `/readyz` answers 200 when the programs are attached with their
-//! config written, the pod watch (and the namespace watch, with namespace restrictions) has
-//! synced, and the last probe of the node's metadata service succeeded; otherwise 503 with the
+//! config written, the pod watch (and the namespace watch, with namespace restrictions, and the
+//! service account watch, with service account roles) has synced, and the last probe of the node's metadata service succeeded; otherwise 503 with the
 //! reasons, one per line after `not ready:`. An upstream outage therefore takes the pod out of
 //! readiness without restarting it, and it comes back by itself.
 
@@ -41,6 +41,10 @@ pub struct Readiness {
 /// Reads the pinned per-CPU counters (summed), or says why it could not.
 pub type BpfCounters = Box<dyn Fn() -> Result<Vec<(Counter, u64)>, String> + Send + Sync>;
 
+/// Reads where the packet guard stands on each matching interface; `None` with the guard off.
+pub type GuardStatus =
+    Box<dyn Fn() -> Option<Result<Vec<crate::bpf::guard::InterfaceStatus>, String>> + Send + Sync>;
+
 /// What the admin server reports on.
 pub struct Sources {
     pub state: Arc<State>,
@@ -48,6 +52,7 @@ pub struct Sources {
     pub watch_stats: Arc<WatchStats>,
     pub events: Arc<PodEvents>,
     pub bpf_counters: BpfCounters,
+    pub guard_status: GuardStatus,
 }
 
 impl Sources {
@@ -62,6 +67,9 @@ impl Sources {
         }
         if self.state.config.namespace_restrictions && !self.state.namespaces.synced() {
             reasons.push("namespace watch not synced".to_owned());
+        }
+        if self.state.config.service_account_roles && !self.state.service_accounts.synced() {
+            reasons.push("service account watch not synced".to_owned());
         }
         if !self.readiness.upstream.load(Ordering::Acquire) {
             reasons.push(format!(
@@ -151,13 +159,23 @@ pub async fn serve(
     admin: Arc<Admin>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
+    // The admin port is reachable from the pod network too: a bound number of connections (and
+    // the header timeout) keep anyone from tying it up, and probes from failing with it.
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
-                Err(_) => continue,
+                Err(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
             },
             _ = shutdown.changed() => return,
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
         };
         let admin = admin.clone();
         let service = service_fn(move |request: Request<Incoming>| {
@@ -183,6 +201,10 @@ pub async fn serve(
                 .header_read_timeout(std::time::Duration::from_secs(5))
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
+            drop(permit);
         });
     }
 }
+
+/// Open connections the admin port accepts; more are closed at once.
+pub const MAX_ADMIN_CONNECTIONS: usize = 64;

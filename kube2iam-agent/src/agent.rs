@@ -12,17 +12,24 @@ use aws_config::BehaviorVersion;
 
 use crate::{
     admin::{self, Admin, Readiness, Sources},
+    attest::{self, CgroupPods, HostPodsMap},
     bpf::{
         self,
         loader::{LoadAction, Pinned},
     },
     cli::RunArgs,
-    credentials::{CacheSettings, CredentialCache, SdkSts},
+    credentials::{
+        Admission, CacheSettings, CredentialCache, PREFETCH_WINDOW, PREFETCHES_PER_POD,
+        PrefetchLimiter, SdkSts, UNUSED_GRACE,
+    },
+    decision,
     events::PodEvents,
     identity::Registry,
     imds::{self, ServerConfig, State, path::PathRules, token::TokenIssuer, upstream::Upstream},
     kube::{self as k8s, Keys, Namespaces, WatchStats},
     policy::BaseArn,
+    service_accounts::ServiceAccounts,
+    session_tags::SessionTagging,
 };
 
 /// Upstream requests (and the agent's own IMDS calls) give up after this.
@@ -31,16 +38,19 @@ const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Follows interfaces coming and going: the packet guard is attached to each new pod
-/// interface as the CNI creates it, and released when it goes.
+/// interface as the CNI creates it, and released when it goes. Every `resync` (and on any
+/// interface or tc change) it also checks that the guard is still present and first on every
+/// matching interface, and puts it back in front where it is not.
 fn spawn_guard_watch(
     interception: Arc<std::sync::Mutex<Pinned>>,
+    resync: Duration,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let events = bpf::guard::link_events().context("watch network interfaces (netlink)")?;
     // SAFETY: the OwnedFd moves into the AsyncFd, which keeps it open while registered.
     let events =
         unsafe { tokio::io::unix::AsyncFd::register(events) }.context("poll the netlink socket")?;
     Ok(tokio::spawn(async move {
-        let mut resync = tokio::time::interval(Duration::from_secs(30));
+        let mut resync = tokio::time::interval(resync);
         loop {
             tokio::select! {
                 ready = events.readable() => {
@@ -58,12 +68,18 @@ fn spawn_guard_watch(
                 .unwrap_or_else(|p| p.into_inner())
                 .sync_guard();
             match result {
-                Ok(Some(changes)) if !changes.is_empty() => tracing::info!(
-                    attached = ?changes.attached,
-                    replaced = ?changes.replaced,
-                    released = ?changes.released,
-                    "packet guard follows pod interfaces"
-                ),
+                Ok(Some(changes)) if !changes.is_empty() => {
+                    tracing::info!(
+                        attached = ?changes.attached,
+                        replaced = ?changes.replaced,
+                        released = ?changes.released,
+                        repaired = ?changes.repaired,
+                        "packet guard follows pod interfaces"
+                    );
+                    for (interface, error) in &changes.failed {
+                        tracing::error!(interface, "packet guard: {error}");
+                    }
+                }
                 Ok(_) => {}
                 Err(e) => tracing::error!("packet guard: {e:#}"),
             }
@@ -208,17 +224,23 @@ async fn wait_for_signal() -> anyhow::Result<impl std::future::Future<Output = (
 /// Runs until SIGTERM/SIGINT.
 pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
     let settings = args.settings(kernel_debug_log)?;
+    warn_about_host_interfaces(args);
     // Handlers first: once "interception active" is logged, SIGTERM must mean a clean exit.
     let signal = wait_for_signal().await?;
     if args.interception_only {
         let interception = Arc::new(std::sync::Mutex::new(intercept(&settings)?));
-        let guard = spawn_guard_watch(interception.clone())?;
+        let guard = spawn_guard_watch(interception.clone(), args.guard_resync_interval)?;
         signal.await;
         guard.abort();
         log_shutdown();
         return Ok(());
     }
 
+    args.check_ports()?;
+    let (timing, warnings) = args.sts_timing()?;
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
     let node = match &args.node {
         Some(node) if !node.is_empty() => node.clone(),
         _ => bail!("--node (or NODE_NAME) is required: the agent serves the pods of one node"),
@@ -226,14 +248,32 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
     let metadata = SocketAddr::new(IpAddr::V4(settings.metadata_ip4), settings.metadata_port);
     let upstream = Arc::new(Upstream::new(metadata, UPSTREAM_TIMEOUT));
     let rules = compile_rules(&args.allow_paths, &args.block_paths)?;
+    let sessions = SessionTagging::from_args(&args.session_tags)?;
+    if sessions.needs_service_account()
+        && sessions.cluster.as_ref().is_some_and(|c| c.arn.is_none())
+    {
+        tracing::warn!(
+            "--session-tags without --cluster-arn: sessions carry no eks-cluster-arn tag, so \
+             policies that read aws:PrincipalTag/eks-cluster-arn do not match"
+        );
+    }
     let base_arn = base_arn(args, &upstream).await?;
+    if args.namespace_restrictions && base_arn.is_none() {
+        tracing::warn!(
+            "--namespace-restrictions without --base-role-arn or --auto-discover-base-arn: \
+             allowed-roles patterns that do not start with arn: name no account and allow no \
+             role; write them as full ARNs (arn:aws:iam::<account>:role/<pattern>) or set a base \
+             ARN"
+        );
+    }
     let region = region(args, &upstream).await?;
     let sts = sts_client(args, region.clone(), metadata).await?;
     let cache = CredentialCache::new(
         Arc::new(SdkSts::new(sts)),
         CacheSettings {
-            duration: args.iam_role_session_ttl,
-            refresh_before: args.refresh_before,
+            duration: timing.session,
+            refresh_before: timing.refresh_before,
+            backoff_max: timing.error_ttl,
             prefetch_concurrency: args.prefetch_concurrency,
             ..CacheSettings::default()
         },
@@ -285,36 +325,75 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
         );
     }
     let registry = Arc::new(Registry::new(Box::new(identity_map)));
+    let attest_map = match interception.take_attest_map() {
+        Ok(map) => Some(map),
+        Err(e) => {
+            tracing::error!(
+                "attestation unavailable: {e:#}; with --identity-attestation prefer or require \
+                 every connection is refused as unattested"
+            );
+            None
+        }
+    };
+    let host_pods_map = interception.take_host_pods_map()?;
+    let cgroups = Arc::new(CgroupPods::new(interception.cgroup.clone()));
+    match cgroups.rescan() {
+        Ok(()) => report_attestation(args.identity_attestation, &cgroups),
+        Err(e) => tracing::warn!(
+            cgroup = %interception.cgroup.display(),
+            "cannot read the cgroup tree: {e}; pods cannot be attested"
+        ),
+    }
+    let host_netns_cookie = interception.host_netns_cookie;
     let pin_dir = interception.pin_dir.clone();
     let interception = Arc::new(std::sync::Mutex::new(interception));
-    let guard_watch = spawn_guard_watch(interception.clone())?;
+    let guard_watch = spawn_guard_watch(interception.clone(), args.guard_resync_interval)?;
     let namespaces = Arc::new(Namespaces::default());
+    let service_accounts = Arc::new(ServiceAccounts::default());
     let tokens = TokenIssuer::random().context("draw the IMDSv2 token key")?;
     let events = PodEvents::new(args.event_interval, &node);
     let state = Arc::new(State {
         config: ServerConfig {
-            node: node.clone(),
+            decision: decision::Rules {
+                node: node.clone(),
+                attestation: args.identity_attestation,
+                role_key: args.iam_role_key.clone(),
+                namespace_key: args.namespace_key.clone(),
+                base_arn,
+                default_role: args.default_role.clone(),
+                service_account_key: args.service_accounts.service_account_role_key.clone(),
+                needs_service_account: sessions.needs_service_account(),
+            },
             pod_wait: args.pod_wait,
             tokens: args.imds_tokens,
-            role_key: args.iam_role_key.clone(),
-            namespace_key: args.namespace_key.clone(),
-            base_arn,
-            default_role: args.default_role.clone(),
             namespace_restrictions: args.namespace_restrictions,
             session_per_pod: args.session_per_pod,
+            kube2iam_session_names: args.kube2iam_session_names,
+            host_ip: IpAddr::V4(settings.agent_ip4),
+            sessions,
+            service_account_roles: args.service_accounts.service_account_roles,
             rules,
             header_read_timeout: args.header_read_timeout,
             max_connections: args.max_connections,
+            max_connections_per_caller: args.max_connections_per_caller,
             max_header_bytes: 16 * 1024,
             drain_timeout: DRAIN_TIMEOUT,
         },
         registry: registry.clone(),
         namespaces: namespaces.clone(),
+        service_accounts: service_accounts.clone(),
         cache: cache.clone(),
         upstream: upstream.clone(),
         tokens,
         stats: Default::default(),
         events: events.clone(),
+        attestation: imds::Attestation {
+            map: attest_map,
+            cgroups: cgroups.clone(),
+            host_netns_cookie,
+        },
+        per_caller: Default::default(),
+        refusal_log: crate::telemetry::LogLimiter::new(Duration::from_secs(10)),
     });
 
     // Serve at once: pods known from the pinned map are answered while the watch relists.
@@ -332,9 +411,14 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
             readiness: readiness.clone(),
             watch_stats: watch_stats.clone(),
             events: events.clone(),
-            bpf_counters: Box::new(move || {
-                bpf::pinned_counters(&pin_dir).map_err(|e| format!("{:#}", anyhow::Error::new(e)))
+            bpf_counters: Box::new({
+                let pin_dir = pin_dir.clone();
+                move || {
+                    bpf::pinned_counters(&pin_dir)
+                        .map_err(|e| format!("{:#}", anyhow::Error::new(e)))
+                }
             }),
+            guard_status: guard_status(pin_dir, settings.packet_guard.clone()),
         },
         args.debug,
     ));
@@ -346,17 +430,76 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
         role: args.iam_role_key.clone(),
         external_id: args.iam_external_id_key.clone(),
         namespace: args.namespace_key.clone(),
+        host_network_pods: args.host_network_pods,
     };
     let mut background = tokio::task::JoinSet::new();
+    if args.host_network_pods {
+        background.spawn(sync_host_pods(
+            registry.clone(),
+            cgroups,
+            host_pods_map,
+            args.pod_uid.clone(),
+        ));
+    }
     background.spawn(events.run(client.clone()));
     let prefetch_state = state.clone();
+    if args.namespace_restrictions {
+        // Prefetch decides as requests do: before the namespaces are listed it assumes nothing;
+        // once they are, every known pod gets its turn.
+        let (state, registry) = (state.clone(), registry.clone());
+        background.spawn(async move {
+            state.namespaces.wait_synced().await;
+            for pod in registry.live_pods() {
+                state.prefetch(&pod);
+            }
+        });
+    }
+    if args.service_accounts.service_account_roles {
+        // A change of an account's role reaches its pods' next request through the store; the
+        // prefetch has the new role's credentials ready by then.
+        let (state, registry) = (state.clone(), registry.clone());
+        background.spawn(service_accounts.watch(
+            client.clone(),
+            args.service_accounts.service_account_role_key.clone(),
+            move |namespace, name| {
+                for pod in registry.live_pods() {
+                    let uses = pod.namespace == namespace
+                        && pod.account.as_ref().is_some_and(|a| a.name == name);
+                    if uses {
+                        state.prefetch(&pod);
+                    }
+                }
+            },
+        ));
+    }
+    // One pod changing its annotations over and over must not turn into one AssumeRole per
+    // change: a few prefetches per pod and window, the rest on demand.
+    let limiter = Arc::new(PrefetchLimiter::new(PREFETCHES_PER_POD, PREFETCH_WINDOW));
+    let prefetch_limiter = limiter.clone();
     background.spawn(k8s::watch_pods(
         client.clone(),
         node,
         keys,
         registry,
         watch_stats.clone(),
-        move |pod| prefetch_state.prefetch(pod),
+        move |pod| {
+            let wanted = (pod.role.clone(), pod.external_id.clone());
+            match prefetch_limiter.admit(&pod.uid, &wanted, std::time::Instant::now()) {
+                Admission::Admitted => prefetch_state.prefetch(pod),
+                Admission::Limited { first } => {
+                    if first {
+                        tracing::warn!(
+                            pod = %pod.display_name(),
+                            per_pod = PREFETCHES_PER_POD,
+                            window = ?PREFETCH_WINDOW,
+                            "the pod's role or external-ID annotation keeps changing; no more \
+                             prefetches for it in this window (it still gets credentials when \
+                             it asks)"
+                        );
+                    }
+                }
+            }
+        },
     ));
     if args.namespace_restrictions {
         background.spawn(namespaces.watch(
@@ -366,6 +509,7 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
             watch_stats,
         ));
     }
+    let eviction_state = state.clone();
     background.spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(60));
         loop {
@@ -374,6 +518,20 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
             if evicted > 0 {
                 tracing::debug!(evicted, "dropped idle credential entries");
             }
+            // Entries of roles no pod has any more (annotation changes, deleted pods). Only once
+            // the pod list is in: before that, the identity map may lack live pods.
+            if eviction_state.registry.synced() {
+                match eviction_state.cache_keys_in_use() {
+                    Ok(in_use) => {
+                        let evicted = cache.evict_unused(&in_use, UNUSED_GRACE);
+                        if evicted > 0 {
+                            tracing::debug!(evicted, "dropped credential entries no pod uses");
+                        }
+                    }
+                    Err(e) => tracing::warn!("credential cache eviction: {e}"),
+                }
+            }
+            limiter.prune(std::time::Instant::now());
         }
     });
     background.spawn(async move {
@@ -401,6 +559,135 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
     while servers.join_next().await.is_some() {}
     log_shutdown();
     Ok(())
+}
+
+/// Says at start whether the kernel can name the pods here, and what that means for serving.
+fn report_attestation(mode: attest::Mode, cgroups: &CgroupPods) {
+    let pods = cgroups.pod_count();
+    let root = cgroups.root().display().to_string();
+    match mode {
+        attest::Mode::Off => tracing::warn!(
+            "--identity-attestation off: a pod is known by its address alone, which another pod \
+             can forge on a shared L2 segment or inherit from a finished pod"
+        ),
+        _ if pods > 0 => tracing::info!(
+            pod_cgroups = pods,
+            cgroup = root,
+            ?mode,
+            "identity attestation on: a pod is served only when the kernel attributes the \
+             connection to its cgroup"
+        ),
+        attest::Mode::Prefer => tracing::warn!(
+            cgroup = root,
+            "identity attestation: no kubelet pod cgroups (kubepods) below the attach cgroup \
+             yet; pods not in cgroup v2 (cgroup-v1 nodes) are served by address alone until \
+             they are"
+        ),
+        attest::Mode::Require => tracing::warn!(
+            cgroup = root,
+            "identity attestation required, but no kubelet pod cgroups (kubepods) are below the \
+             attach cgroup yet; pods outside cgroup v2 pod cgroups are refused"
+        ),
+    }
+}
+
+/// Keeps the kernel's host-pods map equal to the cgroups of the hostNetwork pods that are
+/// served their own role, as pods and their cgroups come and go.
+async fn sync_host_pods(
+    registry: Arc<Registry>,
+    cgroups: Arc<CgroupPods>,
+    map: HostPodsMap,
+    own_uid: Option<String>,
+) {
+    let mut changes = registry.subscribe();
+    let mut last: Option<std::collections::HashSet<u64>> = None;
+    loop {
+        if !registry.synced() {
+            // What a previous agent pinned stays until the pod list says otherwise.
+            let _ = changes.changed().await;
+            continue;
+        }
+        let uids: Vec<String> = registry
+            .host_pod_uids()
+            .into_iter()
+            .filter(|uid| {
+                // The agent's own pod must never be redirected: its upstream calls would loop.
+                let own = own_uid.as_deref() == Some(uid.as_str());
+                if own {
+                    tracing::warn!(
+                        "the agent's own pod has a role annotation; it is not redirected"
+                    );
+                }
+                !own
+            })
+            .collect();
+        let missing = uids.iter().any(|uid| cgroups.pod_cgroup(uid).is_none());
+        if missing {
+            let cgroups = cgroups.clone();
+            let _ = tokio::task::spawn_blocking(move || cgroups.rescan()).await;
+        }
+        let ids: std::collections::HashSet<u64> = uids
+            .iter()
+            .filter_map(|uid| cgroups.pod_cgroup(uid))
+            .collect();
+        if last.as_ref() != Some(&ids) {
+            match map.set(&ids) {
+                Ok(()) => {
+                    tracing::info!(pods = ids.len(), "hostNetwork pods served their own role");
+                    last = Some(ids);
+                }
+                Err(e) => tracing::error!("cannot update the host-pods map: {e}"),
+            }
+        }
+        // A pod's cgroup appears when kubelet starts it, after the watch saw the pod: look again
+        // soon while one is missing.
+        let wait = if missing {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_secs(10)
+        };
+        let _ = tokio::time::timeout(wait, changes.changed()).await;
+    }
+}
+
+/// kube2iam's `docker0` default, and exact interface names this node does not have: the packet
+/// guard would cover nothing there (it attaches when such an interface appears).
+fn warn_about_host_interfaces(args: &RunArgs) {
+    if !args.packet_guard {
+        return;
+    }
+    if let Some(warning) = args.host_interface_warning() {
+        tracing::warn!("{warning}");
+        return;
+    }
+    let Ok(present) = bpf::guard::interfaces() else {
+        return;
+    };
+    for pattern in args.guard_patterns() {
+        let name = pattern.trim();
+        if name.is_empty() || name.ends_with('+') || name.starts_with('!') {
+            continue;
+        }
+        if !present.contains_key(name) {
+            tracing::warn!(
+                interface = name,
+                "--host-interface names an interface this node does not have; the packet guard \
+                 attaches to it when it appears (use name+ for a prefix, e.g. eni+ on EKS)"
+            );
+        }
+    }
+}
+
+/// Reads where the packet guard stands on the matching interfaces, for the metrics; `None`
+/// with the guard off.
+fn guard_status(
+    pin_dir: std::path::PathBuf,
+    patterns: Option<bpf::guard::InterfacePatterns>,
+) -> crate::admin::GuardStatus {
+    Box::new(move || {
+        let patterns = patterns.as_ref()?;
+        Some(bpf::guard::status(&pin_dir, patterns).map_err(|e| e.to_string()))
+    })
 }
 
 fn log_shutdown() {

@@ -1,4 +1,4 @@
-//! Role credentials from STS, cached per (role ARN, external ID[, pod]).
+//! Role credentials from STS, cached per (role ARN, external ID[, pod][, session tags]).
 //!
 //! * Concurrent misses for one key share one AssumeRole call.
 //! * Credentials are refreshed ahead of expiry (`refresh_before`), in the background while the
@@ -6,19 +6,24 @@
 //! * Failures go into a short negative cache with per-key exponential backoff; while cached
 //!   credentials are still valid they keep being served.
 //! * A pod never receives anything but what STS issued for its role: there is no fallback.
+//! * Annotation churn is bounded: entries no pod uses any more are dropped within minutes
+//!   ([`CredentialCache::evict_unused`]), and one pod can start only a few prefetches per window
+//!   by changing its annotations ([`PrefetchLimiter`]).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fmt,
     sync::{
         Arc, RwLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use futures::future::BoxFuture;
 use tokio::sync::{Mutex, Semaphore};
+
+use crate::session_tags::SessionTags;
 
 /// Temporary credentials for one role session.
 #[derive(Clone, PartialEq, Eq)]
@@ -52,6 +57,9 @@ pub struct CacheKey {
     pub role_arn: String,
     pub external_id: Option<String>,
     pub session: Session,
+    /// Session tags and source identity (`--session-tags`, `--source-identity`): whatever
+    /// varies them varies the session.
+    pub tags: SessionTags,
 }
 
 /// One AssumeRole call.
@@ -61,6 +69,7 @@ pub struct AssumeRequest {
     pub external_id: Option<String>,
     pub session_name: String,
     pub duration: Duration,
+    pub tags: SessionTags,
 }
 
 /// Why STS gave no credentials.
@@ -144,14 +153,28 @@ impl Sts for SdkSts {
         Box::pin(async move {
             use aws_sdk_sts::error::{ProvideErrorMetadata as _, SdkError};
             let role = request.role_arn.clone();
-            let result = client
+            let mut call = client
                 .assume_role()
                 .role_arn(&request.role_arn)
                 .role_session_name(&request.session_name)
                 .duration_seconds(request.duration.as_secs().clamp(900, 43_200) as i32)
                 .set_external_id(request.external_id.clone())
-                .send()
-                .await;
+                .set_source_identity(request.tags.source_identity.clone());
+            for (key, value) in &request.tags.tags {
+                let tag = aws_sdk_sts::types::Tag::builder()
+                    .key(key)
+                    .value(value)
+                    .build()
+                    .map_err(|e| StsError::Unavailable {
+                        role: role.clone(),
+                        message: format!("session tag {key}: {e}"),
+                    })?;
+                call = call.tags(tag);
+            }
+            for key in &request.tags.transitive_keys {
+                call = call.transitive_tag_keys(key);
+            }
+            let result = call.send().await;
             let output = match result {
                 Ok(output) => output,
                 Err(SdkError::ServiceError(e)) => {
@@ -167,11 +190,21 @@ impl Sts for SdkSts {
                             role,
                             message: format!("{code}: {message}"),
                         },
-                        _ => StsError::Denied {
-                            role,
-                            code,
-                            message,
-                        },
+                        _ => {
+                            // What STS says names the action the trust policy lacks; say which
+                            // flag asked for it.
+                            let message = match request.tags.denial_hint(&role) {
+                                Some(hint) if code == "AccessDenied" => {
+                                    format!("{message}; {hint}")
+                                }
+                                _ => message,
+                            };
+                            StsError::Denied {
+                                role,
+                                code,
+                                message,
+                            }
+                        }
                     });
                 }
                 Err(e) => {
@@ -415,6 +448,7 @@ impl CredentialCache {
             external_id: key.external_id.clone(),
             session_name: entry.session_name.clone(),
             duration: self.settings.duration,
+            tags: key.tags.clone(),
         };
         let started = std::time::Instant::now();
         let result = self.sts.assume_role(request).await;
@@ -486,8 +520,119 @@ impl CredentialCache {
         before - entries.len()
     }
 
+    /// Drops the entries of keys no pod uses any more — `in_use` holds the key of every pod on
+    /// the node, as its annotations are now — once nothing has asked for them for `grace`.
+    /// Without this, each change of a pod's role or external-ID annotation would leave an entry
+    /// (and its refreshes) behind until it expired unused.
+    pub fn evict_unused(&self, in_use: &HashSet<CacheKey>, grace: Duration) -> usize {
+        let now = tokio::time::Instant::now();
+        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        let before = entries.len();
+        entries.retain(|key, e| {
+            in_use.contains(key)
+                || now.duration_since(*e.last_used.read().unwrap_or_else(|p| p.into_inner()))
+                    < grace
+        });
+        before - entries.len()
+    }
+
     pub fn len(&self) -> usize {
         self.entries.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// How long an entry no pod uses is kept after it was last asked for: covers a pod whose
+/// annotation changed between a request and the eviction pass.
+pub const UNUSED_GRACE: Duration = Duration::from_secs(120);
+/// Prefetches one pod can start by changing its annotations within [`PREFETCH_WINDOW`].
+pub const PREFETCHES_PER_POD: u32 = 3;
+pub const PREFETCH_WINDOW: Duration = Duration::from_secs(600);
+
+/// Whether a pod's prefetch may start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Admitted,
+    /// Over the pod's budget; `first` on the first refusal in the window (log it once).
+    Limited {
+        first: bool,
+    },
+}
+
+/// Bounds the prefetches one pod can start by changing what it asks for (its role and
+/// external-ID annotations, `T`): the first value seen and each change count, at most
+/// `per_pod` in `window`; updates that change nothing else (status, labels) are free once their
+/// value was admitted. A pod that keeps changing its annotations still gets credentials when it
+/// asks for them — on demand, for its current role only.
+pub struct PrefetchLimiter<T> {
+    per_pod: u32,
+    window: Duration,
+    pods: std::sync::Mutex<HashMap<String, PodPrefetches<T>>>,
+}
+
+struct PodPrefetches<T> {
+    wanted: T,
+    /// Whether `wanted` was admitted (an unchanged value is then free).
+    admitted: bool,
+    window_start: Instant,
+    count: u32,
+    warned: bool,
+}
+
+impl<T: PartialEq + Clone> PrefetchLimiter<T> {
+    pub fn new(per_pod: u32, window: Duration) -> Self {
+        PrefetchLimiter {
+            per_pod,
+            window,
+            pods: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Whether pod `uid`, which now wants `wanted`, may start a prefetch at `now`.
+    pub fn admit(&self, uid: &str, wanted: &T, now: Instant) -> Admission {
+        let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        let pod = pods.entry(uid.to_owned()).or_insert_with(|| PodPrefetches {
+            wanted: wanted.clone(),
+            admitted: false,
+            window_start: now,
+            count: 0,
+            warned: false,
+        });
+        if pod.wanted == *wanted && pod.admitted {
+            return Admission::Admitted;
+        }
+        if now.saturating_duration_since(pod.window_start) >= self.window {
+            pod.window_start = now;
+            pod.count = 0;
+            pod.warned = false;
+        }
+        pod.wanted = wanted.clone();
+        if pod.count < self.per_pod {
+            pod.count += 1;
+            pod.admitted = true;
+            Admission::Admitted
+        } else {
+            pod.admitted = false;
+            let first = !pod.warned;
+            pod.warned = true;
+            Admission::Limited { first }
+        }
+    }
+
+    /// Forgets pods whose window ended at least a window ago (deleted pods, and live pods whose
+    /// budget would be full again anyway).
+    pub fn prune(&self, now: Instant) -> usize {
+        let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        let before = pods.len();
+        pods.retain(|_, pod| now.saturating_duration_since(pod.window_start) < self.window * 2);
+        before - pods.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.pods.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -586,6 +731,7 @@ mod tests {
             role_arn: format!("arn:aws:iam::123456789012:role/{role}"),
             external_id: None,
             session: Session::Node,
+            tags: SessionTags::default(),
         }
     }
 
@@ -629,6 +775,48 @@ mod tests {
         cache.get(&per_pod, "default.web").await.unwrap();
         cache.get(&key("a"), "s").await.unwrap();
         assert_eq!(sts.calls(), 4);
+    }
+
+    #[tokio::test]
+    async fn session_tags_are_part_of_the_key_and_reach_the_request() {
+        struct Recording(std::sync::Mutex<Vec<AssumeRequest>>);
+        impl Sts for Recording {
+            fn assume_role(
+                &self,
+                request: AssumeRequest,
+            ) -> BoxFuture<'static, Result<Credentials, StsError>> {
+                self.0.lock().unwrap().push(request.clone());
+                Box::pin(async move {
+                    Ok(Credentials {
+                        access_key_id: format!("ASIA-{}", request.tags.tags.len()),
+                        secret_access_key: "secret".into(),
+                        session_token: "token".into(),
+                        expiration: SystemTime::now() + Duration::from_secs(3600),
+                        last_updated: SystemTime::now(),
+                    })
+                })
+            }
+        }
+        let sts = Arc::new(Recording(Default::default()));
+        let cache = CredentialCache::new(sts.clone(), CacheSettings::default());
+        let tagged = |account: &str| {
+            let mut k = key("web");
+            k.tags = SessionTags {
+                tags: vec![("kubernetes-service-account".into(), account.into())],
+                transitive_keys: vec!["kubernetes-service-account".into()],
+                source_identity: None,
+            };
+            k
+        };
+        cache.get(&tagged("billing"), "s").await.unwrap();
+        cache.get(&tagged("billing"), "s").await.unwrap();
+        cache.get(&tagged("reports"), "s").await.unwrap();
+        cache.get(&key("web"), "s").await.unwrap();
+        let requests = sts.0.lock().unwrap();
+        assert_eq!(requests.len(), 3, "one session per tag set");
+        assert_eq!(requests[0].tags, tagged("billing").tags);
+        assert_eq!(requests[1].tags, tagged("reports").tags);
+        assert!(requests[2].tags.is_empty());
     }
 
     #[tokio::test]
@@ -717,6 +905,123 @@ mod tests {
         assert_eq!(cache.stats.hits.load(Ordering::Relaxed), 1);
         cache.prefetch(key("web"), "s");
         assert_eq!(sts.calls(), 1, "fresh entries are not prefetched again");
+    }
+
+    /// Issue 11: each annotation change left an entry (and its refreshes) for an hour.
+    #[tokio::test(start_paused = true)]
+    async fn entries_no_pod_uses_are_evicted() {
+        let sts = FakeSts::new(Duration::ZERO, Duration::from_secs(3600));
+        let cache = CredentialCache::new(sts.clone(), CacheSettings::default());
+        for n in 0..20 {
+            cache.get(&key(&format!("churn-{n}")), "s").await.unwrap();
+        }
+        cache.get(&key("current"), "s").await.unwrap();
+        assert_eq!(cache.len(), 21);
+        let in_use: HashSet<CacheKey> = [key("current")].into();
+        assert_eq!(
+            cache.evict_unused(&in_use, UNUSED_GRACE),
+            0,
+            "entries asked for within the grace period stay"
+        );
+        tokio::time::advance(UNUSED_GRACE + Duration::from_secs(1)).await;
+        assert_eq!(cache.evict_unused(&in_use, UNUSED_GRACE), 20);
+        assert_eq!(cache.len(), 1);
+        // The entry in use stays even when idle, and is still served from the cache.
+        tokio::time::advance(Duration::from_secs(600)).await;
+        assert_eq!(cache.evict_unused(&in_use, UNUSED_GRACE), 0);
+        let calls = sts.calls();
+        cache.get(&key("current"), "s").await.unwrap();
+        assert_eq!(sts.calls(), calls, "a cache hit");
+        // The idle-expiry eviction alone would have kept the churned entries: still valid.
+        let fresh = CredentialCache::new(sts.clone(), CacheSettings::default());
+        fresh.get(&key("old"), "s").await.unwrap();
+        tokio::time::advance(Duration::from_secs(300)).await;
+        assert_eq!(fresh.evict_idle(), 0);
+        assert_eq!(fresh.evict_unused(&in_use, UNUSED_GRACE), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn prefetched_entries_no_pod_uses_are_evicted() {
+        let sts = FakeSts::new(Duration::ZERO, Duration::from_secs(3600));
+        let cache = CredentialCache::new(sts.clone(), CacheSettings::default());
+        cache.prefetch(key("before"), "s");
+        cache.prefetch(key("after"), "s");
+        tokio::time::advance(Duration::from_millis(10)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(cache.len(), 2);
+        tokio::time::advance(UNUSED_GRACE + Duration::from_secs(1)).await;
+        let in_use: HashSet<CacheKey> = [key("after")].into();
+        assert_eq!(cache.evict_unused(&in_use, UNUSED_GRACE), 1);
+        assert_eq!(cache.len(), 1);
+    }
+
+    #[test]
+    fn annotation_churn_is_limited_per_pod() {
+        let limiter = PrefetchLimiter::new(3, Duration::from_secs(600));
+        let t0 = Instant::now();
+        let mut admitted = 0;
+        let mut first_refusals = 0;
+        for n in 0..50 {
+            match limiter.admit("uid-a", &format!("role-{n}"), t0 + Duration::from_secs(n)) {
+                Admission::Admitted => admitted += 1,
+                Admission::Limited { first } => first_refusals += u32::from(first),
+            }
+        }
+        assert_eq!(admitted, 3, "the first value and two changes");
+        assert_eq!(first_refusals, 1, "one warning per window");
+        // Another pod has its own budget.
+        assert_eq!(
+            limiter.admit("uid-b", &"role-0".to_owned(), t0),
+            Admission::Admitted
+        );
+    }
+
+    #[test]
+    fn updates_that_change_no_annotation_do_not_count() {
+        let limiter = PrefetchLimiter::new(2, Duration::from_secs(600));
+        let t0 = Instant::now();
+        let role = "web".to_owned();
+        for n in 0..100 {
+            assert_eq!(
+                limiter.admit("uid-a", &role, t0 + Duration::from_secs(n)),
+                Admission::Admitted
+            );
+        }
+        assert_eq!(
+            limiter.admit("uid-a", &"api".to_owned(), t0),
+            Admission::Admitted
+        );
+        assert!(matches!(
+            limiter.admit("uid-a", &"batch".to_owned(), t0),
+            Admission::Limited { .. }
+        ));
+        // A refused value stays refused on later updates (a label change cannot launder it)…
+        assert!(matches!(
+            limiter.admit("uid-a", &"batch".to_owned(), t0 + Duration::from_secs(1)),
+            Admission::Limited { first: false }
+        ));
+        // …until the window has passed.
+        let later = t0 + Duration::from_secs(601);
+        assert_eq!(
+            limiter.admit("uid-a", &"batch".to_owned(), later),
+            Admission::Admitted
+        );
+        assert_eq!(
+            limiter.admit("uid-a", &"batch".to_owned(), later),
+            Admission::Admitted
+        );
+    }
+
+    #[test]
+    fn the_limiter_forgets_pods_after_two_windows() {
+        let limiter = PrefetchLimiter::new(1, Duration::from_secs(600));
+        let t0 = Instant::now();
+        for n in 0..10 {
+            limiter.admit(&format!("uid-{n}"), &"web".to_owned(), t0);
+        }
+        assert_eq!(limiter.prune(t0 + Duration::from_secs(1199)), 0);
+        assert_eq!(limiter.prune(t0 + Duration::from_secs(1200)), 10);
+        assert!(limiter.is_empty());
     }
 
     #[test]

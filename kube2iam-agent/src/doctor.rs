@@ -10,6 +10,7 @@
 //! The report is a table (check, status, result, what to do). The agent cannot run when any
 //! check failed; warnings name what is missing but optional.
 
+pub mod guard;
 pub mod raw;
 
 use std::{
@@ -26,7 +27,7 @@ use std::{
 use aya::{
     EbpfLoader,
     maps::{HashMap, Map, MapData},
-    programs::CgroupSockAddr,
+    programs::{CgroupSkb, CgroupSockAddr},
 };
 use kube2iam_common::{
     CONFIG_KEY, Config, DEFAULT_IDENTITY_CAPACITY, FLAG_ENABLED, maps, port_from_repr, programs,
@@ -246,6 +247,10 @@ pub struct Options {
     pub cgroup_path: Option<PathBuf>,
     /// The agent's pin directory.
     pub pin_dir: PathBuf,
+    /// The interfaces the agent guards; `None` with `--packet-guard false`.
+    pub packet_guard: Option<crate::bpf::guard::InterfacePatterns>,
+    /// Whether the agent attaches the egress backstop.
+    pub egress_guard: bool,
 }
 
 /// The capability numbers the checks name.
@@ -544,6 +549,7 @@ pub fn run(options: &Options) -> Report {
         Some(target) => checks.extend(cgroup_checks(target, target, &ours, needs_child)),
         None => checks.extend(unmounted_cgroup2_checks(&ours, needs_child)),
     }
+    checks.push(attestation_check(target.as_deref()));
 
     let (bpffs_check, load_dir) = bpffs_check(&options.pin_dir);
     checks.push(bpffs_check);
@@ -578,6 +584,11 @@ pub fn run(options: &Options) -> Report {
         target.as_deref(),
         &tags,
     ));
+    checks.push(guard::packet_guard_check(
+        &options.pin_dir,
+        options.packet_guard.as_ref(),
+    ));
+    checks.push(guard::egress_check(&options.pin_dir, options.egress_guard));
     Report { checks }
 }
 
@@ -701,11 +712,12 @@ fn pinned_prog_ids(pin_dir: &Path) -> Vec<u32> {
         .collect()
 }
 
-const LINK_NAMES: [&str; 4] = [
+const LINK_NAMES: [&str; 5] = [
     programs::CONNECT4,
     programs::CONNECT6,
     programs::GETPEERNAME4,
     programs::GETPEERNAME6,
+    programs::EGRESS,
 ];
 
 /// The target cgroup, a bpf_link on a temporary child of it, and who else is attached there.
@@ -1134,18 +1146,25 @@ fn embedded_programs_check_in(
         programs::GETPEERNAME4,
         programs::GETPEERNAME6,
         programs::NETNS_PROBE,
+        programs::SOCK_OPS,
     ] {
         let optional = name == programs::GETPEERNAME4 || name == programs::GETPEERNAME6;
         let result = ebpf
             .program_mut(name)
             .ok_or_else(|| "missing from the object".to_owned())
             .and_then(|p| {
-                <&mut CgroupSockAddr>::try_from(p).map_err(|e| summarize_error(&e.to_string()))
-            })
-            .and_then(|p| {
-                p.load().map_err(|e| summarize_error(&e.to_string()))?;
-                p.info()
-                    .map(|i| format!("{:016x}", i.tag()))
+                let info = if name == programs::SOCK_OPS {
+                    let p = <&mut aya::programs::SockOps>::try_from(p)
+                        .map_err(|e| summarize_error(&e.to_string()))?;
+                    p.load().map_err(|e| summarize_error(&e.to_string()))?;
+                    p.info()
+                } else {
+                    let p = <&mut CgroupSockAddr>::try_from(p)
+                        .map_err(|e| summarize_error(&e.to_string()))?;
+                    p.load().map_err(|e| summarize_error(&e.to_string()))?;
+                    p.info()
+                };
+                info.map(|i| format!("{:016x}", i.tag()))
                     .map_err(|e| e.to_string())
             });
         match result {
@@ -1155,6 +1174,20 @@ fn embedded_programs_check_in(
             }
             Err(e) => failed.push(format!("{name}: {e}")),
         }
+    }
+    let egress = ebpf
+        .program_mut(programs::EGRESS)
+        .ok_or_else(|| "missing from the object".to_owned())
+        .and_then(|p| <&mut CgroupSkb>::try_from(p).map_err(|e| summarize_error(&e.to_string())))
+        .and_then(|p| {
+            p.load().map_err(|e| summarize_error(&e.to_string()))?;
+            p.info()
+                .map(|i| format!("{:016x}", i.tag()))
+                .map_err(|e| e.to_string())
+        });
+    match egress {
+        Ok(tag) => tags.push((programs::EGRESS.to_owned(), tag)),
+        Err(e) => failed.push(format!("{}: {e}", programs::EGRESS)),
     }
     drop(ebpf);
     drop(guard);
@@ -1185,6 +1218,49 @@ fn embedded_programs_check_in(
         )
     };
     (check, tags)
+}
+
+/// Whether the kernel can name the pods here: kubelet's pod cgroups below the attach cgroup.
+pub fn attestation_check(target: Option<&Path>) -> Check {
+    const NAME: &str = "attestation";
+    let Some(target) = target else {
+        return Check::warn(
+            NAME,
+            "cgroup2 is not mounted here, so kubelet's pod cgroups cannot be read",
+            "pods are served by address alone with --identity-attestation prefer and refused \
+             with require; mount cgroup2 (the agent mounts its own for attaching)",
+        );
+    };
+    let pods = crate::attest::CgroupPods::new(target.to_owned());
+    match pods.rescan() {
+        Err(e) => Check::warn(
+            NAME,
+            format!(
+                "cannot read the cgroup tree below {}: {e}",
+                target.display()
+            ),
+            "grant read access to the cgroup2 mount",
+        ),
+        Ok(()) if pods.pod_count() > 0 => Check::ok(
+            NAME,
+            format!(
+                "{} pod cgroups of kubelet below {}: the kernel names the pod of every metadata \
+                 connection",
+                pods.pod_count(),
+                target.display()
+            ),
+        ),
+        Ok(()) => Check::warn(
+            NAME,
+            format!(
+                "no kubelet pod cgroups (kubepods…/pod<uid>) below {}: pods are not in cgroup v2 \
+                 here (a cgroup-v1 node), or none runs yet",
+                target.display()
+            ),
+            "with --identity-attestation prefer such pods are served by address alone; require \
+             refuses them; cgroup v2 nodes (AL2023, Bottlerocket) attest every pod",
+        ),
+    }
 }
 
 /// What is pinned under the pin directory, and whether a starting agent can adopt it.
@@ -1225,16 +1301,16 @@ fn pinned_state_check(pin_dir: &Path, target: Option<&Path>, tags: &[(String, St
             }
         };
         links.push(format!("{name} (link {})", info.id));
-        if let Err(e) = sys::prog_fd_by_id(info.prog_id) {
+        // A starting agent compares the program tag from the link's fdinfo with its own and
+        // swaps through the link when they differ; opening the program by id is optional.
+        if let Err(e) = sys::link_prog_tag(link.as_fd()) {
             return Check::fail(
                 NAME,
                 format!(
-                    "{name} is pinned, and a starting agent adopts it by opening its program \
-                     {} by id, which fails here: {e}",
-                    info.prog_id
+                    "{name} is pinned, and a starting agent adopts it by reading its program \
+                     tag from the link, which fails here: {e}"
                 ),
-                "grant CAP_SYS_ADMIN (BPF_PROG_GET_FD_BY_ID needs it), or run `kube2iam-agent \
-                 uninstall` with CAP_BPF and CAP_NET_ADMIN first",
+                "run `kube2iam-agent uninstall` with CAP_BPF and CAP_NET_ADMIN first",
             );
         }
         if target_id.is_some_and(|id| id != info.cgroup_id) {

@@ -418,6 +418,7 @@ mod tests {
             created_ms: 0,
             role: Annotation::Absent,
             external_id: Annotation::Absent,
+            account: None,
         }
     }
 

@@ -61,6 +61,19 @@ pub struct PodIdentity {
     pub created_ms: u64,
     pub role: Annotation,
     pub external_id: Annotation,
+    /// The pod's service account, from the watch. Kept in memory only: the pinned map does not
+    /// hold it, so a record a previous agent pinned has `None` until the pod list is back.
+    pub account: Option<PodAccount>,
+}
+
+/// What the pod spec says about its service account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodAccount {
+    /// `spec.serviceAccountName` (`default` when the spec names none).
+    pub name: String,
+    /// Some container carries the web-identity environment the EKS pod identity webhook
+    /// injects for IRSA (`AWS_ROLE_ARN` and `AWS_WEB_IDENTITY_TOKEN_FILE`).
+    pub web_identity: bool,
 }
 
 impl PodIdentity {
@@ -87,7 +100,7 @@ pub enum Error {
     },
     #[error(
         "the identity map is full ({capacity} entries); raise --identity-capacity (pod {pod} at \
-         {ip} is not served until an entry frees up)"
+         {ip} is served, but not pinned: after a restart it waits for the pod list)"
     )]
     Full {
         capacity: u32,
@@ -198,6 +211,7 @@ pub fn decode(raw: &Identity) -> Result<PodIdentity, String> {
             raw.flags & IDENTITY_EXTERNAL_ID_OVERSIZE != 0,
             "external id",
         )?,
+        account: None,
     })
 }
 
@@ -356,16 +370,59 @@ impl IdentityMap for MemoryIdentityMap {
     }
 }
 
+/// A live pod from the watch.
+#[derive(Debug, Clone)]
+struct LivePod {
+    identity: PodIdentity,
+    keys: Vec<Key>,
+}
+
 #[derive(Default)]
 struct RegistryState {
-    /// Pod UID → the addresses it claimed.
-    by_uid: HashMap<String, Vec<Key>>,
+    /// Live pods from the watch: UID → record and addresses.
+    pods: HashMap<String, LivePod>,
+    /// Address → the UIDs of the live pods claiming it.
+    by_key: HashMap<Key, Vec<String>>,
+    /// hostNetwork pods served their own role (`--host-network-pods`): UID → record.
+    host_pods: HashMap<String, PodIdentity>,
+    /// What the previous agent pinned, until the first list is complete: served only through
+    /// [`Registry::claimants`], where attestation decides who may use it.
+    pinned: HashMap<Key, PodIdentity>,
+    /// What the BPF map holds, as this agent wrote it (or found it).
+    written: HashMap<Key, PodIdentity>,
     /// During a relist: the UIDs seen so far.
     relist: Option<HashSet<String>>,
     synced: bool,
 }
 
-/// Keeps the identity map in line with the pod watch and wakes waiting requests.
+impl RegistryState {
+    /// The live pods claiming `k`, newest first.
+    fn live_claimants(&self, k: &Key) -> Vec<&PodIdentity> {
+        let mut out: Vec<&PodIdentity> = self
+            .by_key
+            .get(k)
+            .into_iter()
+            .flatten()
+            .filter_map(|uid| self.pods.get(uid).map(|p| &p.identity))
+            .collect();
+        out.sort_by(|a, b| (b.created_ms, &b.uid).cmp(&(a.created_ms, &a.uid)));
+        out
+    }
+
+    /// What the BPF map should hold for `k`: the newest live claimant, else (before the first
+    /// list is complete) the pinned record.
+    fn wanted(&self, k: &Key) -> Option<PodIdentity> {
+        match self.live_claimants(k).first() {
+            Some(owner) => Some((*owner).clone()),
+            None if !self.synced => self.pinned.get(k).cloned(),
+            None => None,
+        }
+    }
+}
+
+/// Keeps the pods of this node in memory, where requests read them without a syscall, and the
+/// pinned BPF map in line with it, so a restarted agent knows its pods at once. Wakes waiting
+/// requests on every change.
 pub struct Registry {
     map: Box<dyn IdentityMap>,
     state: Mutex<RegistryState>,
@@ -373,10 +430,36 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// Takes over the map, reading what a previous agent pinned (once, at start).
     pub fn new(map: Box<dyn IdentityMap>) -> Registry {
+        let mut state = RegistryState::default();
+        match map.keys() {
+            Ok(keys) => {
+                for k in keys {
+                    match map.get(&k) {
+                        Ok(Some(pod)) => {
+                            state.pinned.insert(k, pod.clone());
+                            state.written.insert(k, pod);
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!("{e}; removing the entry");
+                            let _ = map.remove(&k);
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("cannot read the pinned identity map: {e}"),
+        }
+        if !state.pinned.is_empty() {
+            tracing::info!(
+                entries = state.pinned.len(),
+                "pinned pod identities adopted until the pod list is synced"
+            );
+        }
         Registry {
             map,
-            state: Mutex::default(),
+            state: Mutex::new(state),
             changed: watch::Sender::new(0),
         }
     }
@@ -389,71 +472,121 @@ impl Registry {
         self.changed.send_modify(|generation| *generation += 1);
     }
 
+    /// Writes what the BPF map should hold for `keys`.
+    fn persist(
+        &self,
+        state: &mut RegistryState,
+        keys: impl IntoIterator<Item = Key>,
+    ) -> Vec<Error> {
+        let mut errors = Vec::new();
+        for k in keys {
+            let wanted = state.wanted(&k);
+            if state.written.get(&k) == wanted.as_ref() {
+                continue;
+            }
+            match wanted {
+                Some(pod) => {
+                    if let Some(old) = state.written.get(&k).filter(|o| o.uid != pod.uid) {
+                        tracing::info!(
+                            ip = %ip_of(&k),
+                            pod = %pod.display_name(),
+                            previous = %old.display_name(),
+                            "address now owned by another pod"
+                        );
+                    }
+                    match self.map.insert(k, &pod) {
+                        Ok(()) => {
+                            state.written.insert(k, pod);
+                        }
+                        Err(e) => errors.push(e),
+                    }
+                }
+                None => match self.map.remove(&k) {
+                    Ok(()) => {
+                        state.written.remove(&k);
+                    }
+                    Err(e) => errors.push(e),
+                },
+            }
+        }
+        errors
+    }
+
     /// Records a live pod with its addresses. Errors are per address and logged by the caller;
     /// the other addresses are still written.
     pub fn apply(&self, pod: &PodIdentity, ips: &[IpAddr]) -> Vec<Error> {
-        let mut errors = Vec::new();
         let mut state = self.state();
         if let Some(seen) = state.relist.as_mut() {
             seen.insert(pod.uid.clone());
         }
+        state.host_pods.remove(&pod.uid);
         let keys: Vec<Key> = ips.iter().map(|ip| key(*ip)).collect();
-        for k in &keys {
-            match self.map.get(k) {
-                Ok(Some(current)) if current == *pod => {}
-                Ok(Some(current)) if current.uid != pod.uid && !pod.newer_than(&current) => {
-                    tracing::debug!(
-                        ip = %ip_of(k),
-                        pod = %pod.display_name(),
-                        owner = %current.display_name(),
-                        "address claimed by an older pod; the newer owner keeps it"
-                    );
-                }
-                Ok(current) => {
-                    if let Some(old) = current.filter(|c| c.uid != pod.uid) {
-                        tracing::info!(
-                            ip = %ip_of(k),
-                            pod = %pod.display_name(),
-                            previous = %old.display_name(),
-                            "address reused by a newer pod"
-                        );
-                    }
-                    if let Err(e) = self.map.insert(*k, pod) {
-                        errors.push(e);
-                    }
-                }
-                Err(e) => errors.push(e),
-            }
-        }
-        // Addresses this pod no longer has (rare: a pod's IPs change only on restart of the sandbox).
         let previous = state
-            .by_uid
-            .insert(pod.uid.clone(), keys.clone())
+            .pods
+            .insert(
+                pod.uid.clone(),
+                LivePod {
+                    identity: pod.clone(),
+                    keys: keys.clone(),
+                },
+            )
+            .map(|p| p.keys)
             .unwrap_or_default();
         for k in previous.iter().filter(|k| !keys.contains(k)) {
-            if let Err(e) = self.remove_if_owned(k, &pod.uid) {
-                errors.push(e);
+            if let Some(uids) = state.by_key.get_mut(k) {
+                uids.retain(|u| *u != pod.uid);
+                if uids.is_empty() {
+                    state.by_key.remove(k);
+                }
             }
         }
+        for k in &keys {
+            let uids = state.by_key.entry(*k).or_default();
+            if !uids.contains(&pod.uid) {
+                uids.push(pod.uid.clone());
+            }
+        }
+        let touched: Vec<Key> = keys.iter().chain(previous.iter()).copied().collect();
+        let errors = self.persist(&mut state, touched);
         drop(state);
         self.bump();
         errors
     }
 
-    fn remove_if_owned(&self, k: &Key, uid: &str) -> Result<(), Error> {
-        match self.map.get(k)? {
-            Some(owner) if owner.uid == uid => self.map.remove(k),
-            _ => Ok(()),
+    /// Records a hostNetwork pod served its own role: it has no address of its own, the kernel
+    /// names it by its cgroup.
+    pub fn apply_host_pod(&self, pod: &PodIdentity) -> Vec<Error> {
+        let errors = self.remove_live(&pod.uid);
+        let mut state = self.state();
+        if let Some(seen) = state.relist.as_mut() {
+            seen.insert(pod.uid.clone());
         }
+        state.host_pods.insert(pod.uid.clone(), pod.clone());
+        drop(state);
+        self.bump();
+        errors
     }
 
-    /// Forgets a pod (deleted, or finished): removes the addresses it still owns.
+    fn remove_live(&self, uid: &str) -> Vec<Error> {
+        let mut state = self.state();
+        let Some(gone) = state.pods.remove(uid) else {
+            return Vec::new();
+        };
+        for k in &gone.keys {
+            if let Some(uids) = state.by_key.get_mut(k) {
+                uids.retain(|u| u != uid);
+                if uids.is_empty() {
+                    state.by_key.remove(k);
+                }
+            }
+        }
+        self.persist(&mut state, gone.keys)
+    }
+
+    /// Forgets a pod (deleted, or finished): its addresses go to the next claimant, if any.
     pub fn remove_pod(&self, uid: &str) -> Vec<Error> {
-        let keys = self.state().by_uid.remove(uid).unwrap_or_default();
-        let errors = keys
-            .iter()
-            .filter_map(|k| self.remove_if_owned(k, uid).err())
-            .collect();
+        let errors = self.remove_live(uid);
+        self.state().host_pods.remove(uid);
         self.bump();
         errors
     }
@@ -463,39 +596,37 @@ impl Registry {
         self.state().relist = Some(HashSet::new());
     }
 
-    /// The list is complete: entries of pods not in it are stale (deleted while the watch was
-    /// down, or before this agent started) and go.
+    /// The list is complete: pods not in it are gone (deleted while the watch was down), and so
+    /// are the records pinned by a previous agent that the list did not confirm.
     pub fn end_relist(&self) -> Vec<Error> {
-        let mut errors = Vec::new();
         let seen = {
             let mut state = self.state();
-            state.synced = true;
             let seen = state.relist.take().unwrap_or_default();
-            state.by_uid.retain(|uid, _| seen.contains(uid));
+            state.host_pods.retain(|uid, _| seen.contains(uid));
             seen
         };
-        match self.map.keys() {
-            Ok(keys) => {
-                for k in keys {
-                    match self.map.get(&k) {
-                        Ok(Some(owner)) if !seen.contains(&owner.uid) => {
-                            tracing::info!(ip = %ip_of(&k), pod = %owner.display_name(), "removing a stale address");
-                            if let Err(e) = self.map.remove(&k) {
-                                errors.push(e);
-                            }
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            // A corrupt entry is removed; the pod, if live, is in `seen` and its
-                            // entry was rewritten during the list.
-                            errors.push(e);
-                            let _ = self.map.remove(&k);
-                        }
-                    }
-                }
-            }
-            Err(e) => errors.push(e),
+        let stale: Vec<String> = self
+            .state()
+            .pods
+            .keys()
+            .filter(|uid| !seen.contains(*uid))
+            .cloned()
+            .collect();
+        let mut errors = Vec::new();
+        for uid in stale {
+            errors.extend(self.remove_live(&uid));
         }
+        let mut state = self.state();
+        state.synced = true;
+        let pinned = std::mem::take(&mut state.pinned);
+        for (k, pod) in &pinned {
+            if !seen.contains(&pod.uid) {
+                tracing::info!(ip = %ip_of(k), pod = %pod.display_name(), "removing a stale address");
+            }
+        }
+        let written: Vec<Key> = state.written.keys().copied().collect();
+        errors.extend(self.persist(&mut state, written));
+        drop(state);
         self.bump();
         errors
     }
@@ -505,8 +636,79 @@ impl Registry {
         self.state().synced
     }
 
+    /// The live pods claiming `ip`, newest first.
+    pub fn claimants(&self, ip: IpAddr) -> Vec<PodIdentity> {
+        let k = key(ip);
+        self.state()
+            .live_claimants(&k)
+            .into_iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Before the first list is complete: the record a previous agent pinned for `ip`, unless
+    /// the watch already has that pod. Only the pod it names may be served from it.
+    pub fn pinned(&self, ip: IpAddr) -> Option<PodIdentity> {
+        let state = self.state();
+        if state.synced {
+            return None;
+        }
+        state
+            .pinned
+            .get(&key(ip))
+            .filter(|p| !state.pods.contains_key(&p.uid))
+            .cloned()
+    }
+
+    /// The pod that owns `ip` by address alone: the newest claimant, else (before the sync)
+    /// the pinned record. For display; serving decides in [`crate::decision`].
     pub fn lookup(&self, ip: IpAddr) -> Result<Option<PodIdentity>, Error> {
-        self.map.get(&key(ip))
+        Ok(self
+            .claimants(ip)
+            .into_iter()
+            .next()
+            .or_else(|| self.pinned(ip)))
+    }
+
+    /// A pod by UID: live, hostNetwork, or (before the sync) pinned.
+    pub fn pod(&self, uid: &str) -> Option<PodIdentity> {
+        let state = self.state();
+        state
+            .pods
+            .get(uid)
+            .map(|p| p.identity.clone())
+            .or_else(|| state.host_pods.get(uid).cloned())
+            .or_else(|| {
+                (!state.synced)
+                    .then(|| state.pinned.values().find(|p| p.uid == uid).cloned())
+                    .flatten()
+            })
+    }
+
+    /// A hostNetwork pod served its own role, by UID.
+    pub fn host_pod(&self, uid: &str) -> Option<PodIdentity> {
+        self.state().host_pods.get(uid).cloned()
+    }
+
+    /// The UIDs of the hostNetwork pods served their own role.
+    pub fn host_pod_uids(&self) -> Vec<String> {
+        self.state().host_pods.keys().cloned().collect()
+    }
+
+    /// Every live pod (for the prefetch when the namespaces arrive).
+    pub fn live_pods(&self) -> Vec<PodIdentity> {
+        let state = self.state();
+        state
+            .pods
+            .values()
+            .map(|p| p.identity.clone())
+            .chain(state.host_pods.values().cloned())
+            .collect()
+    }
+
+    /// Registry changes, to wait on.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// Looks `ip` up, waiting up to `timeout` for the watch to add it (woken by each change,
@@ -530,13 +732,14 @@ impl Registry {
         }
     }
 
+    /// What the BPF map holds, by address.
     pub fn entries(&self) -> Result<Vec<(IpAddr, PodIdentity)>, Error> {
-        let mut out = Vec::new();
-        for k in self.map.keys()? {
-            if let Some(pod) = self.map.get(&k)? {
-                out.push((ip_of(&k), pod));
-            }
-        }
+        let mut out: Vec<(IpAddr, PodIdentity)> = self
+            .state()
+            .written
+            .iter()
+            .map(|(k, pod)| (ip_of(k), pod.clone()))
+            .collect();
         out.sort_by_key(|(ip, _)| *ip);
         Ok(out)
     }
@@ -560,6 +763,7 @@ mod tests {
             created_ms,
             role: Annotation::from_option(role, ROLE_CAP),
             external_id: Annotation::Absent,
+            account: None,
         }
     }
 

@@ -88,6 +88,8 @@ pub struct Keys {
     pub role: String,
     pub external_id: String,
     pub namespace: String,
+    /// hostNetwork pods with a role annotation are served (`--host-network-pods`).
+    pub host_network_pods: bool,
 }
 
 /// What a pod event means for the registry.
@@ -95,6 +97,9 @@ pub struct Keys {
 pub enum PodState {
     /// Running (or starting) with addresses: serve it.
     Live(PodIdentity, Vec<IpAddr>),
+    /// A running hostNetwork pod with a role annotation, with `--host-network-pods`: served by
+    /// its cgroup, not an address.
+    HostNetwork(PodIdentity),
     /// Not servable (host network, finished, no address yet): forget what it owned.
     Gone { uid: String },
 }
@@ -105,15 +110,38 @@ pub fn pod_state(pod: &Pod, keys: &Keys) -> Option<PodState> {
     let uid = meta.uid.clone()?;
     let gone = || Some(PodState::Gone { uid: uid.clone() });
     let spec = pod.spec.as_ref();
-    if spec.and_then(|s| s.host_network).unwrap_or(false) {
-        return gone();
-    }
+    let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
     let status = pod.status.as_ref();
     if matches!(
         status.and_then(|s| s.phase.as_deref()),
         Some("Succeeded" | "Failed")
     ) {
         return gone();
+    }
+    let annotations = meta.annotations.as_ref();
+    let annotation = |key: &str| annotations.and_then(|a| a.get(key)).map(String::as_str);
+    let created_ms = meta
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.as_millisecond().max(0) as u64)
+        .unwrap_or(0);
+    let identity = PodIdentity {
+        namespace: meta.namespace.clone().unwrap_or_default(),
+        name: meta.name.clone().unwrap_or_default(),
+        uid: uid.clone(),
+        created_ms,
+        role: Annotation::from_option(annotation(&keys.role), ROLE_CAP),
+        external_id: Annotation::from_option(annotation(&keys.external_id), EXTERNAL_ID_CAP),
+        account: Some(crate::service_accounts::pod_account(spec)),
+    };
+    if host_network {
+        // Its address is the node's: only the kernel's attestation can tell it apart, and only
+        // a pod that asks for a role of its own leaves the node's metadata service.
+        return if keys.host_network_pods && identity.role != Annotation::Absent {
+            Some(PodState::HostNetwork(identity))
+        } else {
+            gone()
+        };
     }
     let mut ips: Vec<IpAddr> = status
         .and_then(|s| s.pod_ips.as_ref())
@@ -129,24 +157,7 @@ pub fn pod_state(pod: &Pod, keys: &Keys) -> Option<PodState> {
     if ips.is_empty() {
         return gone();
     }
-    let annotations = meta.annotations.as_ref();
-    let annotation = |key: &str| annotations.and_then(|a| a.get(key)).map(String::as_str);
-    let created_ms = meta
-        .creation_timestamp
-        .as_ref()
-        .map(|t| t.0.as_millisecond().max(0) as u64)
-        .unwrap_or(0);
-    Some(PodState::Live(
-        PodIdentity {
-            namespace: meta.namespace.clone().unwrap_or_default(),
-            name: meta.name.clone().unwrap_or_default(),
-            uid,
-            created_ms,
-            role: Annotation::from_option(annotation(&keys.role), ROLE_CAP),
-            external_id: Annotation::from_option(annotation(&keys.external_id), EXTERNAL_ID_CAP),
-        },
-        ips,
-    ))
+    Some(PodState::Live(identity, ips))
 }
 
 /// Counters the watches keep for metrics and readiness.
@@ -181,6 +192,10 @@ pub async fn watch_pods(
                 match pod_state(&pod, &keys) {
                     Some(PodState::Live(identity, ips)) => {
                         log_errors(&identity.display_name(), registry.apply(&identity, &ips));
+                        on_live(&identity);
+                    }
+                    Some(PodState::HostNetwork(identity)) => {
+                        log_errors(&identity.display_name(), registry.apply_host_pod(&identity));
                         on_live(&identity);
                     }
                     Some(PodState::Gone { uid }) => log_errors(&uid, registry.remove_pod(&uid)),
@@ -313,6 +328,7 @@ mod tests {
             role: "iam.amazonaws.com/role".into(),
             external_id: "iam.amazonaws.com/external-id".into(),
             namespace: "iam.amazonaws.com/allowed-roles".into(),
+            host_network_pods: false,
         }
     }
 
@@ -370,6 +386,26 @@ mod tests {
         }
         let no_ip = base(serde_json::json!({"podIP": null, "podIPs": null}), false);
         assert_eq!(pod_state(&no_ip, &keys()), gone);
+    }
+
+    #[test]
+    fn annotated_host_network_pods_are_served_only_with_the_flag() {
+        let host = base(serde_json::json!({}), true);
+        let with_flag = Keys {
+            host_network_pods: true,
+            ..keys()
+        };
+        let Some(PodState::HostNetwork(identity)) = pod_state(&host, &with_flag) else {
+            panic!("expected a hostNetwork pod with its own role");
+        };
+        assert_eq!(identity.role, Annotation::Value("web-role".into()));
+        let mut plain = host.clone();
+        plain.metadata.annotations = None;
+        assert_eq!(
+            pod_state(&plain, &with_flag),
+            Some(PodState::Gone { uid: "u-1".into() }),
+            "without an annotation a hostNetwork pod keeps the node's metadata service"
+        );
     }
 
     #[test]

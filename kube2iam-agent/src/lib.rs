@@ -1,23 +1,31 @@
 //! kube2iam-ebpf's agent as a library, so the binary and the tests drive the same parts.
 //!
-//! `cli` → `bpf` (load, attach, pin, typed map access) → `kube` (watch → `identity` map) →
-//! `policy` (pure rules) → `credentials` (STS, cache) → `imds` (the server pods reach) →
+//! `cli` → `bpf` (load, attach, pin, typed map access) → `kube` (watch → `identity` map;
+//! `service_accounts`: ServiceAccounts' roles) →
+//! `attest` (the kernel's word on who connected) → `decision` (who is calling and which role,
+//! one pure function over `policy`'s rules) → `credentials` (STS, cache; `session_tags`: what
+//! each session carries) → `imds` (the server pods reach) →
 //! `admin` (health, readiness) with `metrics` and `events` (Kubernetes Events on refused pods);
-//! `inspect` reads the pins; `agent` wires them together.
+//! `inspect` reads the pins; `agent` wires them together. `kube2iam` reads kube2iam's flags.
 
 pub mod admin;
 pub mod agent;
+pub mod attest;
 pub mod bpf;
 pub mod cli;
 pub mod credentials;
+pub mod decision;
 pub mod doctor;
 pub mod events;
 pub mod identity;
 pub mod imds;
 pub mod inspect;
 pub mod kube;
+pub mod kube2iam;
 pub mod metrics;
 pub mod policy;
+pub mod service_accounts;
+pub mod session_tags;
 pub mod telemetry;
 
 /// An error and its causes on one line, `outer: cause: root cause`, for answers and logs that

@@ -1,15 +1,21 @@
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::Parser as _;
 use kube2iam_agent::{
     agent, bpf,
     cli::{Cli, Command, DoctorArgs, InspectArgs, InspectFormat, RunArgs, UninstallArgs},
-    inspect, telemetry,
+    inspect, kube2iam, telemetry,
 };
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let (cli, kube2iam_warnings) = match kube2iam::parse(std::env::args_os()) {
+        Ok(parsed) => parsed,
+        Err(kube2iam::ParseError::Clap(e)) => e.exit(),
+        Err(e @ kube2iam::ParseError::Kube2iam(_)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     if let Some(Command::InternalNetnsProbe) = cli.command {
         return match bpf::netns_probe_child() {
             Ok(()) => ExitCode::SUCCESS,
@@ -24,7 +30,11 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     if bpf::loader::is_child() {
+        // The agent has logged the warnings about its flags already.
         return loader_child(&cli);
+    }
+    for warning in kube2iam_warnings {
+        tracing::warn!("{warning}");
     }
     if let Some(Command::Doctor(args)) = &cli.command {
         return doctor(args);
@@ -101,9 +111,22 @@ fn run_inspect(args: &InspectArgs) -> anyhow::Result<()> {
 
 /// Prints the doctor's table and summary; exits 1 when the agent cannot run here.
 fn doctor(args: &DoctorArgs) -> ExitCode {
+    let packet_guard = if args.packet_guard {
+        match kube2iam_agent::bpf::guard::InterfacePatterns::parse(&args.host_interfaces) {
+            Ok(patterns) => Some(patterns),
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
     let report = kube2iam_agent::doctor::run(&kube2iam_agent::doctor::Options {
         cgroup_path: args.cgroup_path.clone(),
         pin_dir: args.bpf_pin_path.clone(),
+        packet_guard,
+        egress_guard: args.egress_guard,
     });
     print!("{}", report.table());
     println!("{}", report.summary());

@@ -21,6 +21,7 @@
 //! | `kube2iam_identity_map_entries` | gauge | |
 //! | `kube2iam_identity_map_capacity` | gauge | |
 //! | `kube2iam_bpf_events_total` | counter | `event` |
+//! | `kube2iam_packet_guard_interfaces` | gauge | `state` |
 //! | `kube2iam_watch_restarts_total` | counter | `resource` |
 //! | `kube2iam_watch_synced` | gauge | `resource` |
 //! | `kube2iam_upstream_reachable` | gauge | |
@@ -48,10 +49,11 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::admin::Sources;
+use crate::{admin::Sources, bpf::guard::Placement};
 
 /// The `route` label values of the metadata server, a fixed set.
-pub const ROUTES: [&str; 10] = [
+pub const ROUTES: [&str; 11] = [
+    "healthz",
     "token",
     "unauthorized",
     "method",
@@ -99,6 +101,11 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EventLabels {
     pub reason: &'static str,
     pub outcome: &'static str,
@@ -112,6 +119,8 @@ pub struct RequestMetrics {
     requests: Family<RequestLabels, Counter>,
     duration: HistogramFamily<RouteLabels>,
     rejected_connections: Counter,
+    refusals: Family<KindLabels, Counter>,
+    callers: Family<KindLabels, Counter>,
 }
 
 impl Default for RequestMetrics {
@@ -120,6 +129,8 @@ impl Default for RequestMetrics {
             requests: Family::default(),
             duration: Family::new_with_constructor(latency_histogram),
             rejected_connections: Counter::default(),
+            refusals: Family::default(),
+            callers: Family::default(),
         }
     }
 }
@@ -138,6 +149,23 @@ impl RequestMetrics {
     /// A connection answered 503 and closed because `--max-connections` were open.
     pub fn rejected_connection(&self) {
         self.rejected_connections.inc();
+    }
+
+    /// A request refused for `kind` (a [`crate::decision::Refusal`] kind).
+    pub fn refused(&self, kind: &'static str) {
+        self.refusals.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    /// Refusals of `kind` so far.
+    pub fn refusals(&self, kind: &'static str) -> u64 {
+        self.refusals
+            .get(&KindLabels { kind })
+            .map_or(0, |c| c.get())
+    }
+
+    /// An accepted connection, by what the kernel attested of it.
+    pub fn caller(&self, kind: &'static str) {
+        self.callers.get_or_create(&KindLabels { kind }).inc();
     }
 
     /// How many requests got `status` on `route` so far.
@@ -206,6 +234,19 @@ pub fn registry(sources: Arc<Sources>) -> Registry {
         "rejected_connections",
         "Connections answered 503 and closed because --max-connections were open",
         state.stats.rejected_connections.clone(),
+    );
+    registry.register(
+        "refusals",
+        "Requests refused, by reason (mismatch: the kernel attributes the connection to another \
+         pod than the one that owns its address; unattested: the connection did not come \
+         through the metadata redirect on this node; …)",
+        state.stats.refusals.clone(),
+    );
+    registry.register(
+        "connections",
+        "Accepted metadata connections, by what the kernel attested (pod, no_pod_cgroup, \
+         unattested, off)",
+        state.stats.callers.clone(),
     );
     registry.register(
         "sts_call_duration_seconds",
@@ -308,6 +349,20 @@ struct BpfLabels {
     event: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GuardLabels {
+    state: &'static str,
+}
+
+/// The `state` label of `kube2iam_packet_guard_interfaces` for one interface.
+pub fn guard_state(placement: &Placement) -> &'static str {
+    match placement {
+        Placement::First => "first",
+        Placement::NotFirst { .. } => "not_first",
+        Placement::Missing => "unguarded",
+    }
+}
+
 impl Collector for Live {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let sources = &self.0;
@@ -402,6 +457,32 @@ impl Collector for Live {
             Err(e) => tracing::debug!("metrics: BPF counters: {e}"),
         }
 
+        match (sources.guard_status)() {
+            Some(Ok(interfaces)) => {
+                let samples: Vec<_> = ["first", "not_first", "unguarded"]
+                    .into_iter()
+                    .map(|state| {
+                        let n = interfaces
+                            .iter()
+                            .filter(|i| guard_state(&i.placement) == state)
+                            .count();
+                        (GuardLabels { state }, n as u64)
+                    })
+                    .collect();
+                labeled(
+                    &mut encoder,
+                    "packet_guard_interfaces",
+                    "Interfaces matching --host-interface, by where the packet guard stands: \
+                     first (it sees every packet), not_first (another program runs before it and \
+                     may pass packets past it), unguarded (not attached)",
+                    MetricType::Gauge,
+                    &samples,
+                )?;
+            }
+            Some(Err(e)) => tracing::debug!("metrics: packet guard: {e}"),
+            None => {}
+        }
+
         let watch = &sources.watch_stats;
         let mut restarts = vec![(
             ResourceLabels { resource: "pods" },
@@ -423,6 +504,21 @@ impl Collector for Live {
                     resource: "namespaces",
                 },
                 u64::from(sources.state.namespaces.synced()),
+            ));
+        }
+        if sources.state.config.service_account_roles {
+            let accounts = &sources.state.service_accounts;
+            restarts.push((
+                ResourceLabels {
+                    resource: "serviceaccounts",
+                },
+                load(&accounts.restarts),
+            ));
+            synced.push((
+                ResourceLabels {
+                    resource: "serviceaccounts",
+                },
+                u64::from(accounts.synced()),
             ));
         }
         labeled(

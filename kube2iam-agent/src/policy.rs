@@ -259,7 +259,8 @@ pub enum PatternFormat {
 }
 
 /// One compiled allowed-role pattern. Patterns that start with `arn:` match the full role ARN;
-/// others match the role's `path/name` and, when a base ARN is set, only roles in its account.
+/// others match what follows the base ARN, so only roles under it (in its account), and nothing
+/// when there is no base ARN.
 #[derive(Debug, Clone)]
 struct Pattern {
     source: String,
@@ -419,20 +420,33 @@ impl AllowedRoles {
         Ok(AllowedRoles { patterns })
     }
 
-    /// Whether the role is allowed.
+    /// Whether the role is allowed. A pattern that starts with `arn:` matches the full role ARN.
+    /// Any other pattern names roles relative to the base ARN: it matches the part of the role
+    /// ARN after the base, and only roles under the base (in its account). Without a base ARN
+    /// such a pattern allows no role: it names no account, and `["app-*"]` must not allow
+    /// `app-admin` in every account.
     pub fn allows(&self, role: &RoleArn, base: Option<&BaseArn>) -> bool {
         self.patterns.iter().any(|p| {
             if p.full_arn {
                 p.regex.is_match(role.as_str())
             } else {
-                let same_account = base.is_none_or(|b| role.as_str().starts_with(b.as_str()));
-                let subject = match base {
-                    Some(b) if same_account => &role.as_str()[b.as_str().len()..],
-                    _ => role.path_and_name(),
-                };
-                same_account && p.regex.is_match(subject)
+                base.and_then(|b| role.as_str().strip_prefix(b.as_str()))
+                    .is_some_and(|subject| p.regex.is_match(subject))
             }
         })
+    }
+
+    /// The patterns that can allow nothing because they are relative (no `arn:` prefix) and
+    /// there is no base ARN to bind them to an account: for messages and warnings.
+    pub fn unbound_patterns(&self, base: Option<&BaseArn>) -> Vec<&str> {
+        if base.is_some() {
+            return Vec::new();
+        }
+        self.patterns
+            .iter()
+            .filter(|p| !p.full_arn)
+            .map(|p| p.source.as_str())
+            .collect()
     }
 
     /// The patterns as written, for error messages.
@@ -468,6 +482,18 @@ pub fn node_session_name(node: &str) -> String {
 /// The per-pod session name, `<namespace>.<pod>`, for CloudTrail attribution.
 pub fn pod_session_name(namespace: &str, pod: &str) -> String {
     session_name(&format!("{namespace}.{pod}"))
+}
+
+/// kube2iam's session name (iam/iam.go, `sessionName`): the 32-bit FNV-1a hash of the pod's
+/// address in hex, `-`, the role's name (the ARN after its last `/`), cut to 64 characters.
+pub fn kube2iam_session_name(pod_ip: std::net::IpAddr, role: &RoleArn) -> String {
+    let hash = pod_ip.to_string().bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    format!("{hash:x}-{}", role.name())
+        .chars()
+        .take(MAX_SESSION_NAME)
+        .collect()
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -653,11 +679,60 @@ mod tests {
         assert!(!rules.allows(&resolve_role("web", Some(&b)).unwrap(), Some(&b)));
     }
 
+    /// Issue 11: without a base ARN, `["app-*"]` matched `app-*` roles in every account.
     #[test]
-    fn relative_patterns_without_base_match_path_and_name() {
-        let rules = allowed(r#"["web"]"#, PatternFormat::Glob);
-        let role = resolve_role("arn:aws:iam::123456789012:role/web", None).unwrap();
-        assert!(rules.allows(&role, None));
+    fn name_only_patterns_without_a_base_arn_allow_no_role() {
+        for (format, json) in [
+            (PatternFormat::Glob, r#"["app-*", "web", "*", "*/*"]"#),
+            (PatternFormat::Regexp, r#"["app-.*", "web", ".*", ".*/.*"]"#),
+        ] {
+            let rules = allowed(json, format);
+            for arn in [
+                "arn:aws:iam::123456789012:role/web",
+                "arn:aws:iam::123456789012:role/app-x",
+                "arn:aws:iam::999999999999:role/app-admin",
+                "arn:aws-cn:iam::999999999999:role/team/app-x",
+            ] {
+                let role = resolve_role(arn, None).unwrap();
+                assert!(!rules.allows(&role, None), "{format:?} allows {arn}");
+            }
+            assert_eq!(rules.unbound_patterns(None).len(), 4);
+        }
+    }
+
+    #[test]
+    fn name_only_patterns_are_bound_to_the_base_arns_account() {
+        let b = base();
+        let rules = allowed(r#"["app-*"]"#, PatternFormat::Glob);
+        let own = resolve_role("app-x", Some(&b)).unwrap();
+        assert!(rules.allows(&own, Some(&b)));
+        for other in [
+            "arn:aws:iam::999999999999:role/app-x",
+            "arn:aws-cn:iam::123456789012:role/app-x",
+        ] {
+            let role = resolve_role(other, Some(&b)).unwrap();
+            assert!(!rules.allows(&role, Some(&b)), "{other}");
+        }
+        assert!(rules.unbound_patterns(Some(&b)).is_empty());
+        // With a path in the base ARN, only roles under that path.
+        let with_path = BaseArn::parse("arn:aws:iam::123456789012:role/team/").unwrap();
+        let under = resolve_role("app-x", Some(&with_path)).unwrap();
+        assert!(rules.allows(&under, Some(&with_path)));
+        let outside = resolve_role("arn:aws:iam::123456789012:role/app-x", None).unwrap();
+        assert!(!rules.allows(&outside, Some(&with_path)));
+    }
+
+    #[test]
+    fn full_arn_patterns_work_without_a_base_arn() {
+        let rules = allowed(
+            r#"["arn:aws:iam::123456789012:role/app-*", "app-*"]"#,
+            PatternFormat::Glob,
+        );
+        let own = resolve_role("arn:aws:iam::123456789012:role/app-x", None).unwrap();
+        assert!(rules.allows(&own, None));
+        let other = resolve_role("arn:aws:iam::999999999999:role/app-x", None).unwrap();
+        assert!(!rules.allows(&other, None));
+        assert_eq!(rules.unbound_patterns(None), vec!["app-*"]);
     }
 
     #[test]
@@ -743,6 +818,44 @@ mod tests {
         assert_eq!(long.len(), 64);
         let other = pod_session_name(&"n".repeat(63), &format!("{}q", "p".repeat(199)));
         assert_ne!(long, other, "truncated names stay distinct");
+        assert!(long.chars().all(is_name_char));
+    }
+
+    #[test]
+    fn kube2iam_session_names_match_kube2iams() {
+        let role = |arn: &str| RoleArn::parse(arn).unwrap();
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        // FNV-1a 32 of the address text, in hex without padding (Go's %x), then the role name.
+        assert_eq!(
+            kube2iam_session_name(ip("10.0.0.1"), &role("arn:aws:iam::123456789012:role/web")),
+            "debebe8d-web"
+        );
+        assert_eq!(
+            kube2iam_session_name(
+                ip("192.168.12.7"),
+                &role("arn:aws:iam::123456789012:role/team-a/app")
+            ),
+            "9f400fd6-app",
+            "the path is not part of the name"
+        );
+        assert_eq!(
+            kube2iam_session_name(ip("10.1.3.130"), &role("arn:aws:iam::123456789012:role/x")),
+            "200b200-x",
+            "no zero padding"
+        );
+        assert_eq!(
+            kube2iam_session_name(ip("fd00::1"), &role("arn:aws:iam::123456789012:role/x")),
+            "9954580a-x"
+        );
+        let long = kube2iam_session_name(
+            ip("10.0.0.1"),
+            &role(&format!(
+                "arn:aws:iam::123456789012:role/{}",
+                "r".repeat(64)
+            )),
+        );
+        assert_eq!(long.len(), 64, "cut to 64 characters as kube2iam did");
+        assert!(long.starts_with("debebe8d-rrr"));
         assert!(long.chars().all(is_name_char));
     }
 }

@@ -18,6 +18,15 @@ pub mod maps {
     pub const NETNS_PROBE: &str = "K2I_NETNS_PROBE";
     /// Hash map, pinned, written by the agent: pod address (16 bytes, IPv4 mapped) → [`super::Identity`].
     pub const IDENTITY: &str = "K2I_IDENTITY";
+    /// LRU hash: socket cookie → [`super::Attestation`], from a redirected connect to the
+    /// `sock_ops` callback that knows the connection's source port.
+    pub const CONNECTING: &str = "K2I_CONNECTING";
+    /// LRU hash: [`super::ConnKey`] → [`super::Attestation`], read by the agent for every
+    /// connection it accepts; removed when the client's socket closes.
+    pub const ATTEST: &str = "K2I_ATTEST";
+    /// Hash: pod cgroup id (native order) → 1, the hostNetwork pods whose metadata connects are
+    /// redirected (`--host-network-pods`).
+    pub const HOST_PODS: &str = "K2I_HOST_PODS";
 }
 
 /// Program names (the function names in `kube2iam-ebpf`), also the names of their pinned links.
@@ -30,6 +39,12 @@ pub mod programs {
     pub const NETNS_PROBE: &str = "k2i_netns_probe";
     /// tc ingress on the host side of pod interfaces: drops packets to the metadata service.
     pub const GUARD: &str = "k2i_guard";
+    /// sock_ops on the attach cgroup: moves a redirected socket's attestation from its socket
+    /// cookie to its connection's addresses and ports, and drops it when the socket closes.
+    pub const SOCK_OPS: &str = "k2i_sock_ops";
+    /// cgroup_skb/egress beside connect4: drops socket packets to the metadata service that did
+    /// not come from a connect the connect hooks let through unchanged.
+    pub const EGRESS: &str = "k2i_egress";
 }
 
 /// The only key of the config map.
@@ -47,6 +62,9 @@ pub const REVNAT_CAPACITY: u32 = 8_192;
 pub const FLAG_ENABLED: u32 = 1 << 0;
 /// `agent_ip6` holds an address: IPv6 metadata connects are redirected there (else refused).
 pub const FLAG_AGENT_IP6: u32 = 1 << 1;
+/// Metadata connects from the host network namespace are redirected when the connecting task is
+/// in the cgroup of a pod listed in the host-pods map (`--host-network-pods`).
+pub const FLAG_HOST_PODS: u32 = 1 << 2;
 
 /// Default metadata address, 169.254.169.254, as `bpf_sock_addr.user_ip4` holds it.
 pub const DEFAULT_METADATA_IP4: u32 = u32::from_ne_bytes([169, 254, 169, 254]);
@@ -148,10 +166,25 @@ pub enum Counter {
     GuardDropped4 = 8,
     /// The packet guard dropped an IPv6 packet from a pod addressed to the metadata service.
     GuardDropped6 = 9,
+    /// A redirected connection's attestation was recorded under its addresses and ports.
+    Attested = 10,
+    /// A metadata connect from a hostNetwork pod with its own role, redirected to the agent.
+    RedirectedHostPod = 11,
+    /// A non-TCP (UDP) connect to the metadata address from a pod, refused: the metadata
+    /// service is TCP only.
+    RefusedNotTcp = 12,
+    /// The egress backstop dropped an IPv4 packet a socket in the cgroup addressed to the
+    /// metadata service (DNAT after connect, raw socket, unconnected UDP).
+    EgressDropped4 = 13,
+    /// The egress backstop dropped such an IPv6 packet.
+    EgressDropped6 = 14,
+    /// The packet guard dropped a VLAN-tagged frame from a pod (pods send none; stacked tags
+    /// would otherwise hide the metadata address).
+    GuardDroppedTagged = 15,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 10] = [
+    pub const ALL: [Counter; 16] = [
         Counter::Passed,
         Counter::Redirected4,
         Counter::Redirected6,
@@ -162,6 +195,12 @@ impl Counter {
         Counter::PeerRestored,
         Counter::GuardDropped4,
         Counter::GuardDropped6,
+        Counter::Attested,
+        Counter::RedirectedHostPod,
+        Counter::RefusedNotTcp,
+        Counter::EgressDropped4,
+        Counter::EgressDropped6,
+        Counter::GuardDroppedTagged,
     ];
 
     /// Stable snake_case name, used in logs and metrics.
@@ -177,6 +216,12 @@ impl Counter {
             Counter::PeerRestored => "peer_restored",
             Counter::GuardDropped4 => "guard_dropped_ipv4",
             Counter::GuardDropped6 => "guard_dropped_ipv6",
+            Counter::Attested => "attested",
+            Counter::RedirectedHostPod => "redirected_host_pod",
+            Counter::RefusedNotTcp => "refused_not_tcp",
+            Counter::EgressDropped4 => "egress_dropped_ipv4",
+            Counter::EgressDropped6 => "egress_dropped_ipv6",
+            Counter::GuardDroppedTagged => "guard_dropped_tagged",
         }
     }
 }
@@ -251,8 +296,63 @@ const _: () = assert!(
 );
 const _: () = assert!(core::mem::size_of::<Identity>().is_multiple_of(8));
 
+/// Who made a redirected connect, as the kernel saw it. Written by connect4/connect6 under the
+/// socket cookie, moved by `sock_ops` under the connection's [`ConnKey`]; a pod cannot choose
+/// either value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attestation {
+    /// The cgroup v2 id of the task that called connect (native order; the inode number of its
+    /// cgroup directory).
+    pub cgroup_id: u64,
+    /// The netns cookie of the connecting socket (native order).
+    pub netns_cookie: u64,
+    /// The connecting socket's cookie (native order): only that socket's close removes the
+    /// entry, whoever else later writes the same addresses and ports.
+    pub socket_cookie: u64,
+    /// The ids of the task's cgroup ancestors at levels 1..=[`ATTEST_ANCESTORS`] (0 past the
+    /// task's own level): a pod's cgroup is found here however deep below it the task sits,
+    /// and even after the task's own cgroup is gone.
+    pub ancestors: [u64; ATTEST_ANCESTORS],
+}
+
+/// Cgroup levels below the root recorded in an [`Attestation`] (kubelet's pod cgroups sit at
+/// level 2 or 3 below the cgroup2 root).
+pub const ATTEST_ANCESTORS: usize = 8;
+
+const _: () = assert!(core::mem::size_of::<Attestation>() == 24 + 8 * ATTEST_ANCESTORS);
+
+/// A redirected connection as the agent sees it when it accepts: the client's address and port
+/// and the agent's. Addresses in the `user_ip6` form (IPv4 mapped, network order words); ports
+/// in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub client_addr: [u32; 4],
+    pub agent_addr: [u32; 4],
+    pub client_port: u32,
+    pub agent_port: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<ConnKey>() == 40);
+
+/// Capacity of the attestation maps: connections to the agent that are open at once (entries
+/// go when the client's socket closes; the LRU evicts the oldest beyond that).
+pub const ATTEST_CAPACITY: u32 = 4096;
+
+/// Capacity of the host-pods map: hostNetwork pods with their own role on one node.
+pub const HOST_PODS_CAPACITY: u32 = 256;
+
+/// How many cgroup levels below the root the programs look through for a host pod's cgroup
+/// (kubelet's deepest: `/kubepods.slice/kubepods-burstable.slice/<pod>.slice/<container>`).
+pub const HOST_POD_MAX_DEPTH: i32 = 12;
+
 #[cfg(feature = "user")]
 mod user {
+    // SAFETY: as below.
+    unsafe impl aya::Pod for super::Attestation {}
+    // SAFETY: as below.
+    unsafe impl aya::Pod for super::ConnKey {}
     // SAFETY: as below; the size assertion above proves there is no implicit padding.
     unsafe impl aya::Pod for super::Identity {}
     // SAFETY: plain-old-data, `#[repr(C)]`, no padding (size assertions above), every bit

@@ -33,18 +33,24 @@ pub const PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
 pub enum AttachType {
+    CgroupSockOps = 3,
     Inet4Connect = 10,
     Inet6Connect = 11,
     Inet4GetPeerName = 29,
     Inet6GetPeerName = 30,
+    /// BPF_CGROUP_INET_EGRESS: cgroup_skb on the way out (the egress backstop).
+    InetEgress = 1,
 }
 
 impl AttachType {
-    pub const ALL: [AttachType; 4] = [
+    /// Every hook the agent attaches to its cgroup.
+    pub const ALL: [AttachType; 6] = [
         AttachType::Inet4Connect,
         AttachType::Inet6Connect,
         AttachType::Inet4GetPeerName,
         AttachType::Inet6GetPeerName,
+        AttachType::CgroupSockOps,
+        AttachType::InetEgress,
     ];
 }
 
@@ -384,7 +390,6 @@ pub fn swap_pinned_link_prog(link_path: &Path, new_prog: BorrowedFd<'_>) {
 pub const MAP_TYPE_LRU_HASH: u32 = 9;
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-const BPF_OBJ_PIN: libc::c_long = 6;
 
 /// BPF_MAP_CREATE: a map of the given type and sizes (no name, no BTF).
 pub fn map_create(
@@ -412,17 +417,6 @@ pub fn map_update(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result<(
     put_u64(&mut attr, 8, key.as_ptr() as u64);
     put_u64(&mut attr, 16, value.as_ptr() as u64);
     sys_bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
-}
-
-/// BPF_OBJ_PIN: pins `fd` at `path` on a bpffs.
-pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
-    let path = CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let mut attr = attr();
-    // struct { pathname @0, bpf_fd @8, file_flags @12 }
-    put_u64(&mut attr, 0, path.as_ptr() as u64);
-    put_u32(&mut attr, 8, fd.as_raw_fd() as u32);
-    sys_bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
 }
 
 /// What a test asserts about a map.
@@ -473,3 +467,202 @@ pub fn prog_map_ids(prog_id: u32) -> Vec<u32> {
 }
 
 const _: () = assert!(size_of::<Insn>() == 8);
+
+// tc programs: a classifier of someone else's, attached in front of the guard.
+
+const BPF_OBJ_PIN: libc::c_long = 6;
+/// enum bpf_prog_type: BPF_PROG_TYPE_SCHED_CLS.
+pub const PROG_TYPE_SCHED_CLS: u32 = 3;
+/// enum bpf_attach_type: BPF_TCX_INGRESS (Linux 6.6).
+pub const TCX_INGRESS: u32 = 46;
+/// BPF_F_BEFORE: attach before the relative program, or at the head without one.
+const BPF_F_BEFORE: u32 = 1 << 3;
+
+/// `r0 = 0 (TC_ACT_OK); exit`: a classifier that passes every packet on and ends the chain, as
+/// Cilium's programs on pod interfaces do (OK or REDIRECT).
+pub fn tc_ok_insns() -> Vec<Insn> {
+    vec![insn(MOV64_IMM, 0, 0, 0, 0), insn(EXIT, 0, 0, 0, 0)]
+}
+
+/// Loads [`tc_ok_insns`] as a BPF_PROG_TYPE_SCHED_CLS program named `name`.
+pub fn load_tc_ok(name: &str) -> OwnedFd {
+    let insns = tc_ok_insns();
+    let license = c"GPL";
+    let mut attr = attr();
+    put_u32(&mut attr, 0, PROG_TYPE_SCHED_CLS);
+    put_u32(&mut attr, 4, insns.len() as u32);
+    put_u64(&mut attr, 8, insns.as_ptr() as u64);
+    put_u64(&mut attr, 16, license.as_ptr() as u64);
+    let name = name.as_bytes();
+    let n = name.len().min(15);
+    attr[48..48 + n].copy_from_slice(&name[..n]);
+    sys_bpf_fd(BPF_PROG_LOAD, &mut attr)
+        .unwrap_or_else(|e| panic!("cannot load the TC_ACT_OK classifier: {e}"))
+}
+
+/// BPF_OBJ_PIN: pins `fd` (a program, map or link) at `path` on a bpffs.
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = attr();
+    // struct { pathname @0, bpf_fd @8, file_flags @12 }
+    put_u64(&mut attr, 0, path.as_ptr() as u64);
+    put_u32(&mut attr, 8, fd.as_raw_fd() as u32);
+    sys_bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
+}
+
+/// BPF_LINK_CREATE of a classifier on TCX ingress of `ifindex`, at the head (before every
+/// program there). Detached when the returned link fd closes.
+pub fn tcx_attach_first(prog: BorrowedFd<'_>, ifindex: u32) -> io::Result<OwnedFd> {
+    let mut attr = attr();
+    // struct { prog_fd @0, target_ifindex @4, attach_type @8, flags @12,
+    //          tcx { relative_fd @16, expected_revision @24 } }
+    put_u32(&mut attr, 0, prog.as_raw_fd() as u32);
+    put_u32(&mut attr, 4, ifindex);
+    put_u32(&mut attr, 8, TCX_INGRESS);
+    put_u32(&mut attr, 12, BPF_F_BEFORE);
+    sys_bpf_fd(BPF_LINK_CREATE, &mut attr)
+}
+
+/// BPF_PROG_QUERY on TCX ingress of `ifindex`: the program ids in the order they run (empty on
+/// kernels without TCX).
+pub fn tcx_programs(ifindex: u32) -> Vec<u32> {
+    let mut ids = vec![0u32; 64];
+    let mut attr = attr();
+    // struct { target_ifindex @0, attach_type @4, query_flags @8, attach_flags @12,
+    //          prog_ids @16, count @24, ... }
+    put_u32(&mut attr, 0, ifindex);
+    put_u32(&mut attr, 4, TCX_INGRESS);
+    put_u64(&mut attr, 16, ids.as_mut_ptr() as u64);
+    put_u32(&mut attr, 24, ids.len() as u32);
+    if sys_bpf(BPF_PROG_QUERY, &mut attr).is_err() {
+        return Vec::new();
+    }
+    ids.truncate(get_u32(&attr, 24) as usize);
+    ids
+}
+
+/// enum bpf_prog_type: BPF_PROG_TYPE_CGROUP_SKB.
+pub const PROG_TYPE_CGROUP_SKB: u32 = 8;
+
+/// A cgroup_skb egress program that passes every packet (`r0 = 1; exit`): an older agent's
+/// backstop stand-in, to swap under the pinned link.
+pub fn load_cgroup_skb_pass_all() -> OwnedFd {
+    let insns = allow_all_insns();
+    let license = c"GPL";
+    let mut attr = attr();
+    put_u32(&mut attr, 0, PROG_TYPE_CGROUP_SKB);
+    put_u32(&mut attr, 4, insns.len() as u32);
+    put_u64(&mut attr, 8, insns.as_ptr() as u64);
+    put_u64(&mut attr, 16, license.as_ptr() as u64);
+    attr[48..48 + 12].copy_from_slice(b"k2i_test_skb");
+    put_u32(&mut attr, 68, AttachType::InetEgress as u32);
+    sys_bpf_fd(BPF_PROG_LOAD, &mut attr)
+        .unwrap_or_else(|e| panic!("cannot load the pass-all cgroup_skb program: {e}"))
+}
+
+/// Adds a direct-action cls_bpf filter named `name` running `prog` on the ingress hook of
+/// interface `ifindex` (of the calling thread's network namespace) at `priority`/`handle`,
+/// protocol all, adding the clsact qdisc first if it is missing. What `tc filter add … bpf da`
+/// does, but with the name a test chooses (tc names pinned programs after their file).
+pub fn tc_filter_add(
+    ifindex: u32,
+    priority: u16,
+    handle: u32,
+    prog: BorrowedFd<'_>,
+    name: &str,
+) -> io::Result<()> {
+    const RTM_NEWQDISC: u16 = 36;
+    const RTM_NEWTFILTER: u16 = 44;
+    const NLM_F_REQUEST: u16 = 1;
+    const NLM_F_ACK: u16 = 4;
+    const NLM_F_EXCL: u16 = 0x200;
+    const NLM_F_CREATE: u16 = 0x400;
+    const TCA_KIND: u16 = 1;
+    const TCA_OPTIONS: u16 = 2;
+    const TCA_BPF_FD: u16 = 6;
+    const TCA_BPF_NAME: u16 = 7;
+    const TCA_BPF_FLAGS: u16 = 8;
+    const TCA_BPF_FLAG_ACT_DIRECT: u32 = 1;
+    const ETH_P_ALL: u16 = 3;
+    fn nla(kind: u16, payload: &[u8]) -> Vec<u8> {
+        let len = 4 + payload.len();
+        let mut out = (len as u16).to_ne_bytes().to_vec();
+        out.extend_from_slice(&kind.to_ne_bytes());
+        out.extend_from_slice(payload);
+        out.resize(len.next_multiple_of(4), 0);
+        out
+    }
+    fn message(kind: u16, flags: u16, tcmsg: [u32; 4], attrs: &[u8]) -> Vec<u8> {
+        let len = 16 + 20 + attrs.len();
+        let mut out = (len as u32).to_ne_bytes().to_vec();
+        out.extend_from_slice(&kind.to_ne_bytes());
+        out.extend_from_slice(&(flags | NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+        out.extend_from_slice(&[0u8; 8]);
+        out.extend_from_slice(&[0u8; 4]); // family AF_UNSPEC and padding
+        for word in tcmsg {
+            out.extend_from_slice(&word.to_ne_bytes());
+        }
+        out.extend_from_slice(attrs);
+        out
+    }
+    fn talk(request: &[u8]) -> io::Result<()> {
+        // SAFETY: plain socket(2); owned right away.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sending and receiving local buffers on a valid fd.
+        unsafe {
+            if libc::send(fd.as_raw_fd(), request.as_ptr().cast(), request.len(), 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let mut reply = [0u8; 4096];
+            let n = libc::recv(fd.as_raw_fd(), reply.as_mut_ptr().cast(), reply.len(), 0);
+            if n < 20 {
+                return Err(io::Error::last_os_error());
+            }
+            // NLMSG_ERROR: the errno follows the header (0 is the ACK).
+            let errno = i32::from_ne_bytes(reply[16..20].try_into().expect("4 bytes"));
+            if errno != 0 {
+                return Err(io::Error::from_raw_os_error(-errno));
+            }
+        }
+        Ok(())
+    }
+    // clsact: handle ffff:0, parent TC_H_CLSACT.
+    let qdisc = message(
+        RTM_NEWQDISC,
+        NLM_F_CREATE | NLM_F_EXCL,
+        [ifindex, 0xffff_0000, 0xffff_fff1, 0],
+        &nla(TCA_KIND, b"clsact\0"),
+    );
+    match talk(&qdisc) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+        Err(e) => return Err(e),
+    }
+    let mut options = nla(TCA_BPF_FD, &(prog.as_raw_fd() as u32).to_ne_bytes());
+    let mut name = name.as_bytes().to_vec();
+    name.push(0);
+    options.extend(nla(TCA_BPF_NAME, &name));
+    options.extend(nla(TCA_BPF_FLAGS, &TCA_BPF_FLAG_ACT_DIRECT.to_ne_bytes()));
+    let mut attrs = nla(TCA_KIND, b"bpf\0");
+    attrs.extend(nla(TCA_OPTIONS, &options));
+    let info = (u32::from(priority) << 16) | u32::from(ETH_P_ALL.to_be());
+    talk(&message(
+        RTM_NEWTFILTER,
+        NLM_F_CREATE | NLM_F_EXCL,
+        // parent: the clsact qdisc's ingress hook.
+        [ifindex, handle, 0xffff_fff2, info],
+        &attrs,
+    ))
+}

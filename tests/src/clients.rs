@@ -38,6 +38,11 @@ pub enum RunIn<'a> {
     Pod(&'a Pod<'a>),
     /// A node (host) process: the node's network namespace, outside the test cgroup.
     Node(&'a TestNode),
+    /// A hostNetwork pod's process: the pod's cgroup, the node's network namespace.
+    HostNetworkPod(&'a Pod<'a>),
+    /// A process of a pod's container as the kubelet lays it out (its own cgroup under the
+    /// test cgroup, the pod's network namespace).
+    Container(&'a crate::cri::AppContainer),
 }
 
 impl RunIn<'_> {
@@ -45,6 +50,8 @@ impl RunIn<'_> {
         match self {
             RunIn::Pod(pod) => pod.command(program),
             RunIn::Node(node) => node.command(program),
+            RunIn::HostNetworkPod(pod) => pod.command_in_netns(program, &pod.node().netns_path()),
+            RunIn::Container(container) => container.command(program),
         }
     }
 
@@ -52,6 +59,8 @@ impl RunIn<'_> {
         match self {
             RunIn::Pod(pod) => format!("pod {}", pod.name()),
             RunIn::Node(node) => format!("node {}", node.netns_name()),
+            RunIn::HostNetworkPod(pod) => format!("hostNetwork pod {}", pod.name()),
+            RunIn::Container(container) => format!("container {}", container.cgroup().display()),
         }
     }
 }

@@ -30,6 +30,8 @@ pub struct World {
     pub sts: FaultProxy,
     pub api: KubeApi,
     pub agent: Agent,
+    /// The pod object last added for each test pod (by its netns): namespace, name, UID.
+    objects: std::sync::Mutex<std::collections::HashMap<String, (String, String, String)>>,
 }
 
 impl World {
@@ -51,6 +53,7 @@ impl World {
             sts,
             api,
             agent,
+            objects: Default::default(),
         }
     }
 
@@ -65,19 +68,117 @@ impl World {
         self.agent = start_agent(node, &self.api, &self.sts, extra, ipv6, wait_sync);
     }
 
-    /// Adds a Running pod for `pod` (its addresses) to the API, with annotations.
+    /// Adds a Running pod for `pod` (its addresses) to the API, with annotations, its
+    /// processes in cgroups laid out as kubelet's cgroupfs driver does. Adding the same
+    /// namespace/name on `pod` again updates that pod object (same UID); another name is a new
+    /// pod on the same addresses (new UID, new cgroups). Returns the pod's UID.
     pub fn add_pod(
         &self,
         pod: &Pod<'_>,
         namespace: &str,
         name: &str,
         annotations: &[(&str, &str)],
+    ) -> String {
+        let same = self
+            .objects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(pod.netns_name())
+            .filter(|(ns, n, _)| ns == namespace && n == name)
+            .map(|(_, _, uid)| uid.clone());
+        match same {
+            Some(uid) => {
+                self.add_pod_object(pod, namespace, name, annotations, &uid);
+                uid
+            }
+            None => self.add_new_pod(
+                pod,
+                namespace,
+                name,
+                annotations,
+                crate::CgroupDriver::Cgroupfs,
+            ),
+        }
+    }
+
+    /// Adds a new pod (new UID, new cgroups laid out by `driver`) on `pod`'s addresses: what
+    /// kubelet does when a pod gets an address another pod had.
+    pub fn add_new_pod(
+        &self,
+        pod: &Pod<'_>,
+        namespace: &str,
+        name: &str,
+        annotations: &[(&str, &str)],
+        driver: crate::CgroupDriver,
+    ) -> String {
+        let uid = objects::new_uid();
+        pod.use_kubelet_cgroup(driver, &uid);
+        self.add_pod_object(pod, namespace, name, annotations, &uid);
+        uid
+    }
+
+    fn add_pod_object(
+        &self,
+        pod: &Pod<'_>,
+        namespace: &str,
+        name: &str,
+        annotations: &[(&str, &str)],
+        uid: &str,
     ) {
-        let mut object = objects::pod(namespace, name, NODE_NAME, pod.ip4(), Some(pod.ip6()));
+        self.add_pod_object_with(pod, namespace, name, annotations, uid, |o| o);
+    }
+
+    fn add_pod_object_with(
+        &self,
+        pod: &Pod<'_>,
+        namespace: &str,
+        name: &str,
+        annotations: &[(&str, &str)],
+        uid: &str,
+        change: impl FnOnce(objects::KubeObject) -> objects::KubeObject,
+    ) {
+        self.objects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                pod.netns_name().to_owned(),
+                (namespace.to_owned(), name.to_owned(), uid.to_owned()),
+            );
+        let mut object =
+            objects::pod(namespace, name, NODE_NAME, pod.ip4(), Some(pod.ip6())).uid(uid);
         for (k, v) in annotations {
             object = object.annotate(k, v);
         }
-        self.api.add_pod(object);
+        self.api.add_pod(change(object));
+    }
+
+    /// As [`World::add_pod`], with the pod spec's `serviceAccountName` set to `account` and the
+    /// container's environment to `env`.
+    pub fn add_pod_of_account(
+        &self,
+        pod: &Pod<'_>,
+        namespace: &str,
+        name: &str,
+        account: &str,
+        annotations: &[(&str, &str)],
+        env: &[(&str, &str)],
+    ) -> String {
+        let uid = objects::new_uid();
+        pod.use_kubelet_cgroup(crate::CgroupDriver::Cgroupfs, &uid);
+        let env: Vec<serde_json::Value> = env
+            .iter()
+            .map(|(k, v)| serde_json::json!({"name": k, "value": v}))
+            .collect();
+        self.add_pod_object_with(pod, namespace, name, annotations, &uid, |object| {
+            object.with(|value| {
+                value["spec"]["serviceAccountName"] = serde_json::json!(account);
+                value["spec"]["serviceAccount"] = serde_json::json!(account);
+                if !env.is_empty() {
+                    value["spec"]["containers"][0]["env"] = serde_json::Value::Array(env);
+                }
+            })
+        });
+        uid
     }
 
     /// Waits until the agent knows `pod` (via its debug store) or panics.
@@ -152,8 +253,22 @@ pub fn pod_request(
     path: &str,
     headers: &[(&str, &str)],
 ) -> (u16, String) {
-    let url = format!("http://169.254.169.254{path}");
-    let mut command = pod.command("curl");
+    curl(
+        pod.command("curl"),
+        method,
+        &format!("http://169.254.169.254{path}"),
+        headers,
+    )
+}
+
+/// One HTTP request to `url` by `command` (a `curl` command placed in a pod, a cgroup or the
+/// node). Returns the status (0 when no HTTP answer) and body.
+pub fn curl(
+    mut command: std::process::Command,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
     command.args([
         "-s",
         "--path-as-is",
@@ -167,32 +282,38 @@ pub fn pod_request(
     for (k, v) in headers {
         command.arg("-H").arg(format!("{k}: {v}"));
     }
-    command.arg(&url);
-    let output =
-        crate::process::output_within(&mut command, Duration::from_secs(20), "curl in pod");
+    command.arg(url);
+    let output = crate::process::output_within(&mut command, Duration::from_secs(20), "curl");
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
     (code.trim().parse().unwrap_or(0), body.to_owned())
 }
 
-/// The credentials document for the pod's role (listing first), or the failing status and body.
-pub fn pod_credentials(pod: &Pod<'_>) -> Result<crate::clients::ImdsCredentialsDoc, (u16, String)> {
-    let (status, listed) = pod_get(pod, "/latest/meta-data/iam/security-credentials/", &[]);
+/// The credentials document a client started by `curl_command` gets from the metadata address
+/// (listing first), or the failing status and body.
+pub fn credentials_with(
+    curl_command: impl Fn() -> std::process::Command,
+) -> Result<crate::clients::ImdsCredentialsDoc, (u16, String)> {
+    let base = "http://169.254.169.254/latest/meta-data/iam/security-credentials/";
+    let (status, listed) = curl(curl_command(), "GET", base, &[]);
     if status != 200 {
         return Err((status, listed));
     }
-    let (status, body) = pod_get(
-        pod,
-        &format!(
-            "/latest/meta-data/iam/security-credentials/{}",
-            listed.trim()
-        ),
+    let (status, body) = curl(
+        curl_command(),
+        "GET",
+        &format!("{base}{}", listed.trim()),
         &[],
     );
     if status != 200 {
         return Err((status, body));
     }
     serde_json::from_str(&body).map_err(|e| (status, format!("{e}: {body}")))
+}
+
+/// The credentials document for the pod's role (listing first), or the failing status and body.
+pub fn pod_credentials(pod: &Pod<'_>) -> Result<crate::clients::ImdsCredentialsDoc, (u16, String)> {
+    credentials_with(|| pod.command("curl"))
 }
 
 fn start_agent(
@@ -210,8 +331,6 @@ fn start_agent(
         &api.url(),
         "--sts-endpoint",
         &sts.endpoint(),
-        "--base-role-arn",
-        BASE_ROLE_ARN,
         "--metrics-port",
         &METRICS_PORT.to_string(),
         "--debug",
@@ -219,6 +338,10 @@ fn start_agent(
     .iter()
     .map(OsString::from)
     .collect();
+    // The base ARN, unless the test has the agent discover it (the two flags conflict).
+    if !extra.contains(&"--auto-discover-base-arn") {
+        extra_args.extend(["--base-role-arn", BASE_ROLE_ARN].map(OsString::from));
+    }
     extra_args.extend(extra.iter().map(OsString::from));
     let options = AgentOptions {
         host_ipv6: ipv6,

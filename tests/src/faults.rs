@@ -17,6 +17,7 @@ use hyper::{Request, Response, body::Incoming};
 use crate::{
     TestNode,
     encode::request_id,
+    imds::{INSTANCE_ID, NODE_ACCOUNT_ID, NODE_ROLE},
     moto::AssumeRoleCall,
     ns_runtime::{Handler, HttpRequest, HttpServer, form_map, form_pairs, response},
 };
@@ -42,6 +43,11 @@ pub enum FaultMode {
     Latency { min: Duration, max: Duration },
     /// Closed listener: connects are refused, open connections are closed.
     Refuse,
+    /// What STS answers when the role's trust policy does not allow this permissions-only action
+    /// for the caller: HTTP 403 `AccessDenied` naming it, for an AssumeRole that needs it
+    /// (`sts:TagSession`: one with session tags; `sts:SetSourceIdentity`: one with a source
+    /// identity). Other requests are forwarded.
+    TrustPolicyLacks(&'static str),
 }
 
 /// One request the proxy received.
@@ -67,6 +73,43 @@ impl StsRequest {
             .rev()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
+    }
+
+    /// The session tags of an AssumeRole (`Tags.member.N.Key` / `.Value`), in member order.
+    pub fn tags(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for n in 1.. {
+            let key = self.param(&format!("Tags.member.{n}.Key"));
+            let value = self.param(&format!("Tags.member.{n}.Value"));
+            match (key, value) {
+                (Some(k), Some(v)) => out.push((k.to_owned(), v.to_owned())),
+                (Some(k), None) => out.push((k.to_owned(), String::new())),
+                _ => break,
+            }
+        }
+        out
+    }
+
+    /// `TransitiveTagKeys.member.N`, in order.
+    pub fn transitive_tag_keys(&self) -> Vec<String> {
+        (1..)
+            .map_while(|n| self.param(&format!("TransitiveTagKeys.member.{n}")))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// `SourceIdentity`.
+    pub fn source_identity(&self) -> Option<&str> {
+        self.param("SourceIdentity")
+    }
+
+    /// The permissions-only actions this request needs besides sts:AssumeRole.
+    fn needs(&self, action: &str) -> bool {
+        match action {
+            "sts:TagSession" => !self.tags().is_empty() || !self.transitive_tag_keys().is_empty(),
+            "sts:SetSourceIdentity" => self.source_identity().is_some(),
+            _ => false,
+        }
     }
 
     /// The AssumeRole call this request made, if it is one.
@@ -169,6 +212,14 @@ impl FaultProxy {
             .collect()
     }
 
+    /// Every AssumeRole request with all its parameters (tags, source identity), as sent.
+    pub fn assume_role_requests(&self) -> Vec<StsRequest> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.action.as_deref() == Some("AssumeRole"))
+            .collect()
+    }
+
     pub fn assume_role_count(&self) -> usize {
         self.assume_role_calls().len()
     }
@@ -217,7 +268,29 @@ impl Handler for ProxyState {
             requests.push(record);
             requests.len() - 1
         };
+        let denied = match &mode {
+            FaultMode::TrustPolicyLacks(action) => {
+                let requests = self.requests.lock().expect("requests");
+                let request = &requests[index];
+                (request.action.as_deref() == Some("AssumeRole") && request.needs(action)).then(
+                    || {
+                        format!(
+                            "User: arn:aws:sts::{NODE_ACCOUNT_ID}:assumed-role/{NODE_ROLE}/\
+                             {INSTANCE_ID} is not authorized to perform: {action} on resource: {}",
+                            request.param("RoleArn").unwrap_or_default()
+                        )
+                    },
+                )
+            }
+            _ => None,
+        };
         let answer = match mode {
+            _ if denied.is_some() => sts_error(
+                403,
+                "Sender",
+                "AccessDenied",
+                denied.as_deref().unwrap_or_default(),
+            ),
             FaultMode::Throttle => sts_error(400, "Sender", "Throttling", "Rate exceeded"),
             FaultMode::ServerError => sts_error(
                 500,
@@ -235,7 +308,9 @@ impl Handler for ProxyState {
                 self.forward(&parts, body).await
             }
             // A request that was in flight when the mode changed to Refuse.
-            FaultMode::PassThrough | FaultMode::Refuse => self.forward(&parts, body).await,
+            FaultMode::PassThrough | FaultMode::Refuse | FaultMode::TrustPolicyLacks(_) => {
+                self.forward(&parts, body).await
+            }
         };
         self.requests.lock().expect("requests")[index].status = Some(answer.status().as_u16());
         answer

@@ -47,6 +47,10 @@ pub const AVAILABILITY_ZONE: &str = "us-west-2a";
 /// The node's user-data, which must never reach a pod.
 pub const USER_DATA: &str = "#!/bin/bash\n# k2i test node user-data: node secrets live here\n\
                              /etc/eks/bootstrap.sh k2i-test --kubelet-extra-args '--node-labels=k2i=test'\n";
+/// The node's signed instance identity (`dynamic/instance-identity/pkcs7`, `signature`,
+/// `rsa2048`) starts with this sentinel: a pod that holds it can log in as the node wherever
+/// the instance identity is trusted.
+pub const NODE_SIGNATURE_SENTINEL: &str = "K2I-NODE-SIGNED-IDENTITY";
 /// How long the node credentials are valid from the emulator's start.
 pub const NODE_CREDENTIALS_LIFETIME: Duration = Duration::from_secs(6 * 3600);
 /// The longest token TTL IMDS accepts.
@@ -154,6 +158,7 @@ pub struct ImdsRequest {
 struct Settings {
     delay: Duration,
     tokens_required: bool,
+    lenient: bool,
 }
 
 struct ImdsState {
@@ -175,7 +180,8 @@ pub struct ImdsEmulator {
 }
 
 impl ImdsEmulator {
-    /// Listens at 169.254.169.254:80 and [fd00:ec2::254]:80 inside `node`.
+    /// Listens at 169.254.169.254:80 and [fd00:ec2::254]:80 inside `node` (behind its uplink
+    /// with [`TestNode::with_uplink`]).
     pub fn start(node: &TestNode) -> Self {
         let now = SystemTime::now();
         let node_credentials = NodeCredentials::generate(NODE_ACCESS_KEY_ID, now);
@@ -192,7 +198,7 @@ impl ImdsEmulator {
         Self {
             server: HttpServer::start(
                 "imds-emulator",
-                &node.netns_path(),
+                &node.metadata_netns_path(),
                 &[metadata_addr4(), metadata_addr6()],
                 state,
             ),
@@ -237,6 +243,19 @@ impl ImdsEmulator {
             .lock()
             .expect("settings")
             .tokens_required = required;
+    }
+
+    /// Lenient: paths are read as a server less strict than IMDS might read them (see
+    /// [`lenient_path`]), so that `/meta-data/iam/security-credentials/node-role` or
+    /// `/latest/meta-data/iam;x/security-credentials/node-role` answer with the node's
+    /// credentials. The real IMDS may or may not be this lenient; tests must hold either way.
+    pub fn set_lenient(&self, lenient: bool) {
+        self.server
+            .handler()
+            .settings
+            .lock()
+            .expect("settings")
+            .lenient = lenient;
     }
 
     /// Every request received, in arrival order.
@@ -411,7 +430,13 @@ impl ImdsState {
             }
             _ => {}
         }
-        match self.lookup(&request.path) {
+        let lenient = self.settings.lock().expect("settings").lenient;
+        let path = if lenient {
+            lenient_path(&request.path)
+        } else {
+            request.path.clone()
+        };
+        match self.lookup(&path) {
             Some((content_type, body)) => response(
                 200,
                 &[("content-type", content_type), ("server", "EC2ws")],
@@ -458,6 +483,59 @@ impl ImdsState {
         }
         (!entries.is_empty()).then(|| ("text/plain", entries.join("\n")))
     }
+}
+
+/// How a lenient server reads a request path: percent-decoded once, cut at a decoded `?` or `#`,
+/// each segment without `;params`, in lower case and without trailing dots or spaces, dot
+/// segments resolved, and the version segment ignored (missing, or any value, reads as `latest`).
+pub fn lenient_path(raw: &str) -> String {
+    let bytes = raw.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: Option<&u8>| b.and_then(|b| (*b as char).to_digit(16));
+        match (bytes[i], hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) {
+            (b'%', Some(h), Some(l)) => {
+                decoded.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                decoded.push(b);
+                i += 1;
+            }
+        }
+    }
+    let decoded = String::from_utf8_lossy(&decoded);
+    let path = decoded.split(['?', '#']).next().unwrap_or("");
+    let trailing = path.ends_with('/');
+    let mut segments: Vec<String> = Vec::new();
+    for raw in path.split('/') {
+        let lower = raw.split(';').next().unwrap_or("").to_lowercase();
+        match lower.as_str() {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => {
+                let trimmed = s.trim_end_matches(['.', ' ']);
+                if !trimmed.is_empty() {
+                    segments.push(trimmed.to_owned());
+                }
+            }
+        }
+    }
+    // The version segment is ignored: missing before a category, or anything at all.
+    match segments.first().map(String::as_str) {
+        None => {}
+        Some(v) if v == "latest" || VERSIONS.contains(&v) => {}
+        Some("meta-data" | "dynamic" | "user-data") => segments.insert(0, "latest".to_owned()),
+        Some(_) => segments[0] = "latest".to_owned(),
+    }
+    let mut out = format!("/{}", segments.join("/"));
+    if trailing && !segments.is_empty() {
+        out.push('/');
+    }
+    out
 }
 
 /// EC2's XHTML error page for `status`.
@@ -561,8 +639,73 @@ fn leaves(
             identity.document(),
         ),
         ("dynamic/instance-identity/document", text, document),
+        (
+            "dynamic/instance-identity/pkcs7",
+            text,
+            format!("{NODE_SIGNATURE_SENTINEL}-PKCS7"),
+        ),
+        (
+            "dynamic/instance-identity/signature",
+            text,
+            format!("{NODE_SIGNATURE_SENTINEL}-SIGNATURE"),
+        ),
+        (
+            "dynamic/instance-identity/rsa2048",
+            text,
+            format!("{NODE_SIGNATURE_SENTINEL}-RSA2048"),
+        ),
     ]
     .into_iter()
     .map(|(path, content_type, body)| (path.to_owned(), (content_type, body)))
     .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lenient_path;
+
+    #[test]
+    fn lenient_reading_of_paths() {
+        for (raw, read) in [
+            (
+                "/latest/meta-data/instance-id",
+                "/latest/meta-data/instance-id",
+            ),
+            (
+                "/meta-data/iam/security-credentials/node-role",
+                "/latest/meta-data/iam/security-credentials/node-role",
+            ),
+            (
+                "/x/meta-data/iam/security-credentials/",
+                "/latest/meta-data/iam/security-credentials/",
+            ),
+            (
+                "/1.0/meta-data/iam/security-credentials/",
+                "/1.0/meta-data/iam/security-credentials/",
+            ),
+            (
+                "/latest/meta-data/iam;x/security-credentials/node-role",
+                "/latest/meta-data/iam/security-credentials/node-role",
+            ),
+            (
+                "/latest/meta-data/iam./security-credentials/node-role",
+                "/latest/meta-data/iam/security-credentials/node-role",
+            ),
+            (
+                "/latest/meta-data/iam%3F/security-credentials/",
+                "/latest/meta-data/iam",
+            ),
+            (
+                "/LATEST/Dynamic/instance-identity/RSA2048;x",
+                "/latest/dynamic/instance-identity/rsa2048",
+            ),
+            (
+                "/latest/meta-data/placement/..;/iam/info",
+                "/latest/meta-data/iam/info",
+            ),
+            ("/", "/"),
+        ] {
+            assert_eq!(lenient_path(raw), read, "{raw}");
+        }
+    }
 }

@@ -25,6 +25,18 @@ pub const RUN_ROOT: &str = "/run/kube2iam-test";
 const NETNS_DIR: &str = "/run/netns";
 /// Pods per node: the /30s of 198.51.100.0/24.
 const MAX_PODS: u32 = 64;
+/// The bridge of a bridged node ([`TestNode::new_bridged`]), in the node namespace.
+pub const BRIDGE: &str = "k2i-br";
+
+/// How a node connects its pods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topology {
+    /// A routed veth per pod, each with its own /30 (as the VPC CNI, Calico and Cilium do).
+    Routed,
+    /// Every pod's host-side veth enslaved to one Linux bridge that holds the gateway address;
+    /// pods share one subnet and one L2 segment (as flannel, kubenet and the bridge CNI do).
+    Bridge,
+}
 
 /// The mount point of the cgroup2 hierarchy, from /proc/mounts.
 pub fn cgroup2_root() -> PathBuf {
@@ -39,6 +51,25 @@ pub fn cgroup2_root() -> PathBuf {
             (fstype == "cgroup2").then(|| PathBuf::from(target.replace("\\040", " ")))
         })
         .expect("no cgroup2 hierarchy is mounted (no cgroup2 line in /proc/mounts)")
+}
+
+/// The MAC address of `ifname` in the named namespace `netns`, from `ip -j link show`.
+pub fn link_mac(netns: &str, ifname: &str) -> String {
+    let output = crate::process::output_within(
+        Command::new("ip").args(["-n", netns, "-j", "link", "show", ifname]),
+        Duration::from_secs(10),
+        "ip link show",
+    );
+    let links: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "ip -n {netns} -j link show {ifname}: {e}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    links[0]["address"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{ifname} in {netns} has no MAC address: {links}"))
+        .to_owned()
 }
 
 /// A named network namespace (`ip netns add`), deleted on drop.
@@ -90,8 +121,13 @@ impl CgroupGuard {
         Self { path }
     }
 
+    /// The PIDs in the cgroup and every cgroup below it.
     fn procs(&self) -> Vec<u32> {
-        read_procs(&self.path)
+        let mut out = Vec::new();
+        for dir in subtree(&self.path) {
+            out.extend(read_procs(&dir));
+        }
+        out
     }
 
     /// Kills every process in the cgroup and waits until it is empty.
@@ -119,6 +155,24 @@ impl CgroupGuard {
     }
 }
 
+/// `dir` and every directory below it, deepest first.
+fn subtree(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        if let Ok(entries) = fs::read_dir(&d) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(e.path());
+                }
+            }
+        }
+        out.push(d);
+    }
+    out.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    out
+}
+
 fn read_procs(cgroup: &Path) -> Vec<u32> {
     fs::read_to_string(cgroup.join("cgroup.procs"))
         .map(|text| text.lines().filter_map(|l| l.trim().parse().ok()).collect())
@@ -128,6 +182,12 @@ fn read_procs(cgroup: &Path) -> Vec<u32> {
 impl Drop for CgroupGuard {
     fn drop(&mut self) {
         self.sweep();
+        // Pod and container cgroups the tests laid out below it go first, deepest first.
+        for dir in subtree(&self.path) {
+            if dir != self.path {
+                let _ = fs::remove_dir(&dir);
+            }
+        }
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match fs::remove_dir(&self.path) {
@@ -221,16 +281,72 @@ impl Drop for BpffsGuard {
 /// before it.
 pub struct TestNode {
     id: String,
+    topology: Topology,
     next_pod: AtomicU32,
     // Dropped in this order.
     netns: NetnsGuard,
+    /// With [`TestNode::with_uplink`]: where the metadata service lives, behind the node's uplink.
+    uplink: Option<NetnsGuard>,
     cgroup: CgroupGuard,
     bpffs: BpffsGuard,
     _dir: DirGuard,
 }
 
+/// The node side of the uplink veth ([`TestNode::with_uplink`]).
+pub const UPLINK: &str = "k2i-up";
+/// The node's address on its uplink, and the metadata side's.
+pub const UPLINK_NODE4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+pub const UPLINK_PEER4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
+pub const UPLINK_NODE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x203, 0, 0, 0, 0, 0, 1);
+pub const UPLINK_PEER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x203, 0, 0, 0, 0, 0, 2);
+
+/// Writes a sysctl of the network namespace at `netns` (`/proc/sys/net/...` is per namespace, so
+/// the write happens on a thread inside it).
+fn netns_sysctl(netns: &Path, key: &str, value: &str) {
+    let (netns, path, value) = (
+        netns.to_owned(),
+        Path::new("/proc/sys/net").join(key),
+        value.to_owned(),
+    );
+    thread::spawn(move || {
+        crate::process::enter_netns_on_this_thread(&netns)
+            .unwrap_or_else(|e| panic!("cannot enter {}: {e}", netns.display()));
+        fs::write(&path, &value)
+            .unwrap_or_else(|e| panic!("cannot write {value} to {}: {e}", path.display()));
+    })
+    .join()
+    .unwrap_or_else(|_| panic!("setting {key} in the node failed"));
+}
+
 impl TestNode {
+    /// A node with a routed veth per pod ([`Topology::Routed`]), its metadata service on its
+    /// own lo (packets to it are delivered locally).
     pub fn new() -> Self {
+        Self::build(Topology::Routed, false)
+    }
+
+    /// A node whose pods share one Linux bridge, [`BRIDGE`] ([`Topology::Bridge`]): it holds
+    /// the gateway 198.51.100.1/24 and fd00:77::1/64; pod `i` gets 198.51.100.(i+2)/24 and
+    /// fd00:77::(i+2)/64.
+    pub fn new_bridged() -> Self {
+        Self::build(Topology::Bridge, false)
+    }
+
+    pub fn with_topology(topology: Topology) -> Self {
+        Self::build(topology, false)
+    }
+
+    /// A node modelled as EC2 has it: the metadata service off the host, in a further network
+    /// namespace `k2i-imds-<id>` behind the node's uplink veth [`UPLINK`]. The node routes the
+    /// metadata addresses there and forwards (IPv4 and IPv6), so a pod's packet to the metadata
+    /// service leaves the node the way it would on EC2, and a guard on the way out can be tested.
+    /// [`crate::ImdsEmulator`], [`crate::ImdsStub`] and [`crate::packets::PacketWatch`] start
+    /// there ([`TestNode::metadata_netns_path`]). The node reaches it from [`UPLINK_NODE4`].
+    pub fn with_uplink() -> Self {
+        Self::build(Topology::Routed, true)
+    }
+
+    fn build(topology: Topology, uplink: bool) -> Self {
         crate::require_root();
         let id = unique_id();
         // Created in the reverse of the drop order, so a failure half-way unwinds cleanly.
@@ -243,16 +359,110 @@ impl TestNode {
         let netns = NetnsGuard::create(&format!("k2i-node-{id}"));
         let n = netns.name.as_str();
         ip(&["-n", n, "link", "set", "lo", "up"]);
-        for addr in [format!("{METADATA_IP4}/32"), format!("{HOST_IP4}/32")] {
+        let on_lo4 = if uplink {
+            vec![format!("{HOST_IP4}/32")]
+        } else {
+            vec![format!("{METADATA_IP4}/32"), format!("{HOST_IP4}/32")]
+        };
+        for addr in on_lo4 {
             ip(&["-n", n, "addr", "add", &addr, "dev", "lo"]);
         }
-        for addr in [format!("{METADATA_IP6}/128"), format!("{HOST_IP6}/128")] {
+        let on_lo6 = if uplink {
+            vec![format!("{HOST_IP6}/128")]
+        } else {
+            vec![format!("{METADATA_IP6}/128"), format!("{HOST_IP6}/128")]
+        };
+        for addr in on_lo6 {
             ip(&["-n", n, "-6", "addr", "add", &addr, "dev", "lo", "nodad"]);
         }
+        if topology == Topology::Bridge {
+            // No STP: ports forward as soon as they are up.
+            ip(&[
+                "-n",
+                n,
+                "link",
+                "add",
+                BRIDGE,
+                "type",
+                "bridge",
+                "stp_state",
+                "0",
+                "forward_delay",
+                "0",
+            ]);
+            ip(&["-n", n, "addr", "add", "198.51.100.1/24", "dev", BRIDGE]);
+            ip(&[
+                "-n",
+                n,
+                "-6",
+                "addr",
+                "add",
+                "fd00:77::1/64",
+                "dev",
+                BRIDGE,
+                "nodad",
+            ]);
+            ip(&["-n", n, "link", "set", BRIDGE, "up"]);
+        }
+        let uplink = uplink.then(|| {
+            let peer = NetnsGuard::create(&format!("k2i-imds-{id}"));
+            let p = peer.name.as_str();
+            ip(&[
+                "-n", n, "link", "add", UPLINK, "type", "veth", "peer", "name", "eth0", "netns", p,
+            ]);
+            // No duplicate address detection on the link: with both link-local addresses still
+            // tentative, neighbour discovery across it stalls for the first second.
+            netns_sysctl(
+                &netns.path(),
+                &format!("ipv6/conf/{UPLINK}/accept_dad"),
+                "0",
+            );
+            netns_sysctl(&peer.path(), "ipv6/conf/eth0/accept_dad", "0");
+            let node4 = format!("{UPLINK_NODE4}/30");
+            let node6 = format!("{UPLINK_NODE6}/64");
+            ip(&["-n", n, "addr", "add", &node4, "dev", UPLINK]);
+            ip(&["-n", n, "-6", "addr", "add", &node6, "dev", UPLINK, "nodad"]);
+            ip(&["-n", n, "link", "set", UPLINK, "up"]);
+            ip(&["-n", p, "link", "set", "lo", "up"]);
+            ip(&[
+                "-n",
+                p,
+                "addr",
+                "add",
+                &format!("{METADATA_IP4}/32"),
+                "dev",
+                "lo",
+            ]);
+            let metadata6 = format!("{METADATA_IP6}/128");
+            ip(&[
+                "-n", p, "-6", "addr", "add", &metadata6, "dev", "lo", "nodad",
+            ]);
+            let peer4 = format!("{UPLINK_PEER4}/30");
+            let peer6 = format!("{UPLINK_PEER6}/64");
+            ip(&["-n", p, "addr", "add", &peer4, "dev", "eth0"]);
+            ip(&["-n", p, "-6", "addr", "add", &peer6, "dev", "eth0", "nodad"]);
+            ip(&["-n", p, "link", "set", "eth0", "up"]);
+            let (node4, node6) = (UPLINK_NODE4.to_string(), UPLINK_NODE6.to_string());
+            ip(&["-n", p, "route", "add", "default", "via", &node4]);
+            ip(&[
+                "-n", p, "-6", "route", "add", "default", "via", &node6, "dev", "eth0",
+            ]);
+            let (peer4, peer6) = (UPLINK_PEER4.to_string(), UPLINK_PEER6.to_string());
+            let (m4, m6) = (format!("{METADATA_IP4}/32"), format!("{METADATA_IP6}/128"));
+            ip(&["-n", n, "route", "add", &m4, "via", &peer4, "dev", UPLINK]);
+            ip(&[
+                "-n", n, "-6", "route", "add", &m6, "via", &peer6, "dev", UPLINK,
+            ]);
+            netns_sysctl(&netns.path(), "ipv4/ip_forward", "1");
+            netns_sysctl(&netns.path(), "ipv6/conf/all/forwarding", "1");
+            peer
+        });
         Self {
             id,
+            topology,
             next_pod: AtomicU32::new(0),
             netns,
+            uplink,
             cgroup,
             bpffs,
             _dir: dir,
@@ -264,6 +474,15 @@ impl TestNode {
         &self.id
     }
 
+    pub fn topology(&self) -> Topology {
+        self.topology
+    }
+
+    /// The MAC address of the node's interface `ifname` (a pod's host side, or [`BRIDGE`]).
+    pub fn link_mac(&self, ifname: &str) -> String {
+        link_mac(self.netns_name(), ifname)
+    }
+
     /// The node's network namespace name, `k2i-node-<id>`.
     pub fn netns_name(&self) -> &str {
         &self.netns.name
@@ -272,6 +491,17 @@ impl TestNode {
     /// `/run/netns/k2i-node-<id>`, for setns.
     pub fn netns_path(&self) -> PathBuf {
         self.netns.path()
+    }
+
+    /// The namespace where the node's metadata service lives: the node's own, or with
+    /// [`TestNode::with_uplink`] the one behind its uplink.
+    pub fn metadata_netns_path(&self) -> PathBuf {
+        self.uplink.as_ref().unwrap_or(&self.netns).path()
+    }
+
+    /// With [`TestNode::with_uplink`]: the name of the namespace behind the uplink.
+    pub fn uplink_netns_name(&self) -> Option<&str> {
+        self.uplink.as_ref().map(|u| u.name.as_str())
     }
 
     /// The test cgroup, `<cgroup2 root>/k2i-test-<id>`.
@@ -321,11 +551,44 @@ impl TestNode {
         command
     }
 
+    /// Lays out a pod's cgroups below the test cgroup as kubelet does (for hostNetwork pods,
+    /// which have no namespace of their own; see [`Pod::use_kubelet_cgroup`] for the others).
+    pub fn kubelet_cgroup(
+        &self,
+        driver: CgroupDriver,
+        uid: &str,
+        container: &str,
+    ) -> KubeletCgroup {
+        let (pod, ctr) = KubeletCgroup::layout(driver, uid, container);
+        let (pod, ctr) = (self.cgroup.path.join(pod), self.cgroup.path.join(ctr));
+        fs::create_dir_all(&ctr).unwrap_or_else(|e| panic!("cannot create {}: {e}", ctr.display()));
+        KubeletCgroup {
+            uid: uid.to_owned(),
+            pod,
+            container: ctr,
+        }
+    }
+
+    /// A command in the node (host) network namespace and in `cgroup` (below the test cgroup):
+    /// a hostNetwork pod's process.
+    pub fn command_in(&self, program: impl AsRef<std::ffi::OsStr>, cgroup: &Path) -> Command {
+        assert!(
+            cgroup.starts_with(&self.cgroup.path),
+            "{} is not below the test cgroup",
+            cgroup.display()
+        );
+        let mut command = Command::new(program);
+        place(&mut command, Some(cgroup), Some(&self.netns_path()));
+        command
+    }
+
     /// Adds a pod `name` (at most 9 characters, unique on this node) behind a veth.
     ///
-    /// Pod `i` (0-based) gets 198.51.100.(4i+2)/30 and fd00:77:<i>::2/64 on its eth0 with default
-    /// routes via the node side `k2i-h-<name>`, which holds 198.51.100.(4i+1)/30 and
-    /// fd00:77:<i>::1/64.
+    /// Routed: pod `i` (0-based) gets 198.51.100.(4i+2)/30 and fd00:77:<i>::2/64 on its eth0 with
+    /// default routes via the node side `k2i-h-<name>`, which holds 198.51.100.(4i+1)/30 and
+    /// fd00:77:<i>::1/64. Bridged: pod `i` gets 198.51.100.(i+2)/24 and fd00:77::(i+2)/64, its
+    /// node side `k2i-h-<name>` is a port of [`BRIDGE`] without addresses, and the default routes
+    /// go via the bridge's 198.51.100.1 and fd00:77::1.
     pub fn add_pod(&self, name: &str) -> Pod<'_> {
         assert!(
             !name.is_empty()
@@ -342,6 +605,7 @@ impl TestNode {
             name: name.to_owned(),
             index,
             netns,
+            cgroup: std::sync::Mutex::new(None),
         };
         let node_ns = self.netns_name();
         let pod_ns = pod.netns.name.as_str();
@@ -352,26 +616,35 @@ impl TestNode {
             "-n", node_ns, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0",
             "netns", pod_ns,
         ]);
-        ip(&[
-            "-n",
-            node_ns,
-            "addr",
-            "add",
-            &format!("{gw4}/30"),
-            "dev",
-            &host_if,
-        ]);
-        ip(&[
-            "-n",
-            node_ns,
-            "-6",
-            "addr",
-            "add",
-            &format!("{gw6}/64"),
-            "dev",
-            &host_if,
-            "nodad",
-        ]);
+        let prefix4 = match self.topology {
+            Topology::Routed => {
+                ip(&[
+                    "-n",
+                    node_ns,
+                    "addr",
+                    "add",
+                    &format!("{gw4}/30"),
+                    "dev",
+                    &host_if,
+                ]);
+                ip(&[
+                    "-n",
+                    node_ns,
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{gw6}/64"),
+                    "dev",
+                    &host_if,
+                    "nodad",
+                ]);
+                30
+            }
+            Topology::Bridge => {
+                ip(&["-n", node_ns, "link", "set", &host_if, "master", BRIDGE]);
+                24
+            }
+        };
         ip(&["-n", node_ns, "link", "set", &host_if, "up"]);
         ip(&["-n", pod_ns, "link", "set", "lo", "up"]);
         ip(&[
@@ -379,7 +652,7 @@ impl TestNode {
             pod_ns,
             "addr",
             "add",
-            &format!("{ip4}/30"),
+            &format!("{ip4}/{prefix4}"),
             "dev",
             "eth0",
         ]);
@@ -440,6 +713,50 @@ pub struct Pod<'n> {
     name: String,
     index: u32,
     netns: NetnsGuard,
+    /// The container cgroup the pod's processes join, once laid out as kubelet does; until
+    /// then they join the test cgroup itself. Removed with the test cgroup.
+    cgroup: std::sync::Mutex<Option<KubeletCgroup>>,
+}
+
+/// kubelet's cgroup drivers: how pod cgroups are named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupDriver {
+    /// `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_>.slice/<ctr>.scope`
+    Systemd,
+    /// `kubepods/burstable/pod<uid>/<ctr>`
+    Cgroupfs,
+}
+
+/// A pod's cgroups as kubelet lays them out below the test cgroup.
+#[derive(Debug, Clone)]
+pub struct KubeletCgroup {
+    pub uid: String,
+    /// The pod-level cgroup.
+    pub pod: PathBuf,
+    /// The container cgroup the pod's processes join.
+    pub container: PathBuf,
+}
+
+impl KubeletCgroup {
+    /// The pod-level and container cgroup paths, relative to the cgroup programs attach to.
+    pub fn layout(driver: CgroupDriver, uid: &str, container: &str) -> (PathBuf, PathBuf) {
+        let pod = match driver {
+            CgroupDriver::Systemd => PathBuf::from("kubepods.slice")
+                .join("kubepods-burstable.slice")
+                .join(format!(
+                    "kubepods-burstable-pod{}.slice",
+                    uid.replace('-', "_")
+                )),
+            CgroupDriver::Cgroupfs => PathBuf::from("kubepods")
+                .join("burstable")
+                .join(format!("pod{uid}")),
+        };
+        let container = match driver {
+            CgroupDriver::Systemd => pod.join(format!("cri-containerd-{container}.scope")),
+            CgroupDriver::Cgroupfs => pod.join(container),
+        };
+        (pod, container)
+    }
 }
 
 impl<'n> Pod<'n> {
@@ -460,29 +777,46 @@ impl<'n> Pod<'n> {
         self.netns.path()
     }
 
+    /// The MAC address of the pod's eth0.
+    pub fn mac(&self) -> String {
+        link_mac(self.netns_name(), "eth0")
+    }
+
     /// The node side of the veth, `k2i-h-<name>`.
     pub fn host_interface(&self) -> String {
         format!("k2i-h-{}", self.name)
     }
 
-    /// The pod's IPv4 address, 198.51.100.(4i+2).
+    /// The pod's IPv4 address: 198.51.100.(4i+2), bridged 198.51.100.(i+2).
     pub fn ip4(&self) -> Ipv4Addr {
-        Ipv4Addr::new(198, 51, 100, (4 * self.index + 2) as u8)
+        match self.node.topology {
+            Topology::Routed => Ipv4Addr::new(198, 51, 100, (4 * self.index + 2) as u8),
+            Topology::Bridge => Ipv4Addr::new(198, 51, 100, (self.index + 2) as u8),
+        }
     }
 
-    /// The pod's IPv6 address, fd00:77:<i>::2.
+    /// The pod's IPv6 address: fd00:77:<i>::2, bridged fd00:77::(i+2).
     pub fn ip6(&self) -> Ipv6Addr {
-        Ipv6Addr::new(0xfd00, 0x77, self.index as u16, 0, 0, 0, 0, 2)
+        match self.node.topology {
+            Topology::Routed => Ipv6Addr::new(0xfd00, 0x77, self.index as u16, 0, 0, 0, 0, 2),
+            Topology::Bridge => Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, (self.index + 2) as u16),
+        }
     }
 
-    /// The node side's IPv4 address, the pod's default gateway.
+    /// The pod's default gateway (IPv4): the node side of its veth, or the bridge.
     pub fn gateway4(&self) -> Ipv4Addr {
-        Ipv4Addr::new(198, 51, 100, (4 * self.index + 1) as u8)
+        match self.node.topology {
+            Topology::Routed => Ipv4Addr::new(198, 51, 100, (4 * self.index + 1) as u8),
+            Topology::Bridge => Ipv4Addr::new(198, 51, 100, 1),
+        }
     }
 
-    /// The node side's IPv6 address, the pod's default gateway.
+    /// The pod's default gateway (IPv6): the node side of its veth, or the bridge.
     pub fn gateway6(&self) -> Ipv6Addr {
-        Ipv6Addr::new(0xfd00, 0x77, self.index as u16, 0, 0, 0, 0, 1)
+        match self.node.topology {
+            Topology::Routed => Ipv6Addr::new(0xfd00, 0x77, self.index as u16, 0, 0, 0, 0, 1),
+            Topology::Bridge => Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 1),
+        }
     }
 
     /// Whether `ip` is one of this pod's addresses (IPv4-mapped forms included).
@@ -491,15 +825,55 @@ impl<'n> Pod<'n> {
         ip == std::net::IpAddr::V4(self.ip4()) || ip == std::net::IpAddr::V6(self.ip6())
     }
 
-    /// A command that runs as a pod process: it joins the test cgroup, then enters the pod's
-    /// network namespace.
+    /// Lays the pod's cgroups out below the test cgroup as kubelet would for pod `uid`; the
+    /// pod's processes started afterwards join its container cgroup. Called again (another pod
+    /// that got this address), the new layout replaces the old for new processes.
+    pub fn use_kubelet_cgroup(&self, driver: CgroupDriver, uid: &str) -> KubeletCgroup {
+        let root = self.node.cgroup_path();
+        let (pod, container) = KubeletCgroup::layout(driver, uid, &format!("ctr-{}", self.name));
+        let (pod, container) = (root.join(pod), root.join(container));
+        fs::create_dir_all(&container)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", container.display()));
+        let laid = KubeletCgroup {
+            uid: uid.to_owned(),
+            pod,
+            container,
+        };
+        *self.cgroup.lock().unwrap_or_else(|p| p.into_inner()) = Some(laid.clone());
+        laid
+    }
+
+    /// The pod's kubelet cgroup, if laid out.
+    pub fn kubelet_cgroup(&self) -> Option<KubeletCgroup> {
+        self.cgroup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The cgroup the pod's processes join: its container cgroup, else the test cgroup.
+    pub fn process_cgroup(&self) -> PathBuf {
+        self.kubelet_cgroup()
+            .map_or(self.node.cgroup_path().to_owned(), |c| c.container)
+    }
+
+    /// A command that runs as a pod process: it joins the pod's cgroup (the test cgroup until
+    /// [`Pod::use_kubelet_cgroup`]), then enters the pod's network namespace.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut command = Command::new(program);
         place(
             &mut command,
-            Some(self.node.cgroup_path()),
+            Some(&self.process_cgroup()),
             Some(&self.netns_path()),
         );
+        command
+    }
+
+    /// A command that runs in this pod's cgroup but in another network namespace (`netns`):
+    /// a pod process that took another's address, or a hostNetwork pod (the node's netns).
+    pub fn command_in_netns(&self, program: impl AsRef<std::ffi::OsStr>, netns: &Path) -> Command {
+        let mut command = Command::new(program);
+        place(&mut command, Some(&self.process_cgroup()), Some(netns));
         command
     }
 

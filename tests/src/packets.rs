@@ -59,13 +59,19 @@ fn raw_tcp_socket() -> std::io::Result<OwnedFd> {
 }
 
 impl PacketWatch {
+    /// Watches where `node`'s metadata service lives.
     pub fn start(node: &TestNode) -> PacketWatch {
+        Self::start_in(&node.metadata_netns_path())
+    }
+
+    /// Watches in the network namespace at `netns` (which must hold the metadata addresses).
+    pub fn start_in(netns: &std::path::Path) -> PacketWatch {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         for kind in ["tcp", "udp", "udp6"] {
-            let netns = node.netns_path();
+            let netns = netns.to_owned();
             let (seen, stop, ready) = (seen.clone(), stop.clone(), ready_tx.clone());
             threads.push(std::thread::spawn(move || {
                 enter_netns_on_this_thread(&netns).expect("enter the node netns");

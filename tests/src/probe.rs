@@ -4,9 +4,17 @@
 //! "peer":"ip:port"|null,"body":str|null}`. Both sides live here so they agree; the encoder and
 //! the parser handle exactly that flat shape.
 
-use std::{fmt::Write as _, process::Command, time::Duration};
+use std::{
+    fmt::Write as _,
+    io::{BufRead as _, BufReader, Read as _},
+    net::SocketAddr,
+    process::{Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::Duration,
+};
 
-use crate::process::output_within;
+use crate::process::{ChildGuard, output_within};
 
 /// The outcome of one probe connection.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -82,6 +90,14 @@ impl ProbeResult {
             }
         }
         Ok(result)
+    }
+
+    /// The HTTP status of the response, if one was read.
+    pub fn status(&self) -> Option<u16> {
+        let line = self.body.as_deref()?.lines().next()?;
+        let mut words = line.split_whitespace();
+        words.next().filter(|v| v.starts_with("HTTP/"))?;
+        words.next()?.parse().ok()
     }
 
     /// The response body (after the blank line), if any.
@@ -260,6 +276,96 @@ pub fn run(mut command: Command, args: &[&str]) -> ProbeResult {
     ProbeResult::from_json(line).unwrap_or_else(|e| {
         panic!("k2i-probe {args:?} printed unparsable JSON ({e}): {stdout:?}; stderr: {stderr}")
     })
+}
+
+/// A `k2i-probe --hold` run: connected, and waiting with its request until [`HeldProbe::finish`],
+/// so a test can look at the kernel's state for the open connection.
+pub struct HeldProbe {
+    child: ChildGuard,
+    /// The connected socket's own address (the client side of the connection).
+    pub local: SocketAddr,
+    stdout: thread::JoinHandle<Vec<u8>>,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl HeldProbe {
+    /// Starts a prepared `k2i-probe` command with `args` plus `--hold` and waits until it has
+    /// connected; panics with its output if it does not.
+    pub fn start(mut command: Command, args: &[&str]) -> HeldProbe {
+        command
+            .args(args)
+            .arg("--hold")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = ChildGuard::spawn(&mut command, "k2i-probe --hold");
+        let stdout = child.child_mut().stdout.take();
+        let stdout = thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut out) = stdout {
+                let _ = out.read_to_end(&mut buf);
+            }
+            buf
+        });
+        let (tx, stderr) = mpsc::channel();
+        if let Some(err) = child.child_mut().stderr.take() {
+            thread::spawn(move || {
+                for line in BufReader::new(err).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        let mut seen = Vec::new();
+        let local = loop {
+            match stderr.recv_timeout(Duration::from_secs(20)) {
+                Ok(line) => {
+                    if let Some(addr) = line.strip_prefix("connected ") {
+                        break addr.trim().parse().unwrap_or_else(|e| {
+                            panic!("k2i-probe {args:?} reported {line:?}: {e}")
+                        });
+                    }
+                    seen.push(line);
+                }
+                Err(_) => {
+                    child.kill9();
+                    let out = stdout.join().unwrap_or_default();
+                    panic!(
+                        "k2i-probe {args:?} never connected; stdout: {}; stderr: {seen:?}",
+                        String::from_utf8_lossy(&out)
+                    );
+                }
+            }
+        };
+        HeldProbe {
+            child,
+            local,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Lets the probe send its request and read the answer, and returns what it reports.
+    pub fn finish(mut self) -> ProbeResult {
+        drop(self.child.child_mut().stdin.take());
+        let status = self.child.wait_timeout(Duration::from_secs(20));
+        if status.is_none() {
+            self.child.kill9();
+        }
+        let stdout = self.stdout.join().unwrap_or_default();
+        let stdout = String::from_utf8_lossy(&stdout);
+        let stderr: Vec<String> = self.stderr.try_iter().collect();
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "k2i-probe --hold did not finish cleanly ({status:?}):\nstdout: {stdout}\nstderr: \
+             {stderr:?}"
+        );
+        let line = stdout.lines().last().unwrap_or_default();
+        ProbeResult::from_json(line).unwrap_or_else(|e| {
+            panic!("k2i-probe --hold printed unparsable JSON ({e}): {stdout:?}; stderr: {stderr:?}")
+        })
+    }
 }
 
 #[cfg(test)]

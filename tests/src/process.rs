@@ -60,6 +60,34 @@ pub fn enter_netns_on_this_thread(netns: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// The cookie of the network namespace at `netns` (getsockopt `SO_NETNS_COOKIE`, Linux 5.14),
+/// read from a socket made there on a short-lived thread.
+pub fn netns_cookie(netns: &Path) -> io::Result<u64> {
+    let netns = netns.to_owned();
+    thread::spawn(move || {
+        enter_netns_on_this_thread(&netns)?;
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let mut cookie = 0u64;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        // SAFETY: a valid socket and an output buffer of `len` bytes; 71 is SO_NETNS_COOKIE.
+        let rc = unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                71,
+                (&raw mut cookie).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(cookie)
+    })
+    .join()
+    .unwrap_or_else(|_| Err(io::Error::other("the netns cookie thread panicked")))
+}
+
 /// A started child process that is killed (SIGKILL, by PID) and reaped when dropped, if it is
 /// still running.
 pub struct ChildGuard {

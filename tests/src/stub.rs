@@ -285,7 +285,7 @@ impl ImdsStub {
             SocketAddr::new(IpAddr::V6(METADATA_IP6), METADATA_PORT),
         ];
         Self {
-            http: HttpStub::start("imds-stub", &node.netns_path(), &addrs),
+            http: HttpStub::start("imds-stub", &node.metadata_netns_path(), &addrs),
         }
     }
 

@@ -230,6 +230,9 @@ fn ten_thousand_idle_connections_get_a_clean_503_beyond_the_limit_with_bounded_m
         &[
             "--max-connections",
             &LIMIT.to_string(),
+            // One caller may take every slot here: this test is about the global limit.
+            "--max-connections-per-caller",
+            &LIMIT.to_string(),
             "--header-read-timeout",
             "60s",
         ],
@@ -429,4 +432,55 @@ fn oversized_headers_request_lines_and_bodies_get_4xx_and_the_agent_keeps_servin
     let after = creds(&world, &pod);
     assert_eq!(after.access_key_id, good.access_key_id);
     world.assert_no_leak(&[&pod], &[&as_client(&after)]);
+}
+
+#[test]
+fn one_caller_at_its_connection_limit_leaves_room_for_every_other_pod() {
+    const CONNECTIONS: usize = 1_000;
+    const LIMIT: usize = 200;
+    const PER_CALLER: usize = 50;
+    let node = TestNode::new();
+    let world = World::start(
+        &node,
+        &[
+            "--max-connections",
+            &LIMIT.to_string(),
+            "--max-connections-per-caller",
+            &PER_CALLER.to_string(),
+            "--header-read-timeout",
+            "60s",
+        ],
+    );
+    let flooder = pod_with_role(&world, &node, "flood");
+    let victim = pod_with_role(&world, &node, "victim");
+    let result = std::thread::scope(|scope| {
+        let flood = scope.spawn(|| {
+            python_in_pod(
+                &flooder,
+                IDLE_FLOOD,
+                &[&CONNECTIONS.to_string(), "5", "8"],
+                Duration::from_secs(120),
+            )
+        });
+        // While the flooder holds all it may, the victim is served as usual.
+        std::thread::sleep(Duration::from_secs(4));
+        let doc = creds(&world, &victim);
+        let result = flood.join().expect("flood thread");
+        (doc, result)
+    });
+    let (doc, result) = result;
+    let held = result["held_open"].as_u64().unwrap_or(0);
+    assert_eq!(
+        held, PER_CALLER as u64,
+        "the flooder holds exactly --max-connections-per-caller: {result}"
+    );
+    let rejected = result["answers"]["HTTP/1.1 503 Service Unavailable"]
+        .as_u64()
+        .unwrap_or(0);
+    assert_eq!(
+        rejected,
+        (CONNECTIONS - PER_CALLER) as u64,
+        "every connection beyond its share is answered 503: {result}"
+    );
+    world.assert_no_leak(&[&flooder, &victim], &[&as_client(&doc)]);
 }

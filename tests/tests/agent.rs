@@ -60,7 +60,7 @@ use std::time::{Duration, Instant};
 use kube2iam_tests::{
     FaultMode,
     e2e::{pod_credentials, pod_get, pod_request},
-    kube_api,
+    imds, kube_api,
 };
 
 const EXTERNAL_ID_KEY: &str = "iam.amazonaws.com/external-id";
@@ -417,7 +417,10 @@ fn a_thousand_concurrent_cold_requests_make_exactly_one_assume_role() {
 fn sts_throttled_or_down_serves_cached_credentials_and_a_clear_5xx_without_them() {
     let node = TestNode::new();
     // Always inside the refresh window, so every request tries STS again in the background.
-    let world = World::start(&node, &["--refresh-before", "1h"]);
+    let world = World::start(
+        &node,
+        &["--refresh-before", "1h", "--unchecked-refresh-before"],
+    );
     let pod = node.add_pod("a");
     world.add_pod(&pod, "default", "x", &[(ROLE_KEY, "cached-role")]);
     world.wait_known(&node, &pod);
@@ -527,6 +530,127 @@ fn every_blocked_path_and_its_spellings_stay_blocked() {
     assert!(
         upstream_saw.is_empty(),
         "blocked paths reached upstream: {upstream_saw:?}"
+    );
+    world.assert_no_leak(&[&pod], &[]);
+}
+
+/// Whether a path, as a lenient server reads it ([`imds::lenient_path`]), is the node's: its IAM
+/// role, its identity credentials, its user-data or its signed instance identity.
+fn names_node_data(path: &str) -> bool {
+    let read = imds::lenient_path(path);
+    let rest = read.splitn(3, '/').nth(2).unwrap_or("");
+    rest.starts_with("meta-data/iam")
+        || rest.starts_with("meta-data/identity-credentials")
+        || rest.starts_with("user-data")
+        || ["pkcs7", "signature", "rsa2048"]
+            .iter()
+            .any(|s| rest.starts_with(&format!("dynamic/instance-identity/{s}")))
+}
+
+/// Issue 11: spellings of the node's credentials and signed identity that the agent used to
+/// forward with its own token. The node's metadata service here reads paths leniently (no
+/// version, `;params`, a decoded `?`, trailing dots, any case), so each of them would have come
+/// back with the node's credentials or identity; instead none reaches it, and the metadata any
+/// pod may read still does.
+#[test]
+fn node_credentials_and_signed_identity_never_leave_the_node_under_any_spelling() {
+    let node = TestNode::new();
+    let world = World::start(&node, &[]);
+    world.imds.set_lenient(true);
+    let pod = node.add_pod("a");
+    world.add_pod(&pod, "default", "x", &[(ROLE_KEY, "web-role")]);
+    world.wait_known(&node, &pod);
+    let before = world.imds.callers().len();
+    let sentinels = [
+        imds::NODE_ACCESS_KEY_ID,
+        imds::NODE_IDENTITY_ACCESS_KEY_ID,
+        imds::NODE_SIGNATURE_SENTINEL,
+        "node secrets live here",
+    ];
+    for path in [
+        "/meta-data/iam/security-credentials/",
+        "/meta-data/iam/security-credentials/node-role",
+        "/latest/meta-data/iam;x/security-credentials/",
+        "/latest/meta-data/iam;x/security-credentials/node-role",
+        "/latest/meta-data/iam%3F/security-credentials/",
+        "/latest/meta-data/iam./security-credentials/",
+        "/latest/meta-data/iam./security-credentials/node-role",
+        "/latest/meta-data/iam/security-credentials;x/node-role",
+        "/latest/meta-data/iam/info.",
+        "/x/meta-data/iam/security-credentials/node-role",
+        "/latest/meta-data/identity-credentials;x/ec2/security-credentials/ec2-instance",
+        "/latest/dynamic/instance-identity/pkcs7",
+        "/latest/dynamic/instance-identity/signature",
+        "/latest/dynamic/instance-identity/rsa2048",
+        "/latest/dynamic/instance-identity/RSA2048;x",
+        "/1.0/dynamic/instance-identity/pkcs7",
+        "/latest/user-data;x",
+        "/latest/user-data.",
+        "/latest/meta-data/public-keys/0/openssh-key",
+    ] {
+        let (status, body) = pod_get(&pod, path, &[]);
+        assert_eq!(status, 403, "{path}: {status} {body}");
+        assert!(body.contains("--allow-path"), "{path}: {body}");
+        for sentinel in sentinels {
+            assert!(!body.contains(sentinel), "LEAK: {path} answered {body}");
+        }
+    }
+    // `1.0` is a real version: the agent answers its IAM paths itself, with the pod's role.
+    let (status, listed) = pod_get(&pod, "/1.0/meta-data/iam/security-credentials/", &[]);
+    assert_eq!((status, listed.as_str()), (200, "web-role"));
+    let (status, body) = pod_get(
+        &pod,
+        "/1.0/meta-data/iam/security-credentials/node-role",
+        &[],
+    );
+    assert_eq!(status, 404, "not the pod's role: {body}");
+    assert!(!body.contains(imds::NODE_ACCESS_KEY_ID), "LEAK: {body}");
+    // What any pod may read still comes from the node's metadata service.
+    for (path, expected) in [
+        ("/latest/meta-data/instance-id", imds::INSTANCE_ID),
+        ("/latest/meta-data/placement/region", imds::REGION),
+        (
+            "/latest/meta-data/placement/availability-zone",
+            imds::AVAILABILITY_ZONE,
+        ),
+    ] {
+        assert_eq!(
+            pod_get(&pod, path, &[]),
+            (200, expected.to_owned()),
+            "{path}"
+        );
+    }
+    let (status, document) = pod_get(&pod, "/latest/dynamic/instance-identity/document", &[]);
+    assert_eq!(status, 200, "{document}");
+    assert!(document.contains(imds::INSTANCE_ID), "{document}");
+
+    let seen: Vec<String> = world.imds.callers()[before..]
+        .iter()
+        .map(|r| r.path.clone())
+        .collect();
+    assert!(
+        seen.iter()
+            .any(|p| p == "/latest/meta-data/placement/availability-zone"),
+        "the emulator recorded the forwarded reads: {seen:?}"
+    );
+    // The agent's own STS credentials come from the node's role at the canonical paths; the
+    // pod never asked for those, and nothing else of the node's may have been asked for.
+    let own = [
+        "/latest/meta-data/iam/security-credentials/",
+        &format!(
+            "/latest/meta-data/iam/security-credentials/{}",
+            imds::NODE_ROLE
+        ),
+        "/latest/meta-data/iam/info",
+    ];
+    let forwarded: Vec<&String> = seen
+        .iter()
+        .filter(|p| names_node_data(p) && !own.contains(&p.as_str()))
+        .collect();
+    assert!(
+        forwarded.is_empty(),
+        "LEAK: the node's metadata service was asked for {forwarded:?}\nagent log:\n{}",
+        world.agent.log()
     );
     world.assert_no_leak(&[&pod], &[]);
 }
@@ -763,13 +887,18 @@ fn malformed_and_oversized_annotations_get_clear_errors() {
 #[test]
 fn auto_discovered_base_arn_comes_from_the_instance_profile() {
     let node = TestNode::new();
-    // No --base-role-arn: the World passes one, so start a second agent flag set without it is
-    // not possible; instead a pod names a role relative to the discovered base.
+    // No --base-role-arn (the World leaves it out with this flag): a pod names a role relative
+    // to the base discovered from the emulator's instance profile.
     let world = World::start(&node, &["--auto-discover-base-arn"]);
     let pod = node.add_pod("a");
     world.add_pod(&pod, "default", "x", &[(ROLE_KEY, "discovered")]);
     world.wait_known(&node, &pod);
     let got = creds(&world, &pod);
+    assert!(
+        world.agent.log().contains("discovered the base role ARN"),
+        "{}",
+        world.agent.log()
+    );
     assert_eq!(
         Some(got.access_key_id.clone()),
         world.moto_key_for(&role_arn("discovered"))

@@ -2,15 +2,26 @@
 //! (a raw IP SYN, an AF_PACKET frame, unconnected UDP over IPv4 and IPv6) is dropped on the host
 //! side of its interface and counted; the node never receives it. With the guard off the same
 //! packets arrive, which proves these tests can see a bypass.
+//!
+//! The guard must be first on the hook: another classifier in front of it that returns OK (as
+//! Cilium's does on `lxc*`) would pass every packet on before the guard saw it. The agent
+//! attaches in front, puts itself back in front when another program goes there, and reports
+//! where it stands in its metrics and the doctor.
 
-use std::{net::IpAddr, path::Path, time::Duration};
+use std::{
+    net::IpAddr,
+    os::fd::{AsFd as _, OwnedFd},
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use kube2iam_common::Counter;
 use kube2iam_tests::{
-    Agent, AgentOptions, AgentStub, Pod, TestNode, maps, metadata_addr4,
+    Agent, AgentOptions, AgentStub, Pod, TestNode, agent_binary, bpf, e2e, maps, metadata_addr4,
     packets::{PacketWatch, WATCH_PORT},
     probe,
-    process::output_within,
+    process::{enter_netns_on_this_thread, output_within},
 };
 
 const RAW: &str = env!("CARGO_BIN_EXE_k2i-raw");
@@ -21,11 +32,15 @@ fn agent(node: &TestNode, guard: bool) -> Agent {
 }
 
 fn agent_with(node: &TestNode, guard: bool, extra: &[&str]) -> Agent {
+    // The egress backstop would drop the socket-sent bypasses before they reach tc; these tests
+    // are about the tc guard alone (tests/egress.rs has the backstop's).
     let mut extra_args: Vec<std::ffi::OsString> = vec![
         "--host-interface".into(),
         "k2i-h-+".into(),
         "--packet-guard".into(),
         guard.to_string().into(),
+        "--egress-guard".into(),
+        "false".into(),
     ];
     extra_args.extend(extra.iter().map(Into::into));
     let options = AgentOptions {
@@ -155,6 +170,53 @@ fn without_the_guard_the_same_bypasses_reach_the_node() {
         "with the guard off every bypass must be visible, or the guard tests prove nothing"
     );
     assert_eq!(dropped(&node.pin_path()), (0, 0));
+}
+
+/// AF_PACKET frames from the pod with 1, 2 and 3 stacked VLAN-0 tags around UDP to the metadata
+/// address.
+fn send_tagged(node: &TestNode, pod: &Pod<'_>) {
+    let src = pod.ip4().to_string();
+    let port = WATCH_PORT.to_string();
+    let mac = gateway_mac(node, pod);
+    for tags in ["1", "2", "3"] {
+        let args = ["frame", "eth0", &mac, &src, "169.254.169.254", &port, tags];
+        let output = output_within(
+            pod.command(RAW).args(args),
+            Duration::from_secs(10),
+            "k2i-raw",
+        );
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(stdout.contains("\"ok\":true"), "k2i-raw {args:?}: {stdout}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+#[test]
+fn stacked_vlan_tags_do_not_carry_a_packet_past_the_guard() {
+    // Control first: without either guard the kernel strips the priority tags and delivers at
+    // least one of the frames, or this test would prove nothing.
+    {
+        let node = TestNode::new();
+        let watch = PacketWatch::start(&node);
+        let pod = node.add_pod("a");
+        let _agent = agent(&node, false);
+        send_tagged(&node, &pod);
+        assert!(
+            !kinds(&watch, &pod).is_empty(),
+            "without the guard no tagged frame arrived: the test cannot tell a bypass"
+        );
+    }
+    let node = TestNode::new();
+    let watch = PacketWatch::start(&node);
+    let pod = node.add_pod("a");
+    let _agent = agent(&node, true);
+    send_tagged(&node, &pod);
+    assert_eq!(
+        kinds(&watch, &pod),
+        Vec::<&str>::new(),
+        "a tagged frame reached the metadata address"
+    );
+    assert!(maps::counter(&node.pin_path(), Counter::GuardDroppedTagged) >= 3);
 }
 
 #[test]
@@ -295,5 +357,393 @@ fn before_tcx_the_guard_is_a_cls_bpf_filter_that_outlives_and_is_reused_by_the_a
         netlink_filters(&node, &pod),
         0,
         "uninstall removes the filter"
+    );
+}
+
+/// Runs `f` on a thread inside the node's network namespace (ifindexes and TCX queries are
+/// per namespace).
+fn in_node<T: Send + 'static>(node: &TestNode, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let netns = node.netns_path();
+    std::thread::spawn(move || {
+        enter_netns_on_this_thread(&netns).expect("enter the node namespace");
+        f()
+    })
+    .join()
+    .expect("the thread in the node namespace panicked")
+}
+
+fn ifindex(node: &TestNode, pod: &Pod<'_>) -> u32 {
+    let name = std::ffi::CString::new(pod.host_interface()).expect("no NUL");
+    // SAFETY: a valid NUL-terminated interface name.
+    let index = in_node(node, move || unsafe { libc::if_nametoindex(name.as_ptr()) });
+    assert_ne!(index, 0, "no interface {}", pod.host_interface());
+    index
+}
+
+/// The names of the TCX programs on the pod's host interface, in the order they run.
+fn tcx_order(node: &TestNode, pod: &Pod<'_>) -> Vec<String> {
+    let index = ifindex(node, pod);
+    in_node(node, move || bpf::tcx_programs(index))
+        .into_iter()
+        .map(|id| bpf::prog_info_by_id(id).name)
+        .collect()
+}
+
+/// The tc filters on the pod's host interface, in the order they run: "<pref> <name>".
+fn filter_order(node: &TestNode, pod: &Pod<'_>) -> Vec<String> {
+    let output = output_within(
+        Command::new("tc").args([
+            "-n",
+            node.netns_name(),
+            "filter",
+            "show",
+            "dev",
+            &pod.host_interface(),
+            "ingress",
+        ]),
+        Duration::from_secs(10),
+        "tc filter show",
+    );
+    // "filter protocol all pref 1 bpf chain 0 handle 0x4b33 k2i_guard direct-action …"
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|l| l.contains("handle"))
+        .map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let at = |key: &str| {
+                words
+                    .iter()
+                    .position(|w| *w == key)
+                    .and_then(|i| words.get(i + 1))
+                    .copied()
+                    .unwrap_or("?")
+            };
+            // The filter's name follows its handle, if it has one.
+            let name = match at("handle") {
+                "?" => "?",
+                handle => words
+                    .iter()
+                    .position(|w| *w == handle)
+                    .and_then(|i| words.get(i + 1))
+                    .copied()
+                    .filter(|w| !w.starts_with("direct-action") && !w.starts_with("not_in_hw"))
+                    .unwrap_or("?"),
+            };
+            format!("{} {name}", at("pref"))
+        })
+        .collect()
+}
+
+/// A classifier of someone else's that returns TC_ACT_OK, in front of everything on the pod's
+/// host interface, as Cilium's program on lxc* is: with TCX a link at the head, before TCX a
+/// cls_bpf filter at priority 1 (Cilium's default there). Detached on drop.
+enum Foreign {
+    Tcx { _link: OwnedFd },
+    Netlink { netns: String, interface: String },
+}
+
+const FOREIGN: &str = "k2i_test_ok";
+
+fn attach_foreign_first(node: &TestNode, pod: &Pod<'_>, netlink: bool) -> Foreign {
+    let prog = bpf::load_tc_ok(FOREIGN);
+    if !netlink {
+        let index = ifindex(node, pod);
+        let link = in_node(node, move || bpf::tcx_attach_first(prog.as_fd(), index))
+            .unwrap_or_else(|e| panic!("cannot attach the foreign classifier with TCX: {e}"));
+        return Foreign::Tcx { _link: link };
+    }
+    let index = ifindex(node, pod);
+    in_node(node, move || {
+        bpf::tc_filter_add(index, 1, 1, prog.as_fd(), FOREIGN)
+    })
+    .unwrap_or_else(|e| panic!("cannot add the foreign filter: {e}"));
+    let interface = pod.host_interface();
+    Foreign::Netlink {
+        netns: node.netns_name().to_owned(),
+        interface,
+    }
+}
+
+impl Drop for Foreign {
+    fn drop(&mut self) {
+        if let Foreign::Netlink { netns, interface } = self {
+            let _ = Command::new("tc")
+                .args(["-n", netns, "filter", "del", "dev", interface, "ingress"])
+                .args(["pref", "1", "handle", "1", "bpf"])
+                .output();
+        }
+    }
+}
+
+/// Waits (at most 10 s) until `check` holds; panics with `what` and the agent's log.
+fn wait_until(agent: &Agent, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within 10 s:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn guard_first_tcx(node: &TestNode, pod: &Pod<'_>) -> bool {
+    tcx_order(node, pod).first().map(String::as_str) == Some("k2i_guard")
+}
+
+fn guard_first_netlink(node: &TestNode, pod: &Pod<'_>) -> bool {
+    filter_order(node, pod).first().map(String::as_str) == Some("1 k2i_guard")
+}
+
+#[test]
+fn the_guard_goes_in_front_of_a_classifier_that_passes_everything_tcx() {
+    let node = TestNode::new();
+    let watch = PacketWatch::start(&node);
+    let pod = node.add_pod("a");
+    let _foreign = attach_foreign_first(&node, &pod, false);
+    let _agent = agent(&node, true);
+    assert_eq!(
+        tcx_order(&node, &pod),
+        vec!["k2i_guard".to_owned(), FOREIGN.to_owned()],
+        "the guard must run before the classifier that was there first"
+    );
+    send_bypasses(&node, &pod);
+    assert_eq!(
+        kinds(&watch, &pod),
+        Vec::<&str>::new(),
+        "behind a classifier that returns OK the guard would never see these"
+    );
+}
+
+#[test]
+fn the_guard_goes_in_front_of_a_classifier_that_passes_everything_netlink() {
+    let node = TestNode::new();
+    let watch = PacketWatch::start(&node);
+    let pod = node.add_pod("a");
+    let _foreign = attach_foreign_first(&node, &pod, true);
+    let _agent = agent_with(&node, true, &["--packet-guard-netlink"]);
+    let order = filter_order(&node, &pod);
+    assert_eq!(
+        order.first().map(String::as_str),
+        Some("1 k2i_guard"),
+        "the guard's filter must run first: {order:?}"
+    );
+    send_bypasses(&node, &pod);
+    assert_eq!(kinds(&watch, &pod), Vec::<&str>::new());
+}
+
+#[test]
+fn a_classifier_put_in_front_later_is_overtaken_at_the_next_resync_tcx() {
+    let node = TestNode::new();
+    let watch = PacketWatch::start(&node);
+    let pod = node.add_pod("a");
+    let agent = agent_with(&node, true, &["--guard-resync-interval", "1s"]);
+    assert!(guard_first_tcx(&node, &pod));
+    // Another agent (re)attaches its program at the head after ours.
+    let _foreign = attach_foreign_first(&node, &pod, false);
+    wait_until(&agent, "the guard back in front", || {
+        agent.log().contains("packet guard put back in front") && guard_first_tcx(&node, &pod)
+    });
+    assert_eq!(
+        tcx_order(&node, &pod),
+        vec!["k2i_guard".to_owned(), FOREIGN.to_owned()],
+        "one guard, in front; the old link is gone"
+    );
+    send_bypasses(&node, &pod);
+    assert_eq!(kinds(&watch, &pod), Vec::<&str>::new());
+}
+
+#[test]
+fn a_filter_put_in_front_later_is_overtaken_at_once_netlink() {
+    let node = TestNode::new();
+    let watch = PacketWatch::start(&node);
+    let pod = node.add_pod("a");
+    // No timed resync during the test: the tc change itself must trigger the repair.
+    let agent = agent_with(
+        &node,
+        true,
+        &["--packet-guard-netlink", "--guard-resync-interval", "1h"],
+    );
+    assert!(guard_first_netlink(&node, &pod));
+    let _foreign = attach_foreign_first(&node, &pod, true);
+    wait_until(&agent, "the guard's filter back in front", || {
+        guard_first_netlink(&node, &pod)
+    });
+    let order = filter_order(&node, &pod);
+    assert_eq!(
+        order,
+        vec!["1 k2i_guard".to_owned(), format!("1 {FOREIGN}")],
+        "one guard filter, in front of the other one"
+    );
+    send_bypasses(&node, &pod);
+    assert_eq!(kinds(&watch, &pod), Vec::<&str>::new());
+}
+
+#[test]
+fn a_restarted_agent_moves_an_old_filter_from_the_back_to_the_front_netlink() {
+    // Agents before this change attached their filter last, at priority 49000.
+    let node = TestNode::new();
+    let pod = node.add_pod("a");
+    let mut agent = agent_with(&node, true, &["--packet-guard-netlink"]);
+    agent.kill9();
+    let interface = pod.host_interface();
+    let output = output_within(
+        Command::new("tc")
+            .args(["-n", node.netns_name(), "filter", "del", "dev", &interface])
+            .args(["ingress", "pref", "1"]),
+        Duration::from_secs(10),
+        "tc filter del",
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // What an older agent left: k2i_guard at 49000, nothing at 1.
+    let old = bpf::load_tc_ok("k2i_guard");
+    let index = ifindex(&node, &pod);
+    in_node(&node, move || {
+        bpf::tc_filter_add(index, 49_000, 0x4b32, old.as_fd(), "k2i_guard")
+    })
+    .expect("add the old filter");
+    assert_eq!(
+        filter_order(&node, &pod),
+        vec!["49000 k2i_guard".to_owned()]
+    );
+    let _agent = agent_with(&node, true, &["--packet-guard-netlink"]);
+    assert_eq!(
+        filter_order(&node, &pod),
+        vec!["1 k2i_guard".to_owned()],
+        "the restarted agent's filter is in front and the old one is gone"
+    );
+}
+
+/// `state` → value of `kube2iam_packet_guard_interfaces`.
+fn guard_gauges(metrics: &str) -> Vec<(String, u64)> {
+    metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("kube2iam_packet_guard_interfaces{state=\""))
+        .filter_map(|rest| {
+            let (state, value) = rest.split_once("\"} ")?;
+            Some((state.to_owned(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+#[test]
+fn metrics_report_an_interface_where_another_program_runs_before_the_guard() {
+    let node = TestNode::new();
+    let pod = node.add_pod("a");
+    let world = e2e::World::start(
+        &node,
+        &[
+            "--host-interface",
+            "k2i-h-+",
+            "--guard-resync-interval",
+            "1h",
+        ],
+    );
+    let (status, metrics) = world.admin_get(&node, "/metrics");
+    assert_eq!(status, 200);
+    assert_eq!(
+        guard_gauges(&metrics),
+        vec![
+            ("first".to_owned(), 1),
+            ("not_first".to_owned(), 0),
+            ("unguarded".to_owned(), 0)
+        ],
+        "{metrics}"
+    );
+    // TCX changes raise no event: until the next resync, the metrics say what is wrong.
+    let _foreign = attach_foreign_first(&node, &pod, false);
+    let (_, metrics) = world.admin_get(&node, "/metrics");
+    assert_eq!(
+        guard_gauges(&metrics),
+        vec![
+            ("first".to_owned(), 0),
+            ("not_first".to_owned(), 1),
+            ("unguarded".to_owned(), 0)
+        ],
+        "{metrics}"
+    );
+}
+
+#[test]
+fn the_doctor_names_unguarded_interfaces_and_ones_where_the_guard_is_not_first() {
+    let node = TestNode::new();
+    let a = node.add_pod("a");
+    let mut agent = agent_with(&node, true, &["--guard-resync-interval", "1h"]);
+    let _foreign = attach_foreign_first(&node, &a, false);
+    agent.kill9();
+    // A pod that came while no agent ran has no guard.
+    let _b = node.add_pod("b");
+    let mut command = node.command(agent_binary());
+    command
+        .args(["doctor", "--host-interface", "k2i-h-+", "--cgroup-path"])
+        .arg(node.cgroup_path())
+        .arg("--bpf-pin-path")
+        .arg(node.pin_path());
+    let output = output_within(&mut command, Duration::from_secs(60), "doctor");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    // The row wraps; join it.
+    let mut row = String::new();
+    let mut lines = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("packet guard"));
+    if let Some(first) = lines.next() {
+        row.push_str(first);
+        for more in lines.take_while(|l| l.starts_with(' ')) {
+            row.push(' ');
+            row.push_str(more.trim());
+        }
+    }
+    // The result and fix columns wrap side by side; the words are what matters.
+    let row = row.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(row.contains("WARN"), "{stdout}");
+    for words in [
+        "unguarded: k2i-h-b",
+        "not first: k2i-h-a (behind TCX program",
+        FOREIGN,
+        "first on 0 of 2",
+    ] {
+        assert!(row.contains(words), "{words:?} missing from the row: {row}");
+    }
+}
+
+#[test]
+fn a_replacement_link_an_agent_staged_before_it_stopped_takes_the_old_links_place_tcx() {
+    // An agent that stopped between pinning the new link at the head and moving it over the old
+    // pin: the next agent finishes the move instead of throwing the new link away.
+    let node = TestNode::new();
+    let pod = node.add_pod("a");
+    let mut first = agent(&node, true);
+    first.kill9();
+    let tc_dir = node.pin_path().join("tc");
+    let pin = format!("{}-{}", ifindex(&node, &pod), pod.host_interface());
+    let index = ifindex(&node, &pod);
+    // An older program under the staged link: the agent swaps its own in through the link.
+    let staged_prog = bpf::load_tc_ok("k2i_test_staged");
+    let staged = in_node(&node, move || {
+        bpf::tcx_attach_first(staged_prog.as_fd(), index)
+    })
+    .expect("attach the staged link");
+    bpf::obj_pin(staged.as_fd(), &tc_dir.join(format!("new-{pin}"))).expect("pin it");
+    drop(staged);
+    assert_eq!(
+        tcx_order(&node, &pod),
+        vec!["k2i_test_staged".to_owned(), "k2i_guard".to_owned()]
+    );
+    let _second = agent(&node, true);
+    let pins: Vec<String> = std::fs::read_dir(&tc_dir)
+        .expect("tc pins")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(pins, vec![pin], "the staged pin moved into place");
+    assert_eq!(
+        tcx_order(&node, &pod),
+        vec!["k2i_guard".to_owned()],
+        "one guard link, the staged one, now running the agent's program"
     );
 }

@@ -19,7 +19,7 @@ use kube2iam_tests::{
     encode::parse_rfc3339,
     imds::{
         AVAILABILITY_ZONE, INSTANCE_ID, INSTANCE_PROFILE_ARN, NODE_IDENTITY_ACCESS_KEY_ID,
-        NODE_ROLE, REGION, TokenUse, USER_DATA,
+        NODE_ROLE, NODE_SIGNATURE_SENTINEL, REGION, TokenUse, USER_DATA,
     },
     metadata_addr4, metadata_addr6,
     ns_runtime::{HttpRequest, HttpResponse, NetnsRuntime},
@@ -413,6 +413,40 @@ fn metadata_tree_serves_listings_documents_and_ec2_error_pages() {
         HttpRequest::post("/latest/meta-data/"),
     );
     assert_error_page(&post, 405, "Method Not Allowed");
+}
+
+/// Lenient mode stands for a metadata service more forgiving than IMDS: spellings the agent must
+/// never forward come back with the node's credentials and signed identity, so a test that
+/// sends them through the agent would see the leak.
+#[test]
+fn lenient_mode_answers_odd_spellings_with_the_node_credentials() {
+    let node = TestNode::new();
+    let imds = ImdsEmulator::start(&node);
+    let rt = NetnsRuntime::start("imds-client", &node.netns_path());
+    let odd = [
+        "/meta-data/iam/security-credentials/node-role",
+        "/latest/meta-data/iam;x/security-credentials/node-role",
+        "/latest/meta-data/iam./security-credentials/node-role",
+        "/2.0/meta-data/IAM/security-credentials/node-role",
+    ];
+    for path in odd {
+        assert_eq!(get(&rt, path, None).status, 404, "strict: {path}");
+    }
+    imds.set_lenient(true);
+    for path in odd {
+        let response = get(&rt, path, None);
+        assert_eq!(response.status, 200, "lenient: {path}");
+        assert!(
+            response.text().contains(NODE_ACCESS_KEY_ID),
+            "{path}: {}",
+            response.text()
+        );
+    }
+    let signed = get(&rt, "/latest/dynamic/instance-identity/rsa2048;x", None);
+    assert_eq!(signed.status, 200);
+    assert!(signed.text().starts_with(NODE_SIGNATURE_SENTINEL));
+    imds.set_lenient(false);
+    assert_eq!(get(&rt, odd[0], None).status, 404);
 }
 
 #[test]

@@ -8,7 +8,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    os::fd::AsFd,
+    os::{fd::AsFd, unix::fs::MetadataExt as _},
     path::PathBuf,
     process::Command,
     time::Duration,
@@ -16,20 +16,23 @@ use std::{
 
 use kube2iam_common::{Counter, programs};
 use kube2iam_tests::{
-    Agent, AgentOptions, AgentStub, HOST_IP4, ImdsStub, Pod, ProbeResult, TestNode,
+    AGENT_PORT, Agent, AgentOptions, AgentStub, CgroupDriver, HOST_IP4, ImdsStub, Pod, ProbeResult,
+    TestNode,
     bpf::{self, AttachType, CgroupLink},
-    maps, metadata_addr_mapped, metadata_addr4, metadata_addr6, probe,
-    process::output_within,
+    kube_api, maps, metadata_addr_mapped, metadata_addr4, metadata_addr6,
+    probe::{self, HeldProbe},
+    process::{netns_cookie, output_within},
     run_uninstall,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_k2i-probe");
 const METADATA_URL: &str = "http://169.254.169.254/latest/meta-data/iam/security-credentials/";
-const LINKS: [&str; 4] = [
+const LINKS: [&str; 5] = [
     programs::CONNECT4,
     programs::CONNECT6,
     programs::GETPEERNAME4,
     programs::GETPEERNAME6,
+    programs::SOCK_OPS,
 ];
 
 /// Runs k2i-probe (already placed in a pod, the node or elsewhere) against `addr`.
@@ -683,5 +686,106 @@ fn probe_program_learns_the_host_netns_cookie_without_so_netns_cookie() {
         "the node itself keeps direct access: {host:?}"
     );
     assert_eq!(stub.connections(), 1);
+    imds.assert_no_pod_seen(&[&pod]);
+}
+
+/// Waits until the agent stand-in has accepted a connection from `client`.
+fn wait_accepted(stub: &AgentStub, client: SocketAddr) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !stub.peers().contains(&client) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent stand-in never accepted {client}; it saw {:?}",
+            stub.peers()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn the_kernel_records_the_connecting_cgroup_for_exactly_that_connection_until_it_closes() {
+    let node = TestNode::new();
+    let imds = ImdsStub::start(&node);
+    let stub = AgentStub::start(&node);
+    let pod = node.add_pod("a");
+    let laid = pod.use_kubelet_cgroup(CgroupDriver::Systemd, &kube_api::new_uid());
+    let _agent = Agent::start(&node);
+    let pin = node.pin_path();
+    let agent_addr = SocketAddr::new(IpAddr::V4(HOST_IP4), AGENT_PORT);
+    let container_id = std::fs::metadata(&laid.container)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", laid.container.display()))
+        .ino();
+    let pod_cookie = netns_cookie(&pod.netns_path()).expect("the pod's netns cookie");
+    let node_cookie = netns_cookie(&node.netns_path()).expect("the node's netns cookie");
+    assert_ne!(pod_cookie, node_cookie);
+
+    // A redirected connect, held open while the map is read.
+    let held = HeldProbe::start(
+        pod.command(PROBE),
+        &["--addr", &metadata_addr4().to_string()],
+    );
+    let client = held.local;
+    assert_eq!(
+        client.ip(),
+        IpAddr::V4(pod.ip4()),
+        "the probe's own address"
+    );
+    wait_accepted(&stub, client);
+    let record = maps::attestation(&pin, client, agent_addr).unwrap_or_else(|| {
+        panic!(
+            "no record for {client} → {agent_addr}; the map holds {:?}",
+            maps::attestations(&pin)
+        )
+    });
+    assert_eq!(
+        record.cgroup_id,
+        container_id,
+        "the record names the container cgroup {}",
+        laid.container.display()
+    );
+    assert_eq!(
+        record.netns_cookie, pod_cookie,
+        "and the pod's network namespace"
+    );
+    let from_pod: Vec<_> = maps::attestations(&pin)
+        .into_iter()
+        .filter(|((c, _), _)| c.ip() == IpAddr::V4(pod.ip4()))
+        .collect();
+    assert_eq!(
+        from_pod,
+        vec![((client, agent_addr), record)],
+        "exactly one record from the pod, for exactly this connection"
+    );
+    assert_eq!(maps::counter(&pin, Counter::Attested), 1);
+    let result = held.finish();
+    assert_redirected(&result, IpAddr::V4(pod.ip4()), "the held connect");
+
+    // Closed: the record goes with the connection.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while maps::attestation(&pin, client, agent_addr).is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the record for {client} outlived its connection: {:?}",
+            maps::attestations(&pin)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // Straight to the agent's address, not through the redirect: no record.
+    let direct = HeldProbe::start(pod.command(PROBE), &["--addr", &agent_addr.to_string()]);
+    wait_accepted(&stub, direct.local);
+    assert_eq!(
+        maps::attestation(&pin, direct.local, agent_addr),
+        None,
+        "a connect that was not redirected has no record"
+    );
+    assert!(
+        maps::attestations(&pin).is_empty(),
+        "nothing else is recorded either: {:?}",
+        maps::attestations(&pin)
+    );
+    let result = direct.finish();
+    assert!(result.reached_agent_stub(), "{result:?}");
+    assert_eq!(maps::counter(&pin, Counter::Attested), 1);
     imds.assert_no_pod_seen(&[&pod]);
 }

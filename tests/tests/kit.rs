@@ -211,3 +211,138 @@ fn a_dropped_node_leaves_nothing_behind() {
     let status = child.wait().unwrap();
     assert!(!status.success(), "the sleeper was killed");
 }
+
+#[test]
+fn bridged_pods_share_one_subnet_on_the_bridge_and_reach_the_node_over_ipv4_and_ipv6() {
+    let node = TestNode::new_bridged();
+    let imds = ImdsStub::start(&node);
+    let a = node.add_pod("a");
+    let b = node.add_pod("b");
+    assert_eq!(
+        (a.ip4().to_string(), b.ip4().to_string()),
+        ("198.51.100.2".into(), "198.51.100.3".into())
+    );
+    assert_eq!(a.gateway4(), b.gateway4());
+    for pod in [&a, &b] {
+        let output = output_within(
+            Command::new("ip").args([
+                "-n",
+                node.netns_name(),
+                "-j",
+                "link",
+                "show",
+                &pod.host_interface(),
+            ]),
+            Duration::from_secs(10),
+            "ip link show",
+        );
+        let links: serde_json::Value =
+            serde_json::from_slice(&output.stdout).expect("ip -j output");
+        assert_eq!(
+            links[0]["master"].as_str(),
+            Some(kube2iam_tests::node::BRIDGE),
+            "{} is a port of the bridge",
+            pod.host_interface()
+        );
+        for addr in [metadata_addr4(), metadata_addr6()] {
+            let result = run_probe(pod.command(PROBE), &["--addr", &addr.to_string()]);
+            assert!(
+                result.ok && result.reached_imds_stub(),
+                "{addr}: {result:?}"
+            );
+        }
+        assert!(imds.saw(IpAddr::V4(pod.ip4())) && imds.saw(IpAddr::V6(pod.ip6())));
+    }
+    // One L2 segment: pod b is on-link for pod a, no gateway between them.
+    let output = output_within(
+        Command::new("ip").args([
+            "-n",
+            a.netns_name(),
+            "-j",
+            "route",
+            "get",
+            &b.ip4().to_string(),
+        ]),
+        Duration::from_secs(10),
+        "ip route get",
+    );
+    let route: serde_json::Value = serde_json::from_slice(&output.stdout).expect("ip -j output");
+    assert_eq!(route[0]["dev"].as_str(), Some("eth0"), "{route}");
+    assert!(
+        route[0].get("gateway").is_none(),
+        "b is on-link for a: {route}"
+    );
+}
+
+/// Curl from `command` (a pod or the node) to the metadata service: (exit success, body).
+fn curl_metadata(command: &mut Command, path: &str) -> (bool, String) {
+    let url = format!("http://169.254.169.254{path}");
+    let output = output_within(
+        command.args(["-s", "-m", "5", &url]),
+        Duration::from_secs(20),
+        "curl",
+    );
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn an_uplink_node_forwards_pod_packets_to_the_metadata_service_behind_it() {
+    let node = TestNode::with_uplink();
+    let imds = kube2iam_tests::ImdsEmulator::start(&node);
+    let pod = node.add_pod("a");
+    let watch = kube2iam_tests::packets::PacketWatch::start(&node);
+
+    // The metadata address is not the node's own any more: it lives behind the uplink.
+    let output = output_within(
+        Command::new("ip").args([
+            "-n",
+            node.netns_name(),
+            "-j",
+            "route",
+            "get",
+            "169.254.169.254",
+        ]),
+        Duration::from_secs(10),
+        "ip route get",
+    );
+    let route = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        route.contains(kube2iam_tests::node::UPLINK) && !route.contains("\"type\":\"local\""),
+        "the node must route the metadata address out of its uplink: {route}"
+    );
+
+    // The node reaches it from its uplink address, as an EC2 host from its ENI.
+    let (ok, body) = curl_metadata(&mut node.command("curl"), "/latest/meta-data/instance-id");
+    assert!(ok, "the node cannot reach the metadata service: {body}");
+    assert_eq!(body, kube2iam_tests::imds::INSTANCE_ID);
+    assert!(imds.saw(IpAddr::V4(kube2iam_tests::node::UPLINK_NODE4)));
+
+    // With no program attached, a pod's packets are forwarded through the node and arrive with
+    // the pod's own address: what the guards on the way out must stop.
+    let (ok, body) = curl_metadata(&mut pod.command("curl"), "/latest/meta-data/instance-id");
+    assert!(ok, "the pod's request was not forwarded: {body}");
+    assert!(imds.saw(IpAddr::V4(pod.ip4())), "{:?}", imds.caller_ips());
+    let output = output_within(
+        pod.command(env!("CARGO_BIN_EXE_k2i-raw")).args([
+            "udp",
+            "fd00:ec2::254",
+            &kube2iam_tests::packets::WATCH_PORT.to_string(),
+        ]),
+        Duration::from_secs(10),
+        "k2i-raw",
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("\"ok\":true"));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        watch
+            .seen_from(IpAddr::V6(pod.ip6()))
+            .iter()
+            .map(|s| s.kind)
+            .collect::<Vec<_>>(),
+        vec!["udp6"],
+        "IPv6 is forwarded too"
+    );
+}

@@ -17,12 +17,16 @@ use std::{
 };
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::Pod as K8sPod;
-use kube::runtime::{WatchStreamExt as _, watcher};
+use k8s_openapi::api::core::v1::{Pod as K8sPod, ServiceAccount};
+use kube::{
+    core::PartialObjectMeta,
+    runtime::{WatchStreamExt as _, watcher},
+};
 use kube2iam_tests::{
     ChildGuard, KubeApi,
     kube_api::{
         KubeApiOptions, RequestKind, Resource, debian_kubectl, namespace, parse_rfc3339, pod,
+        service_account,
     },
     process::output_within,
     unique_id, venv,
@@ -1177,4 +1181,320 @@ fn serves_inside_a_test_node_and_releases_its_port_on_drop() {
     drop(api);
     let (code, _) = curl_in(Command::new("curl"), &url);
     assert_eq!(code, Some(7), "nothing listens after drop");
+}
+
+// ---------------------------------------------------------------------------------------------
+// ServiceAccounts, as the agent's --service-account-roles watches them (metadata only)
+
+const IRSA_KEY: &str = "eks.amazonaws.com/role-arn";
+const METADATA_LIST: &str = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1";
+const METADATA: &str = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1";
+
+fn with_accounts() -> KubeApi {
+    let api = KubeApi::start_loopback();
+    api.add_namespace(namespace("team-a"));
+    api.add_service_account(
+        service_account("team-a", "billing")
+            .annotate(IRSA_KEY, "arn:aws:iam::123456789012:role/billing"),
+    );
+    api.add_service_account(service_account("team-a", "default"));
+    api.add_service_account(service_account("default", "default"));
+    api
+}
+
+#[test]
+fn service_accounts_have_the_api_server_shape_in_full_and_metadata_only() {
+    let api = with_accounts();
+    let url = api.url();
+
+    let (code, body) = curl(&format!("{url}/api/v1/serviceaccounts"));
+    assert_eq!(code, 200);
+    let list = json_of(&body);
+    assert_eq!(
+        (list["kind"].as_str(), list["apiVersion"].as_str()),
+        (Some("ServiceAccountList"), Some("v1"))
+    );
+    assert_eq!(names(&list), set(&["billing", "default"]));
+    assert_eq!(list["items"].as_array().unwrap().len(), 3);
+    let billing = &list["items"][1];
+    assert!(billing.get("kind").is_none(), "list items carry no kind");
+    assert!(
+        billing["metadata"].get("generation").is_none(),
+        "a ServiceAccount has no generation: {billing}"
+    );
+    assert_eq!(
+        billing["metadata"]["annotations"][IRSA_KEY],
+        "arn:aws:iam::123456789012:role/billing"
+    );
+    let (_, body) = curl(&format!("{url}/api/v1/namespaces/team-a/serviceaccounts"));
+    assert_eq!(names(&json_of(&body)), set(&["billing", "default"]));
+    let (_, body) = curl(&format!(
+        "{url}/api/v1/serviceaccounts?fieldSelector=metadata.name%3Dbilling"
+    ));
+    assert_eq!(json_of(&body)["items"].as_array().unwrap().len(), 1);
+    let (code, body) = curl(&format!(
+        "{url}/api/v1/serviceaccounts?fieldSelector=spec.nodeName%3Dx"
+    ));
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = curl(&format!(
+        "{url}/api/v1/namespaces/team-a/serviceaccounts/nope"
+    ));
+    assert_eq!(code, 404);
+    assert_eq!(
+        json_of(&body)["message"],
+        "serviceaccounts \"nope\" not found"
+    );
+
+    // Metadata only, as kube-rs asks for with Api<PartialObjectMeta<ServiceAccount>>.
+    let (code, body) = curl_with(&[
+        "-H",
+        &format!("Accept: {METADATA_LIST}, application/json"),
+        &format!("{url}/api/v1/serviceaccounts"),
+    ]);
+    assert_eq!(code, 200);
+    let list = json_of(&body);
+    assert_eq!(list["kind"], "PartialObjectMetadataList");
+    assert_eq!(list["apiVersion"], "meta.k8s.io/v1");
+    for item in list["items"].as_array().unwrap() {
+        assert_eq!(item["kind"], "PartialObjectMetadata", "{item}");
+        assert_eq!(item["apiVersion"], "meta.k8s.io/v1");
+        assert!(item["metadata"]["uid"].is_string());
+    }
+    let (_, body) = curl_with(&[
+        "-H",
+        &format!("Accept: {METADATA}"),
+        &format!("{url}/api/v1/namespaces/team-a/serviceaccounts/billing"),
+    ]);
+    let one = json_of(&body);
+    assert_eq!(one["kind"], "PartialObjectMetadata");
+    assert_eq!(
+        one["metadata"]["annotations"][IRSA_KEY],
+        "arn:aws:iam::123456789012:role/billing"
+    );
+
+    // A metadata-only streaming watch: objects and the closing bookmark as PartialObjectMetadata.
+    let (code, body) = curl_with(&[
+        "-H",
+        &format!("Accept: {METADATA}"),
+        &format!(
+            "{url}/api/v1/namespaces/team-a/serviceaccounts?watch=1&sendInitialEvents=true\
+             &resourceVersionMatch=NotOlderThan&allowWatchBookmarks=true&timeoutSeconds=1"
+        ),
+    ]);
+    assert_eq!(code, 200);
+    let got = events(&body);
+    assert_eq!(
+        summary(&got[..3]),
+        ["ADDED billing", "ADDED default", "BOOKMARK -"]
+    );
+    for event in &got[..3] {
+        assert_eq!(event["object"]["kind"], "PartialObjectMetadata", "{event}");
+    }
+    assert_eq!(
+        got[2]["object"]["metadata"]["annotations"]["k8s.io/initial-events-end"],
+        "true"
+    );
+
+    // A change of the annotation is one MODIFIED event.
+    let rv = api.resource_version();
+    api.annotate_service_account("team-a", "billing", IRSA_KEY, Some("arn:aws:iam::1:role/x"));
+    let (_, body) = curl(&format!(
+        "{url}/api/v1/serviceaccounts?watch=true&resourceVersion={rv}&timeoutSeconds=1"
+    ));
+    let got = events(&body);
+    assert_eq!(summary(&got), ["MODIFIED billing"]);
+    assert_eq!(got[0]["object"]["kind"], "ServiceAccount");
+}
+
+#[test]
+fn kube_rs_metadata_watcher_follows_service_account_annotations() {
+    let api = with_accounts();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = {
+        let _guard = runtime.enter();
+        kube_client(&api)
+    };
+    let (tx, rx) = mpsc::channel::<Seen>();
+    runtime.spawn(async move {
+        let accounts: kube::Api<PartialObjectMeta<ServiceAccount>> = kube::Api::all(client);
+        let mut stream = watcher(accounts, watcher::Config::default())
+            .default_backoff()
+            .boxed();
+        let mut init = BTreeSet::new();
+        while let Some(event) = stream.next().await {
+            let key = |m: &PartialObjectMeta<ServiceAccount>| {
+                format!(
+                    "{}/{}",
+                    m.metadata.namespace.as_deref().unwrap_or(""),
+                    m.metadata.name.as_deref().unwrap_or("")
+                )
+            };
+            let seen = match event {
+                Ok(watcher::Event::Init) => {
+                    init.clear();
+                    continue;
+                }
+                Ok(watcher::Event::InitApply(m)) => {
+                    init.insert(key(&m));
+                    continue;
+                }
+                Ok(watcher::Event::InitDone) => Seen::InitDone(init.clone()),
+                Ok(watcher::Event::Apply(m)) => {
+                    let role = m
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(IRSA_KEY).cloned());
+                    Seen::Apply(key(&m), role)
+                }
+                Ok(watcher::Event::Delete(m)) => Seen::Delete(key(&m)),
+                Err(e) => Seen::Error(e.to_string()),
+            };
+            if tx.send(seen).is_err() {
+                break;
+            }
+        }
+    });
+    let mut errors = Vec::new();
+    match next_seen(&rx, &mut errors) {
+        Seen::InitDone(names) => assert_eq!(
+            names,
+            set(&["default/default", "team-a/billing", "team-a/default"])
+        ),
+        other => panic!("expected the initial list, got {other:?}"),
+    }
+    api.annotate_service_account("team-a", "default", IRSA_KEY, Some("arn:aws:iam::1:role/d"));
+    match next_seen(&rx, &mut errors) {
+        Seen::Apply(name, role) => assert_eq!(
+            (name.as_str(), role.as_deref()),
+            ("team-a/default", Some("arn:aws:iam::1:role/d"))
+        ),
+        other => panic!("expected MODIFIED team-a/default, got {other:?}"),
+    }
+    api.delete_service_account("team-a", "billing");
+    match next_seen(&rx, &mut errors) {
+        Seen::Delete(name) => assert_eq!(name, "team-a/billing"),
+        other => panic!("expected DELETED team-a/billing, got {other:?}"),
+    }
+    // Every list and watch asked for metadata only.
+    let requests: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.resource == Some(Resource::ServiceAccounts))
+        .collect();
+    assert!(
+        requests.iter().any(|r| r.kind == RequestKind::List)
+            && requests.iter().any(|r| r.kind == RequestKind::Watch),
+        "{requests:?}"
+    );
+    for request in &requests {
+        let accept = request.accept.as_deref().unwrap_or("");
+        assert!(
+            accept.contains("as=PartialObjectMetadata"),
+            "{:?} {} asked for {accept:?}",
+            request.kind,
+            request.path
+        );
+    }
+    assert!(errors.is_empty(), "{errors:?}");
+    runtime.shutdown_timeout(Duration::from_secs(5));
+}
+
+fn kubectl_serves_service_accounts(binary: &Path) {
+    let api = with_accounts();
+    let kubectl = Kubectl::new(binary, &api);
+    let table = table_rows(&kubectl.run(&["get", "serviceaccounts", "-A"]));
+    assert_eq!(table[0], ["NAMESPACE", "NAME", "SECRETS", "AGE"]);
+    let rows: BTreeSet<String> = table[1..]
+        .iter()
+        .map(|r| format!("{}/{} {}", r[0], r[1], r[2]))
+        .collect();
+    assert_eq!(
+        rows,
+        set(&["default/default 0", "team-a/billing 0", "team-a/default 0"])
+    );
+    let by_short_name = kubectl.run(&["get", "sa", "-n", "team-a", "-o", "name"]);
+    assert_eq!(
+        by_short_name.lines().collect::<Vec<_>>(),
+        ["serviceaccount/billing", "serviceaccount/default"]
+    );
+    let role = kubectl.run(&[
+        "get",
+        "sa",
+        "billing",
+        "-n",
+        "team-a",
+        "-o",
+        "jsonpath={.metadata.annotations.eks\\.amazonaws\\.com/role-arn}",
+    ]);
+    assert_eq!(role, "arn:aws:iam::123456789012:role/billing");
+    // kubectl annotate patches the object; the store and a watch see the change.
+    let rv = api.resource_version();
+    kubectl.run(&[
+        "annotate",
+        "sa",
+        "default",
+        "-n",
+        "team-a",
+        &format!("{IRSA_KEY}=arn:aws:iam::123456789012:role/other"),
+    ]);
+    let stored = api.get_service_account("team-a", "default").unwrap();
+    assert_eq!(
+        stored["metadata"]["annotations"][IRSA_KEY],
+        "arn:aws:iam::123456789012:role/other"
+    );
+    assert!(api.count(RequestKind::Patch, Resource::ServiceAccounts) >= 1);
+    let (_, body) = curl(&format!(
+        "{}/api/v1/serviceaccounts?watch=true&resourceVersion={rv}&timeoutSeconds=1",
+        api.url()
+    ));
+    assert_eq!(summary(&events(&body)), ["MODIFIED default"]);
+    kubectl.run(&[
+        "annotate",
+        "sa",
+        "default",
+        "-n",
+        "team-a",
+        &format!("{IRSA_KEY}-"),
+    ]);
+    let stored = api.get_service_account("team-a", "default").unwrap();
+    assert!(
+        stored["metadata"].get("annotations").is_none(),
+        "the emptied map is removed: {stored}"
+    );
+    let deleted = kubectl.run(&["delete", "sa", "billing", "-n", "team-a"]);
+    assert!(deleted.contains("billing"), "{deleted}");
+    assert!(api.get_service_account("team-a", "billing").is_none());
+}
+
+#[test]
+fn debian_kubectl_gets_annotates_and_deletes_service_accounts() {
+    kubectl_serves_service_accounts(&debian_kubectl());
+}
+
+/// A newer kubectl on PATH, if the machine has one: the same checks.
+#[test]
+fn path_kubectl_serves_service_accounts_if_present() {
+    let Some(found) = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("kubectl"))
+            .find(|candidate| candidate.is_file())
+    }) else {
+        eprintln!("no kubectl on PATH; Debian's is covered by the test above");
+        return;
+    };
+    let version = output_within(
+        Command::new(&found).args(["version", "--client"]),
+        Duration::from_secs(60),
+        "kubectl version",
+    );
+    if !version.status.success() {
+        eprintln!("{} does not run; skipping it", found.display());
+        return;
+    }
+    kubectl_serves_service_accounts(&found);
 }

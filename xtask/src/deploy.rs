@@ -1,7 +1,10 @@
 //! `cargo xtask deploy` (also a step of `cargo xtask test`): checks what `deploy/` ships.
 //!
 //! 1. `helm lint --strict` and `helm template` of the chart with its default values and with each
-//!    `ci/*-values.yaml` of the chart, and values that must be refused are refused;
+//!    `ci/*-values.yaml` of the chart, and values that must be refused are refused: the cases
+//!    below, the values files in `xtask/src/deploy/refused/`, and every kube2iam flag the
+//!    chart's `kube2iam-flags.json` (which the agent compiles in) refuses; the flags it accepts
+//!    render;
 //! 2. `deploy/manifests/kube2iam-ebpf.yaml` is exactly the chart rendered with its defaults
 //!    (`cargo xtask deploy --write` regenerates it);
 //! 3. every rendered object is valid against the Kubernetes JSON schemas of each version in
@@ -58,18 +61,23 @@ const HEADER: &str = "\
 # Before `kubectl apply -f`, set the DaemonSet's image to the one you built from deploy/Dockerfile.
 ";
 
+/// The table of kube2iam's flags, shared by the chart and the agent.
+const KUBE2IAM_FLAGS: &str = "deploy/helm/kube2iam-ebpf/kube2iam-flags.json";
+/// Values files that must not render; each starts with `# refused: <what the error says>`.
+const REFUSED_FILES: &str = "xtask/src/deploy/refused";
+
 /// Values that must not render, and what the error has to say.
 const REFUSED: &[(&str, &str)] = &[
-    (
-        "extraArgs.iptables=true",
-        "extraArgs.iptables is a kube2iam flag",
-    ),
-    (
-        "extraArgs.use-regional-sts-endpoint=true",
-        "regional STS endpoint is always used",
-    ),
     ("extraArgs.app-port=8182", "set host.port"),
+    (
+        "prometheus.metricsPort=8181",
+        "set prometheus.metricsPort to another port",
+    ),
+    ("image.repository=jtblin/kube2iam", "is kube2iam's image"),
+    ("verbose=yes", "verbose: Invalid type"),
+    ("extraArgs.version=true", "prints the version and exits"),
     ("extraArgs.packet-guard=false", "set packetGuard"),
+    ("extraArgs.egress-guard=false", "set egressGuard"),
     (
         "podSecurityPolicy.enabled=true",
         "PodSecurityPolicy was removed",
@@ -83,7 +91,20 @@ const REFUSED: &[(&str, &str)] = &[
         "must be under bpf.hostPath",
     ),
     ("aws.access_key=AKIAEXAMPLE", "go together"),
-    ("updateStrategy=Recreate", "use RollingUpdate or OnDelete"),
+    (
+        "updateStrategy=Recreate",
+        "updateStrategy must be one of the following",
+    ),
+    (
+        "sessionTags.scope=all",
+        "sessionTags.scope must be one of the following",
+    ),
+    ("sessionTags.scope=pod", "set sessionTags.clusterArn"),
+    ("extraArgs.session-tags=pod", "set sessionTags.scope"),
+    (
+        "extraArgs.service-account-roles=true",
+        "set serviceAccountRoles.enabled",
+    ),
 ];
 
 #[derive(clap::Args)]
@@ -137,9 +158,23 @@ pub fn check() -> Result<()> {
             .join(", ")
     );
     for (set, expected) in REFUSED {
-        tools.expect_refused(set, expected)?;
+        tools.expect_refused(&["--set", set], expected)?;
     }
     println!("helm: {} kinds of invalid values refused", REFUSED.len());
+    let refused_files = refused_files()?;
+    for (file, expected) in &refused_files {
+        let file = file.to_string_lossy();
+        tools.expect_refused(&["--values", &file], expected)?;
+    }
+    println!(
+        "helm: {} values files in {REFUSED_FILES} refused",
+        refused_files.len()
+    );
+    let (refused, accepted) = check_kube2iam_flags(&tools)?;
+    println!(
+        "helm: kube2iam's flags as {KUBE2IAM_FLAGS} says: {refused} refused naming the \
+         replacement, {accepted} accepted"
+    );
 
     // 2. The plain manifests are the default rendering.
     let manifest = root.join(MANIFEST);
@@ -260,6 +295,91 @@ fn kubectl_name(object: &Value) -> Result<String> {
     })
 }
 
+/// The values files that must be refused, with what the error must say (their first line).
+fn refused_files() -> Result<Vec<(PathBuf, String)>> {
+    let dir = cmd::workspace_root().join(REFUSED_FILES);
+    let mut files: Vec<PathBuf> = fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|file| {
+            let text =
+                fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let expected = text
+                .lines()
+                .next()
+                .and_then(|l| l.strip_prefix("# refused: "))
+                .with_context(|| {
+                    format!("{} must start with `# refused: <message>`", file.display())
+                })?
+                .to_owned();
+            Ok((file, expected))
+        })
+        .collect()
+}
+
+/// Every kube2iam flag in the chart's table: `refuse` and `false-only` ones (when true) must
+/// fail to render with the table's message, the others must render and reach the agent.
+/// Returns (refused, accepted) counts.
+fn check_kube2iam_flags(tools: &Tools) -> Result<(usize, usize)> {
+    let path = cmd::workspace_root().join(KUBE2IAM_FLAGS);
+    let table: Value = serde_json::from_str(
+        &fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", path.display()))?;
+    let flags = table["flags"]
+        .as_object()
+        .with_context(|| format!("{KUBE2IAM_FLAGS} has no flags"))?;
+    // Set by the chart from its own values, or exiting at once: refused by the chart itself.
+    const CHART_MANAGED: &[&str] = &[
+        "app-port",
+        "metrics-port",
+        "host-ip",
+        "host-interface",
+        "node",
+        "version",
+    ];
+    let (mut refused, mut accepted) = (0, 0);
+    for (flag, entry) in flags {
+        if CHART_MANAGED.contains(&flag.as_str()) {
+            continue;
+        }
+        let action = entry["action"].as_str().unwrap_or_default();
+        let boolean = entry["boolean"].as_bool().unwrap_or(false);
+        let message = entry["message"].as_str().unwrap_or_default();
+        let value = if boolean { "true" } else { "5m" };
+        let set = format!("extraArgs.{flag}={value}");
+        match action {
+            "refuse" | "false-only" => {
+                let expected = format!(
+                    "extraArgs.{flag}: kube2iam's flag is not supported by kube2iam-ebpf: {message}"
+                );
+                tools.expect_refused(&["--set", &set], &expected)?;
+                refused += 1;
+                if action == "false-only" {
+                    tools.expect_renders(&format!("extraArgs.{flag}=false"), None)?;
+                }
+            }
+            "same" | "alias" | "ignore" => {
+                let arg = if boolean {
+                    format!("--{flag}")
+                } else {
+                    format!("--{flag}={value}")
+                };
+                tools.expect_renders(&set, Some(&arg))?;
+                accepted += 1;
+            }
+            other => bail!("{KUBE2IAM_FLAGS}: --{flag} has an unknown action {other:?}"),
+        }
+    }
+    Ok((refused, accepted))
+}
+
 /// `None` (default values) first, then the chart's ci/*-values.yaml in name order.
 fn scenarios() -> Result<Vec<Option<PathBuf>>> {
     let dir = cmd::workspace_root().join(CHART).join("ci");
@@ -368,16 +488,37 @@ impl Tools {
         cmd::output(&mut command)
     }
 
-    fn expect_refused(&self, set: &str, expected: &str) -> Result<()> {
+    /// `helm template --set set` succeeds and, with `arg`, passes it to the agent.
+    fn expect_renders(&self, set: &str, arg: Option<&str>) -> Result<()> {
+        let rendered = cmd::output(
+            self.helm()
+                .args(["template", RELEASE, CHART, "--set", set])
+                .current_dir(cmd::workspace_root()),
+        )
+        .with_context(|| format!("helm template --set {set} should render"))?;
+        if let Some(arg) = arg
+            && !rendered
+                .lines()
+                .any(|l| l.trim().trim_start_matches("- ").trim_matches('"') == arg)
+        {
+            bail!("helm template --set {set} should pass {arg} to the agent");
+        }
+        Ok(())
+    }
+
+    fn expect_refused(&self, args: &[&str], expected: &str) -> Result<()> {
         let output = self
             .helm()
-            .args(["template", RELEASE, CHART, "--set", set])
+            .args(["template", RELEASE, CHART])
+            .args(args)
+            .current_dir(cmd::workspace_root())
             .output()
             .context("could not run helm")?;
         let stderr = String::from_utf8_lossy(&output.stderr);
+        let set = args.join(" ");
         if output.status.success() || !stderr.contains(expected) {
             bail!(
-                "helm template --set {set} should fail saying {expected:?}, but it {}: {}",
+                "helm template {set} should fail saying {expected:?}, but it {}: {}",
                 if output.status.success() {
                     "succeeded"
                 } else {

@@ -27,7 +27,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ),
     (
         "nftables",
-        "nft: `cargo xtask bench` deletes the nat table between variants",
+        "nft: `cargo xtask bench` deletes the nat table between variants; the ARP-spoofing \
+         test keeps the attacker pod's own kernel off the victim's packets",
     ),
     (
         "iperf3",
@@ -50,6 +51,18 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     (
         "unzip",
         "unpacks the helm and kubectl binaries `cargo xtask deploy` runs",
+    ),
+    (
+        "buildah",
+        "builds the agent image from deploy/Dockerfile (`cargo xtask image`)",
+    ),
+    (
+        "runc",
+        "the OCI runtime the image tests run the chart's pod with",
+    ),
+    (
+        "openssl",
+        "the image tests' cluster CA and API server certificate",
     ),
 ];
 
@@ -87,6 +100,7 @@ pub fn run() -> Result<()> {
     bpf_linker()?;
     python_packages()?;
     debian_kubectl()?;
+    debian_containerd()?;
     deploy::install_tools()?;
     crate::vm_kernels::ensure_all()
 }
@@ -271,10 +285,29 @@ fn python_packages() -> Result<()> {
 /// conflicts with others that ship `/usr/bin/kubectl` (Google Cloud SDK's `kubectl`). Keep the
 /// path in step with tests/src/kube_api/kubectl.rs.
 fn debian_kubectl() -> Result<()> {
-    let dir = cmd::workspace_root().join(".cache/kubernetes-client");
-    let binary = dir.join("usr/bin/kubectl");
+    unpack_debian_package(
+        "kubernetes-client",
+        &cmd::workspace_root().join(".cache/kubernetes-client"),
+        "usr/bin/kubectl",
+    )
+}
+
+/// Debian's containerd, unpacked into `.cache/containerd` instead of installed (installing it
+/// would start a containerd service on the machine): the image tests have a private containerd
+/// generate its RuntimeDefault seccomp profile (tests/src/cri/seccomp.rs).
+fn debian_containerd() -> Result<()> {
+    unpack_debian_package(
+        "containerd",
+        &cmd::workspace_root().join(".cache/containerd"),
+        "usr/bin/containerd",
+    )
+}
+
+/// `apt-get download package` and `dpkg-deb -x` it into `dir`, unless `dir/binary` exists.
+fn unpack_debian_package(package: &str, dir: &std::path::Path, binary: &str) -> Result<()> {
+    let binary = dir.join(binary);
     if binary.is_file() {
-        println!("kubectl: Debian's present in {}", dir.display());
+        println!("{package}: Debian's present in {}", dir.display());
         return Ok(());
     }
     let download = dir.join("download");
@@ -287,7 +320,7 @@ fn debian_kubectl() -> Result<()> {
             // Root's apt hands downloads to the `_apt` user, which cannot write here.
             command.args(["-o", "APT::Sandbox::User=root"]);
         }
-        cmd::run(command.args(["download", "kubernetes-client"]))
+        cmd::run(command.args(["download", package]))
     };
     if fetch().is_err() {
         cmd::run(cmd::command("apt-get").args(["update", "--quiet"]))?;
@@ -298,11 +331,11 @@ fn debian_kubectl() -> Result<()> {
         .filter_map(Result::ok)
         .map(|entry| entry.path())
         .find(|path| path.extension().is_some_and(|ext| ext == "deb"))
-        .context("apt-get download kubernetes-client left no .deb")?;
-    cmd::run(cmd::command("dpkg-deb").arg("-x").arg(&deb).arg(&dir))?;
+        .with_context(|| format!("apt-get download {package} left no .deb"))?;
+    cmd::run(cmd::command("dpkg-deb").arg("-x").arg(&deb).arg(dir))?;
     fs::remove_dir_all(&download).with_context(|| format!("removing {}", download.display()))?;
     if !binary.is_file() {
-        bail!("{} has no usr/bin/kubectl", deb.display());
+        bail!("{} has no {}", deb.display(), binary.display());
     }
     Ok(())
 }

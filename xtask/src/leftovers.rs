@@ -100,56 +100,29 @@ pub fn links() -> Result<Vec<String>> {
         .collect())
 }
 
-/// Test cgroups of the cgroup2 hierarchy, and of the cgroup-v1 memory hierarchy where the
-/// benchmarks measure the agent's memory when the machine keeps that controller on v1.
+/// Test cgroups in the cgroup2 hierarchy and, on hybrid hosts, in the v1 hierarchies (where
+/// runc creates a container's cgroups too, for the image tests).
 fn cgroups() -> Result<Vec<PathBuf>> {
+    let roots: Vec<PathBuf> = proc_mounts()?
+        .into_iter()
+        .filter(|(_, fstype)| fstype == "cgroup2" || fstype == "cgroup")
+        .map(|(path, _)| path)
+        .collect();
     let mut found = Vec::new();
-    let roots = [cgroup2_mount()?, memory_v1_mount()?];
-    for root in roots.into_iter().flatten() {
-        found.extend(test_cgroups_in(&root)?);
-    }
-    found.sort();
-    Ok(found)
-}
-
-/// Where the cgroup-v1 memory controller is mounted, if it is.
-pub fn memory_v1_mount() -> Result<Option<PathBuf>> {
-    let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
-    Ok(mounts.lines().find_map(|line| {
-        let mut fields = line.split_whitespace();
-        let (_, target, fstype, options) = (
-            fields.next()?,
-            fields.next()?,
-            fields.next()?,
-            fields.next()?,
-        );
-        (fstype == "cgroup" && options.split(',').any(|o| o == "memory"))
-            .then(|| PathBuf::from(target))
-    }))
-}
-
-fn test_cgroups_in(root: &Path) -> Result<Vec<PathBuf>> {
-    let mut found = Vec::new();
-    for entry in fs::read_dir(root).with_context(|| format!("listing {}", root.display()))? {
-        let entry = entry.with_context(|| format!("listing {}", root.display()))?;
-        let is_test_cgroup = entry
-            .file_name()
-            .to_string_lossy()
-            .starts_with(CGROUP_PREFIX);
-        if is_test_cgroup && entry.file_type().is_ok_and(|kind| kind.is_dir()) {
-            found.push(entry.path());
+    for root in roots {
+        for entry in fs::read_dir(&root).with_context(|| format!("listing {}", root.display()))? {
+            let entry = entry.with_context(|| format!("listing {}", root.display()))?;
+            let is_test_cgroup = entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(CGROUP_PREFIX);
+            if is_test_cgroup && entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                found.push(entry.path());
+            }
         }
     }
     found.sort();
     Ok(found)
-}
-
-/// Where the cgroup2 hierarchy is mounted (the first cgroup2 entry in /proc/mounts), if anywhere.
-pub fn cgroup2_mount() -> Result<Option<PathBuf>> {
-    Ok(proc_mounts()?
-        .into_iter()
-        .find(|(_, fstype)| fstype == "cgroup2")
-        .map(|(path, _)| path))
 }
 
 /// Mount points at or below `dir`, in mount order.

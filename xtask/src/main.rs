@@ -10,6 +10,7 @@ mod cmd;
 mod demo;
 mod deploy;
 mod fuzz;
+mod image;
 mod install;
 mod leftovers;
 mod test;
@@ -39,6 +40,9 @@ enum Command {
     /// Lint, render and validate the Helm chart, the plain manifests and the Dockerfile
     /// (`--write` regenerates deploy/manifests/ from the chart).
     Deploy(deploy::Args),
+    /// Build the agent image from deploy/Dockerfile and write it as an OCI archive
+    /// (target/image/kube2iam-ebpf.oci.tar), without a registry.
+    Image(image::Args),
     /// Boot Debian's 5.10, 6.1 and 6.12 kernels under qemu and run the agent's kernel tests,
     /// the doctor and the capability checks in each (root not needed; KVM if it works).
     VmTest(vm::Args),
@@ -62,6 +66,7 @@ fn main() -> anyhow::Result<()> {
         Command::BuildEbpf => build_ebpf::run(),
         Command::Install => install::run(),
         Command::Test(args) => test::run(&args),
+        Command::Image(args) => image::run(&args),
         Command::VmTest(args) => vm::run(&args),
         Command::CleanTestEnv => clean_test_env::run(),
         Command::Deploy(args) => deploy::run(&args),

@@ -1,14 +1,15 @@
 //! `cargo xtask test`: what CI runs (`.ci/run`) and what a developer runs before pushing.
-//! Install, lint, build the eBPF object, run unit and integration tests, then fail if the tests
-//! left anything on the machine. Last, the kernel matrix (`vm-test`) boots Debian's 5.10, 6.1 and
-//! 6.12 kernels under qemu and runs the kernel tests there. Needs root: the integration tests
+//! Install, lint, build the eBPF object and the agent image, run unit and integration tests and
+//! the image under runc, then fail if the tests left anything on the machine. Last, the kernel
+//! matrix (`vm-test`) boots Debian's 5.10, 6.1 and 6.12 kernels under qemu and runs the kernel
+//! tests there. Needs root: the integration tests
 //! load BPF programs and create network namespaces and cgroups.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 
-use crate::{build_ebpf, cmd, deploy, install, leftovers::Leftovers};
+use crate::{build_ebpf, cmd, deploy, image, install, leftovers::Leftovers};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -70,6 +71,12 @@ fn run_steps(args: &Args, steps: &mut Steps) -> Result<()> {
     }
     steps.run("deploy", deploy::check)?;
     steps.run("build-ebpf", build_ebpf::run)?;
+    steps.run("image", || {
+        image::run(&image::Args {
+            upgrade_fixture: true,
+            binary: None,
+        })
+    })?;
     let tests = steps.run("tests", || {
         let before = Leftovers::find()?;
         if !before.is_empty() {
@@ -85,6 +92,23 @@ fn run_steps(args: &Args, steps: &mut Steps) -> Result<()> {
         cmd::run(
             cmd::cargo()
                 .args(["test", "--workspace", "--exclude", "kube2iam-ebpf", "--"])
+                .args(&args.test_args),
+        )
+    });
+    // The image under runc: the chart's pod in a test node (tests/tests/runtime.rs). These
+    // tests are #[ignore]d in plain `cargo test`, since they need the image built above.
+    let image_tests = steps.run("image tests", || {
+        cmd::run(
+            cmd::cargo()
+                .args([
+                    "test",
+                    "--package",
+                    "kube2iam-tests",
+                    "--test",
+                    "runtime",
+                    "--",
+                ])
+                .args(["--ignored", "--test-threads=1"])
                 .args(&args.test_args),
         )
     });
@@ -105,6 +129,7 @@ fn run_steps(args: &Args, steps: &mut Steps) -> Result<()> {
         steps.run("vm-test", || crate::vm::run(&crate::vm::Args::default()))
     };
     tests?;
+    image_tests?;
     leftovers?;
     vm
 }

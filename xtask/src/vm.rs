@@ -5,7 +5,8 @@
 //! checked, and once with a cgroup-v1 layout where the agent mounts cgroup2 and bpffs itself.
 //!
 //! One row per kernel: release, accelerator, boot seconds, tests passed/failed/skipped, skipped
-//! hooks, the doctor's summary. Console logs stay in `.cache/vm/logs`.
+//! hooks, what the kernel attested for a pod (its cgroup on the cgroup2 layout, the cgroup2 root
+//! on the v1 layout), the doctor's summary. Console logs stay in `.cache/vm/logs`.
 
 use std::{
     collections::VecDeque,
@@ -70,13 +71,16 @@ fn documented_caps(kernel: &str) -> &'static [(&'static str, &'static str)] {
         // BPF memory is charged to RLIMIT_MEMLOCK (64 KiB), which the agent lifts.
         "5.10" => &[
             ("install", "bpf+perfmon+net_admin+sys_resource+dac_override"),
-            ("restart", "sys_admin+sys_resource+dac_override"),
+            ("restart", "bpf+perfmon+net_admin+sys_resource+dac_override"),
+            ("upgrade", "bpf+perfmon+net_admin+sys_resource+dac_override"),
             ("uninstall", "bpf+net_admin"),
         ],
+        // Restart and upgrade read the pinned programs' tags from the links' fdinfo and swap
+        // through the links, which needs no CAP_SYS_ADMIN.
         _ => &[
             ("install", "bpf+perfmon+net_admin"),
-            // Adopting pinned links opens their programs by id (BPF_PROG_GET_FD_BY_ID).
-            ("restart", "sys_admin"),
+            ("restart", "bpf+perfmon+net_admin"),
+            ("upgrade", "bpf+perfmon+net_admin"),
             ("uninstall", "bpf+net_admin"),
         ],
     }
@@ -241,7 +245,7 @@ pub fn run(args: &Args) -> Result<()> {
 
 /// Builds the agent, the probe and the VM's init, and strips their debug info.
 fn payload() -> Result<Payload> {
-    let bins = ["kube2iam-agent", "k2i-probe", "k2i-vm-init"];
+    let bins = ["kube2iam-agent", "k2i-probe", "k2i-raw", "k2i-vm-init"];
     let mut command = cmd::cargo();
     command.args(["build", "-p", "kube2iam-agent", "-p", "kube2iam-tests"]);
     for bin in bins {
@@ -284,6 +288,7 @@ fn payload() -> Result<Payload> {
         init: get("k2i-vm-init")?,
         agent: get("kube2iam-agent")?,
         probe: get("k2i-probe")?,
+        raw: get("k2i-raw")?,
     })
 }
 
@@ -381,6 +386,7 @@ fn report(kernels: &[Kernel], results: &[Done], elapsed: Duration) -> bool {
         "skipped",
         "known",
         "skipped hooks",
+        "attestation (v2 / v1)",
         "doctor (v2 / v1 layout)",
     ];
     let mut rows: Vec<Vec<String>> = Vec::new();
@@ -394,6 +400,7 @@ fn report(kernels: &[Kernel], results: &[Done], elapsed: Duration) -> bool {
         let (mut passed, mut failed, mut skipped, mut known) = (0, 0, 0, 0);
         let mut hooks: Vec<String> = Vec::new();
         let mut doctors = Vec::new();
+        let mut attestation = Vec::new();
         let mut accel = "-";
         for layout in [Layout::V2, Layout::V1] {
             let Some(done) = find(name, layout) else {
@@ -430,6 +437,9 @@ fn report(kernels: &[Kernel], results: &[Done], elapsed: Duration) -> bool {
             }
             for event in outcome.events_of("doctor") {
                 doctors.push(short_doctor(str_of(event, "summary")));
+            }
+            for event in outcome.events_of("attestation") {
+                attestation.push(str_of(event, "result").to_owned());
             }
             if let Some(problem) = &outcome.problem {
                 failed += 1;
@@ -500,6 +510,7 @@ fn report(kernels: &[Kernel], results: &[Done], elapsed: Duration) -> bool {
             } else {
                 hooks.join(", ")
             },
+            attestation.join(" / "),
             doctors.join(" / "),
         ]);
     }
@@ -564,7 +575,7 @@ mod tests {
     fn every_kernel_documents_its_capabilities() {
         for kernel in vm_kernels::KERNELS {
             let sets = documented_caps(kernel.name);
-            for job in ["install", "restart", "uninstall"] {
+            for job in ["install", "restart", "upgrade", "uninstall"] {
                 assert!(
                     sets.iter().any(|(j, _)| *j == job),
                     "{} has no documented set for {job}",

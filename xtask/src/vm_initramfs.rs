@@ -1,6 +1,6 @@
-//! The VM's initramfs, written as a newc cpio archive: `/init` (k2i-vm-init), the agent and the
-//! probe under /bin, iproute2's `ip`, the shared libraries they link (found with ldd), and the
-//! kernel's modules with their load order in /k2i/modules.
+//! The VM's initramfs, written as a newc cpio archive: `/init` (k2i-vm-init), the agent, the
+//! probe and k2i-raw under /bin, iproute2's `ip`, the shared libraries they link (found with
+//! ldd), and the kernel's modules with their load order in /k2i/modules.
 
 use std::{
     collections::BTreeSet,
@@ -137,6 +137,8 @@ pub struct Payload {
     pub init: PathBuf,
     pub agent: PathBuf,
     pub probe: PathBuf,
+    /// k2i-raw: packets to the metadata address without connect() (the guard rows).
+    pub raw: PathBuf,
 }
 
 /// Host tools copied in with their libraries.
@@ -166,6 +168,7 @@ pub fn build(payload: &Payload, kernel: &Kernel, out: &Path) -> Result<u64> {
         (payload.init.clone(), "init".into()),
         (payload.agent.clone(), "bin/kube2iam-agent".into()),
         (payload.probe.clone(), "bin/k2i-probe".into()),
+        (payload.raw.clone(), "bin/k2i-raw".into()),
     ];
     for (tool, at) in HOST_TOOLS {
         binaries.push((host_tool(tool)?, at.trim_start_matches('/').to_owned()));

@@ -1,9 +1,10 @@
 //! The kernels of the VM matrix: Debian's cloud kernels, fetched with apt from Debian's archive
 //! through a private apt configuration (the machine's sources are not touched), and cached in
-//! `.cache/vm`: the .deb, the kernel image, and the few modules the tests need (veth and its
-//! dependencies), decompressed.
+//! `.cache/vm`: the .deb, the kernel image, and the few modules the tests need (veth, the tc
+//! modules of the packet guard, and their dependencies), decompressed.
 //!
-//! Fetching is idempotent: a kernel whose `stamp` file exists is not fetched again.
+//! Fetching is idempotent: a kernel whose `stamp` file exists is not fetched again (when the
+//! module list grew, it is unpacked again from the cached .deb).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -50,8 +51,9 @@ pub const KERNELS: [KernelSpec; 3] = [
 /// The flavour's metapackage: cloud-amd64 kernels are Debian's EC2 builds (fewer drivers, a
 /// faster boot under emulation), with veth as a module and BTF.
 const METAPACKAGE: &str = "linux-image-cloud-amd64";
-/// Modules the tests load in the VM (their dependencies are added).
-const MODULES: &[&str] = &["veth"];
+/// Modules the tests load in the VM (their dependencies are added): veth for the pod, and the
+/// clsact qdisc and cls_bpf classifier for the packet guard on kernels before TCX (6.6).
+const MODULES: &[&str] = &["veth", "sch_ingress", "cls_bpf"];
 const ARCHIVE: &str = "http://deb.debian.org/debian";
 const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 
@@ -100,6 +102,9 @@ pub fn ensure(spec: KernelSpec) -> Result<Kernel> {
     if let Some(kernel) = cached(spec) {
         return Ok(kernel);
     }
+    if let Some(kernel) = reunpack(spec)? {
+        return Ok(kernel);
+    }
     fetch(spec)?;
     cached(spec).with_context(|| {
         format!(
@@ -108,6 +113,37 @@ pub fn ensure(spec: KernelSpec) -> Result<Kernel> {
             kernel_dir(&spec).display()
         )
     })
+}
+
+/// A kernel unpacked before MODULES grew: unpacked again from the .deb it came from, without
+/// asking apt (which could pick a newer kernel).
+fn reunpack(spec: KernelSpec) -> Result<Option<Kernel>> {
+    let dir = kernel_dir(&spec);
+    let Ok(stamp) = fs::read_to_string(dir.join("stamp")) else {
+        return Ok(None);
+    };
+    let field = |key: &str| {
+        stamp
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(str::to_owned)
+    };
+    let (Some(release), Some(version), Some(deb)) =
+        (field("release="), field("version="), field("deb="))
+    else {
+        return Ok(None);
+    };
+    let deb = PathBuf::from(deb);
+    if !deb.is_file() {
+        return Ok(None);
+    }
+    println!(
+        "kernel {}: unpacking {} again for the modules {MODULES:?}",
+        spec.name,
+        deb.display()
+    );
+    unpack(spec, &deb, &release, &version)?;
+    Ok(cached(spec))
 }
 
 fn cached(spec: KernelSpec) -> Option<Kernel> {
@@ -131,6 +167,13 @@ fn cached(spec: KernelSpec) -> Option<Kernel> {
         .map(|l| dir.join("modules").join(l))
         .collect();
     if !image.is_file() || modules.iter().any(|m| !m.is_file()) {
+        return None;
+    }
+    // Unpacked before a module was added to MODULES.
+    if MODULES
+        .iter()
+        .any(|m| !order.lines().any(|l| l == format!("{m}.ko")))
+    {
         return None;
     }
     Some(Kernel {

@@ -3,9 +3,16 @@
 //! unconnected UDP). On kernels with TCX (6.6) its links are pinned under `<pin dir>/tc/` like
 //! the cgroup links, adopted on restart and swapped atomically when the program changes; older
 //! kernels get netlink (cls_bpf) filters, which the kernel keeps after the agent exits.
+//!
+//! The guard must be the first program on the hook: a CNI's program before it (Cilium's on
+//! `lxc*`) returns OK or REDIRECT, and the guard never sees the packet. So it is attached at the
+//! head (TCX: before every other link; netlink: priority 1, the first a filter can have, and at
+//! the head of that priority's list), and every sync checks that it is still present and first
+//! on every matching interface and puts it back in front when it is not. [`status`] reports the
+//! same for metrics and the doctor.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     ffi::CStr,
     fs, io,
     os::fd::AsFd as _,
@@ -22,13 +29,16 @@ use aya::{
 };
 use kube2iam_common::programs;
 
-use super::{Error, KernelVersion, Result, sys};
+use super::{Error, KernelVersion, Result, sys, tcfilter};
 
 /// TCX (bpf_link for tc) arrived in 6.6.
 pub const TCX: KernelVersion = KernelVersion(6, 6, 0);
-/// Before TCX: our cls_bpf filter's fixed priority and handle, so a restarted agent finds it.
-const NL_PRIORITY: u16 = 49_000;
-const NL_HANDLE: TcHandle = TcHandle::new(0, 0x4b32);
+/// Before TCX: our cls_bpf filter's priority, the first there is (0 asks the kernel to choose).
+const NL_PRIORITY: u16 = 1;
+/// The handles our filter alternates between: moving it to the head of its priority means adding
+/// a new filter (cls_bpf puts it at the head of the list) before deleting the old one, so the
+/// hook is never without the guard.
+const NL_HANDLES: [u32; 2] = [0x4b32, 0x4b33];
 
 /// kube2iam's `--host-interface` syntax: `name` exact, `prefix+` any name starting with
 /// `prefix`, and `!pattern` excludes; only exclusions means every interface but those (and lo).
@@ -119,14 +129,20 @@ pub struct GuardChanges {
     pub adopted: Vec<String>,
     pub replaced: Vec<String>,
     pub released: Vec<String>,
+    /// Interfaces where the guard was missing or not first and was put back in front.
+    pub repaired: Vec<String>,
+    /// Interfaces the guard could not be put on (or in front on), with the reason.
+    pub failed: Vec<(String, String)>,
 }
 
 impl GuardChanges {
+    /// Nothing changed (adopting what was in place is no change).
     pub fn is_empty(&self) -> bool {
         self.attached.is_empty()
-            && self.adopted.is_empty()
             && self.replaced.is_empty()
             && self.released.is_empty()
+            && self.repaired.is_empty()
+            && self.failed.is_empty()
     }
 }
 
@@ -134,9 +150,10 @@ impl GuardChanges {
 pub struct Guard {
     dir: PathBuf,
     tcx: bool,
-    /// Netlink mode: interfaces already given a filter, by ifindex.
-    netlink_done: BTreeSet<(String, u32)>,
 }
+
+/// The pin name prefix of a replacement link before it is moved into place.
+const STAGED: &str = "new-";
 
 fn pin_name(name: &str, ifindex: u32) -> String {
     format!("{ifindex}-{name}")
@@ -147,6 +164,107 @@ fn parse_pin_name(file: &str) -> Option<(String, u32)> {
     Some((name.to_owned(), index.parse().ok()?))
 }
 
+/// Where the guard stands on one interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// Attached, and the first program the interface's ingress packets meet.
+    First,
+    /// Attached, but `before` runs first and may pass or redirect packets past the guard.
+    NotFirst { before: String },
+    /// Not attached.
+    Missing,
+}
+
+/// The guard on one matching interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InterfaceStatus {
+    pub name: String,
+    pub ifindex: u32,
+    pub placement: Placement,
+}
+
+/// The matching interfaces of this network namespace.
+fn wanted(patterns: &InterfacePatterns) -> io::Result<BTreeMap<String, u32>> {
+    Ok(interfaces()?
+        .into_iter()
+        .filter(|(name, _)| patterns.matches(name))
+        .collect())
+}
+
+/// The TCX programs on the interface's ingress hook, in order; none before 6.6.
+fn tcx_programs(ifindex: u32) -> Vec<(u32, u32)> {
+    sys::tcx_query(ifindex, sys::BPF_TCX_INGRESS).unwrap_or_default()
+}
+
+fn describe_tcx(prog_id: u32) -> String {
+    // Opening a program by id needs CAP_SYS_ADMIN; without it the id is all we can name.
+    let name = sys::prog_fd_by_id(prog_id)
+        .ok()
+        .and_then(|fd| sys::prog_name(fd.as_fd()).ok())
+        .filter(|n| !n.is_empty());
+    match name {
+        Some(name) => format!("TCX program {name} (id {prog_id})"),
+        None => format!("TCX program id {prog_id}"),
+    }
+}
+
+fn is_ours(filter: &tcfilter::Filter) -> bool {
+    filter.kind == "bpf" && filter.name.as_deref() == Some(programs::GUARD)
+}
+
+/// Where the guard stands on one interface, whichever way it was attached.
+pub fn placement(pin_dir: &Path, name: &str, ifindex: u32) -> io::Result<Placement> {
+    let tcx = tcx_programs(ifindex);
+    let pin = pin_dir.join("tc").join(pin_name(name, ifindex));
+    if let Ok(link) = sys::obj_get(&pin) {
+        let id = sys::link_info(link.as_fd())?.id;
+        match tcx.iter().position(|(_, link)| *link == id) {
+            Some(0) => return Ok(Placement::First),
+            Some(_) => {
+                return Ok(Placement::NotFirst {
+                    before: describe_tcx(tcx[0].0),
+                });
+            }
+            // A defunct link: look for a netlink filter below.
+            None => {}
+        }
+    }
+    let filters = tcfilter::ingress_filters(ifindex)?;
+    if !filters.iter().any(is_ours) {
+        return Ok(Placement::Missing);
+    }
+    if let Some((prog, _)) = tcx.first() {
+        return Ok(Placement::NotFirst {
+            before: format!(
+                "{} (TCX programs run before tc filters)",
+                describe_tcx(*prog)
+            ),
+        });
+    }
+    Ok(match filters.first() {
+        Some(first) if is_ours(first) => Placement::First,
+        Some(first) => Placement::NotFirst {
+            before: first.describe(),
+        },
+        None => Placement::Missing,
+    })
+}
+
+/// The guard on every interface that matches `patterns`.
+pub fn status(pin_dir: &Path, patterns: &InterfacePatterns) -> io::Result<Vec<InterfaceStatus>> {
+    wanted(patterns)?
+        .into_iter()
+        .map(|(name, ifindex)| {
+            let placement = placement(pin_dir, &name, ifindex)?;
+            Ok(InterfaceStatus {
+                name,
+                ifindex,
+                placement,
+            })
+        })
+        .collect()
+}
+
 impl Guard {
     /// `netlink` forces cls_bpf filters even where TCX exists (to test that path).
     pub fn new(pin_dir: &Path, kernel: KernelVersion, netlink: bool) -> Result<Guard> {
@@ -155,7 +273,6 @@ impl Guard {
         Ok(Guard {
             dir,
             tcx: kernel >= TCX && !netlink,
-            netlink_done: BTreeSet::new(),
         })
     }
 
@@ -170,181 +287,340 @@ impl Guard {
         Ok(program)
     }
 
-    /// Brings the attachments in line with the interfaces that exist now and match.
+    /// Brings the attachments in line with the interfaces that exist now and match: the guard
+    /// present and first on each. One interface's failure does not stop the others.
     pub fn sync(&mut self, ebpf: &mut Ebpf, patterns: &InterfacePatterns) -> Result<GuardChanges> {
         let program = Self::program(ebpf)?;
-        self.sync_program(program, patterns)
+        self.sync_program(program, None, patterns)
     }
 
-    /// [`Guard::sync`] with the program at hand (the agent opens it from its pin).
+    /// [`Guard::sync`] with the program at hand (the agent opens it from its pin). Putting the
+    /// guard back in front on TCX needs a second copy of the program: `spare` when given (a
+    /// program opened from a pin cannot be loaded again), else `program` is loaded afresh.
     pub fn sync_program(
         &mut self,
         program: &mut SchedClassifier,
+        mut spare: Option<&mut SchedClassifier>,
         patterns: &InterfacePatterns,
     ) -> Result<GuardChanges> {
-        let wanted: BTreeMap<String, u32> = interfaces()
-            .map_err(|e| Error::io("list network interfaces", e))?
-            .into_iter()
-            .filter(|(name, _)| patterns.matches(name))
-            .collect();
+        let wanted = wanted(patterns).map_err(|e| Error::io("list network interfaces", e))?;
+        let mut changes = GuardChanges::default();
         if self.tcx {
-            self.sync_tcx(program, &wanted)
-        } else {
-            self.sync_netlink(program, &wanted)
+            self.release_stale_pins(&wanted, &mut changes)?;
         }
+        for (ifname, ifindex) in &wanted {
+            let result = if self.tcx {
+                self.sync_tcx(
+                    program,
+                    spare.as_deref_mut(),
+                    ifname,
+                    *ifindex,
+                    &mut changes,
+                )
+            } else {
+                sync_netlink(program, ifname, *ifindex, &mut changes)
+            };
+            if let Err(e) = result {
+                // The interface went away between listing and attaching: nothing to guard.
+                if interfaces().is_ok_and(|i| i.get(ifname) == Some(ifindex)) {
+                    changes.failed.push((ifname.clone(), error_chain(&e)));
+                } else {
+                    tracing::debug!(interface = ifname, error = %e, "interface vanished during the guard sync");
+                }
+            }
+        }
+        Ok(changes)
     }
 
-    fn sync_tcx(
-        &mut self,
-        program: &mut SchedClassifier,
+    /// Detaches and unpins links of interfaces that are gone, renamed or no longer match.
+    fn release_stale_pins(
+        &self,
         wanted: &BTreeMap<String, u32>,
-    ) -> Result<GuardChanges> {
-        let name = programs::GUARD;
-        let mut changes = GuardChanges::default();
-        let mut pinned = BTreeSet::new();
+        changes: &mut GuardChanges,
+    ) -> Result<()> {
         for entry in fs::read_dir(&self.dir)
             .map_err(|e| Error::io(format!("list {}", self.dir.display()), e))?
         {
             let entry = entry.map_err(|e| Error::io(format!("list {}", self.dir.display()), e))?;
             let file = entry.file_name().to_string_lossy().into_owned();
             let path = entry.path();
-            match parse_pin_name(&file) {
-                Some((ifname, ifindex)) if wanted.get(&ifname) == Some(&ifindex) => {
-                    // Still wanted: adopt, or swap the program if it changed.
-                    let link = sys::obj_get(&path)
-                        .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
-                    let info = sys::link_info(link.as_fd())
-                        .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
-                    let new = program
-                        .fd()
-                        .map_err(|source| Error::Program { name, source })?;
-                    let same =
-                        sys::link_prog_tag(link.as_fd()).ok() == sys::prog_tag(new.as_fd()).ok();
-                    if same {
-                        changes.adopted.push(ifname.clone());
-                    } else {
-                        let old = sys::prog_fd_by_id(info.prog_id).ok();
-                        sys::link_update(
-                            link.as_fd(),
-                            new.as_fd(),
-                            old.as_ref().map(|o| o.as_fd()),
-                        )
-                        .map_err(|e| Error::io(format!("replace the guard on {ifname}"), e))?;
-                        changes.replaced.push(ifname.clone());
-                    }
-                    pinned.insert(ifname);
+            // A replacement staged by an agent that stopped before moving it into place: it is
+            // the link in front, so it takes the place of the old one.
+            if let Some(target) = file.strip_prefix(STAGED)
+                && parse_pin_name(target).is_some_and(|(n, i)| wanted.get(&n) == Some(&i))
+            {
+                let final_path = self.dir.join(target);
+                if let Ok(old) = sys::obj_get(&final_path) {
+                    let _ = sys::link_detach(old.as_fd());
                 }
-                other => {
-                    // Gone, renamed or no longer matching: detach and unpin.
-                    if let Ok(link) = sys::obj_get(&path) {
-                        let _ = sys::link_detach(link.as_fd());
-                    }
-                    fs::remove_file(&path)
-                        .map_err(|e| Error::io(format!("unpin {}", path.display()), e))?;
-                    changes.released.push(other.map_or(file, |(n, _)| n));
-                }
-            }
-        }
-        for (ifname, ifindex) in wanted {
-            if pinned.contains(ifname) {
+                fs::rename(&path, &final_path).map_err(|e| {
+                    Error::io(
+                        format!("move {} to {}", path.display(), final_path.display()),
+                        e,
+                    )
+                })?;
                 continue;
             }
-            let link_id = match program.attach_with_options(
-                ifname,
-                TcAttachType::Ingress,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            ) {
-                Ok(id) => id,
-                // The interface went away between listing and attaching.
-                Err(e) if !interfaces().is_ok_and(|i| i.contains_key(ifname)) => {
-                    tracing::debug!(interface = ifname, error = %e, "interface vanished before the guard attached");
-                    continue;
-                }
-                Err(source) => return Err(Error::Program { name, source }),
-            };
-            let link = program
-                .take_link(link_id)
-                .map_err(|source| Error::Program { name, source })?;
-            let link = FdLink::try_from(link).map_err(|e| {
-                Error::io(
-                    format!("guard link on {ifname}: {e}"),
-                    io::ErrorKind::Unsupported.into(),
-                )
-            })?;
-            let path = self.dir.join(pin_name(ifname, *ifindex));
+            let parsed = parse_pin_name(&file);
+            if let Some((ifname, ifindex)) = &parsed
+                && wanted.get(ifname) == Some(ifindex)
+            {
+                continue;
+            }
+            if let Ok(link) = sys::obj_get(&path) {
+                let _ = sys::link_detach(link.as_fd());
+            }
+            fs::remove_file(&path)
+                .map_err(|e| Error::io(format!("unpin {}", path.display()), e))?;
+            changes.released.push(parsed.map_or(file, |(n, _)| n));
+        }
+        Ok(())
+    }
+
+    /// TCX: our pinned link must be the first on the hook; else a new link goes to the head and
+    /// replaces the old one (new first, then the old detached: never a moment without).
+    fn sync_tcx(
+        &self,
+        program: &mut SchedClassifier,
+        spare: Option<&mut SchedClassifier>,
+        ifname: &str,
+        ifindex: u32,
+        changes: &mut GuardChanges,
+    ) -> Result<()> {
+        let name = programs::GUARD;
+        let path = self.dir.join(pin_name(ifname, ifindex));
+        let existing = match sys::obj_get(&path) {
+            Ok(link) => Some(link),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(Error::io(format!("open {}", path.display()), e)),
+        };
+        let Some(link) = existing else {
+            let link = attach_tcx_first(program, ifname)?;
             link.pin(&path).map_err(|e| {
                 Error::io(
                     format!("pin {}: {e}", path.display()),
                     io::ErrorKind::Other.into(),
                 )
             })?;
-            changes.attached.push(ifname.clone());
-        }
-        Ok(changes)
-    }
-
-    fn sync_netlink(
-        &mut self,
-        program: &mut SchedClassifier,
-        wanted: &BTreeMap<String, u32>,
-    ) -> Result<GuardChanges> {
-        let name = programs::GUARD;
-        let mut changes = GuardChanges::default();
-        self.netlink_done.retain(|(n, i)| wanted.get(n) == Some(i));
-        for (ifname, ifindex) in wanted {
-            if self.netlink_done.contains(&(ifname.clone(), *ifindex)) {
-                continue;
+            changes.attached.push(ifname.to_owned());
+            return Ok(());
+        };
+        let info = sys::link_info(link.as_fd())
+            .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+        let tcx = sys::tcx_query(ifindex, sys::BPF_TCX_INGRESS)
+            .map_err(|e| Error::io(format!("query the TCX programs of {ifname}"), e))?;
+        match tcx.iter().position(|(_, id)| *id == info.id) {
+            Some(0) => {
+                // In front: adopt, or swap the program in place if it changed.
+                let new = program
+                    .fd()
+                    .map_err(|source| Error::Program { name, source })?;
+                if sys::link_prog_tag(link.as_fd()).ok() == sys::prog_tag(new.as_fd()).ok() {
+                    changes.adopted.push(ifname.to_owned());
+                } else {
+                    let old = sys::prog_fd_by_id(info.prog_id).ok();
+                    sys::link_update(link.as_fd(), new.as_fd(), old.as_ref().map(|o| o.as_fd()))
+                        .map_err(|e| Error::io(format!("replace the guard on {ifname}"), e))?;
+                    changes.replaced.push(ifname.to_owned());
+                }
             }
-            // A clsact qdisc may already be there (ours from before, or a CNI's).
-            let _ = tc::qdisc_add_clsact(ifname);
-            let options = TcAttachOptions::Netlink(NlOptions {
-                priority: NL_PRIORITY,
-                handle: NL_HANDLE,
-                ..NlOptions::default()
-            });
-            let link_id = match program.attach_with_options(ifname, TcAttachType::Ingress, options)
-            {
-                Ok(id) => {
-                    changes.attached.push(ifname.clone());
-                    id
-                }
-                // Our filter from an earlier agent (same priority and handle): swap its program
-                // in place, which cls_bpf does atomically.
-                Err(e) if format!("{e:?}").contains("File exists") => {
-                    let existing = SchedClassifierLink::attached(
-                        ifname,
-                        TcAttachType::Ingress,
-                        NL_PRIORITY,
-                        NL_HANDLE,
-                        None,
+            position => {
+                let before = tcx.first().map(|(prog, _)| describe_tcx(*prog));
+                // A hook takes a program only once, and ours is still there behind the other:
+                // attach another copy of it (the pinned links keep the old one alive).
+                let copy = match spare {
+                    Some(spare) => {
+                        let spare_id = spare.info().map(|i| i.id()).ok();
+                        if spare_id == Some(info.prog_id) {
+                            program
+                        } else {
+                            spare
+                        }
+                    }
+                    None => {
+                        program
+                            .unload()
+                            .and_then(|()| program.load())
+                            .map_err(|source| Error::Program { name, source })?;
+                        program
+                    }
+                };
+                let fresh = attach_tcx_first(copy, ifname)?;
+                let staged = self
+                    .dir
+                    .join(format!("{STAGED}{}", pin_name(ifname, ifindex)));
+                let _ = fs::remove_file(&staged);
+                fresh.pin(&staged).map_err(|e| {
+                    Error::io(
+                        format!("pin {}: {e}", staged.display()),
+                        io::ErrorKind::Other.into(),
                     )
-                    .map_err(|e| Error::io(format!("find the guard filter on {ifname}"), e))?;
-                    let id = program
-                        .attach_to_link(existing)
-                        .map_err(|source| Error::Program { name, source })?;
-                    changes.replaced.push(ifname.clone());
-                    id
-                }
-                Err(e) if !interfaces().is_ok_and(|i| i.contains_key(ifname)) => {
-                    tracing::debug!(interface = ifname, error = %e, "interface vanished before the guard attached");
-                    continue;
-                }
-                Err(source) => return Err(Error::Program { name, source }),
-            };
-            // The kernel keeps the filter after we exit: that is the fail-closed state. The link
-            // object would detach it when dropped, so it is never dropped.
-            let link = program
-                .take_link(link_id)
-                .map_err(|source| Error::Program { name, source })?;
-            std::mem::forget(link);
-            self.netlink_done.insert((ifname.clone(), *ifindex));
+                })?;
+                let _ = sys::link_detach(link.as_fd());
+                fs::rename(&staged, &path).map_err(|e| {
+                    Error::io(
+                        format!("move {} to {}", staged.display(), path.display()),
+                        e,
+                    )
+                })?;
+                tracing::warn!(
+                    interface = ifname,
+                    was = if position.is_some() {
+                        "not first"
+                    } else {
+                        "detached"
+                    },
+                    first_was = before.as_deref().unwrap_or("nothing"),
+                    "packet guard put back in front"
+                );
+                changes.repaired.push(ifname.to_owned());
+            }
         }
-        Ok(changes)
+        Ok(())
     }
 }
 
+/// An error and its causes on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}
+
+fn attach_tcx_first(program: &mut SchedClassifier, ifname: &str) -> Result<FdLink> {
+    let name = programs::GUARD;
+    let link_id = program
+        .attach_with_options(
+            ifname,
+            TcAttachType::Ingress,
+            TcAttachOptions::TcxOrder(LinkOrder::first()),
+        )
+        .map_err(|source| Error::Program { name, source })?;
+    let link = program
+        .take_link(link_id)
+        .map_err(|source| Error::Program { name, source })?;
+    FdLink::try_from(link).map_err(|e| {
+        Error::io(
+            format!("guard link on {ifname}: {e}"),
+            io::ErrorKind::Unsupported.into(),
+        )
+    })
+}
+
+/// Attaches a cls_bpf filter at `priority`/`handle`; the kernel keeps it after we exit (the
+/// fail-closed state), so the link object, which would detach it when dropped, is forgotten.
+fn attach_netlink(
+    program: &mut SchedClassifier,
+    ifname: &str,
+    priority: u16,
+    handle: u32,
+) -> Result<()> {
+    let name = programs::GUARD;
+    let options = TcAttachOptions::Netlink(NlOptions {
+        priority,
+        handle: TcHandle::from(handle),
+        ..NlOptions::default()
+    });
+    let link_id = program
+        .attach_with_options(ifname, TcAttachType::Ingress, options)
+        .map_err(|source| Error::Program { name, source })?;
+    let link = program
+        .take_link(link_id)
+        .map_err(|source| Error::Program { name, source })?;
+    std::mem::forget(link);
+    Ok(())
+}
+
+/// Netlink: our filter must be the first on the hook, at [`NL_PRIORITY`]. If it is, its program
+/// is swapped in place when it changed (cls_bpf keeps the position); if not, a new filter goes
+/// to the head of [`NL_PRIORITY`] and then every other filter of ours is deleted (including one
+/// an older agent left at another priority).
+fn sync_netlink(
+    program: &mut SchedClassifier,
+    ifname: &str,
+    ifindex: u32,
+    changes: &mut GuardChanges,
+) -> Result<()> {
+    let name = programs::GUARD;
+    // A clsact qdisc may already be there (ours from before, or a CNI's).
+    let _ = tc::qdisc_add_clsact(ifname);
+    let filters = tcfilter::ingress_filters(ifindex)
+        .map_err(|e| Error::io(format!("list the tc filters of {ifname}"), e))?;
+    let ours: Vec<&tcfilter::Filter> = filters.iter().filter(|f| is_ours(f)).collect();
+    let new_tag = program
+        .fd()
+        .ok()
+        .and_then(|fd| sys::prog_tag(fd.as_fd()).ok());
+    let keep = match filters.first() {
+        Some(first) if is_ours(first) && first.priority == NL_PRIORITY => {
+            if first.tag.is_some() && first.tag == new_tag {
+                changes.adopted.push(ifname.to_owned());
+            } else {
+                let existing = SchedClassifierLink::attached(
+                    ifname,
+                    TcAttachType::Ingress,
+                    first.priority,
+                    TcHandle::from(first.handle),
+                    None,
+                )
+                .map_err(|e| Error::io(format!("find the guard filter on {ifname}"), e))?;
+                let link_id = program
+                    .attach_to_link(existing)
+                    .map_err(|source| Error::Program { name, source })?;
+                let link = program
+                    .take_link(link_id)
+                    .map_err(|source| Error::Program { name, source })?;
+                std::mem::forget(link);
+                changes.replaced.push(ifname.to_owned());
+            }
+            (first.priority, first.handle)
+        }
+        _ => {
+            let Some(handle) = NL_HANDLES.into_iter().find(|h| {
+                !ours
+                    .iter()
+                    .any(|f| f.priority == NL_PRIORITY && f.handle == *h)
+            }) else {
+                return Err(Error::io(
+                    format!("no free handle for the guard filter on {ifname}"),
+                    io::ErrorKind::AlreadyExists.into(),
+                ));
+            };
+            attach_netlink(program, ifname, NL_PRIORITY, handle)?;
+            if ours.is_empty() {
+                changes.attached.push(ifname.to_owned());
+            } else {
+                tracing::warn!(
+                    interface = ifname,
+                    first_was = filters.first().map(|f| f.describe()).unwrap_or_default(),
+                    "packet guard put back in front"
+                );
+                changes.repaired.push(ifname.to_owned());
+            }
+            (NL_PRIORITY, handle)
+        }
+    };
+    for stale in ours.iter().filter(|f| (f.priority, f.handle) != keep) {
+        tcfilter::delete_ingress_filter(ifindex, stale).map_err(|e| {
+            Error::io(
+                format!(
+                    "remove the old guard filter {} on {ifname}",
+                    stale.describe()
+                ),
+                e,
+            )
+        })?;
+    }
+    Ok(())
+}
+
 /// A netlink socket (non-blocking) that becomes readable whenever a network interface appears,
-/// changes or goes: the guard's cue to sync.
+/// changes or goes, or a tc filter changes: the guard's cue to sync.
 pub fn link_events() -> io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd as _;
     // SAFETY: plain socket(2); the fd is owned below.
@@ -363,7 +639,8 @@ pub fn link_events() -> io::Result<std::os::fd::OwnedFd> {
     // SAFETY: a zeroed sockaddr_nl is valid; we set family and groups.
     let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     addr.nl_family = libc::AF_NETLINK as u16;
-    addr.nl_groups = libc::RTMGRP_LINK as u32;
+    // Interfaces, and tc qdiscs and filters (someone else's filter in front of ours).
+    addr.nl_groups = (libc::RTMGRP_LINK | libc::RTMGRP_TC) as u32;
     // SAFETY: valid fd and address of the stated length.
     let ret = unsafe {
         libc::bind(

@@ -9,7 +9,8 @@
 //! if the file was replaced on disk) with the agent's own arguments and environment plus
 //! [`CHILD_ENV`]. The child loads, attaches or adopts, pins, reports what it did as JSON on its
 //! stdout and exits; its log goes to the agent's stderr. The agent then works with what is
-//! pinned only: the identity map and the packet guard's program, opened from their pins.
+//! pinned only: the identity, attestation and host-pods maps and the packet guard's program
+//! (two copies of it, see [`SPARE_SUFFIX`]), opened from their pins.
 //!
 //! The child also checks every pinned map against the definition in the embedded object before
 //! loading: aya adopts a pinned map by name whatever its definition, so a map pinned by an older
@@ -41,6 +42,11 @@ use super::{
 pub const CHILD_ENV: &str = "KUBE2IAM_INTERNAL_LOADER";
 /// Where programs the agent needs after the child exits are pinned: `<pin dir>/progs/<name>`.
 pub const PROGS_DIR: &str = "progs";
+/// A second copy of the guard program, pinned as `<pin dir>/progs/k2i_guard<suffix>`. A TCX hook
+/// takes a program only once, so putting the guard back in front of an interface whose link
+/// still holds one copy (behind another program) needs the other copy; a program opened from a
+/// pin cannot be loaded afresh.
+pub const SPARE_SUFFIX: &str = ".spare";
 
 /// Whether this process is the loader child.
 pub fn is_child() -> bool {
@@ -103,6 +109,7 @@ struct PinnedGuard {
     guard: guard::Guard,
     patterns: guard::InterfacePatterns,
     program: SchedClassifier,
+    spare: SchedClassifier,
 }
 
 /// Runs the loader child and opens what it pinned.
@@ -148,15 +155,17 @@ pub fn install(settings: &Settings) -> Result<Pinned> {
     let kernel = KernelVersion(report.kernel.0, report.kernel.1, report.kernel.2);
     let guard = match &settings.packet_guard {
         Some(patterns) => {
-            let path = guard_program_pin(&settings.pin_dir);
-            let program = SchedClassifier::from_pin(&path).map_err(|source| Error::Program {
-                name: programs::GUARD,
-                source,
-            })?;
+            let open = |path: PathBuf| {
+                SchedClassifier::from_pin(&path).map_err(|source| Error::Program {
+                    name: programs::GUARD,
+                    source,
+                })
+            };
             Some(PinnedGuard {
                 guard: guard::Guard::new(&settings.pin_dir, kernel, settings.guard_netlink)?,
                 patterns: patterns.clone(),
-                program,
+                program: open(guard_program_pin(&settings.pin_dir))?,
+                spare: open(spare_guard_program_pin(&settings.pin_dir))?,
             })
         }
         None => None,
@@ -210,24 +219,51 @@ impl Pinned {
     /// Opens the pinned identity map for the pod registry. Its capacity is the pinned map's,
     /// which a restart does not change (that would drop what pods are known).
     pub fn take_identity_map(&mut self) -> Result<crate::identity::BpfIdentityMap> {
-        let path = self.pin_dir.join(maps::IDENTITY);
-        let data = MapData::from_pin(&path).map_err(|source| Error::Map {
-            name: maps::IDENTITY,
-            source,
-        })?;
+        let data = self.pinned_map(maps::IDENTITY)?;
         let capacity = data.info().map(|i| i.max_entries()).unwrap_or(0);
-        let map =
-            HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(|source| Error::Map {
-                name: maps::IDENTITY,
-                source,
-            })?;
+        let map = self.hash_map(maps::IDENTITY, data)?;
         Ok(crate::identity::BpfIdentityMap::new(map, capacity))
     }
 
-    /// Attaches the guard to interfaces that appeared, releases vanished ones.
+    /// Opens the pinned attestation map (connection → who connected).
+    pub fn take_attest_map(&mut self) -> Result<crate::attest::AttestMap> {
+        let data = self.pinned_map(maps::ATTEST)?;
+        Ok(crate::attest::AttestMap::new(
+            self.hash_map(maps::ATTEST, data)?,
+        ))
+    }
+
+    /// Opens the pinned map of hostNetwork pods' cgroups.
+    pub fn take_host_pods_map(&mut self) -> Result<crate::attest::HostPodsMap> {
+        let data = self.pinned_map(maps::HOST_PODS)?;
+        Ok(crate::attest::HostPodsMap::new(
+            self.hash_map(maps::HOST_PODS, data)?,
+        ))
+    }
+
+    fn pinned_map(&self, name: &'static str) -> Result<MapData> {
+        MapData::from_pin(self.pin_dir.join(name)).map_err(|source| Error::Map { name, source })
+    }
+
+    /// A hash map (plain or LRU, as the kernel reports its type) of the given key and value.
+    fn hash_map<K: aya::Pod, V: aya::Pod>(
+        &self,
+        name: &'static str,
+        data: MapData,
+    ) -> Result<HashMap<MapData, K, V>> {
+        let map =
+            aya::maps::Map::from_map_data(data).map_err(|source| Error::Map { name, source })?;
+        HashMap::try_from(map).map_err(|source| Error::Map { name, source })
+    }
+
+    /// Attaches the guard to interfaces that appeared, releases vanished ones, and puts it back
+    /// in front where something else went before it.
     pub fn sync_guard(&mut self) -> Result<Option<guard::GuardChanges>> {
         match &mut self.guard {
-            Some(g) => g.guard.sync_program(&mut g.program, &g.patterns).map(Some),
+            Some(g) => g
+                .guard
+                .sync_program(&mut g.program, Some(&mut g.spare), &g.patterns)
+                .map(Some),
             None => Ok(None),
         }
     }
@@ -242,6 +278,13 @@ impl Pinned {
 /// `<pin dir>/progs/k2i_guard`.
 fn guard_program_pin(pin_dir: &Path) -> PathBuf {
     pin_dir.join(PROGS_DIR).join(programs::GUARD)
+}
+
+/// `<pin dir>/progs/k2i_guard.spare`.
+fn spare_guard_program_pin(pin_dir: &Path) -> PathBuf {
+    pin_dir
+        .join(PROGS_DIR)
+        .join(format!("{}{SPARE_SUFFIX}", programs::GUARD))
 }
 
 /// The loader child: installs, writes its report to stdout and returns.
@@ -513,12 +556,17 @@ fn migrate_revnat(interception: &mut Interception, old: &OwnedFd) {
     }
 }
 
-/// Pins the loaded guard program where the agent opens it (replacing an older release's pin),
-/// or removes the pin when the guard is off.
+/// Pins the loaded guard program where the agent opens it, and a second copy of it beside
+/// (replacing an older release's pins), or removes the pins when the guard is off.
 fn pin_guard_program(interception: &mut Interception, settings: &Settings) -> Result<()> {
-    let path = guard_program_pin(&settings.pin_dir);
-    if path.exists() {
-        fs::remove_file(&path).map_err(|e| Error::io(format!("unpin {}", path.display()), e))?;
+    let paths = [
+        guard_program_pin(&settings.pin_dir),
+        spare_guard_program_pin(&settings.pin_dir),
+    ];
+    for path in &paths {
+        if path.exists() {
+            fs::remove_file(path).map_err(|e| Error::io(format!("unpin {}", path.display()), e))?;
+        }
     }
     if settings.packet_guard.is_none() {
         return Ok(());
@@ -527,12 +575,22 @@ fn pin_guard_program(interception: &mut Interception, settings: &Settings) -> Re
     fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
     let name = programs::GUARD;
     let program: &mut SchedClassifier = super::program_mut(interception.ebpf_mut(), name)?;
-    program.pin(&path).map_err(|e| {
-        Error::io(
-            format!("pin the guard program at {}: {e}", path.display()),
-            io::ErrorKind::Other.into(),
-        )
-    })
+    for (i, path) in paths.iter().enumerate() {
+        if i > 0 {
+            // The pins and the guard's links keep the first copy alive; load another.
+            program
+                .unload()
+                .and_then(|()| program.load())
+                .map_err(|source| Error::Program { name, source })?;
+        }
+        program.pin(path).map_err(|e| {
+            Error::io(
+                format!("pin the guard program at {}: {e}", path.display()),
+                io::ErrorKind::Other.into(),
+            )
+        })?;
+    }
+    Ok(())
 }
 
 /// Removes the program pins (for `uninstall`); one line per removed pin.

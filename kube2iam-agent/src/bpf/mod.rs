@@ -6,10 +6,12 @@
 //! changed, each link's program is swapped atomically (BPF_LINK_UPDATE). Only `uninstall`
 //! detaches.
 
+pub mod egress;
 pub mod guard;
 pub mod host;
 pub mod loader;
 pub mod sys;
+pub mod tcfilter;
 
 use std::{
     fs, io,
@@ -25,10 +27,11 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramFd, SockOps, links::FdLink},
 };
 use kube2iam_common::{
-    CONFIG_KEY, Config, Counter, FLAG_AGENT_IP6, FLAG_ENABLED, ip6_words, maps, port_repr, programs,
+    CONFIG_KEY, Config, Counter, FLAG_AGENT_IP6, FLAG_ENABLED, FLAG_HOST_PODS, ip6_words, maps,
+    port_repr, programs,
 };
 
 pub use self::host::KernelVersion;
@@ -158,6 +161,10 @@ pub struct Settings {
     pub packet_guard: Option<guard::InterfacePatterns>,
     /// Use cls_bpf filters for the guard even where TCX exists (testing aid).
     pub guard_netlink: bool,
+    /// Redirect the metadata connects of hostNetwork pods listed in the host-pods map.
+    pub host_network_pods: bool,
+    /// Attach the egress backstop (`k2i_egress`) beside the connect hooks.
+    pub egress_guard: bool,
 }
 
 impl Settings {
@@ -165,6 +172,9 @@ impl Settings {
         let mut flags = FLAG_ENABLED;
         if self.agent_ip6.is_some() {
             flags |= FLAG_AGENT_IP6;
+        }
+        if self.host_network_pods {
+            flags |= FLAG_HOST_PODS;
         }
         Config {
             host_netns_cookie,
@@ -297,19 +307,46 @@ pub fn install(settings: &Settings) -> Result<Interception> {
             .map_err(|source| Error::Program { name, source })?;
         let link_path = settings.pin_dir.join("links").join(name);
         let report = if link_path.exists() {
-            adopt(
-                name,
-                program,
-                &link_path,
-                cgroup_id,
-                &cgroup,
-                log_level_changed,
-            )?
+            let fd = program
+                .fd()
+                .map_err(|source| Error::Program { name, source })?;
+            adopt(name, fd, &link_path, cgroup_id, &cgroup, log_level_changed)?
         } else {
-            attach(name, program, &cgroup_file, &link_path)?
+            attach(name, &link_path, || {
+                let id = program.attach(&cgroup_file, CgroupAttachMode::Single)?;
+                program.take_link(id).map(FdLink::try_from)
+            })?
         };
         reports.push(report);
     }
+    // The attestation hook: sock_ops on the same cgroup.
+    {
+        let name = programs::SOCK_OPS;
+        let program: &mut SockOps = program_mut(&mut ebpf, name)?;
+        program
+            .load()
+            .map_err(|source| Error::Program { name, source })?;
+        let link_path = settings.pin_dir.join("links").join(name);
+        let report = if link_path.exists() {
+            let fd = program
+                .fd()
+                .map_err(|source| Error::Program { name, source })?;
+            adopt(name, fd, &link_path, cgroup_id, &cgroup, log_level_changed)?
+        } else {
+            attach(name, &link_path, || {
+                let id = program.attach(&cgroup_file, CgroupAttachMode::Single)?;
+                program.take_link(id).map(FdLink::try_from)
+            })?
+        };
+        reports.push(report);
+    }
+    reports.push(egress_backstop(
+        &mut ebpf,
+        settings,
+        &cgroup,
+        cgroup_id,
+        log_level_changed,
+    )?);
 
     let guard = match &settings.packet_guard {
         Some(patterns) => {
@@ -320,8 +357,12 @@ pub fn install(settings: &Settings) -> Result<Interception> {
                 adopted = ?changes.adopted,
                 replaced = ?changes.replaced,
                 released = ?changes.released,
+                repaired = ?changes.repaired,
                 "packet guard on pod interfaces"
             );
+            for (interface, error) in &changes.failed {
+                tracing::error!(interface, "packet guard: {error}");
+            }
             Some((g, patterns.clone()))
         }
         None => {
@@ -343,27 +384,50 @@ pub fn install(settings: &Settings) -> Result<Interception> {
     })
 }
 
-fn attach(
+/// Attaches or adopts the egress backstop, or removes it when it is turned off.
+fn egress_backstop(
+    ebpf: &mut Ebpf,
+    settings: &Settings,
+    cgroup: &Path,
+    cgroup_id: u64,
+    force_replace: bool,
+) -> Result<ProgramReport> {
+    if settings.egress_guard {
+        return egress::install(ebpf, &settings.pin_dir, cgroup, cgroup_id, force_replace);
+    }
+    let removed = egress::release(&settings.pin_dir)?;
+    tracing::warn!(
+        removed,
+        "egress guard off: packets that pod sockets send to the metadata service after a DNAT, \
+         or from raw sockets, are not dropped unless the packet guard sees them"
+    );
+    Ok(ProgramReport {
+        name: programs::EGRESS,
+        action: Action::Skipped("--egress-guard false".into()),
+        link_id: None,
+    })
+}
+
+/// Attaches with `make_link` (which returns the program's link as an FdLink) and pins the link.
+fn attach<E: std::fmt::Display>(
     name: &'static str,
-    program: &mut CgroupSockAddr,
-    cgroup: &fs::File,
     link_path: &Path,
+    make_link: impl FnOnce() -> std::result::Result<
+        std::result::Result<FdLink, E>,
+        aya::programs::ProgramError,
+    >,
 ) -> Result<ProgramReport> {
     // On kernels with bpf_link (all we support) aya attaches through BPF_LINK_CREATE, which for
-    // cgroups always behaves as BPF_F_ALLOW_MULTI and rejects any flag: "Single" here passes no
+    // cgroups always behaves as BPF_F_ALLOW_MULTI and rejects any flag: "Single" passes no
     // flag, and other programs (Cilium's socket LB) keep running beside ours.
-    let link_id = program
-        .attach(cgroup, CgroupAttachMode::Single)
-        .map_err(|source| Error::Program { name, source })?;
-    let link = program
-        .take_link(link_id)
-        .map_err(|source| Error::Program { name, source })?;
-    let link = FdLink::try_from(link).map_err(|e| {
-        Error::io(
-            format!("program {name}: the kernel made no bpf_link ({e})"),
-            io::ErrorKind::Unsupported.into(),
-        )
-    })?;
+    let link = make_link()
+        .map_err(|source| Error::Program { name, source })?
+        .map_err(|e| {
+            Error::io(
+                format!("program {name}: the kernel made no bpf_link ({e})"),
+                io::ErrorKind::Unsupported.into(),
+            )
+        })?;
     let info = link.info().map_err(|e| {
         Error::io(
             format!("read link info of {name}: {e}"),
@@ -385,7 +449,7 @@ fn attach(
 
 fn adopt(
     name: &'static str,
-    program: &CgroupSockAddr,
+    new: &ProgramFd,
     link_path: &Path,
     cgroup_id: u64,
     cgroup: &Path,
@@ -407,9 +471,6 @@ fn adopt(
             wanted: cgroup_id,
         });
     }
-    let new = program
-        .fd()
-        .map_err(|source| Error::Program { name, source })?;
     let old_tag = sys::link_prog_tag(link.as_fd()).map_err(|e| {
         Error::io(
             format!("read the program tag of {}", link_path.display()),
@@ -502,6 +563,32 @@ impl Interception {
             source,
         })?;
         Ok(crate::identity::BpfIdentityMap::new(map, capacity))
+    }
+
+    /// Takes the pinned attestation map (connection → who connected).
+    pub fn take_attest_map(&mut self) -> Result<crate::attest::AttestMap> {
+        let map = self.ebpf.take_map(maps::ATTEST).ok_or(Error::Missing {
+            kind: "map",
+            name: maps::ATTEST,
+        })?;
+        let map = HashMap::try_from(map).map_err(|source| Error::Map {
+            name: maps::ATTEST,
+            source,
+        })?;
+        Ok(crate::attest::AttestMap::new(map))
+    }
+
+    /// Takes the pinned map of hostNetwork pods' cgroups.
+    pub fn take_host_pods_map(&mut self) -> Result<crate::attest::HostPodsMap> {
+        let map = self.ebpf.take_map(maps::HOST_PODS).ok_or(Error::Missing {
+            kind: "map",
+            name: maps::HOST_PODS,
+        })?;
+        let map = HashMap::try_from(map).map_err(|source| Error::Map {
+            name: maps::HOST_PODS,
+            source,
+        })?;
+        Ok(crate::attest::HostPodsMap::new(map))
     }
 
     /// Attaches the guard to interfaces that appeared, releases vanished ones.

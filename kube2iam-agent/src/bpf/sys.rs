@@ -277,3 +277,70 @@ pub fn fdinfo_value(text: &str, field: &str) -> Option<String> {
         (key.trim() == field).then(|| value.trim().to_owned())
     })
 }
+
+/// `BPF_TCX_INGRESS` (Linux 6.6).
+pub const BPF_TCX_INGRESS: u32 = 46;
+
+/// `union bpf_attr` for BPF_PROG_QUERY with the multi-program fields (Linux 6.6).
+#[repr(C)]
+#[derive(Default)]
+struct MprogQueryAttr {
+    target_ifindex: u32,
+    attach_type: u32,
+    query_flags: u32,
+    attach_flags: u32,
+    prog_ids: u64,
+    count: u32,
+    _pad: u32,
+    prog_attach_flags: u64,
+    link_ids: u64,
+    link_attach_flags: u64,
+    revision: u64,
+}
+
+/// The programs attached with TCX to a hook of interface `ifindex`, in the order they run:
+/// (program id, link id, which is 0 for a program attached without a link). Fails with EINVAL
+/// on kernels without TCX.
+pub fn tcx_query(ifindex: u32, attach_type: u32) -> io::Result<Vec<(u32, u32)>> {
+    let mut progs = vec![0u32; 64];
+    let mut links = vec![0u32; 64];
+    let mut attr = MprogQueryAttr {
+        target_ifindex: ifindex,
+        attach_type,
+        prog_ids: progs.as_mut_ptr() as u64,
+        count: progs.len() as u32,
+        link_ids: links.as_mut_ptr() as u64,
+        ..Default::default()
+    };
+    bpf(BPF_PROG_QUERY, &mut attr)?;
+    let count = (attr.count as usize).min(progs.len());
+    Ok(progs.into_iter().zip(links).take(count).collect::<Vec<_>>())
+}
+
+/// The interface a TCX link is attached to (0 once it is defunct: detached, or its interface
+/// gone). In `struct bpf_link_info` the tcx arm of the union holds the ifindex where the cgroup
+/// arm holds the cgroup id.
+pub fn tcx_link_ifindex(info: &LinkInfo) -> u32 {
+    let bytes = info.cgroup_id.to_ne_bytes();
+    u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
+}
+
+/// `struct bpf_prog_info` up to its name.
+#[repr(C)]
+#[derive(Default)]
+struct RawProgInfoName {
+    head: [u32; 16],
+    name: [u8; 16],
+}
+
+/// The name a program was loaded with (at most 15 bytes).
+pub fn prog_name(prog: BorrowedFd<'_>) -> io::Result<String> {
+    let mut raw = RawProgInfoName::default();
+    info_by_fd(prog, &mut raw)?;
+    let end = raw
+        .name
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(raw.name.len());
+    Ok(String::from_utf8_lossy(&raw.name[..end]).into_owned())
+}

@@ -1,15 +1,18 @@
 //! The metadata server pods reach through the redirect: IMDS-compatible answers for the pod's
-//! own role, IMDSv2 tokens bound to the pod, blocked paths never forwarded, everything else
-//! proxied to the node's metadata service.
+//! own role, IMDSv2 tokens bound to the pod, the node's credentials and data never forwarded,
+//! metadata that is safe for any pod (an allow list) proxied to the node's metadata service.
 
+mod health;
 pub mod path;
 pub mod token;
 pub mod upstream;
+mod usage;
 
 use std::{
+    collections::HashMap,
     convert::Infallible,
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -28,12 +31,17 @@ use self::{
     upstream::Upstream,
 };
 use crate::{
-    credentials::{CacheKey, CredentialCache, Session, StsError, imds_time},
+    attest::{self, AttestMap, Caller, CgroupPods},
+    credentials::{CredentialCache, StsError, imds_time},
+    decision::{self, Decision, Known, Namespace, Outcome, Refusal},
     events::{PodEvents, Reason},
-    identity::{Annotation, PodIdentity, Registry},
+    identity::{PodIdentity, Registry},
     kube::Namespaces,
     metrics::RequestMetrics,
-    policy::{self, BaseArn, RoleArn},
+    policy,
+    service_accounts::{AccountRole, ServiceAccounts},
+    session_tags::SessionTagging,
+    telemetry::LogLimiter,
 };
 
 const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
@@ -50,20 +58,35 @@ pub enum TokenMode {
 /// How the server decides and answers.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    pub node: String,
+    /// Who gets which role.
+    pub decision: decision::Rules,
     pub pod_wait: Duration,
     pub tokens: TokenMode,
-    pub role_key: String,
-    pub namespace_key: String,
-    pub base_arn: Option<BaseArn>,
-    pub default_role: Option<String>,
     pub namespace_restrictions: bool,
     pub session_per_pod: bool,
+    /// Sessions named as kube2iam named them, one per pod.
+    pub kube2iam_session_names: bool,
+    /// The agent's address on the node, which kube2iam's `/healthz` reported.
+    pub host_ip: IpAddr,
+    /// Session tags and source identity on AssumeRole.
+    pub sessions: SessionTagging,
+    /// Pods without a role annotation get their ServiceAccount's role.
+    pub service_account_roles: bool,
     pub rules: PathRules,
     pub header_read_timeout: Duration,
     pub max_connections: usize,
+    /// Connections one source address may hold open at once.
+    pub max_connections_per_caller: usize,
     pub max_header_bytes: usize,
     pub drain_timeout: Duration,
+}
+
+/// The kernel side of attestation: the pinned record map and the cgroup → pod resolver.
+pub struct Attestation {
+    /// `None` where the kernel could not attach the sock_ops program.
+    pub map: Option<AttestMap>,
+    pub cgroups: Arc<CgroupPods>,
+    pub host_netns_cookie: u64,
 }
 
 /// What the handlers share.
@@ -71,12 +94,45 @@ pub struct State {
     pub config: ServerConfig,
     pub registry: Arc<Registry>,
     pub namespaces: Arc<Namespaces>,
+    pub service_accounts: Arc<ServiceAccounts>,
     pub cache: Arc<CredentialCache>,
     pub upstream: Arc<Upstream>,
     pub tokens: TokenIssuer,
     pub stats: RequestMetrics,
     /// Events on pods that are refused.
     pub events: Arc<PodEvents>,
+    pub attestation: Attestation,
+    /// Open connections per caller.
+    pub per_caller: Mutex<HashMap<CallerKey, usize>>,
+    /// Keeps refusals from flooding the log.
+    pub refusal_log: LogLimiter,
+}
+
+/// The registry's view for one look, owned so [`Known`] can borrow it.
+struct Snapshot {
+    claimants: Vec<PodIdentity>,
+    pinned: Option<PodIdentity>,
+    host_pod: Option<PodIdentity>,
+    attested: Option<PodIdentity>,
+    synced: bool,
+    cgroup_root: String,
+    pods_attestable: bool,
+}
+
+impl Snapshot {
+    fn known<'a>(&'a self, caller: &'a Caller, peer: IpAddr) -> Known<'a> {
+        Known {
+            peer,
+            caller,
+            claimants: &self.claimants,
+            pinned: self.pinned.as_ref(),
+            host_pod: self.host_pod.as_ref(),
+            attested: self.attested.as_ref(),
+            synced: self.synced,
+            cgroup_root: &self.cgroup_root,
+            pods_attestable: self.pods_attestable,
+        }
+    }
 }
 
 /// An answer the agent gives itself.
@@ -118,13 +174,6 @@ fn oversized_body(request: &Request<Incoming>) -> Option<String> {
     }
 }
 
-/// The pod's role, decided.
-struct Decision {
-    pod: PodIdentity,
-    role: RoleArn,
-    external_id: Option<String>,
-}
-
 /// The IMDS credential document.
 #[derive(serde::Serialize)]
 #[serde(rename_all = "PascalCase")]
@@ -140,218 +189,137 @@ struct CredentialDocument<'a> {
 }
 
 impl State {
-    /// Who is calling and which role they get, or the reason they get none.
-    async fn decide(&self, peer: IpAddr) -> Result<Decision, Reply> {
-        let config = &self.config;
-        let pod = self
-            .registry
-            .wait_for(peer, config.pod_wait)
-            .await
-            .map_err(|e| Reply::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-            .ok_or_else(|| self.unknown_peer(peer))?;
-        let who = pod.display_name();
-        let forbidden = |reason: Reason, body: String| {
-            self.events.record(&pod, reason, &body);
-            Reply::new(StatusCode::FORBIDDEN, body)
-        };
-        let raw_role = match &pod.role {
-            Annotation::Value(v) => v.clone(),
-            Annotation::Oversize(len) => {
-                return Err(forbidden(
-                    Reason::InvalidRoleAnnotation,
-                    format!(
-                        "kube2iam-ebpf: pod {who}: annotation {} is {len} bytes; no valid role \
-                         ARN is that long",
-                        config.role_key
-                    ),
-                ));
-            }
-            Annotation::Absent => match &config.default_role {
-                Some(default) => default.clone(),
-                None => {
-                    return Err(Reply::new(
-                        StatusCode::NOT_FOUND,
-                        format!(
-                            "kube2iam-ebpf: pod {who} has no {} annotation and the agent has no \
-                             --default-role",
-                            config.role_key
-                        ),
-                    ));
-                }
-            },
-        };
-        let role = policy::resolve_role(&raw_role, config.base_arn.as_ref()).map_err(|e| {
-            forbidden(
-                Reason::InvalidRoleAnnotation,
-                format!(
-                    "kube2iam-ebpf: pod {who}: annotation {}: {e}",
-                    config.role_key
-                ),
-            )
-        })?;
-        let external_id = match &pod.external_id {
-            Annotation::Absent => None,
-            Annotation::Oversize(len) => {
-                return Err(forbidden(
-                    Reason::InvalidExternalIdAnnotation,
-                    format!(
-                        "kube2iam-ebpf: pod {who}: external-ID annotation is {len} bytes; STS \
-                         allows at most {}",
-                        policy::MAX_EXTERNAL_ID
-                    ),
-                ));
-            }
-            Annotation::Value(v) => Some(
-                policy::validate_external_id(v)
-                    .map_err(|e| {
-                        forbidden(
-                            Reason::InvalidExternalIdAnnotation,
-                            format!("kube2iam-ebpf: pod {who}: {e}"),
-                        )
-                    })?
-                    .to_owned(),
-            ),
-        };
-        if config.namespace_restrictions {
-            self.check_namespace(&pod, &role)
-                .await
-                .map_err(|body| Reply::new(StatusCode::FORBIDDEN, body))?;
-        }
-        Ok(Decision {
-            pod,
-            role,
-            external_id,
-        })
+    fn namespace_of(&self, namespace: &str) -> Namespace {
+        Namespace::from_lookup(
+            self.config.namespace_restrictions,
+            self.namespaces.synced(),
+            self.namespaces.get(namespace),
+        )
     }
 
-    /// The answer for an address no pod in the identity map has. When the map is full, the
-    /// caller may be a pod the watch could not record: say so, and how to fix it.
-    fn unknown_peer(&self, peer: IpAddr) -> Reply {
-        let config = &self.config;
-        let capacity = self.registry.capacity();
-        let full = capacity > 0
-            && self
-                .registry
-                .entries()
-                .is_ok_and(|entries| entries.len() >= capacity as usize);
-        if full {
-            return Reply::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "kube2iam-ebpf: no pod with IP {peer} on node {} in the identity map, and the \
-                     identity map is full ({capacity} entries): pods beyond it are not served; \
-                     raise --identity-capacity",
-                    config.node
-                ),
-            );
+    /// The role the pod's ServiceAccount names, as far as the watches know it.
+    fn account_of(&self, pod: &PodIdentity) -> AccountRole {
+        if !self.config.service_account_roles {
+            return AccountRole::Off;
         }
+        match &pod.account {
+            Some(account) => self.service_accounts.role(&pod.namespace, &account.name),
+            None => AccountRole::NotListed,
+        }
+    }
+
+    /// What the registry knows of `peer` and the attested pod, right now.
+    fn snapshot(&self, caller: &Caller, peer: IpAddr) -> Snapshot {
+        let (host_pod, attested) = match caller {
+            Caller::Pod { uid, .. } => (self.registry.host_pod(uid), self.registry.pod(uid)),
+            _ => (None, None),
+        };
+        Snapshot {
+            claimants: self.registry.claimants(peer),
+            pinned: self.registry.pinned(peer),
+            host_pod,
+            attested,
+            synced: self.registry.synced(),
+            cgroup_root: self.attestation.cgroups.root().display().to_string(),
+            pods_attestable: self.attestation.cgroups.pod_count() > 0,
+        }
+    }
+
+    fn look(&self, caller: &Caller, peer: IpAddr, last_look: bool) -> Outcome<Decision> {
+        let snapshot = self.snapshot(caller, peer);
+        decision::decide(
+            &self.config.decision,
+            &snapshot.known(caller, peer),
+            |ns| self.namespace_of(ns),
+            |pod| self.account_of(pod),
+            last_look,
+        )
+    }
+
+    /// Who is calling and which role they get, or the reason they get none. Waits up to
+    /// `--pod-wait` for the watches to bring what is missing, woken by each change.
+    async fn decide(&self, caller: &Caller, peer: IpAddr) -> Result<Decision, Reply> {
+        let deadline = tokio::time::Instant::now() + self.config.pod_wait;
+        let mut changes = self.registry.subscribe();
+        loop {
+            changes.mark_unchanged();
+            let last_look = tokio::time::Instant::now() >= deadline;
+            match self.look(caller, peer, last_look) {
+                Outcome::Ok(decision) => return Ok(decision),
+                Outcome::Refuse(refusal) => return Err(self.refuse(refusal)),
+                Outcome::Wait => {}
+            }
+            // Pod changes wake the registry; namespace lists are waited for in short steps.
+            let step = tokio::time::Instant::now() + Duration::from_millis(100);
+            let _ = tokio::time::timeout_at(deadline.min(step), changes.changed()).await;
+        }
+    }
+
+    /// Records the refusal (Event, metric) and turns it into the answer.
+    fn refuse(&self, refusal: Refusal) -> Reply {
+        if let Some((pod, reason)) = &refusal.event {
+            self.events.record(pod, *reason, &refusal.body);
+        }
+        self.stats.refused(refusal.kind);
         Reply::new(
-            StatusCode::NOT_FOUND,
-            format!(
-                "kube2iam-ebpf: no pod with IP {peer} on node {} (waited {:?})",
-                config.node, config.pod_wait
-            ),
+            StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::FORBIDDEN),
+            refusal.body,
         )
     }
 
-    async fn check_namespace(&self, pod: &PodIdentity, role: &RoleArn) -> Result<(), String> {
-        let key = &self.config.namespace_key;
-        if !self.namespaces.synced()
-            && tokio::time::timeout(self.config.pod_wait, self.namespaces.wait_synced())
-                .await
-                .is_err()
-        {
-            return Err(format!(
-                "kube2iam-ebpf: namespace restrictions are on and namespaces are not listed yet; \
-                 pod {} is refused until they are",
-                pod.display_name()
-            ));
-        }
-        let who = pod.display_name();
-        let denied = |body: String| {
-            self.events.record(pod, Reason::RoleNotAllowed, &body);
-            Err(body)
-        };
-        match self.namespaces.get(&pod.namespace) {
-            None => denied(format!(
-                "kube2iam-ebpf: pod {who}: namespace {} is unknown to the agent",
-                pod.namespace
-            )),
-            Some(None) => denied(format!(
-                "kube2iam-ebpf: pod {who} has role {role}, but namespace {} has no {key} \
-                 annotation, so it allows no role",
-                pod.namespace
-            )),
-            Some(Some(Err(e))) => denied(format!("kube2iam-ebpf: pod {who}: {e}")),
-            Some(Some(Ok(allowed))) if allowed.allows(role, self.config.base_arn.as_ref()) => {
-                Ok(())
+    /// The pod calling, for the routes that serve no role (token, proxy): any pod of this node.
+    async fn caller_pod(&self, caller: &Caller, peer: IpAddr) -> Result<PodIdentity, Reply> {
+        let deadline = tokio::time::Instant::now() + self.config.pod_wait;
+        let mut changes = self.registry.subscribe();
+        loop {
+            changes.mark_unchanged();
+            let last_look = tokio::time::Instant::now() >= deadline;
+            let snapshot = self.snapshot(caller, peer);
+            let known = snapshot.known(caller, peer);
+            match decision::identify(&self.config.decision, &known, last_look) {
+                Outcome::Ok(pod) => return Ok(pod),
+                Outcome::Refuse(refusal) => return Err(self.refuse(refusal)),
+                Outcome::Wait => {}
             }
-            Some(Some(Ok(allowed))) => denied(format!(
-                "kube2iam-ebpf: pod {who} has role {role}, but namespace {} allows only {:?} \
-                 (annotation {key})",
-                pod.namespace,
-                allowed.sources()
-            )),
+            let _ = tokio::time::timeout_at(deadline, changes.changed()).await;
         }
     }
 
-    fn cache_key(&self, decision: &Decision) -> (CacheKey, String) {
-        let session = if self.config.session_per_pod {
-            Session::Pod {
-                uid: decision.pod.uid.clone(),
-            }
-        } else {
-            Session::Node
-        };
-        let session_name = if self.config.session_per_pod {
-            policy::pod_session_name(&decision.pod.namespace, &decision.pod.name)
-        } else {
-            policy::node_session_name(&self.config.node)
-        };
-        (
-            CacheKey {
-                role_arn: decision.role.as_str().to_owned(),
-                external_id: decision.external_id.clone(),
-                session,
-            },
-            session_name,
+    /// The cache key and session name; `peer` is the pod's address, which kube2iam's session
+    /// names carry (`None` when not answering a request).
+    fn cache_key(
+        &self,
+        decision: &Decision,
+        peer: Option<IpAddr>,
+    ) -> Result<(crate::credentials::CacheKey, String), crate::session_tags::Missing> {
+        let kube2iam_name = peer
+            .filter(|_| self.config.kube2iam_session_names)
+            .map(|ip| policy::kube2iam_session_name(ip, &decision.role));
+        // The key does not depend on whether the address is known: kube2iam's names are one
+        // session per pod, like --session-per-pod.
+        self.config.sessions.cache_key(
+            decision,
+            &self.config.decision.node,
+            self.config.session_per_pod || self.config.kube2iam_session_names,
+            kube2iam_name,
         )
     }
 
-    /// Starts fetching credentials for a pod the watch just saw, if it would get a role.
+    /// Starts fetching credentials for a pod the watch just saw, if it would get a role: the
+    /// same decision a request from the pod would get, without waiting for anything.
     pub fn prefetch(self: &Arc<Self>, pod: &PodIdentity) {
-        let role = match &pod.role {
-            Annotation::Value(v) => v.clone(),
-            Annotation::Absent => match &self.config.default_role {
-                Some(d) => d.clone(),
-                None => return,
-            },
-            Annotation::Oversize(_) => return,
-        };
-        let Ok(role) = policy::resolve_role(&role, self.config.base_arn.as_ref()) else {
-            return;
-        };
-        let external_id = match &pod.external_id {
-            Annotation::Value(v) if policy::validate_external_id(v).is_ok() => Some(v.clone()),
-            Annotation::Absent => None,
-            _ => return,
-        };
-        if self.config.namespace_restrictions
-            && self.namespaces.synced()
-            && !matches!(
-                self.namespaces.get(&pod.namespace),
-                Some(Some(Ok(allowed))) if allowed.allows(&role, self.config.base_arn.as_ref())
-            )
-        {
+        if self.config.kube2iam_session_names {
+            // Those names carry the pod's address, which the watch does not hand over here.
             return;
         }
-        let decision = Decision {
-            pod: pod.clone(),
-            role,
-            external_id,
-        };
-        let (key, session_name) = self.cache_key(&decision);
-        self.cache.prefetch(key, &session_name);
+        let namespace = self.namespace_of(&pod.namespace);
+        let account = self.account_of(pod);
+        if let Outcome::Ok(decision) =
+            decision::role(&self.config.decision, pod, &namespace, &account, false)
+            && let Ok((key, session_name)) = self.cache_key(&decision, None)
+        {
+            self.cache.prefetch(key, &session_name);
+        }
     }
 
     fn check_token(&self, request: &Request<Incoming>, peer: IpAddr) -> Result<(), Reply> {
@@ -395,8 +363,16 @@ impl State {
         }
     }
 
-    async fn credentials(&self, decision: &Decision) -> Result<String, Reply> {
-        let (key, session_name) = self.cache_key(decision);
+    async fn credentials(&self, decision: &Decision, peer: IpAddr) -> Result<String, Reply> {
+        let (key, session_name) = self.cache_key(decision, Some(peer)).map_err(|missing| {
+            Reply::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "kube2iam-ebpf: pod {}: {missing} is not known yet; try again",
+                    decision.pod.display_name()
+                ),
+            )
+        })?;
         let creds = self.cache.get(&key, &session_name).await.map_err(|e| {
             let status = match e {
                 StsError::Denied { .. } => StatusCode::FORBIDDEN,
@@ -421,10 +397,52 @@ impl State {
             .map_err(|e| Reply::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
     }
 
+    /// Answers one request, counts it and logs it (refusals rate-limited per caller and status).
+    async fn answer(
+        &self,
+        request: Request<Incoming>,
+        caller: &Caller,
+        peer: IpAddr,
+    ) -> Response<Full<Bytes>> {
+        let started = Instant::now();
+        let method = request.method().clone();
+        let uri_path = request.uri().path().to_owned();
+        let (route, response, role) = self.handle(request, caller, peer).await;
+        let status = response.status();
+        let latency_us = started.elapsed().as_micros() as u64;
+        self.stats
+            .observe(route, status.as_u16(), started.elapsed());
+        let attested = caller.label();
+        if status.is_client_error() && status != StatusCode::UNAUTHORIZED
+            || status.is_server_error()
+        {
+            let key = format!("{peer} {}", status.as_u16());
+            if let Some(suppressed) = self.refusal_log.allow(&key) {
+                let pod = self
+                    .registry
+                    .lookup(peer)
+                    .ok()
+                    .flatten()
+                    .map(|p| p.display_name());
+                tracing::warn!(peer = %peer, pod, role, attested, %method, path = uri_path, route, status = status.as_u16(), latency_us, suppressed, "request refused");
+            }
+        } else if tracing::enabled!(tracing::Level::DEBUG) {
+            let pod = self
+                .registry
+                .lookup(peer)
+                .ok()
+                .flatten()
+                .map(|p| p.display_name());
+            tracing::debug!(peer = %peer, pod, role, attested, %method, path = uri_path, route, status = status.as_u16(), latency_us, "request");
+        }
+        response
+    }
+
     /// Answers one request. Returns the route label (metrics) and the response.
     async fn handle(
         &self,
         request: Request<Incoming>,
+        caller: &Caller,
         peer: IpAddr,
     ) -> (&'static str, Response<Full<Bytes>>, Option<String>) {
         if let Some(size) = oversized_body(&request) {
@@ -453,7 +471,23 @@ impl State {
             }
         };
         let method = request.method().clone();
+        if normalized == health::PATH {
+            // For the node itself (kubelet's probes) and its pods; other hosts are refused, as
+            // on every route.
+            if !health::from_node(peer, self.config.host_ip)
+                && let Err(r) = self.caller_pod(caller, peer).await
+            {
+                return ("refused", text(r.status, r.body), None);
+            }
+            return ("healthz", self.healthz().await, None);
+        }
         let route = path::route(&method, &normalized, &self.config.rules);
+        // Every route is for the pods of this node only: the token and the proxy too.
+        let pod = match self.caller_pod(caller, peer).await {
+            Ok(pod) => pod,
+            Err(r) => return ("refused", text(r.status, r.body), None),
+        };
+        let _ = pod;
         if route == Route::Token {
             return ("token", self.issue_token(&request, peer), None);
         }
@@ -482,26 +516,28 @@ impl State {
                 None,
             ),
             Route::CredentialsList => {
-                let result = self.decide(peer).await;
+                let result = self.decide(caller, peer).await;
                 let role = result.as_ref().ok().map(|d| d.role.as_str().to_owned());
                 let body = result.map(|d| {
-                    policy::listed_name(&d.role, self.config.base_arn.as_ref()).to_owned()
+                    policy::listed_name(&d.role, self.config.decision.base_arn.as_ref()).to_owned()
                 });
                 ("credentials_list", reply(body), role)
             }
             Route::Credentials(name) => {
-                let result = self.decide(peer).await;
+                let result = self.decide(caller, peer).await;
                 let role = result.as_ref().ok().map(|d| d.role.as_str().to_owned());
                 let body = match result {
                     Ok(decision) => {
-                        let listed =
-                            policy::listed_name(&decision.role, self.config.base_arn.as_ref());
+                        let listed = policy::listed_name(
+                            &decision.role,
+                            self.config.decision.base_arn.as_ref(),
+                        );
                         let same = name == listed
                             || name == decision.role.as_str()
-                            || policy::resolve_role(&name, self.config.base_arn.as_ref())
+                            || policy::resolve_role(&name, self.config.decision.base_arn.as_ref())
                                 .is_ok_and(|r| r == decision.role);
                         if same {
-                            self.credentials(&decision).await
+                            self.credentials(&decision, peer).await
                         } else {
                             let body = format!(
                                 "kube2iam-ebpf: pod {} has role {listed}, not {name}",
@@ -517,7 +553,7 @@ impl State {
                 ("credentials", reply(body), role)
             }
             Route::IamInfo => {
-                let result = self.decide(peer).await;
+                let result = self.decide(caller, peer).await;
                 let role = result.as_ref().ok().map(|d| d.role.as_str().to_owned());
                 let body = result.map(|d| {
                     serde_json::json!({
@@ -530,24 +566,15 @@ impl State {
                 });
                 ("iam_info", reply(body), role)
             }
-            Route::Blocked(what) => (
+            Route::Blocked(refusal) => (
                 "blocked",
-                text(
-                    StatusCode::FORBIDDEN,
-                    format!(
-                        "kube2iam-ebpf: {normalized} ({what}) is blocked for pods; allow it with \
-                         --allow-path '<regex>'"
-                    ),
-                ),
+                text(StatusCode::FORBIDDEN, refusal.message(&normalized)),
                 None,
             ),
             Route::Proxy => {
-                let query = request
-                    .uri()
-                    .query()
-                    .map(|q| format!("?{q}"))
-                    .unwrap_or_default();
-                let target = format!("{}{query}", path::encode(&normalized));
+                // IMDS takes no query parameters: none is forwarded, so nothing a pod writes
+                // after `?` reaches the upstream.
+                let target = path::encode(&normalized);
                 let accept = request
                     .headers()
                     .get(header::ACCEPT)
@@ -574,6 +601,76 @@ impl State {
     }
 }
 
+/// Connections that did not come through the redirect, held at once while they get their 403.
+const UNATTESTED_CONNECTIONS: usize = 64;
+/// How long such a connection has to send its request.
+const UNATTESTED_HEADER_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Answers 503 and closes, without reading the request.
+async fn reject_busy(mut stream: tokio::net::TcpStream, why: &'static str) {
+    let body = format!("kube2iam-ebpf: {why}; try again\n");
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = stream.write_all(head.as_bytes()).await;
+    let _ = stream.write_all(body.as_bytes()).await;
+}
+
+/// Whose share of the connections a connection counts against: the pod the kernel names, else
+/// the source address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum CallerKey {
+    Pod(String),
+    Address(IpAddr),
+}
+
+impl CallerKey {
+    fn of(caller: &Caller, peer: IpAddr) -> CallerKey {
+        match caller {
+            Caller::Pod { uid, .. } => CallerKey::Pod(uid.clone()),
+            _ => CallerKey::Address(peer),
+        }
+    }
+}
+
+/// One open connection of a caller, counted while it lives.
+struct CallerSlot {
+    state: Arc<State>,
+    key: CallerKey,
+}
+
+impl CallerSlot {
+    fn take(state: &Arc<State>, key: CallerKey) -> Option<CallerSlot> {
+        let mut open = state.per_caller.lock().unwrap_or_else(|p| p.into_inner());
+        let count = open.entry(key.clone()).or_insert(0);
+        if *count >= state.config.max_connections_per_caller {
+            return None;
+        }
+        *count += 1;
+        Some(CallerSlot {
+            state: state.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for CallerSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .state
+            .per_caller
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = open.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
 /// Serves pods on `listener` until `shutdown` fires, then drains in-flight requests (bounded).
 pub async fn serve(
     listener: TcpListener,
@@ -582,8 +679,9 @@ pub async fn serve(
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(state.config.max_connections));
+    let unattested = Arc::new(Semaphore::new(UNATTESTED_CONNECTIONS));
     loop {
-        let (mut stream, peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -594,54 +692,65 @@ pub async fn serve(
             },
             _ = shutdown.changed() => break,
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            state.stats.rejected_connection();
-            tokio::spawn(async move {
-                let _ = stream
-                    .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-                    .await;
-            });
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
         let peer_ip = peer.ip().to_canonical();
-        let state_for_conn = state.clone();
-        let service = service_fn(move |request: Request<Incoming>| {
-            let state = state_for_conn.clone();
-            async move {
-                let started = Instant::now();
-                let method = request.method().clone();
-                let uri_path = request.uri().path().to_owned();
-                let (route, response, role) = state.handle(request, peer_ip).await;
-                let status = response.status();
-                state
-                    .stats
-                    .observe(route, status.as_u16(), started.elapsed());
-                let pod = state
-                    .registry
-                    .lookup(peer_ip)
-                    .ok()
-                    .flatten()
-                    .map(|p| p.display_name());
-                if status.is_client_error() && status != StatusCode::UNAUTHORIZED
-                    || status.is_server_error()
-                {
-                    tracing::warn!(peer = %peer_ip, pod, role, %method, path = uri_path, route, status = status.as_u16(), latency_us = started.elapsed().as_micros() as u64, "request refused");
-                } else {
-                    tracing::debug!(peer = %peer_ip, pod, role, %method, path = uri_path, route, status = status.as_u16(), latency_us = started.elapsed().as_micros() as u64, "request");
-                }
-                Ok::<_, Infallible>(response)
-            }
-        });
-        let connection = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(state.config.header_read_timeout)
-            .max_buf_size(state.config.max_header_bytes.max(8192))
-            .keep_alive(true)
-            .serve_connection(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection);
+        let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().unwrap_or(peer);
+        let watcher = graceful.watcher();
+        let (state, permits, unattested) = (state.clone(), permits.clone(), unattested.clone());
         tokio::spawn(async move {
-            let _ = connection.await;
+            // Who is calling decides which slots the connection may take.
+            let caller = attest::identify(
+                state.config.decision.attestation,
+                state.attestation.map.as_ref(),
+                &state.attestation.cgroups,
+                state.attestation.host_netns_cookie,
+                peer,
+                local,
+            )
+            .await;
+            state.stats.caller(caller.label());
+            let (permit, slot, header_timeout) = if caller == Caller::Unattested {
+                // Not through the redirect on this node: it only gets its refusal, from a small
+                // pool of its own with a short header timeout, never a pod's slot.
+                let Ok(permit) = unattested.try_acquire_owned() else {
+                    return;
+                };
+                (permit, None, UNATTESTED_HEADER_TIMEOUT)
+            } else {
+                let Ok(permit) = permits.try_acquire_owned() else {
+                    state.stats.rejected_connection();
+                    reject_busy(stream, "the agent's --max-connections are open").await;
+                    return;
+                };
+                // One caller (a pod, by its attested UID where the kernel names it) cannot take
+                // every slot.
+                let Some(slot) = CallerSlot::take(&state, CallerKey::of(&caller, peer_ip)) else {
+                    state.stats.rejected_connection();
+                    reject_busy(
+                        stream,
+                        "this caller's --max-connections-per-caller are open",
+                    )
+                    .await;
+                    return;
+                };
+                (permit, Some(slot), state.config.header_read_timeout)
+            };
+            let keep_alive = slot.is_some();
+            let caller = Arc::new(caller);
+            let state_for_conn = state.clone();
+            let service = service_fn(move |request: Request<Incoming>| {
+                let state = state_for_conn.clone();
+                let caller = caller.clone();
+                async move { Ok::<_, Infallible>(state.answer(request, &caller, peer_ip).await) }
+            });
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .max_buf_size(state.config.max_header_bytes.max(8192))
+                .keep_alive(keep_alive)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = watcher.watch(connection).await;
+            drop(slot);
             drop(permit);
         });
     }

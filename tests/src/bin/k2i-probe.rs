@@ -2,9 +2,11 @@
 //!
 //! Run inside a pod. `--addr <ip:port>` (IPv6 as `[..]:port`), `--socket inet|inet6` (default by
 //! the address family; `inet6` with an IPv4-mapped address clears IPV6_V6ONLY), `--fastopen`
-//! (send the request with `sendto(MSG_FASTOPEN)` instead of `connect()`). Prints
-//! `{"ok":..,"errno":..,"error":..,"peer":..,"body":..}` and exits 0 also when the connection
-//! fails: the JSON tells.
+//! (send the request with `sendto(MSG_FASTOPEN)` instead of `connect()`), `--hold` (once
+//! connected, print `connected <local ip:port>` on stderr and wait for stdin to close before
+//! sending the request: the connection stays open while a test looks at the kernel's state).
+//! Prints `{"ok":..,"errno":..,"error":..,"peer":..,"body":..}` and exits 0 also when the
+//! connection fails: the JSON tells.
 
 use std::{
     io,
@@ -30,12 +32,14 @@ struct Args {
     addr: SocketAddr,
     family: Family,
     fastopen: bool,
+    hold: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut addr = None;
     let mut family = None;
     let mut fastopen = false;
+    let mut hold = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -55,9 +59,10 @@ fn parse_args() -> Result<Args, String> {
                 });
             }
             "--fastopen" => fastopen = true,
+            "--hold" => hold = true,
             "-h" | "--help" => {
                 return Err(
-                    "usage: k2i-probe --addr <ip:port> [--socket inet|inet6] [--fastopen]"
+                    "usage: k2i-probe --addr <ip:port> [--socket inet|inet6] [--fastopen] [--hold]"
                         .to_owned(),
                 );
             }
@@ -73,6 +78,7 @@ fn parse_args() -> Result<Args, String> {
         addr,
         family,
         fastopen,
+        hold,
     })
 }
 
@@ -173,6 +179,9 @@ fn run(args: &Args, result: &mut ProbeResult) -> Result<(), Failure> {
         }
     }
     result.peer = peer_name(fd);
+    if args.hold {
+        hold(fd)?;
+    }
     while sent < REQUEST.len() {
         let rest = &REQUEST[sent..];
         // SAFETY: `rest` is a valid buffer.
@@ -201,6 +210,28 @@ fn run(args: &Args, result: &mut ProbeResult) -> Result<(), Failure> {
         result.body = Some(String::from_utf8_lossy(&body).into_owned());
     }
     read
+}
+
+/// Reports the connected socket's local address on stderr, then waits until stdin closes.
+fn hold(fd: libc::c_int) -> Result<(), Failure> {
+    use std::io::{Read as _, Write as _};
+    // SAFETY: sockaddr_storage is plain data; all-zero is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `storage` has room for `len` bytes.
+    if unsafe { libc::getsockname(fd, (&raw mut storage).cast(), &mut len) } != 0 {
+        return Err(Failure::os("getsockname"));
+    }
+    let local = socket_addr(&storage).ok_or_else(|| Failure {
+        errno: None,
+        error: "getsockname: not an IP address".into(),
+    })?;
+    let mut stderr = io::stderr();
+    let _ = writeln!(stderr, "connected {local}");
+    let _ = stderr.flush();
+    let mut rest = Vec::new();
+    let _ = io::stdin().read_to_end(&mut rest);
+    Ok(())
 }
 
 fn setsockopt<T>(
@@ -283,18 +314,28 @@ fn peer_name(fd: libc::c_int) -> Option<String> {
     if rc != 0 {
         return None;
     }
+    socket_addr(&storage).map(|addr| addr.to_string())
+}
+
+/// The IP address and port in a socket address the kernel wrote.
+fn socket_addr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
     match storage.ss_family as libc::c_int {
         libc::AF_INET => {
             // SAFETY: the kernel wrote a sockaddr_in.
-            let sin: libc::sockaddr_in = unsafe { std::ptr::read((&raw const storage).cast()) };
+            let sin: libc::sockaddr_in =
+                unsafe { std::ptr::read((storage as *const libc::sockaddr_storage).cast()) };
             let ip = Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
-            Some(SocketAddr::new(IpAddr::V4(ip), u16::from_be(sin.sin_port)).to_string())
+            Some(SocketAddr::new(IpAddr::V4(ip), u16::from_be(sin.sin_port)))
         }
         libc::AF_INET6 => {
             // SAFETY: the kernel wrote a sockaddr_in6.
-            let sin6: libc::sockaddr_in6 = unsafe { std::ptr::read((&raw const storage).cast()) };
+            let sin6: libc::sockaddr_in6 =
+                unsafe { std::ptr::read((storage as *const libc::sockaddr_storage).cast()) };
             let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
-            Some(SocketAddr::new(IpAddr::V6(ip), u16::from_be(sin6.sin6_port)).to_string())
+            Some(SocketAddr::new(
+                IpAddr::V6(ip),
+                u16::from_be(sin6.sin6_port),
+            ))
         }
         _ => None,
     }

@@ -4,19 +4,23 @@
 //!
 //! What it serves:
 //! - discovery: `/api`, `/api/v1`, `/apis`, `/apis/events.k8s.io[/v1]`, `/version`, `/healthz`;
-//! - pods, namespaces and events (core `v1` and `events.k8s.io/v1`): list, get, watch, create,
-//!   update, patch (merge, strategic-merge as merge, JSON patch) and delete, on the collection,
-//!   namespaced and item paths (and the deprecated `/watch/` prefix);
+//! - pods, namespaces, service accounts and events (core `v1` and `events.k8s.io/v1`): list,
+//!   get, watch, create, update, patch (merge, strategic-merge as merge, JSON patch) and delete,
+//!   on the collection, namespaced and item paths (and the deprecated `/watch/` prefix);
 //! - lists with `resourceVersion` + `resourceVersionMatch` (`NotOlderThan`, `Exact` by rewinding
 //!   the history), `limit`/`continue` paging (ignored for `resourceVersion=0`, as the watch
 //!   cache does), `fieldSelector`, `labelSelector`; `Table` and `PartialObjectMetadata` output
-//!   when the `Accept` header asks for them (kubectl does);
+//!   when the `Accept` header asks for them (kubectl does; kube-rs's metadata-only watches do),
+//!   bookmarks included;
 //! - watches streaming newline-delimited JSON events over chunked encoding from any
 //!   resourceVersion still in the history, synthetic ADDED events for a watch without one (or
 //!   `0`, or `sendInitialEvents=true`, which ends them with an `initial-events-end` BOOKMARK),
 //!   periodic BOOKMARKs when allowed, ADDED/DELETED for objects moving in or out of a selector,
 //!   the stream closed after `timeoutSeconds`, and an ERROR event with a 410 `Expired` Status for
 //!   a resourceVersion older than the history (as the API server sends after compaction).
+//!
+//! It runs no controllers: namespaces get no `default` ServiceAccount (kube-controller-manager
+//! creates those), and deleting a namespace leaves its objects.
 //!
 //! One resourceVersion counter is shared by all objects, as etcd's revision is. Tests drive the
 //! state through [`KubeApi`]'s methods and inject faults with [`KubeApi::compact`],
@@ -45,7 +49,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 pub use kubectl::{debian_kubectl, debian_kubectl_dir};
-pub use objects::{KubeObject, namespace, new_uid, parse_rfc3339, pod, rfc3339};
+pub use objects::{KubeObject, namespace, new_uid, parse_rfc3339, pod, rfc3339, service_account};
 pub use store::{ApiError, Resource};
 
 use crate::process::enter_netns_on_this_thread;
@@ -95,6 +99,8 @@ pub struct ApiRequest {
     pub kind: RequestKind,
     pub resource: Option<Resource>,
     pub user_agent: Option<String>,
+    /// The `Accept` header (the representation asked for: `as=Table`, `as=PartialObjectMetadata`).
+    pub accept: Option<String>,
     /// The body of a write.
     pub body: Option<String>,
 }
@@ -417,6 +423,57 @@ impl KubeApi {
 
     pub fn namespaces(&self) -> Vec<Value> {
         self.objects(Resource::Namespaces)
+    }
+
+    // --- service accounts -------------------------------------------------------------------
+
+    /// Creates a service account (and its namespace if missing); returns it as stored. Panics if
+    /// it exists.
+    pub fn add_service_account(&self, account: KubeObject) -> Value {
+        let account = account.into_value();
+        let namespace = account["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_owned();
+        self.write(|store| {
+            if store
+                .get(Resource::Namespaces, &Self::key("", &namespace))
+                .is_none()
+            {
+                store.create(
+                    Resource::Namespaces,
+                    None,
+                    objects::namespace(&namespace).into_value(),
+                )?;
+            }
+            store.create(Resource::ServiceAccounts, Some(&namespace), account)
+        })
+        .unwrap_or_else(|e| panic!("add_service_account: {}", e.message))
+    }
+
+    /// Sets (`Some`) or removes (`None`) a service account annotation.
+    pub fn annotate_service_account(
+        &self,
+        namespace: &str,
+        name: &str,
+        key: &str,
+        value: Option<&str>,
+    ) -> Value {
+        self.update(
+            Resource::ServiceAccounts,
+            &Self::key(namespace, name),
+            |account| objects::set_map_entry(account, "annotations", key, value),
+        )
+    }
+
+    /// Deletes a service account (a DELETED event); returns its last state.
+    pub fn delete_service_account(&self, namespace: &str, name: &str) -> Value {
+        self.write(|store| store.delete(Resource::ServiceAccounts, &Self::key(namespace, name)))
+            .unwrap_or_else(|e| panic!("delete_service_account: {}", e.message))
+    }
+
+    pub fn get_service_account(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.get(Resource::ServiceAccounts, &Self::key(namespace, name))
     }
 
     // --- events -----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-//! Building realistic Kubernetes objects (pods, namespaces) as JSON, and the small pieces of
+//! Building realistic Kubernetes objects (pods, namespaces, service accounts) as JSON, and the small pieces of
 //! metadata the API server fills in: UIDs, RFC 3339 timestamps, generated names.
 
 use std::{
@@ -206,6 +206,18 @@ pub fn namespace(name: &str) -> KubeObject {
             },
             "spec": {"finalizers": ["kubernetes"]},
             "status": {"phase": "Active"},
+        }),
+    }
+}
+
+/// A ServiceAccount as the API server stores it since Kubernetes 1.24: metadata only (no token
+/// secrets are listed).
+pub fn service_account(namespace: &str, name: &str) -> KubeObject {
+    KubeObject {
+        value: json!({
+            "kind": "ServiceAccount",
+            "apiVersion": "v1",
+            "metadata": {"name": name, "namespace": namespace},
         }),
     }
 }

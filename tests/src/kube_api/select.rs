@@ -53,7 +53,7 @@ fn supported_fields(resource: Resource) -> &'static [&'static str] {
             "source",
             "type",
         ],
-        Resource::EventsV1 => &["metadata.name", "metadata.namespace"],
+        Resource::EventsV1 | Resource::ServiceAccounts => &["metadata.name", "metadata.namespace"],
     }
 }
 

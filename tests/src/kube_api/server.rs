@@ -207,6 +207,7 @@ fn parse_target(path: &str) -> Option<Target> {
             ("namespaces", false) => Some(Resource::Namespaces),
             ("events", false) => Some(Resource::Events),
             ("events", true) => Some(Resource::EventsV1),
+            ("serviceaccounts", false) => Some(Resource::ServiceAccounts),
             _ => None,
         }
     };
@@ -280,6 +281,7 @@ async fn handle(
         kind,
         resource: target.as_ref().map(|t| t.resource),
         user_agent: header("user-agent"),
+        accept: header("accept"),
         body: (!body.is_empty()).then(|| String::from_utf8_lossy(&body).into_owned()),
     });
     let format = Format::from_accept(header("accept").as_deref(), query.get("includeObject"));
@@ -391,6 +393,9 @@ fn core_resources() -> Value {
              "storageVersionHash": "xPOwRZ+Yhw8="},
             {"name": "pods/status", "singularName": "", "namespaced": true, "kind": "Pod",
              "verbs": ["get", "patch", "update"]},
+            {"name": "serviceaccounts", "singularName": "serviceaccount", "namespaced": true,
+             "kind": "ServiceAccount", "verbs": VERBS, "shortNames": ["sa"],
+             "storageVersionHash": "pbx9ZvyFpBE="},
         ],
     })
 }
@@ -639,14 +644,11 @@ fn list(
             "kind": "PartialObjectMetadataList",
             "apiVersion": api_version,
             "metadata": metadata,
-            "items": page.iter().map(|o| {
-                let mut item = table::partial_metadata(o, api_version);
-                if let Some(map) = item.as_object_mut() {
-                    map.remove("kind");
-                    map.remove("apiVersion");
-                }
-                item
-            }).collect::<Vec<_>>(),
+            // The API server sets each item's kind and apiVersion (PartialObjectMetadata).
+            "items": page
+                .iter()
+                .map(|o| table::partial_metadata(o, api_version))
+                .collect::<Vec<_>>(),
         }),
     };
     Ok(json_response(StatusCode::OK, &body))
@@ -1158,6 +1160,8 @@ fn bookmark_object(resource: Resource, rv: u64, initial_events_end: bool) -> Val
             object["eventTime"] = Value::Null;
             object["regarding"] = json!({});
         }
+        // An empty ServiceAccount has nothing but its type and metadata.
+        Resource::ServiceAccounts => {}
     }
     object
 }
@@ -1225,11 +1229,14 @@ impl Sender {
     }
 
     async fn bookmark(&self, rv: u64, initial_events_end: bool) -> bool {
-        self.frame(event_line(
-            "BOOKMARK",
-            bookmark_object(self.resource, rv, initial_events_end),
-        ))
-        .await
+        let object = bookmark_object(self.resource, rv, initial_events_end);
+        // Every object of a watch goes through the representation the client asked for, the
+        // bookmark too: a metadata-only watch gets a PartialObjectMetadata bookmark.
+        let object = match self.format {
+            Format::Metadata { api_version } => table::partial_metadata(&object, api_version),
+            _ => object,
+        };
+        self.frame(event_line("BOOKMARK", object)).await
     }
 
     async fn error(&self, error: &ApiError) -> bool {

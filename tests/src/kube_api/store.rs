@@ -18,14 +18,17 @@ pub enum Resource {
     Events,
     /// `events.k8s.io/v1` events.
     EventsV1,
+    /// `v1` serviceaccounts.
+    ServiceAccounts,
 }
 
 impl Resource {
-    pub const ALL: [Resource; 4] = [
+    pub const ALL: [Resource; 5] = [
         Resource::Pods,
         Resource::Namespaces,
         Resource::Events,
         Resource::EventsV1,
+        Resource::ServiceAccounts,
     ];
 
     pub fn kind(self) -> &'static str {
@@ -33,6 +36,7 @@ impl Resource {
             Resource::Pods => "Pod",
             Resource::Namespaces => "Namespace",
             Resource::Events | Resource::EventsV1 => "Event",
+            Resource::ServiceAccounts => "ServiceAccount",
         }
     }
 
@@ -49,6 +53,7 @@ impl Resource {
             Resource::Pods => "pods",
             Resource::Namespaces => "namespaces",
             Resource::Events | Resource::EventsV1 => "events",
+            Resource::ServiceAccounts => "serviceaccounts",
         }
     }
 
@@ -195,6 +200,21 @@ fn group(resource: Resource) -> &'static str {
     }
 }
 
+/// Drops `metadata.labels` and `metadata.annotations` when empty: the API server's ObjectMeta
+/// serializes them `omitempty`, so a patch that removes the last annotation leaves no map.
+fn omit_empty_maps(object: &mut Value) {
+    if let Some(metadata) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+        for field in ["labels", "annotations"] {
+            if metadata
+                .get(field)
+                .is_some_and(|v| v.as_object().is_some_and(|m| m.is_empty()) || v.is_null())
+            {
+                metadata.remove(field);
+            }
+        }
+    }
+}
+
 pub struct Store {
     rv: u64,
     objects: BTreeMap<Resource, BTreeMap<Key, Value>>,
@@ -313,6 +333,7 @@ impl Store {
         }
         object["kind"] = json!(resource.kind());
         object["apiVersion"] = json!(resource.api_version());
+        omit_empty_maps(&mut object);
         let metadata = object_mut(&mut object, "metadata");
         // Namespace: from the path, which must agree with the object.
         let namespace = if resource.namespaced() {
@@ -396,7 +417,8 @@ impl Store {
         let metadata = object_mut(&mut object, "metadata");
         metadata.insert("resourceVersion".into(), json!(rv.to_string()));
         metadata.entry("generation").or_insert(json!(1));
-        if resource == Resource::Pods {
+        // Pods and ServiceAccounts have no spec generation.
+        if matches!(resource, Resource::Pods | Resource::ServiceAccounts) {
             metadata.remove("generation");
         }
         self.objects
@@ -450,6 +472,7 @@ impl Store {
                 };
             }
         }
+        omit_empty_maps(&mut object);
         if object == prev {
             // A no-op write does not bump the resourceVersion, as with a real API server.
             return Ok(prev);

@@ -163,6 +163,18 @@ fn columns(resource: Resource) -> Vec<Value> {
             column("Status", "string", "", "The status of the namespace", 0),
             age,
         ],
+        Resource::ServiceAccounts => vec![
+            name,
+            column(
+                "Secrets",
+                "string",
+                "",
+                "Secrets is a list of the secrets in the same namespace that pods running using \
+                 this ServiceAccount are allowed to use.",
+                0,
+            ),
+            age,
+        ],
         Resource::Events | Resource::EventsV1 => vec![
             name,
             column(
@@ -232,6 +244,12 @@ fn cells(resource: Resource, object: &Value) -> Vec<Value> {
         Resource::Events | Resource::EventsV1 => {
             vec![name, object["metadata"]["creationTimestamp"].clone()]
         }
+        // The Secrets cell is a number, as the API server's printer writes it.
+        Resource::ServiceAccounts => vec![
+            name,
+            json!(object["secrets"].as_array().map_or(0, Vec::len)),
+            json!(age(object)),
+        ],
     }
 }
 

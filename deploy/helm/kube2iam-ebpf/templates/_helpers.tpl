@@ -66,9 +66,19 @@ counterpart here fails to render with what to do instead, rather than crash-loop
 {{- if and (eq .Values.bpf.mountPropagation "Bidirectional") (not .Values.securityContext.privileged) }}
 {{- fail "bpf.mountPropagation=Bidirectional needs securityContext.privileged=true (Kubernetes allows bidirectional propagation only in privileged containers)" }}
 {{- end }}
+{{- if and .Values.sessionTags.scope (not (or .Values.sessionTags.clusterArn .Values.sessionTags.clusterName)) }}
+{{- fail "sessionTags.scope needs the cluster for the eks-cluster-arn and eks-cluster-name tags: set sessionTags.clusterArn (arn:aws:eks:<region>:<account>:cluster/<name>)" }}
+{{- end }}
 {{- if not (has .Values.updateStrategy (list "RollingUpdate" "OnDelete")) }}
 {{- fail (printf "updateStrategy %q: use RollingUpdate or OnDelete" .Values.updateStrategy) }}
 {{- end }}
+{{- if eq (toString .Values.prometheus.metricsPort) (toString .Values.host.port) }}
+{{- fail (printf "prometheus.metricsPort %v is also host.port: /metrics, /healthz and /readyz need a port of their own (the metadata port is for pods, and every pod could read metrics there; kube2iam served them on it when metricsPort was unset); set prometheus.metricsPort to another port, e.g. 9181" .Values.prometheus.metricsPort) }}
+{{- end }}
+{{- if hasPrefix "jtblin/kube2iam" .Values.image.repository }}
+{{- fail (printf "image.repository %s is kube2iam's image; set image.repository (and image.tag) to the image you built from deploy/Dockerfile (see README.md)" .Values.image.repository) }}
+{{- end }}
+{{- /* Flags the chart renders from values of its own. */}}
 {{- $managed := dict
   "host-ip" "set host.ip"
   "app-port" "set host.port"
@@ -78,50 +88,59 @@ counterpart here fails to render with what to do instead, rather than crash-loop
   "cgroup-path" "set cgroup.path"
   "host-interface" "set host.interface"
   "packet-guard" "set packetGuard"
-}}
-{{- $unsupported := dict
-  "iptables" "interception is done by eBPF programs in the kernel, there is no iptables rule: remove it"
-  "use-regional-sts-endpoint" "the regional STS endpoint is always used: remove it (aws.region or extraArgs.region picks the region)"
-  "insecure" "the API server's certificate is always verified: remove it"
-  "api-token" "use extraArgs.kubeconfig, or the in-cluster ServiceAccount the chart creates"
-  "backoff-max-interval" "a request from a pod the agent does not know yet waits for the pod watch instead of polling: use extraArgs.pod-wait (default 1s)"
-  "backoff-max-elapsed-time" "a request from a pod the agent does not know yet waits for the pod watch instead of polling: use extraArgs.pod-wait (default 1s)"
-  "cache-resync-period" "the watches relist after errors without dropping valid entries; there is no periodic resync: remove it"
-  "resolve-duplicate-cache-ips" "an IP always belongs to the newest live pod, without asking the API server: remove it"
-  "auto-discover-default-role" "not supported, because it hands every unannotated pod the node's own role: name a role with extraArgs.default-role"
-  "assume-role-arn" "not supported: the agent's own credentials come from the standard AWS chain (instance profile, existingSecret, AWS_* variables in extraEnv)"
-  "cache-sync-attempts" "the agent reports not ready (/readyz) until its watches have synced: remove it"
-  "healthcheck-interval" "the upstream check behind /readyz is built in: remove it"
-  "iam-role-session-name-key" "per-pod session names come from extraArgs.session-per-pod (namespace.pod), not an annotation"
-  "iam-enable-pod-identity-tags" "session tags are not supported: remove it"
-  "eks-cluster-arn" "session tags are not supported: remove it"
-  "eks-cluster-name" "session tags are not supported: remove it"
-  "verbose" "set verbose: true (or extraArgs.log-level: debug)"
+  "egress-guard" "set egressGuard"
+  "identity-attestation" "set identityAttestation"
+  "host-network-pods" "set hostNetworkPods"
   "version" "it prints the version and exits: remove it"
+  "session-tags" "set sessionTags.scope"
+  "cluster-arn" "set sessionTags.clusterArn"
+  "cluster-name" "set sessionTags.clusterName"
+  "source-identity" "set sessionTags.sourceIdentity"
+  "service-account-roles" "set serviceAccountRoles.enabled (it also grants the ServiceAccount watch)"
+  "service-account-role-key" "set serviceAccountRoles.annotation"
 }}
+{{- /* kube2iam's flags: the table the agent compiles in, so both refuse the same ones. */}}
+{{- $kube2iam := (.Files.Get "kube2iam-flags.json" | fromJson).flags }}
 {{- range $key, $value := .Values.extraArgs }}
 {{- if hasKey $managed $key }}
 {{- fail (printf "extraArgs.%s: %s" $key (get $managed $key)) }}
 {{- end }}
-{{- if hasKey $unsupported $key }}
-{{- fail (printf "extraArgs.%s is a kube2iam flag with no counterpart: %s (see docs/migrating-from-kube2iam.md)" $key (get $unsupported $key)) }}
+{{- $entry := get $kube2iam $key }}
+{{- if $entry }}
+{{- $off := or (eq (toString $value) "false") (eq (toString $value) "<nil>") }}
+{{- if or (eq $entry.action "refuse") (and (eq $entry.action "false-only") (not $off)) }}
+{{- fail (printf "extraArgs.%s: kube2iam's flag is not supported by kube2iam-ebpf: %s (see docs/migrating-from-kube2iam.md)" $key $entry.message) }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- end }}
 
 {{/*
-extraArgs as flags, in key order. kube2iam's `--iam-external-id` (the external-ID annotation key)
-is the agent's `--iam-external-id-key`.
+extraArgs as flags, in key order. kube2iam's flags go to the agent as they are: it takes them as
+kube2iam-flags.json says (`--iam-external-id` is another name of `--iam-external-id-key`).
 */}}
 {{- define "kube2iam-ebpf.extraArgs" -}}
 {{- range $key, $value := .Values.extraArgs }}
-{{- $flag := ternary "iam-external-id-key" $key (eq $key "iam-external-id") }}
 {{- if or (eq (toString $value) "true") (eq (toString $value) "") }}
-- --{{ $flag }}
+- --{{ $key }}
 {{- else if and (ne (toString $value) "false") (ne (toString $value) "<nil>") }}
-- {{ printf "--%s=%v" $flag $value | quote }}
+- {{ printf "--%s=%v" $key $value | quote }}
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/*
+livenessProbe, with the stable/kube2iam chart's `probe` (true/false, or its own timings) read
+into it.
+*/}}
+{{- define "kube2iam-ebpf.livenessProbe" -}}
+{{- $probe := deepCopy .Values.livenessProbe }}
+{{- if kindIs "map" .Values.probe }}
+{{- $probe = mergeOverwrite $probe .Values.probe }}
+{{- else if kindIs "bool" .Values.probe }}
+{{- $_ := set $probe "enabled" .Values.probe }}
+{{- end }}
+{{- toJson $probe }}
 {{- end }}
 
 {{/* The container securityContext. */}}

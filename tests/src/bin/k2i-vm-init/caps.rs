@@ -138,17 +138,28 @@ pub enum Scenario {
     Install,
     /// A restarted agent adopts the pinned links, and a pod's connect reaches it.
     Restart,
+    /// A restarted agent whose programs differ from the pinned ones swaps them through the
+    /// pinned links (BPF_LINK_UPDATE), as after an upgrade, and a pod's connect reaches it. The
+    /// new programs differ here by their kernel log level (`--log-level debug`), which makes the
+    /// agent replace them exactly as a new eBPF object would.
+    Upgrade,
     /// `kube2iam-agent uninstall` detaches and unpins everything.
     Uninstall,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 3] = [Scenario::Install, Scenario::Restart, Scenario::Uninstall];
+    pub const ALL: [Scenario; 4] = [
+        Scenario::Install,
+        Scenario::Restart,
+        Scenario::Upgrade,
+        Scenario::Uninstall,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Scenario::Install => "install",
             Scenario::Restart => "restart",
+            Scenario::Upgrade => "upgrade",
             Scenario::Uninstall => "uninstall",
         }
     }
@@ -221,6 +232,26 @@ fn trial(scenario: Scenario, node: &Node, caps: u64) -> Result<(), String> {
                         adopted
                             .then_some(())
                             .ok_or_else(|| "the links were not adopted".into())
+                    });
+                    let stopped = agent.terminate();
+                    done.and(stopped.map(drop))
+                })
+        }
+        Scenario::Upgrade => {
+            let mut first = VmAgent::start(&[], None).map_err(|e| format!("setup: {e}"))?;
+            first.kill9();
+            VmAgent::start(&["--log-level", "debug"], Some(caps))
+                .map_err(|e| first_line(&e))
+                .and_then(|mut agent| {
+                    let replaced = agent
+                        .lines()
+                        .iter()
+                        .filter(|l| l.contains("replaced the pinned program atomically"))
+                        .count();
+                    let done = redirected(node).and_then(|()| {
+                        (replaced > 0)
+                            .then_some(())
+                            .ok_or_else(|| "no program was replaced".into())
                     });
                     let stopped = agent.terminate();
                     done.and(stopped.map(drop))

@@ -8,7 +8,9 @@
 //! Kernel command line: `k2i.layout=v2|v1`, `k2i.caps=off|find|verify`, and for `verify`
 //! `k2i.caps.install=bpf+net_admin`, `k2i.caps.restart=...`, `k2i.caps.uninstall=...`.
 
+mod attest;
 mod caps;
+mod guard;
 mod report;
 mod suite;
 mod topology;

@@ -65,11 +65,14 @@ fn link_path(name: &str) -> PathBuf {
     Path::new(PIN_DIR).join("links").join(name)
 }
 
-const HOOK_LINKS: [(&str, AttachType); 4] = [
+const HOOK_LINKS: [(&str, AttachType); 6] = [
     ("k2i_connect4", AttachType::Inet4Connect),
     ("k2i_connect6", AttachType::Inet6Connect),
     ("k2i_getpeername4", AttachType::Inet4GetPeerName),
     ("k2i_getpeername6", AttachType::Inet6GetPeerName),
+    // The attestation hook.
+    ("k2i_sock_ops", AttachType::CgroupSockOps),
+    ("k2i_egress", AttachType::InetEgress),
 ];
 
 /// The link ids of the pinned links that exist.
@@ -135,7 +138,14 @@ fn assert_attached_at(cgroup: &Path, kernel: Kernel) -> String {
         );
         attached.push(format!("{name}=link {}", info.id));
     }
-    for map in ["K2I_CONFIG", "K2I_COUNTERS", "K2I_REVNAT"] {
+    for map in [
+        "K2I_CONFIG",
+        "K2I_COUNTERS",
+        "K2I_REVNAT",
+        "K2I_CONNECTING",
+        "K2I_ATTEST",
+        "K2I_HOST_PODS",
+    ] {
         assert!(
             Path::new(PIN_DIR).join(map).exists(),
             "map {map} is not pinned under {PIN_DIR}"
@@ -181,6 +191,19 @@ fn doctor_row<'a>(table: &'a str, check: &str) -> Option<&'a str> {
     table
         .lines()
         .find(|l| l.starts_with(check) && l[check.len()..].starts_with("  "))
+}
+
+/// A check's row with its continuation lines, joined.
+fn doctor_full_row(table: &str, check: &str) -> String {
+    let mut lines = table
+        .lines()
+        .skip_while(|l| !(l.starts_with(check) && l[check.len()..].starts_with("  ")));
+    let mut row = lines.next().unwrap_or("").to_owned();
+    for more in lines.take_while(|l| l.starts_with(' ')) {
+        row.push(' ');
+        row.push_str(more.trim());
+    }
+    row
 }
 
 /// The production-defaults suite (cgroup2 at /sys/fs/cgroup, bpffs at /sys/fs/bpf).
@@ -269,6 +292,20 @@ pub fn production(tally: &mut Tally, kernel: Kernel) -> Option<Node> {
         node.assert_no_leak();
         Outcome::Pass("IPv4, IPv6 and mapped sockets report the address they asked for".into())
     });
+    let mut attestation = None;
+    tally.run(
+        "attestation names the pod's cgroup and netns (cgroup2 layout)",
+        || {
+            let summary = crate::attest::cgroup2(&node);
+            attestation = Some(summary.clone());
+            node.assert_no_leak();
+            Outcome::Pass(summary)
+        },
+    );
+    emit(json!({
+        "event": "attestation",
+        "result": if attestation.is_some() { "pod cgroup" } else { "FAIL" },
+    }));
     tally.run("doctor sees the installed agent", || {
         let (code, line, table) = vmagent::doctor(None);
         assert_eq!(code, Some(0), "{table}");
@@ -316,6 +353,7 @@ pub fn production(tally: &mut Tally, kernel: Kernel) -> Option<Node> {
             after.iter().map(|(_, id)| *id).collect::<Vec<_>>()
         ))
     });
+    crate::guard::rows(tally, kernel, &node, &mut agent);
     tally.run("uninstall detaches and unpins everything", || {
         if let Some(mut agent) = agent.take() {
             let status = agent.terminate().unwrap_or_else(|e| panic!("{e}"));
@@ -361,6 +399,11 @@ pub fn legacy(tally: &mut Tally, kernel: Kernel, net_cls: Option<PathBuf>) {
     let doctor = run_doctor(tally, "doctor on the cgroup-v1 layout", |table| {
         let row = doctor_row(table, "cgroup2").unwrap_or("");
         assert!(row.contains("not mounted; mountable"), "cgroup2 row: {row}");
+        let row = doctor_full_row(table, "attestation");
+        assert!(
+            row.contains("WARN") && row.contains("prefer") && row.contains("require"),
+            "the attestation row names the fallback: {row}"
+        );
     });
     emit(json!({"event": "doctor", "summary": doctor}));
 
@@ -412,6 +455,20 @@ pub fn legacy(tally: &mut Tally, kernel: Kernel, net_cls: Option<PathBuf>) {
         assert!(result.ok && result.reached_imds_stub(), "{result:?}");
         Outcome::Pass("reached the metadata service directly".into())
     });
+    let mut attestation = None;
+    tally.run(
+        "attestation on the cgroup-v1 layout names the cgroup2 root",
+        || {
+            let summary = crate::attest::cgroup_v1(&node, Path::new(OWN_CGROUP2));
+            attestation = Some(summary.clone());
+            node.assert_no_leak();
+            Outcome::Pass(summary)
+        },
+    );
+    emit(json!({
+        "event": "attestation",
+        "result": if attestation.is_some() { "cgroup2 root" } else { "FAIL" },
+    }));
     tally.run(
         "pod in a net_cls cgroup with a class id still goes to the agent",
         || {

@@ -205,7 +205,14 @@ pub fn agent_command(args: &[&str], caps: Caps, timeout: Duration) -> Output {
 
 /// `kube2iam-agent doctor`: its output echoed to the console, the exit code and summary line.
 pub fn doctor(caps: Caps) -> (Option<i32>, String, String) {
-    let output = agent_command(&["doctor"], caps, Duration::from_secs(120));
+    doctor_with(&[], caps)
+}
+
+/// `kube2iam-agent doctor` with more flags, as [`doctor`].
+pub fn doctor_with(extra: &[&str], caps: Caps) -> (Option<i32>, String, String) {
+    let mut args = vec!["doctor"];
+    args.extend_from_slice(extra);
+    let output = agent_command(&args, caps, Duration::from_secs(120));
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     for line in stdout.lines() {
         println!("doctor| {line}");

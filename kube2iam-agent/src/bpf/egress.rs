@@ -1,0 +1,145 @@
+//! The egress backstop: `k2i_egress` (cgroup_skb/egress) on the cgroup the connect hooks are
+//! attached to. It drops packets that sockets in the cgroup address to the metadata service
+//! unless the socket connected there itself (which the connect hooks allow only in the host
+//! network namespace): a DNAT rule inside a pod, raw sockets and unconnected UDP reach the
+//! metadata address on whatever interface they leave by, so this does not depend on interface
+//! names as the tc guard does.
+//!
+//! Same lifecycle as the connect hooks: a bpf_link pinned at `<pin dir>/links/k2i_egress`, adopted
+//! by a restarted agent, its program swapped atomically through the link when it changed, and
+//! removed by `uninstall` (which detaches every pinned link).
+
+use std::{fs, io, os::fd::AsFd as _, path::Path};
+
+use aya::{
+    Ebpf,
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, links::FdLink},
+};
+use kube2iam_common::programs;
+
+use super::{Action, Error, ProgramReport, Result, sys};
+
+/// Where the link is pinned.
+pub fn link_path(pin_dir: &Path) -> std::path::PathBuf {
+    pin_dir.join("links").join(programs::EGRESS)
+}
+
+/// Attaches the backstop to `cgroup`, or adopts the pinned link (swapping its program when it
+/// differs from ours or `force_replace` is set).
+pub fn install(
+    ebpf: &mut Ebpf,
+    pin_dir: &Path,
+    cgroup: &Path,
+    cgroup_id: u64,
+    force_replace: bool,
+) -> Result<ProgramReport> {
+    let name = programs::EGRESS;
+    let program: &mut CgroupSkb = super::program_mut(ebpf, name)?;
+    program
+        .load()
+        .map_err(|source| Error::Program { name, source })?;
+    let path = link_path(pin_dir);
+    if path.exists() {
+        return adopt(program, &path, cgroup, cgroup_id, force_replace);
+    }
+    let cgroup_file = fs::File::open(cgroup)
+        .map_err(|e| Error::io(format!("open cgroup {}", cgroup.display()), e))?;
+    // A bpf_link on a cgroup is multi-program by nature; "Single" passes no flag (see
+    // `super::attach`).
+    let link_id = program
+        .attach(
+            &cgroup_file,
+            CgroupSkbAttachType::Egress,
+            CgroupAttachMode::Single,
+        )
+        .map_err(|source| Error::Program { name, source })?;
+    let link = program
+        .take_link(link_id)
+        .map_err(|source| Error::Program { name, source })?;
+    let link = FdLink::try_from(link).map_err(|e| {
+        Error::io(
+            format!("program {name}: the kernel made no bpf_link ({e})"),
+            io::ErrorKind::Unsupported.into(),
+        )
+    })?;
+    let info = link.info().map_err(|e| {
+        Error::io(
+            format!("read link info of {name}: {e}"),
+            io::ErrorKind::Other.into(),
+        )
+    })?;
+    link.pin(&path).map_err(|e| {
+        Error::io(
+            format!("pin link {name} at {}: {e}", path.display()),
+            io::ErrorKind::Other.into(),
+        )
+    })?;
+    Ok(ProgramReport {
+        name,
+        action: Action::Attached,
+        link_id: Some(info.id()),
+    })
+}
+
+fn adopt(
+    program: &CgroupSkb,
+    path: &Path,
+    cgroup: &Path,
+    cgroup_id: u64,
+    force_replace: bool,
+) -> Result<ProgramReport> {
+    let name = programs::EGRESS;
+    let link = sys::obj_get(path)
+        .map_err(|e| Error::io(format!("open pinned link {}", path.display()), e))?;
+    let info = sys::link_info(link.as_fd())
+        .map_err(|e| Error::io(format!("read info of pinned link {}", path.display()), e))?;
+    if info.cgroup_id != cgroup_id {
+        return Err(Error::PinnedElsewhere {
+            link: path.to_owned(),
+            pinned: info.cgroup_id,
+            cgroup: cgroup.to_owned(),
+            wanted: cgroup_id,
+        });
+    }
+    let new = program
+        .fd()
+        .map_err(|source| Error::Program { name, source })?;
+    let old_tag = sys::link_prog_tag(link.as_fd())
+        .map_err(|e| Error::io(format!("read the program tag of {}", path.display()), e))?;
+    let new_tag = sys::prog_tag(new.as_fd()).map_err(|e| Error::io("read new program tag", e))?;
+    if old_tag == new_tag && !force_replace {
+        return Ok(ProgramReport {
+            name,
+            action: Action::Adopted,
+            link_id: Some(info.id),
+        });
+    }
+    // With CAP_SYS_ADMIN the swap is guarded against a concurrent change; without, it swaps anyway.
+    let old = sys::prog_fd_by_id(info.prog_id).ok();
+    sys::link_update(link.as_fd(), new.as_fd(), old.as_ref().map(|o| o.as_fd()))
+        .map_err(|e| Error::io(format!("replace the program behind link {name}"), e))?;
+    tracing::info!(
+        program = name,
+        link_id = info.id,
+        "replaced the pinned program atomically"
+    );
+    Ok(ProgramReport {
+        name,
+        action: Action::Replaced,
+        link_id: Some(info.id),
+    })
+}
+
+/// Detaches and unpins the backstop (`--egress-guard false`); whether there was one.
+pub fn release(pin_dir: &Path) -> Result<bool> {
+    let path = link_path(pin_dir);
+    if !path.exists() {
+        return Ok(false);
+    }
+    if let Ok(link) = sys::obj_get(&path) {
+        // Kernels before 5.9 cannot force a detach; unpinning then drops the last reference.
+        let _ = sys::link_detach(link.as_fd());
+    }
+    fs::remove_file(&path).map_err(|e| Error::io(format!("unpin {}", path.display()), e))?;
+    Ok(true)
+}
