@@ -46,7 +46,7 @@ pub const PROGS_DIR: &str = "progs";
 /// takes a program only once, so putting the guard back in front of an interface whose link
 /// still holds one copy (behind another program) needs the other copy; a program opened from a
 /// pin cannot be loaded afresh.
-pub const SPARE_SUFFIX: &str = ".spare";
+pub const SPARE_SUFFIX: &str = "_spare";
 
 /// Whether this process is the loader child.
 pub fn is_child() -> bool {
@@ -280,7 +280,7 @@ fn guard_program_pin(pin_dir: &Path) -> PathBuf {
     pin_dir.join(PROGS_DIR).join(programs::GUARD)
 }
 
-/// `<pin dir>/progs/k2i_guard.spare`.
+/// `<pin dir>/progs/k2i_guard_spare` (bpffs takes no dots in names).
 fn spare_guard_program_pin(pin_dir: &Path) -> PathBuf {
     pin_dir
         .join(PROGS_DIR)
