@@ -134,20 +134,48 @@ fn a_restart_over_unchanged_pins_recreates_nothing_and_the_agent_holds_no_loader
         link_after.prog_id, link_before.prog_id,
         "an unchanged program is adopted, not replaced"
     );
-    // The long-lived agent never loaded the object: of the programs it holds only the guard's,
-    // opened from its pin; the loader child (which loaded everything) has exited.
+    // The long-lived agent never loaded the object: the programs it holds are the guard's two
+    // copies (the second puts the guard back in front on TCX), opened from their pins; the
+    // loader child (which loaded everything) has exited.
     let fds = fs::read_dir(format!("/proc/{}/fd", agent.pid())).expect("list the agent's fds");
-    let programs_held = fds
+    let mut programs_held: Vec<u32> = fds
         .flatten()
         .filter(|fd| {
             fs::read_link(fd.path())
                 .map(|target| target.to_string_lossy().contains("bpf-prog"))
                 .unwrap_or(false)
         })
-        .count();
+        .filter_map(|fd| {
+            let info = fs::read_to_string(format!(
+                "/proc/{}/fdinfo/{}",
+                agent.pid(),
+                fd.file_name().to_string_lossy()
+            ))
+            .ok()?;
+            info.lines()
+                .find_map(|line| line.strip_prefix("prog_id:"))
+                .and_then(|id| id.trim().parse().ok())
+        })
+        .collect();
+    programs_held.sort_unstable();
+    let progs = node.pin_path().join("progs");
+    let mut guard_copies: Vec<u32> = [
+        programs::GUARD.to_owned(),
+        format!("{}_spare", programs::GUARD),
+    ]
+    .iter()
+    .map(|name| {
+        let fd = bpf::obj_get(&progs.join(name))
+            .unwrap_or_else(|e| panic!("open the pinned program {name}: {e}"));
+        bpf::prog_info(fd.as_fd())
+            .unwrap_or_else(|e| panic!("read the pinned program {name}: {e}"))
+            .id
+    })
+    .collect();
+    guard_copies.sort_unstable();
     assert_eq!(
-        programs_held, 1,
-        "the agent should hold only the guard program it opened from its pin"
+        programs_held, guard_copies,
+        "the agent should hold only the guard's two copies it opened from their pins"
     );
     let children =
         fs::read_to_string(format!("/proc/{0}/task/{0}/children", agent.pid())).unwrap_or_default();
