@@ -65,6 +65,10 @@ pub const FLAG_AGENT_IP6: u32 = 1 << 1;
 /// Metadata connects from the host network namespace are redirected when the connecting task is
 /// in the cgroup of a pod listed in the host-pods map (`--host-network-pods`).
 pub const FLAG_HOST_PODS: u32 = 1 << 2;
+/// The agent reads no attestation records (`--identity-attestation off`): redirected connects
+/// record none, and sock_ops finds none to carry. Unset (as in configs written before the flag
+/// existed), every redirected connect is recorded.
+pub const FLAG_ATTEST_OFF: u32 = 1 << 3;
 
 /// Default metadata address, 169.254.169.254, as `bpf_sock_addr.user_ip4` holds it.
 pub const DEFAULT_METADATA_IP4: u32 = u32::from_ne_bytes([169, 254, 169, 254]);
