@@ -18,7 +18,7 @@ pub struct Args {
     /// Measure less, to try the harness; the numbers are not worth keeping.
     #[arg(long)]
     quick: bool,
-    /// Run only these parts (comma-separated): connect, get, cost, sts, memory, restart.
+    /// Run only these parts (comma-separated): connect, get, attest, cost, sts, memory, restart.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where the report goes. Default: BENCHMARKS.md for a full run, target/BENCHMARKS.partial.md
@@ -27,7 +27,9 @@ pub struct Args {
     out: Option<PathBuf>,
 }
 
-const PARTS: &[&str] = &["connect", "get", "cost", "sts", "memory", "restart"];
+const PARTS: &[&str] = &[
+    "connect", "get", "attest", "cost", "sts", "memory", "restart",
+];
 
 pub fn run(args: &Args) -> Result<()> {
     if !cmd::is_root() {

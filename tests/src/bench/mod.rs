@@ -10,7 +10,9 @@
 //!    in the path; conntrack on (the headline) and off;
 //! 2. [`get`]: credential requests end to end: the SDK's IMDSv2 fetch, a GET per new connection,
 //!    keep-alive, closed-loop throughput and open-loop load at fixed rates, against a bare hyper
-//!    server (the floor) and the DNAT rule, with the server's CPU time per request;
+//!    server (the floor) and the DNAT rule, with the server's CPU time per request; then
+//!    (2b, [`attest`]) what kernel-attested identity costs per connect (the record on and off
+//!    in one agent) and per request (`--identity-attestation require` against `off`);
 //! 3. [`cost`]: iperf3 through a pod interface with the packet guard and without;
 //! 4. [`sts`]: STS over TLS at 50–300 ms: the herd, prefetch, and a node drain;
 //! 5. [`scale`]: the agent's memory (RSS, smaps, its cgroup, the BPF maps) and latency with 0,
@@ -23,6 +25,7 @@
 //! `k2i-bench-client` ([`client`]) where no ready-made tool fits (open-loop load, the SDK's
 //! fetch, the herd).
 
+pub mod attest;
 pub mod client;
 pub mod connect;
 pub mod cost;

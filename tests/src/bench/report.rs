@@ -110,6 +110,62 @@ impl ConnectResult {
     }
 }
 
+/// Attestation per request: one mode (`require` or `off`) and kind of GET (new connection or
+/// keep-alive), over the rounds.
+pub struct AttestRequestRow {
+    pub mode: &'static str,
+    pub kind: GetMode,
+    pub dist: Dist,
+    pub round_p50: Vec<Option<f64>>,
+    pub round_p99: Vec<Option<f64>>,
+    /// The agent's CPU time per request, ns, per round.
+    pub round_cpu_ns: Vec<Option<f64>>,
+    pub errors: u64,
+}
+
+/// What attestation costs (issue 10): per connect, the same running agent with the kernel's
+/// record on and off; per request, the agent under `--identity-attestation require` and `off`.
+pub struct AttestResult {
+    pub connect_rows: Vec<ConnectRow>,
+    pub connect_rounds: usize,
+    pub per_batch: usize,
+    pub request_rows: Vec<AttestRequestRow>,
+    pub request_rounds: usize,
+    pub latency_ms: u64,
+}
+
+impl AttestResult {
+    /// `num`'s per-round connect medians over `den`'s.
+    pub fn connect_ratio(&self, num: &str, den: &str) -> Option<Interval> {
+        let row = |key: &str| self.connect_rows.iter().find(|r| r.key == key);
+        Interval::of_ratios(&row(num)?.round_medians, &row(den)?.round_medians)
+    }
+
+    fn request_row(&self, mode: &str, kind: GetMode) -> Option<&AttestRequestRow> {
+        self.request_rows
+            .iter()
+            .find(|r| r.mode == mode && r.kind == kind)
+    }
+
+    /// `require` over `off`, per round: p50, p99 and CPU per request.
+    pub fn request_ratios(
+        &self,
+        kind: GetMode,
+    ) -> (Option<Interval>, Option<Interval>, Option<Interval>) {
+        let (Some(on), Some(off)) = (
+            self.request_row("require", kind),
+            self.request_row("off", kind),
+        ) else {
+            return (None, None, None);
+        };
+        (
+            Interval::of_ratios(&on.round_p50, &off.round_p50),
+            Interval::of_ratios(&on.round_p99, &off.round_p99),
+            Interval::of_ratios(&on.round_cpu_ns, &off.round_cpu_ns),
+        )
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GetMode {
     /// The SDK's IMDSv2 fetch (token, listing, credentials; a connection each), one client.
@@ -357,6 +413,7 @@ pub struct Report {
     pub memory_cgroup: Option<String>,
     pub connect: Option<ConnectResult>,
     pub get: Option<GetResult>,
+    pub attest: Option<AttestResult>,
     pub cost: Option<CostResult>,
     pub sts: Option<StsResult>,
     pub memory: Option<MemoryResult>,
@@ -467,6 +524,7 @@ impl Report {
             memory_cgroup: None,
             connect: None,
             get: None,
+            attest: None,
             cost: None,
             sts: None,
             memory: None,
@@ -782,6 +840,9 @@ impl Report {
         if let Some(g) = &self.get {
             self.get_section(&mut out, g);
         }
+        if let Some(a) = &self.attest {
+            self.attest_section(&mut out, a);
+        }
         if let Some(c) = &self.cost {
             self.cost_section(&mut out, c);
         }
@@ -864,6 +925,106 @@ impl Report {
             ratio_text(c.ratio("o+g", "a")),
             ratio_text(c.ratio("b0", "a0")),
         );
+    }
+
+    fn attest_section(&self, out: &mut String, a: &AttestResult) {
+        let _ = writeln!(out, "## 2b. What attested identity costs\n");
+        let _ = writeln!(
+            out,
+            "Per connect: one agent, a pod laid out in a kubelet pod cgroup (systemd driver); {} \
+             rounds × {} connects per variant, interleaved, conntrack on, client and agent \
+             pinned as in part 1. The record on and off are the same build and programs one \
+             config flag apart (`FLAG_ATTEST_OFF`, which the agent writes for \
+             `--identity-attestation off`): with it on, connect4 reads the task's cgroup and its \
+             ancestors and writes `K2I_CONNECTING`, and sock_ops moves the record to \
+             `K2I_ATTEST` and asks for the close callback; with it off sock_ops still runs and \
+             finds nothing to move.\n",
+            a.connect_rounds, a.per_batch
+        );
+        let mut table = Table::new(&[
+            "variant",
+            "median",
+            "p99",
+            "per-round medians (range)",
+            "vs (a) [95 % interval]",
+        ]);
+        for r in &a.connect_rows {
+            let values: Vec<f64> = r.round_medians.iter().flatten().copied().collect();
+            let range = Interval::of(&values).map_or("–".into(), |i| {
+                format!(
+                    "{}–{}",
+                    fmt_ns(Some(i.min as u64)),
+                    fmt_ns(Some(i.max as u64))
+                )
+            });
+            table.row(vec![
+                r.label.clone(),
+                fmt_ns(r.dist.median()),
+                fmt_ns(r.dist.p99()),
+                range,
+                ratio_text(a.connect_ratio(r.key, "a")),
+            ]);
+        }
+        out.push_str(&table.markdown());
+        let _ = writeln!(
+            out,
+            "\nThe record's cost per connect: record on / record off {}.\n",
+            ratio_text(a.connect_ratio("b-att", "b-off"))
+        );
+        let _ = writeln!(
+            out,
+            "Per request: the agent restarted for each mode in each of {} rounds (modes \
+             alternating), the pod's credentials fetched once through STS, then {} ms of GETs \
+             from the pod: one per new connection, then over one kept-alive connection. \
+             `require` adds the kernel's record and the agent's lookup of the connection's \
+             record and of its cgroup's pod to `off`. Ratios are `require` over `off`, per \
+             round.\n",
+            a.request_rounds, a.latency_ms
+        );
+        let mut table = Table::new(&[
+            "GET",
+            "mode",
+            "p50",
+            "p99",
+            "agent CPU per request",
+            "errors",
+        ]);
+        for r in &a.request_rows {
+            let kind = match r.kind {
+                GetMode::Ka1 => "keep-alive",
+                _ => "new connection",
+            };
+            table.row(vec![
+                kind.into(),
+                format!("`{}`", r.mode),
+                fmt_ns(r.dist.median()),
+                fmt_ns(r.dist.p99()),
+                cpu_text(&r.round_cpu_ns),
+                r.errors.to_string(),
+            ]);
+        }
+        out.push_str(&table.markdown());
+        let mut ratios = Table::new(&[
+            "GET",
+            "p50 require/off",
+            "p99 require/off",
+            "CPU per request require/off",
+        ]);
+        for (kind, name) in [
+            (GetMode::New1, "new connection"),
+            (GetMode::Ka1, "keep-alive"),
+        ] {
+            let (p50, p99, cpu) = a.request_ratios(kind);
+            ratios.row(vec![
+                name.into(),
+                ratio_text(p50),
+                ratio_text(p99),
+                ratio_text(cpu),
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&ratios.markdown());
+        out.push('\n');
     }
 
     fn get_table(&self, g: &GetResult, mode: GetMode, conntrack: bool, out: &mut String) {

@@ -9,7 +9,7 @@ use std::{
 };
 
 use super::{
-    client_binary, connect, cost, get,
+    attest, client_binary, connect, cost, get,
     report::Report,
     restart, scale, sts,
     topology::{add_addresses, register, wait_known},
@@ -35,6 +35,9 @@ pub struct Options {
     pub connects_per_batch: usize,
     /// Rounds of the credential GET comparison.
     pub get_rounds: usize,
+    /// Rounds of the attestation per-request comparison (each restarts the agent once per
+    /// mode).
+    pub attest_rounds: usize,
     /// Milliseconds of a one-client latency run, of a closed-loop throughput run and of an
     /// open-loop run.
     pub latency_ms: u64,
@@ -70,12 +73,14 @@ pub struct Options {
     pub restart_interval_ms: u64,
     pub restart_total_ms: u64,
     pub restart_kill_at_ms: u64,
-    /// Run only these parts (connect, get, sts, memory, cost, restart); empty: all.
+    /// Run only these parts (connect, get, attest, sts, memory, cost, restart); empty: all.
     pub only: Vec<String>,
 }
 
 /// The parts, in the order they run.
-pub const PARTS: &[&str] = &["connect", "get", "sts", "memory", "cost", "restart"];
+pub const PARTS: &[&str] = &[
+    "connect", "get", "attest", "sts", "memory", "cost", "restart",
+];
 
 impl Options {
     pub fn full() -> Self {
@@ -83,6 +88,7 @@ impl Options {
             connect_rounds: 20,
             connects_per_batch: 400,
             get_rounds: 5,
+            attest_rounds: 10,
             latency_ms: 800,
             throughput_ms: 1500,
             open_ms: 1500,
@@ -116,6 +122,7 @@ impl Options {
             connect_rounds: 3,
             connects_per_batch: 200,
             get_rounds: 2,
+            attest_rounds: 2,
             latency_ms: 400,
             throughput_ms: 500,
             open_ms: 500,
@@ -207,7 +214,8 @@ fn uptime_s() -> f64 {
 
 /// The pods of the run. p0: the guarded pod of (b); p1: herd addresses; p2: prefetch and drain
 /// addresses; p3, p4: the scaling pods; p5: kube2iam's DNAT pod; p6: the floor's client; p7:
-/// unguarded, for connect4 alone and the unguarded throughput side.
+/// unguarded, for connect4 alone and the unguarded throughput side; p8: guarded, in a kubelet
+/// pod cgroup, for attestation.
 pub(super) struct Pods<'n> {
     pub p0: Pod<'n>,
     pub p1: Pod<'n>,
@@ -217,6 +225,7 @@ pub(super) struct Pods<'n> {
     pub p5: Pod<'n>,
     pub p6: Pod<'n>,
     pub p7: Pod<'n>,
+    pub p8: Pod<'n>,
 }
 
 /// Runs every benchmark and returns the results.
@@ -254,6 +263,7 @@ pub fn run(options: &Options) -> Report {
         p5: node.add_pod("p5"),
         p6: node.add_pod("p6"),
         p7: node.add_pod("p7"),
+        p8: node.add_pod("p8"),
     };
     register(
         &world.api,
@@ -296,6 +306,12 @@ pub fn run(options: &Options) -> Report {
     if options.wants("get") {
         progress("2. credential requests end to end");
         report.get = Some(get::run(&node, &world, &pods, &client, tmp.path(), options));
+    }
+    if options.wants("attest") {
+        progress("2b. what attested identity costs per connect and per request");
+        report.attest = Some(attest::run(
+            &node, &mut world, &pods.p8, &pods.p5, &client, options,
+        ));
     }
     if options.wants("cost") {
         progress("3. what the packet guard costs other traffic (iperf3)");

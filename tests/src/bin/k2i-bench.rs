@@ -4,7 +4,7 @@
 //! `k2i-bench [--quick] [--only PART,…] [--out FILE] [--command TEXT] [--revision TEXT]
 //! [--build-secs N]`:
 //! `--quick` measures less (for trying the harness; not for numbers); `--only` runs some of
-//! connect, get, cost, sts, memory, restart; `--command`, `--revision` and `--build-secs` are what the
+//! connect, get, attest, cost, sts, memory, restart; `--command`, `--revision` and `--build-secs` are what the
 //! report says produced it. Needs root, the release agent (`K2I_AGENT_BIN`), wrk, iptables,
 //! nft, openssl and iperf3.
 
