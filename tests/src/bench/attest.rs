@@ -68,6 +68,28 @@ impl Drop for RecordFlag<'_> {
     }
 }
 
+/// Removes the pod's kubelet cgroups again, also on panic. While any kubelet pod cgroup exists
+/// below the attach cgroup, `--identity-attestation prefer` (the default) refuses processes
+/// outside pod cgroups, which is where the other parts' clients run.
+struct KubeletLayout {
+    root: std::path::PathBuf,
+    container: std::path::PathBuf,
+}
+
+impl Drop for KubeletLayout {
+    fn drop(&mut self) {
+        // Deepest first, up to (not including) the attach cgroup; the clients have exited.
+        let mut dir = Some(self.container.as_path());
+        while let Some(d) = dir {
+            if d == self.root || !d.starts_with(&self.root) {
+                break;
+            }
+            let _ = std::fs::remove_dir(d);
+            dir = d.parent();
+        }
+    }
+}
+
 /// The agent's flags in this part: the run's own, plus the attestation mode.
 fn agent_flags(mode: &str) -> Vec<&str> {
     vec![
@@ -90,7 +112,11 @@ pub(super) fn run(
 ) -> AttestResult {
     // The pod as kubelet lays it out (systemd driver), so the kernel's record names it.
     let uid = kube_api::new_uid();
-    pod.use_kubelet_cgroup(CgroupDriver::Systemd, &uid);
+    let laid = pod.use_kubelet_cgroup(CgroupDriver::Systemd, &uid);
+    let layout = KubeletLayout {
+        root: node.cgroup_path().to_owned(),
+        container: laid.container,
+    };
     world.api.add_pod(
         kube_api::pod(
             "bench",
@@ -111,7 +137,9 @@ pub(super) fn run(
 
     let connect_rows = per_connect(node, world, pod, dnat_pod, client, o);
     let request_rows = per_request(node, world, pod, client, o);
-    // Later parts get the agent as the run started it.
+    // Later parts get the node and the agent as the run started them (p8 is not used again).
+    world.api.delete_pod("bench", "bench-attest");
+    drop(layout);
     world.kill_agent();
     world.start_agent(
         node,
