@@ -13,7 +13,10 @@ use aws_config::BehaviorVersion;
 use crate::{
     admin::{self, Admin, Readiness, Sources},
     attest::{self, CgroupPods, HostPodsMap},
-    bpf::{self, Action, Interception},
+    bpf::{
+        self,
+        loader::{LoadAction, Pinned},
+    },
     cli::RunArgs,
     credentials::{
         Admission, CacheSettings, CredentialCache, PREFETCH_WINDOW, PREFETCHES_PER_POD,
@@ -39,7 +42,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// interface or tc change) it also checks that the guard is still present and first on every
 /// matching interface, and puts it back in front where it is not.
 fn spawn_guard_watch(
-    interception: Arc<std::sync::Mutex<Interception>>,
+    interception: Arc<std::sync::Mutex<Pinned>>,
     resync: Duration,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let events = bpf::guard::link_events().context("watch network interfaces (netlink)")?;
@@ -84,22 +87,31 @@ fn spawn_guard_watch(
     }))
 }
 
-/// Installs (or adopts) the programs, logs what happened, and forwards their debug events.
-fn intercept(settings: &bpf::Settings) -> anyhow::Result<Interception> {
-    let mut interception = bpf::install(settings)?;
+/// Installs (or adopts) the programs in the loader child, logs what happened, and forwards
+/// their debug events.
+fn intercept(settings: &bpf::Settings) -> anyhow::Result<Pinned> {
+    let interception = bpf::loader::install(settings)?;
     log_programs(&interception, settings);
     if settings.kernel_debug_log {
-        spawn_kernel_log_reader(interception.ebpf_mut())?;
+        spawn_kernel_log_reader(&interception)?;
     }
     Ok(interception)
 }
 
-fn log_programs(interception: &Interception, settings: &bpf::Settings) {
+fn log_programs(interception: &Pinned, settings: &bpf::Settings) {
+    tracing::info!(
+        peak_rss_kib = interception.child_peak_kib,
+        elapsed_ms = interception.child_elapsed.as_millis() as u64,
+        recreated_maps = ?interception.recreated_maps,
+        "loader child done"
+    );
     for program in &interception.programs {
         match &program.action {
-            Action::Skipped(why) => tracing::info!(program = program.name, "skipped: {why}"),
+            LoadAction::Skipped(why) => {
+                tracing::info!(program = program.name.as_str(), "skipped: {why}")
+            }
             action => tracing::info!(
-                program = program.name,
+                program = program.name.as_str(),
                 link_id = program.link_id,
                 ?action,
                 "hook ready"
@@ -189,6 +201,7 @@ async fn sts_client(
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .region(region)
         .credentials_provider(credentials)
+        .http_client(crate::credentials::sts_http_client())
         .timeout_config(timeouts);
     if let Some(endpoint) = &args.sts_endpoint {
         loader = loader.endpoint_url(endpoint);
@@ -696,8 +709,11 @@ fn identity_map_capacity_differs(map: &crate::identity::BpfIdentityMap, wanted: 
 }
 
 /// Forwards the programs' aya-log events into our log.
-fn spawn_kernel_log_reader(ebpf: &mut aya::Ebpf) -> anyhow::Result<()> {
-    let logger = aya_log::EbpfLogger::init(ebpf).context("read the programs' log buffer")?;
+fn spawn_kernel_log_reader(interception: &Pinned) -> anyhow::Result<()> {
+    let id = interception
+        .attached_program_id()
+        .context("find the attached connect4 program for its log buffer")?;
+    let logger = aya_log::EbpfLogger::init_from_id(id).context("read the programs' log buffer")?;
     // SAFETY: the logger owns its ring buffer fd and keeps it open while the AsyncFd lives.
     let mut fd = unsafe {
         tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)

@@ -624,6 +624,7 @@ impl RunArgs {
             guard_netlink: self.packet_guard_netlink,
             host_network_pods: self.host_network_pods,
             egress_guard: self.egress_guard,
+            attestation_records: self.identity_attestation != AttestationMode::Off,
         })
     }
 }

@@ -106,6 +106,33 @@ pub trait Sts: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<Credentials, StsError>>;
 }
 
+/// STS connections kept open for reuse once idle. A burst of distinct roles (a node drain, a
+/// restart with every pod's role cold) opens one TLS connection per concurrent AssumeRole; the
+/// SDK's default pool would keep every one of them for 90 s, each holding its TLS and HTTP
+/// buffers (tens of KiB). A few cover the steady trickle of refreshes.
+const STS_IDLE_CONNECTIONS: usize = 4;
+
+/// The HTTP client for STS: the SDK's default (rustls with aws-lc, proxies from the
+/// environment), with at most [`STS_IDLE_CONNECTIONS`] idle connections kept.
+pub fn sts_http_client() -> aws_smithy_runtime_api::client::http::SharedHttpClient {
+    use aws_smithy_http_client::{
+        Builder, ConnectorBuilder, proxy::ProxyConfig, tls, tls::rustls_provider::CryptoMode,
+    };
+    // As the SDK builds its default client; the pool limit goes on the connector, which builds
+    // the hyper client that pools.
+    Builder::new().build_with_connector_fn(|settings, components| {
+        let mut connector = ConnectorBuilder::default()
+            .pool_max_idle_per_host(STS_IDLE_CONNECTIONS)
+            .tls_provider(tls::Provider::Rustls(CryptoMode::AwsLc));
+        connector.set_connector_settings(settings.cloned());
+        if let Some(components) = components {
+            connector.set_sleep_impl(components.sleep_impl());
+        }
+        connector.set_proxy_config(Some(ProxyConfig::from_env()));
+        connector.build()
+    })
+}
+
 /// aws-sdk-sts.
 pub struct SdkSts {
     client: aws_sdk_sts::Client,

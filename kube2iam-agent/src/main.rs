@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use kube2iam_agent::{
     agent, bpf,
-    cli::{Command, DoctorArgs, InspectArgs, InspectFormat, RunArgs, UninstallArgs},
+    cli::{Cli, Command, DoctorArgs, InspectArgs, InspectFormat, RunArgs, UninstallArgs},
     inspect, kube2iam, telemetry,
 };
 
@@ -29,6 +29,10 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(2);
     }
+    if bpf::loader::is_child() {
+        // The agent has logged the warnings about its flags already.
+        return loader_child(&cli);
+    }
     for warning in kube2iam_warnings {
         tracing::warn!("{warning}");
     }
@@ -46,6 +50,24 @@ fn main() -> ExitCode {
         Err(e) => {
             // `{:#}` prints the whole chain: what failed, then each cause.
             tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The short-lived child that loads and attaches the programs (see `bpf::loader`).
+fn loader_child(cli: &Cli) -> ExitCode {
+    // SAFETY: no other thread exists yet; the variable must not reach the netns probe's child.
+    unsafe { std::env::remove_var(bpf::loader::CHILD_ENV) };
+    let result = cli
+        .run
+        .settings(cli.log.debug_enabled())
+        .map_err(anyhow::Error::from)
+        .and_then(|settings| bpf::loader::child_main(&settings).map_err(anyhow::Error::from));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("loading the programs: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -54,8 +54,12 @@ pub mod programs {
 pub const CONFIG_KEY: u32 = 0;
 
 /// Capacity of the reverse-NAT map. Entries are only needed while a redirected socket lives;
-/// the LRU evicts the oldest, and a stale entry is never applied (see [`RevNat`]).
-pub const REVNAT_CAPACITY: u32 = 65_536;
+/// the LRU evicts the oldest, and a stale entry is never applied (see [`RevNat`]). The agent
+/// holds at most `--max-connections` (default 4,096) pod connections open at once; twice that
+/// leaves room for connections still in its backlog or closing, for about 0.9 MiB of
+/// preallocated kernel memory (65,536 entries took 7 MiB). A pinned map of another size is
+/// recreated on start, its entries copied over (see the agent's `bpf::loader`).
+pub const REVNAT_CAPACITY: u32 = 8_192;
 
 /// The config is present and the agent is serving: redirect instead of refusing.
 pub const FLAG_ENABLED: u32 = 1 << 0;
@@ -64,6 +68,10 @@ pub const FLAG_AGENT_IP6: u32 = 1 << 1;
 /// Metadata connects from the host network namespace are redirected when the connecting task is
 /// in the cgroup of a pod listed in the host-pods map (`--host-network-pods`).
 pub const FLAG_HOST_PODS: u32 = 1 << 2;
+/// The agent reads no attestation records (`--identity-attestation off`): redirected connects
+/// record none, and sock_ops finds none to carry. Unset (as in configs written before the flag
+/// existed), every redirected connect is recorded.
+pub const FLAG_ATTEST_OFF: u32 = 1 << 3;
 
 /// Default metadata address, 169.254.169.254, as `bpf_sock_addr.user_ip4` holds it.
 pub const DEFAULT_METADATA_IP4: u32 = u32::from_ne_bytes([169, 254, 169, 254]);

@@ -35,8 +35,8 @@ use aya_log_ebpf::debug;
 use kube2iam_common::{
     ATTEST_ANCESTORS, ATTEST_CAPACITY, Attestation, CONFIG_KEY, COUNTER_SLOTS, Config, ConnKey,
     Counter, DEFAULT_IDENTITY_CAPACITY, DEFAULT_METADATA_IP4, DEFAULT_METADATA_IP6,
-    DEFAULT_METADATA_PORT, FLAG_AGENT_IP6, FLAG_ENABLED, FLAG_HOST_PODS, HOST_POD_MAX_DEPTH,
-    HOST_PODS_CAPACITY, Identity, REVNAT_CAPACITY, RevNat, ip4_mapped,
+    DEFAULT_METADATA_PORT, FLAG_AGENT_IP6, FLAG_ATTEST_OFF, FLAG_ENABLED, FLAG_HOST_PODS,
+    HOST_POD_MAX_DEPTH, HOST_PODS_CAPACITY, Identity, REVNAT_CAPACITY, RevNat, ip4_mapped,
 };
 
 /// Return value that lets the syscall proceed.
@@ -244,7 +244,9 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
             DENY
         }
         Verdict::Redirect(config, netns) => {
-            attest(ctx, netns);
+            if config.flags & FLAG_ATTEST_OFF == 0 {
+                attest(ctx, netns);
+            }
             remember(
                 ctx,
                 ip4_mapped(dst_ip),
@@ -322,7 +324,9 @@ fn try_connect6(ctx: &SockAddrContext) -> i32 {
             return DENY;
         }
         Verdict::Redirect(config, netns) => {
-            attest(ctx, netns);
+            if config.flags & FLAG_ATTEST_OFF == 0 {
+                attest(ctx, netns);
+            }
             config
         }
     };

@@ -65,6 +65,10 @@ pub struct AgentOptions {
     /// Pass `--interception-only`: the kernel side alone, no metadata server (the interception
     /// tests answer with a stand-in on the agent's port instead).
     pub interception_only: bool,
+    /// Added to the agent's environment.
+    pub env: Vec<(OsString, OsString)>,
+    /// A further cgroup directory (e.g. a memory cgroup) the agent joins before it runs.
+    pub cgroup: Option<PathBuf>,
 }
 
 impl Default for AgentOptions {
@@ -74,6 +78,8 @@ impl Default for AgentOptions {
             app_port: AGENT_PORT,
             extra_args: Vec::new(),
             interception_only: true,
+            env: Vec::new(),
+            cgroup: None,
         }
     }
 }
@@ -131,6 +137,9 @@ impl Agent {
     pub fn spawn(node: &TestNode, options: &AgentOptions) -> Self {
         let pin_path = node.pin_path();
         let mut command = node.command(agent_binary());
+        if let Some(cgroup) = &options.cgroup {
+            crate::process::place(&mut command, Some(cgroup), None);
+        }
         command
             .arg("--host-ip")
             .arg(HOST_IP4.to_string())
@@ -159,6 +168,7 @@ impl Agent {
                 "AWS_SHARED_CREDENTIALS_FILE",
                 "/nonexistent/kube2iam-test/credentials",
             );
+        command.envs(options.env.iter().map(|(k, v)| (k, v)));
         command
             .args(&options.extra_args)
             .stdin(Stdio::null())

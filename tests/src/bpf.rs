@@ -386,6 +386,86 @@ pub fn swap_pinned_link_prog(link_path: &Path, new_prog: BorrowedFd<'_>) {
         .unwrap_or_else(|e| panic!("BPF_LINK_UPDATE on {} failed: {e}", link_path.display()));
 }
 
+/// enum bpf_map_type: BPF_MAP_TYPE_LRU_HASH.
+pub const MAP_TYPE_LRU_HASH: u32 = 9;
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+
+/// BPF_MAP_CREATE: a map of the given type and sizes (no name, no BTF).
+pub fn map_create(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    flags: u32,
+) -> io::Result<OwnedFd> {
+    let mut attr = attr();
+    // struct { map_type @0, key_size @4, value_size @8, max_entries @12, map_flags @16 }
+    put_u32(&mut attr, 0, map_type);
+    put_u32(&mut attr, 4, key_size);
+    put_u32(&mut attr, 8, value_size);
+    put_u32(&mut attr, 12, max_entries);
+    put_u32(&mut attr, 16, flags);
+    sys_bpf_fd(BPF_MAP_CREATE, &mut attr)
+}
+
+/// BPF_MAP_UPDATE_ELEM with raw key and value bytes (flags BPF_ANY).
+pub fn map_update(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result<()> {
+    let mut attr = attr();
+    // struct { map_fd @0, key @8, value @16, flags @24 }
+    put_u32(&mut attr, 0, map.as_raw_fd() as u32);
+    put_u64(&mut attr, 8, key.as_ptr() as u64);
+    put_u64(&mut attr, 16, value.as_ptr() as u64);
+    sys_bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
+}
+
+/// What a test asserts about a map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapInfo {
+    pub map_type: u32,
+    pub id: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+/// BPF_OBJ_GET_INFO_BY_FD on a map.
+pub fn map_info(map: BorrowedFd<'_>) -> io::Result<MapInfo> {
+    let mut info = [0u8; 128];
+    obj_info(map, &mut info)?;
+    // struct bpf_map_info { type @0, id @4, key_size @8, value_size @12, max_entries @16, … }
+    Ok(MapInfo {
+        map_type: get_u32(&info, 0),
+        id: get_u32(&info, 4),
+        key_size: get_u32(&info, 8),
+        value_size: get_u32(&info, 12),
+        max_entries: get_u32(&info, 16),
+    })
+}
+
+/// The info of a pinned map.
+pub fn pinned_map_info(path: &Path) -> MapInfo {
+    let fd =
+        obj_get(path).unwrap_or_else(|e| panic!("cannot open pinned map {}: {e}", path.display()));
+    map_info(fd.as_fd())
+        .unwrap_or_else(|e| panic!("cannot read map info of {}: {e}", path.display()))
+}
+
+/// The ids of the maps a program uses (struct bpf_prog_info's map_ids).
+pub fn prog_map_ids(prog_id: u32) -> Vec<u32> {
+    let fd =
+        prog_fd_by_id(prog_id).unwrap_or_else(|e| panic!("cannot open program {prog_id}: {e}"));
+    let mut ids = vec![0u32; 64];
+    let mut info = [0u8; 512];
+    // nr_map_ids @52 (in: capacity, out: count), map_ids @56 (a user pointer).
+    put_u32(&mut info, 52, ids.len() as u32);
+    put_u64(&mut info, 56, ids.as_mut_ptr() as u64);
+    obj_info(fd.as_fd(), &mut info)
+        .unwrap_or_else(|e| panic!("cannot read the maps of program {prog_id}: {e}"));
+    ids.truncate(get_u32(&info, 52).min(64) as usize);
+    ids
+}
+
 const _: () = assert!(size_of::<Insn>() == 8);
 
 // tc programs: a classifier of someone else's, attached in front of the guard.

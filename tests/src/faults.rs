@@ -38,6 +38,9 @@ pub enum FaultMode {
     ServerError,
     /// Wait this long, then forward.
     Slow(Duration),
+    /// Wait a time drawn uniformly from `min..=max` (a fixed sequence, by request number), then
+    /// forward: a remote service's latency.
+    Latency { min: Duration, max: Duration },
     /// Closed listener: connects are refused, open connections are closed.
     Refuse,
     /// What STS answers when the role's trust policy does not allow this permissions-only action
@@ -300,6 +303,10 @@ impl Handler for ProxyState {
                 tokio::time::sleep(delay).await;
                 self.forward(&parts, body).await
             }
+            FaultMode::Latency { min, max } => {
+                tokio::time::sleep(drawn_latency(index as u64, min, max)).await;
+                self.forward(&parts, body).await
+            }
             // A request that was in flight when the mode changed to Refuse.
             FaultMode::PassThrough | FaultMode::Refuse | FaultMode::TrustPolicyLacks(_) => {
                 self.forward(&parts, body).await
@@ -353,6 +360,16 @@ impl ProxyState {
             ),
         }
     }
+}
+
+/// The `n`th request's latency in `min..=max`: a splitmix64 hash of `n`, so runs repeat.
+fn drawn_latency(n: u64, min: Duration, max: Duration) -> Duration {
+    let mut z = n.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    let span = max.saturating_sub(min).as_micros() as u64;
+    min + Duration::from_micros(if span == 0 { 0 } else { z % (span + 1) })
 }
 
 /// Headers the proxy sets itself on each side (the body is re-framed).

@@ -37,6 +37,7 @@ pub mod packets;
 pub mod probe;
 pub mod process;
 pub mod stub;
+pub mod tls;
 pub mod venv;
 
 pub use agent::{Agent, AgentOptions, agent_binary, run_uninstall};

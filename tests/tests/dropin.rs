@@ -160,6 +160,7 @@ fn start_rendered(node: &TestNode, args: Vec<OsString>, app_port: u16) -> Render
             extra_args,
             interception_only: false,
             host_ipv6: false,
+            ..AgentOptions::default()
         },
     );
     agent.wait_for_line("pod list synced", Duration::from_secs(20));

@@ -552,6 +552,26 @@ fn a_classifier_put_in_front_later_is_overtaken_at_the_next_resync_tcx() {
         vec!["k2i_guard".to_owned(), FOREIGN.to_owned()],
         "one guard, in front; the old link is gone"
     );
+    // Again: the hook now holds the copy of the guard the repair attached, so the next repair
+    // must attach the other one (the agent holds two, opened from their pins).
+    let _second = attach_foreign_first(&node, &pod, false);
+    wait_until(&agent, "the guard back in front a second time", || {
+        agent
+            .log()
+            .matches("packet guard put back in front")
+            .count()
+            >= 2
+            && guard_first_tcx(&node, &pod)
+    });
+    assert_eq!(
+        tcx_order(&node, &pod),
+        vec![
+            "k2i_guard".to_owned(),
+            FOREIGN.to_owned(),
+            FOREIGN.to_owned()
+        ],
+        "one guard, in front of both others"
+    );
     send_bypasses(&node, &pod);
     assert_eq!(kinds(&watch, &pod), Vec::<&str>::new());
 }

@@ -5,6 +5,7 @@
 
 use std::{process::Command, time::Duration};
 
+use kube2iam_common::Counter;
 use kube2iam_tests::{
     AGENT_PORT, CgroupDriver, HOST_IP4, NODE_ACCESS_KEY_ID, ProbeResult, TestNode,
     e2e::{NODE_NAME, World, credentials_with, curl, pod_credentials, role_arn},
@@ -507,4 +508,33 @@ fn on_a_bridge_a_pod_that_takes_its_neighbours_address_over_af_packet_gets_nothi
         );
     }
     world.imds.assert_no_pod_seen(&[&victim, &attacker]);
+}
+
+#[test]
+fn with_attestation_off_the_kernel_records_nothing_and_with_it_on_again_every_connect() {
+    let node = TestNode::new();
+    let mut world = World::start(&node, &["--identity-attestation", "off"]);
+    let pod = node.add_pod("a");
+    world.api.add_pod(
+        objects::pod("shop", "web", NODE_NAME, pod.ip4(), Some(pod.ip6()))
+            .annotate(ROLE_KEY, "web-role"),
+    );
+    world.wait_known(&node, &pod);
+    let attested = || kube2iam_tests::maps::counter(&node.pin_path(), Counter::Attested);
+    let key = served(&world, "off", pod_credentials(&pod));
+    assert_eq!(Some(key), world.moto_key_for(&role_arn("web-role")));
+    assert_eq!(
+        attested(),
+        0,
+        "nothing reads the records with attestation off, so connects make none"
+    );
+
+    world.kill_agent();
+    world.start_agent(&node, &["--identity-attestation", "prefer"], false, true);
+    served(&world, "prefer", pod_credentials(&pod));
+    assert!(
+        attested() > 0,
+        "with attestation on again the redirected connects are recorded"
+    );
+    world.imds.assert_no_pod_seen(&[&pod]);
 }

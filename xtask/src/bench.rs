@@ -11,13 +11,14 @@ use crate::{cmd, install, leftovers::Leftovers};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Do not check or install packages (wrk, iptables, nftables and what the tests need).
+    /// Do not check or install packages (wrk, iptables, nftables, iperf3 and what the tests
+    /// need).
     #[arg(long)]
     skip_install: bool,
     /// Measure less, to try the harness; the numbers are not worth keeping.
     #[arg(long)]
     quick: bool,
-    /// Run only these parts (comma-separated): connect, get, herd, prefetch, memory, restart.
+    /// Run only these parts (comma-separated): connect, get, attest, cost, sts, memory, restart.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where the report goes. Default: BENCHMARKS.md for a full run, target/BENCHMARKS.partial.md
@@ -26,7 +27,9 @@ pub struct Args {
     out: Option<PathBuf>,
 }
 
-const PARTS: &[&str] = &["connect", "get", "herd", "prefetch", "memory", "restart"];
+const PARTS: &[&str] = &[
+    "connect", "get", "attest", "cost", "sts", "memory", "restart",
+];
 
 pub fn run(args: &Args) -> Result<()> {
     if !cmd::is_root() {

@@ -31,6 +31,15 @@ const APT_PACKAGES: &[(&str, &str)] = &[
          test keeps the attacker pod's own kernel off the victim's packets",
     ),
     (
+        "iperf3",
+        "throughput through a pod interface with and without the packet guard in `cargo xtask \
+         bench`",
+    ),
+    (
+        "openssl",
+        "the test CA and certificates behind the TLS fronts of `cargo xtask bench`",
+    ),
+    (
         "qemu-system-x86",
         "boots the kernel matrix of `cargo xtask vm-test`",
     ),

@@ -208,6 +208,19 @@ pub struct Guard {
     tcx: bool,
 }
 
+/// One guard program and, for putting it back in front on TCX, a second copy of it.
+pub struct Copies<'a> {
+    pub program: &'a mut SchedClassifier,
+    pub spare: Option<&'a mut SchedClassifier>,
+}
+
+/// The programs of both guards for one sync; an interface whose guard's program is missing is
+/// reported as failed.
+pub struct GuardPrograms<'a> {
+    pub pod: Option<Copies<'a>>,
+    pub node: Option<Copies<'a>>,
+}
+
 /// The pin name prefix of a replacement link before it is moved into place.
 const STAGED: &str = "new-";
 
@@ -351,17 +364,65 @@ impl Guard {
     /// Brings the attachments in line with the interfaces that exist now and match: the guard
     /// present and first on each. One interface's failure does not stop the others.
     pub fn sync(&mut self, ebpf: &mut Ebpf, coverage: &Coverage) -> Result<GuardChanges> {
+        // Load both programs first, then borrow them together.
+        for kind in [Kind::Pod, Kind::Node] {
+            Self::program(ebpf, kind.program())?;
+        }
+        let (mut pod, mut node) = (None, None);
+        for (name, program) in ebpf.programs_mut() {
+            let (slot, name) = match name {
+                programs::GUARD => (&mut pod, programs::GUARD),
+                programs::NODE_GUARD => (&mut node, programs::NODE_GUARD),
+                _ => continue,
+            };
+            let program: &mut SchedClassifier = program
+                .try_into()
+                .map_err(|source| Error::Program { name, source })?;
+            *slot = Some(Copies {
+                program,
+                spare: None,
+            });
+        }
+        self.sync_program(GuardPrograms { pod, node }, coverage)
+    }
+
+    /// [`Guard::sync`] with the programs at hand (the agent opens them from their pins).
+    /// Putting a guard back in front on TCX needs a second copy of its program: the spare when
+    /// given (a program opened from a pin cannot be loaded again), else the program is loaded
+    /// afresh.
+    pub fn sync_program(
+        &mut self,
+        mut programs: GuardPrograms<'_>,
+        coverage: &Coverage,
+    ) -> Result<GuardChanges> {
         let wanted = wanted(coverage).map_err(|e| Error::io("list network interfaces", e))?;
         let mut changes = GuardChanges::default();
         if self.tcx {
             self.release_stale_pins(&wanted, &mut changes)?;
         }
         for (ifname, (ifindex, kind)) in &wanted {
-            let program = Self::program(ebpf, kind.program())?;
+            let copies = match kind {
+                Kind::Pod => programs.pod.as_mut(),
+                Kind::Node => programs.node.as_mut(),
+            };
+            let Some(copies) = copies else {
+                changes.failed.push((
+                    ifname.clone(),
+                    format!("the {} program is not loaded", kind.program()),
+                ));
+                continue;
+            };
             let result = if self.tcx {
-                self.sync_tcx(program, *kind, ifname, *ifindex, &mut changes)
+                self.sync_tcx(
+                    copies.program,
+                    copies.spare.as_deref_mut(),
+                    *kind,
+                    ifname,
+                    *ifindex,
+                    &mut changes,
+                )
             } else {
-                sync_netlink(program, *kind, ifname, *ifindex, &mut changes)
+                sync_netlink(copies.program, *kind, ifname, *ifindex, &mut changes)
             };
             if let Err(e) = result {
                 // The interface went away between listing and attaching: nothing to guard.
@@ -426,6 +487,7 @@ impl Guard {
     fn sync_tcx(
         &self,
         program: &mut SchedClassifier,
+        spare: Option<&mut SchedClassifier>,
         kind: Kind,
         ifname: &str,
         ifindex: u32,
@@ -471,12 +533,25 @@ impl Guard {
             position => {
                 let before = tcx.first().map(|(prog, _)| describe_tcx(*prog));
                 // A hook takes a program only once, and ours is still there behind the other:
-                // attach a fresh copy of it (the pinned links keep the old one alive).
-                program
-                    .unload()
-                    .and_then(|()| program.load())
-                    .map_err(|source| Error::Program { name, source })?;
-                let fresh = attach_tcx_first(program, name, ifname)?;
+                // attach another copy of it (the pinned links keep the old one alive).
+                let copy = match spare {
+                    Some(spare) => {
+                        let spare_id = spare.info().map(|i| i.id()).ok();
+                        if spare_id == Some(info.prog_id) {
+                            program
+                        } else {
+                            spare
+                        }
+                    }
+                    None => {
+                        program
+                            .unload()
+                            .and_then(|()| program.load())
+                            .map_err(|source| Error::Program { name, source })?;
+                        program
+                    }
+                };
+                let fresh = attach_tcx_first(copy, name, ifname)?;
                 let staged = self
                     .dir
                     .join(format!("{STAGED}{}", pin_name(ifname, ifindex)));

@@ -9,6 +9,7 @@
 pub mod egress;
 pub mod guard;
 pub mod host;
+pub mod loader;
 pub mod sys;
 pub mod tcfilter;
 
@@ -29,8 +30,8 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramFd, SockOps, links::FdLink},
 };
 use kube2iam_common::{
-    CONFIG_KEY, Config, Counter, FLAG_AGENT_IP6, FLAG_ENABLED, FLAG_HOST_PODS, ip6_words, maps,
-    port_repr, programs,
+    CONFIG_KEY, Config, Counter, FLAG_AGENT_IP6, FLAG_ATTEST_OFF, FLAG_ENABLED, FLAG_HOST_PODS,
+    ip6_words, maps, port_repr, programs,
 };
 
 pub use self::host::KernelVersion;
@@ -166,6 +167,9 @@ pub struct Settings {
     pub host_network_pods: bool,
     /// Attach the egress backstop (`k2i_egress`) beside the connect hooks.
     pub egress_guard: bool,
+    /// Record who connected for the agent's attestation; off with `--identity-attestation
+    /// off`, where nothing reads the records.
+    pub attestation_records: bool,
 }
 
 impl Settings {
@@ -176,6 +180,9 @@ impl Settings {
         }
         if self.host_network_pods {
             flags |= FLAG_HOST_PODS;
+        }
+        if !self.attestation_records {
+            flags |= FLAG_ATTEST_OFF;
         }
         Config {
             host_netns_cookie,
@@ -770,6 +777,7 @@ fn probe_netns_cookie(ebpf: &mut Ebpf, cgroup: &Path) -> Result<u64> {
 /// Detaches and unpins everything under `pin_dir`; returns one line per removed object.
 pub fn uninstall(pin_dir: &Path) -> Result<Vec<String>> {
     let mut removed = guard::uninstall(pin_dir)?;
+    removed.extend(loader::uninstall(pin_dir)?);
     if !pin_dir.exists() {
         return Ok(removed);
     }

@@ -1,28 +1,43 @@
-//! `cargo xtask bench`: the benchmarks of issue 6, run inside a test node.
+//! `cargo xtask bench`: the benchmarks of issues 6 and 14, run inside a test node.
 //!
-//! [`runner`] builds one test node with the real agent and the emulators (the kit's
-//! [`World`](crate::e2e::World)), pods behind veths (some with extra addresses, each address a
-//! pod to the agent), and measures:
+//! [`runner`] builds one test node with the real agent and the emulators ([`world`]: TLS in
+//! front of the Kubernetes API emulator and of STS, STS's latency, the agent in a memory cgroup of
+//! its own), pods behind veths (some with extra addresses, each address a pod to the agent), and
+//! measures:
 //!
-//! 1. the cost of `connect()` from a pod: direct to the agent, rewritten by our connect4, and
-//!    DNATed by kube2iam's iptables rule;
-//! 2. a credential GET end to end, per new connection and over keep-alive, for the eBPF redirect,
-//!    the DNAT rule and a bare hyper server (the floor);
-//! 3. the STS herd (1,000 concurrent requests for one cold role) and prefetch (pods asking
-//!    100 ms after they appear);
-//! 4. the agent's peak RSS with 110 pods on its node, and with 5,000 in the cluster;
-//! 5. kill -9 and restart under load: whether any pod request reached anything but the agent,
-//!    and how soon the new process serves.
+//! 1. [`connect`]: the cost of `connect()` from a pod: direct to the agent, rewritten by our
+//!    connect4, DNATed by kube2iam's iptables rule, and a non-metadata connect with our programs
+//!    in the path; conntrack on (the headline) and off;
+//! 2. [`get`]: credential requests end to end: the SDK's IMDSv2 fetch, a GET per new connection,
+//!    keep-alive, closed-loop throughput and open-loop load at fixed rates, against a bare hyper
+//!    server (the floor) and the DNAT rule, with the server's CPU time per request; then
+//!    (2b, [`attest`]) what kernel-attested identity costs per connect (the record on and off
+//!    in one agent) and per request (`--identity-attestation require` against `off`);
+//! 3. [`cost`]: iperf3 through a pod interface with the packet guard and without;
+//! 4. [`sts`]: STS over TLS at 50–300 ms: the herd, prefetch, and a node drain;
+//! 5. [`scale`]: the agent's memory (RSS, smaps, its cgroup, the BPF maps) and latency with 0,
+//!    110, 250 and 737 pods on its node;
+//! 6. [`restart`]: kill -9 and restart under load, through the adopt and the upgrade path.
 //!
-//! Comparisons alternate their variants round by round in the same run. [`report`] turns the
-//! results into the table printed and written to BENCHMARKS.md. The load comes from wrk and
-//! from `k2i-bench-client` ([`client`]) where no ready-made tool fits.
+//! Comparisons alternate their variants round by round in the same run; every ratio carries a
+//! bootstrap interval ([`stats::Interval`]). [`report`] turns the results into the tables
+//! printed and written to BENCHMARKS.md. The load comes from wrk, iperf3 and
+//! `k2i-bench-client` ([`client`]) where no ready-made tool fits (open-loop load, the SDK's
+//! fetch, the herd).
 
+pub mod attest;
 pub mod client;
+pub mod connect;
+pub mod cost;
+pub mod get;
 pub mod report;
+pub mod restart;
 pub mod runner;
+pub mod scale;
 pub mod stats;
+pub mod sts;
 pub mod topology;
+pub mod world;
 
 use std::path::{Path, PathBuf};
 

@@ -64,6 +64,24 @@ impl Dist {
         })
     }
 
+    /// The time samples spent beyond `limit`, summed over the samples that exceed it.
+    pub fn excess_over(&self, limit: u64) -> u64 {
+        self.points
+            .iter()
+            .filter(|(v, _)| *v > limit)
+            .map(|(v, n)| (v - limit) * n)
+            .sum()
+    }
+
+    /// How many samples exceed `limit`.
+    pub fn count_above(&self, limit: u64) -> u64 {
+        self.points
+            .iter()
+            .filter(|(v, _)| *v > limit)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
     pub fn median(&self) -> Option<u64> {
         self.percentile(50.0)
     }
@@ -81,6 +99,103 @@ pub fn median_f64(values: &[f64]) -> f64 {
         0 => 0.0,
         n if n % 2 == 1 => sorted[n / 2],
         n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+/// A statistic with its 95 % interval and the range of the values it comes from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Interval {
+    /// The statistic itself (a median of per-round values).
+    pub mid: f64,
+    /// Bootstrap 95 % percentile interval of that median (rounds resampled).
+    pub lo: f64,
+    pub hi: f64,
+    /// Smallest and largest per-round value.
+    pub min: f64,
+    pub max: f64,
+    /// How many per-round values.
+    pub n: usize,
+}
+
+impl Interval {
+    /// The median of `values` with a bootstrap interval: the values are resampled with
+    /// replacement [`BOOTSTRAP_RESAMPLES`] times and the 2.5th and 97.5th percentiles of the
+    /// resampled medians taken. Deterministic (a fixed seed), so a report can be reproduced from
+    /// its numbers. `None` when empty.
+    pub fn of(values: &[f64]) -> Option<Self> {
+        let values: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+        if values.is_empty() {
+            return None;
+        }
+        let mut rng = SplitMix64(0x6b32_695f_6265_6e63);
+        let mut medians = Vec::with_capacity(BOOTSTRAP_RESAMPLES);
+        let mut sample = vec![0.0; values.len()];
+        for _ in 0..BOOTSTRAP_RESAMPLES {
+            for slot in sample.iter_mut() {
+                *slot = values[(rng.next() % values.len() as u64) as usize];
+            }
+            medians.push(median_f64(&sample));
+        }
+        medians.sort_by(f64::total_cmp);
+        let at = |q: f64| medians[((q * (medians.len() - 1) as f64).round()) as usize];
+        Some(Self {
+            mid: median_f64(&values),
+            lo: at(0.025),
+            hi: at(0.975),
+            min: values.iter().copied().fold(f64::INFINITY, f64::min),
+            max: values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            n: values.len(),
+        })
+    }
+
+    /// Per-round ratios `num[i] / den[i]` (rounds where either is missing or zero are left out).
+    pub fn of_ratios(num: &[Option<f64>], den: &[Option<f64>]) -> Option<Self> {
+        let ratios: Vec<f64> = num
+            .iter()
+            .zip(den)
+            .filter_map(|(a, b)| match (a, b) {
+                (Some(a), Some(b)) if *b > 0.0 => Some(a / b),
+                _ => None,
+            })
+            .collect();
+        Self::of(&ratios)
+    }
+
+    /// Whether the whole interval is at most `limit`.
+    pub fn all_at_most(&self, limit: f64) -> bool {
+        self.hi <= limit
+    }
+
+    /// Whether the whole interval is at least `limit`.
+    pub fn all_at_least(&self, limit: f64) -> bool {
+        self.lo >= limit
+    }
+
+    /// `1.03× [0.99–1.07]`.
+    pub fn ratio_text(&self) -> String {
+        format!("{:.2}× [{:.2}–{:.2}]", self.mid, self.lo, self.hi)
+    }
+
+    /// `1.03 (0.95–1.20)`: the per-round range.
+    pub fn range_text(&self) -> String {
+        format!("{:.2}–{:.2}", self.min, self.max)
+    }
+}
+
+/// Resamples of [`Interval::of`].
+pub const BOOTSTRAP_RESAMPLES: usize = 2000;
+
+/// A small, fixed-seed generator for the bootstrap (and for jitter the harness draws).
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
     }
 }
 
@@ -162,6 +277,27 @@ mod tests {
         assert_eq!(weighted.p99(), Some(1000));
         assert_eq!(Dist::default().median(), None);
         assert_eq!(Dist::from_samples(&[1, 2, 6]).mean(), Some(3));
+    }
+
+    #[test]
+    fn bootstrap_intervals_hold_the_median_and_stay_within_the_values() {
+        let values = [1.0, 1.1, 0.9, 1.05, 0.95, 1.2, 1.0];
+        let i = Interval::of(&values).unwrap();
+        assert_eq!(i.mid, 1.0);
+        assert!(i.lo <= i.mid && i.mid <= i.hi, "{i:?}");
+        assert!(i.lo >= 0.9 && i.hi <= 1.2, "{i:?}");
+        assert_eq!((i.min, i.max, i.n), (0.9, 1.2, 7));
+        assert!(i.all_at_most(1.2) && !i.all_at_most(1.0));
+        let same = Interval::of(&[2.0; 5]).unwrap();
+        assert_eq!((same.lo, same.mid, same.hi), (2.0, 2.0, 2.0));
+        assert!(Interval::of(&[]).is_none());
+        let r = Interval::of_ratios(
+            &[Some(2.0), None, Some(3.0)],
+            &[Some(1.0), Some(1.0), Some(0.0)],
+        )
+        .unwrap();
+        assert_eq!(r.n, 1);
+        assert_eq!(r.mid, 2.0);
     }
 
     #[test]

@@ -8,9 +8,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use super::world::BenchWorld;
 use crate::{
-    AGENT_PORT, HOST_IP4, METADATA_IP4, METADATA_PORT, Pod, TestNode,
-    e2e::{NODE_NAME, World},
+    AGENT_PORT, HOST_IP4, KubeApi, METADATA_IP4, METADATA_PORT, Pod, TestNode,
+    e2e::NODE_NAME,
     kube_api,
     process::{ChildGuard, output_within},
 };
@@ -65,16 +66,16 @@ fn ip_batch(netns: &str, batch: &str) {
 }
 
 /// Adds a Running pod at `ip` on the agent's node, with `role` if given.
-pub fn register(world: &World, ip: Ipv4Addr, namespace: &str, name: &str, role: Option<&str>) {
+pub fn register(api: &KubeApi, ip: Ipv4Addr, namespace: &str, name: &str, role: Option<&str>) {
     let mut object = kube_api::pod(namespace, name, NODE_NAME, ip, None);
     if let Some(role) = role {
         object = object.annotate(ROLE_KEY, role);
     }
-    world.api.add_pod(object);
+    api.add_pod(object);
 }
 
 /// Waits until the agent's store lists every address in `ips`.
-pub fn wait_known(world: &World, node: &TestNode, ips: &[Ipv4Addr], timeout: Duration) {
+pub fn wait_known(world: &BenchWorld, node: &TestNode, ips: &[Ipv4Addr], timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
         let store = world.debug_store(node);
@@ -97,7 +98,7 @@ pub fn wait_known(world: &World, node: &TestNode, ips: &[Ipv4Addr], timeout: Dur
 }
 
 /// Waits until the agent's store lists none of `ips`.
-pub fn wait_forgotten(world: &World, node: &TestNode, ips: &[Ipv4Addr], timeout: Duration) {
+pub fn wait_forgotten(world: &BenchWorld, node: &TestNode, ips: &[Ipv4Addr], timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while ips
         .iter()
@@ -273,13 +274,13 @@ pub fn fields(stdout: &str, prefix: &str) -> std::collections::HashMap<String, S
 }
 
 /// A counter from the agent's /metrics, summed over its labels (0 if absent).
-pub fn metric(world: &World, node: &TestNode, name: &str) -> f64 {
+pub fn metric(world: &BenchWorld, node: &TestNode, name: &str) -> f64 {
     metric_with(world, node, name, &[])
 }
 
 /// The sum of the agent's /metrics samples named `name` whose labels contain every string in
 /// `labels` (e.g. `le="0.1"`).
-pub fn metric_with(world: &World, node: &TestNode, name: &str, labels: &[&str]) -> f64 {
+pub fn metric_with(world: &BenchWorld, node: &TestNode, name: &str, labels: &[&str]) -> f64 {
     let (_, text) = world.admin_get(node, "/metrics");
     text.lines()
         .filter(|l| !l.starts_with('#'))
@@ -319,4 +320,206 @@ pub fn memory_kib(pid: u32) -> Memory {
         anon: field("RssAnon:"),
         file: field("RssFile:"),
     }
+}
+
+/// Resident memory of a process by where it comes from, from /proc/<pid>/smaps (KiB).
+#[derive(Clone, Debug, Default)]
+pub struct Smaps {
+    /// (category, resident, of which anonymous, referenced since [`clear_refs`]).
+    pub parts: Vec<(String, u64, u64, u64)>,
+}
+
+impl Smaps {
+    pub fn total(&self) -> u64 {
+        self.parts.iter().map(|p| p.1).sum()
+    }
+
+    pub fn referenced(&self) -> u64 {
+        self.parts.iter().map(|p| p.3).sum()
+    }
+}
+
+/// Clears the referenced bits of every page of a process (`/proc/<pid>/clear_refs`), so that
+/// smaps' `Referenced` then counts the pages it touched since.
+pub fn clear_refs(pid: u32) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "1");
+}
+
+/// The process's mappings grouped: its own binary (code, read-only data, writable data),
+/// shared libraries, the heap, anonymous mappings (malloc arenas, thread stacks), the main
+/// stack, and the rest.
+pub fn smaps(pid: u32) -> Smaps {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|p| {
+            p.to_string_lossy()
+                .trim_end_matches(" (deleted)")
+                .to_owned()
+        })
+        .unwrap_or_default();
+    let order = [
+        "agent binary: code (r-x)",
+        "agent binary: read-only data (r--: .rodata, .eh_frame, …)",
+        "agent binary: writable data (rw-: .data, .bss, relocations)",
+        "shared libraries (libc, libgcc, ld.so)",
+        "[heap]",
+        "anonymous mappings: malloc arenas, thread stacks",
+        "[stack]",
+        "other (vdso, …)",
+    ];
+    let mut sums = vec![(0u64, 0u64, 0u64); order.len()];
+    let mut current = order.len() - 1;
+    for line in text.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            let mut words = line.split_whitespace();
+            let perms = words.nth(1).unwrap_or("");
+            let path = words.nth(3).unwrap_or("");
+            current = match path {
+                "" => 5,
+                "[heap]" => 4,
+                "[stack]" => 6,
+                p if p == exe && perms.contains('x') => 0,
+                p if p == exe && perms.contains('w') => 2,
+                p if p == exe => 1,
+                p if p.starts_with('/') => 3,
+                _ => 7,
+            };
+            continue;
+        }
+        let value = |l: &str| -> u64 {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        if line.starts_with("Rss:") {
+            sums[current].0 += value(line);
+        } else if line.starts_with("Anonymous:") {
+            sums[current].1 += value(line);
+        } else if line.starts_with("Referenced:") {
+            sums[current].2 += value(line);
+        }
+    }
+    Smaps {
+        parts: order
+            .iter()
+            .zip(sums)
+            .map(|(name, (rss, anon, referenced))| ((*name).to_owned(), rss, anon, referenced))
+            .collect(),
+    }
+}
+
+/// CPU time (user + system) a process has used so far, in nanoseconds (from /proc/<pid>/stat,
+/// in clock ticks).
+pub fn cpu_ns(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After "pid (comm) ": state is field 3; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some((utime + stime) * 1_000_000_000 / hz)
+}
+
+/// `memlock` (the kernel's account of a map's memory) and capacity of each map pinned in
+/// `pin_dir`, by name.
+pub fn pinned_map_memory(pin_dir: &std::path::Path) -> Vec<(String, u32, u64)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(pin_dir) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if !path.is_file() {
+            continue;
+        }
+        let Ok(fd) = crate::bpf::obj_get(&path) else {
+            continue;
+        };
+        let fdinfo = std::fs::read_to_string(format!(
+            "/proc/self/fdinfo/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&fd)
+        ))
+        .unwrap_or_default();
+        let field = |name: &str| {
+            fdinfo.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                (k.trim() == name).then(|| v.trim().to_owned())
+            })
+        };
+        let (Some(memlock), Some(entries)) = (field("memlock"), field("max_entries")) else {
+            continue;
+        };
+        out.push((
+            entry.file_name().to_string_lossy().into_owned(),
+            entries.parse().unwrap_or(0),
+            memlock.parse().unwrap_or(0),
+        ));
+    }
+    out.sort();
+    out
+}
+
+/// How long the threads of a process have waited on a run queue (runnable but not running) so
+/// far, in ns: the sum of the second field of /proc/<pid>/task/*/schedstat.
+pub fn run_delay_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The sockets a process holds, counted by what they are: listening, or connected to which
+/// remote port (TCP, IPv4 and IPv6, from /proc/<pid>/net/tcp{,6} matched by inode), or other.
+pub fn sockets_by_peer(pid: u32) -> Vec<(String, usize)> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| {
+            fds.flatten()
+                .filter_map(|fd| {
+                    let target = std::fs::read_link(fd.path()).ok()?;
+                    let target = target.to_string_lossy();
+                    Some(
+                        target
+                            .strip_prefix("socket:[")?
+                            .trim_end_matches(']')
+                            .to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut table: std::collections::HashMap<String, String> = Default::default();
+    for file in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 10 {
+                continue;
+            }
+            let kind = if f[3] == "0A" {
+                "listening".to_owned()
+            } else {
+                let port = f[2]
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+                    .unwrap_or(0);
+                format!("to port {port}")
+            };
+            table.insert(f[9].to_owned(), kind);
+        }
+    }
+    let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+    for inode in inodes {
+        let kind = table.get(&inode).cloned().unwrap_or_else(|| "other".into());
+        *counts.entry(kind).or_default() += 1;
+    }
+    counts.into_iter().collect()
 }

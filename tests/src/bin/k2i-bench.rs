@@ -4,9 +4,9 @@
 //! `k2i-bench [--quick] [--only PART,…] [--out FILE] [--command TEXT] [--revision TEXT]
 //! [--build-secs N]`:
 //! `--quick` measures less (for trying the harness; not for numbers); `--only` runs some of
-//! connect, get, herd, prefetch, memory, restart; `--command`, `--revision` and `--build-secs` are what the
-//! report says produced it. Needs root, the release agent (`K2I_AGENT_BIN`), wrk, iptables and
-//! nft.
+//! connect, get, attest, cost, sts, memory, restart; `--command`, `--revision` and `--build-secs` are what the
+//! report says produced it. Needs root, the release agent (`K2I_AGENT_BIN`), wrk, iptables,
+//! nft, openssl and iperf3.
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -53,7 +53,18 @@ fn main() -> ExitCode {
             }
         }
     }
-    for tool in ["wrk", "iptables", "nft"] {
+    if let Some(part) = options
+        .only
+        .iter()
+        .find(|p| !runner::PARTS.contains(&p.as_str()))
+    {
+        eprintln!(
+            "k2i-bench: --only {part}: the parts are {}",
+            runner::PARTS.join(", ")
+        );
+        return ExitCode::from(2);
+    }
+    for tool in ["wrk", "iptables", "nft", "openssl", "iperf3"] {
         let found = std::env::var_os("PATH")
             .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()));
         if !found {
