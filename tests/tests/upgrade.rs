@@ -159,23 +159,25 @@ fn a_restart_over_unchanged_pins_recreates_nothing_and_the_agent_holds_no_loader
         .collect();
     programs_held.sort_unstable();
     let progs = node.pin_path().join("progs");
-    let mut guard_copies: Vec<u32> = [
-        programs::GUARD.to_owned(),
-        format!("{}_spare", programs::GUARD),
-    ]
-    .iter()
-    .map(|name| {
-        let fd = bpf::obj_get(&progs.join(name))
-            .unwrap_or_else(|e| panic!("open the pinned program {name}: {e}"));
-        bpf::prog_info(fd.as_fd())
-            .unwrap_or_else(|e| panic!("read the pinned program {name}: {e}"))
-            .id
-    })
-    .collect();
+    // Both guards (pod interfaces, and the node guard on every other interface), each with
+    // its spare copy.
+    let mut guard_copies: Vec<u32> = [programs::GUARD, programs::NODE_GUARD]
+        .iter()
+        .flat_map(|name| [name.to_string(), format!("{name}_spare")])
+        .collect::<Vec<_>>()
+        .iter()
+        .map(|name| {
+            let fd = bpf::obj_get(&progs.join(name))
+                .unwrap_or_else(|e| panic!("open the pinned program {name}: {e}"));
+            bpf::prog_info(fd.as_fd())
+                .unwrap_or_else(|e| panic!("read the pinned program {name}: {e}"))
+                .id
+        })
+        .collect();
     guard_copies.sort_unstable();
     assert_eq!(
         programs_held, guard_copies,
-        "the agent should hold only the guard's two copies it opened from their pins"
+        "the agent should hold only the guards' copies it opened from their pins"
     );
     let children =
         fs::read_to_string(format!("/proc/{0}/task/{0}/children", agent.pid())).unwrap_or_default();
