@@ -6,7 +6,8 @@
 //! to a pod: the downward API values (`spec.nodeName`, `status.hostIP`, `status.hostIPs`, …),
 //! `$(VAR)` expansion in `args`, the `kubernetes` service's environment variables, the service
 //! account volume (token, `ca.crt`, namespace) at /var/run/secrets/kubernetes.io/serviceaccount,
-//! /etc/hosts, /etc/resolv.conf, /etc/hostname and /dev/termination-log, emptyDir volumes
+//! /etc/hosts and /dev/termination-log (the kubelet's), /etc/hostname and /etc/resolv.conf
+//! (containerd's, from the sandbox), emptyDir volumes
 //! (tmpfs for `medium: Memory`), the pod's cgroup in kubelet's cgroupfs layout
 //! (`kubepods/<qos>/pod<uid>/<container id>`), and httpGet probes. [`spec`] turns each container
 //! into runc's config.json as containerd's CRI plugin does; [`seccomp`] gives `RuntimeDefault`
@@ -1117,7 +1118,8 @@ pub fn machine_lacks(capability: &str) -> bool {
     spec::own_bounding_set() & (1 << spec::capability_number(capability)) == 0
 }
 
-/// The pod's QoS class directory: `guaranteed`, `burstable` or `besteffort`.
+/// The pod's QoS class directory: Guaranteed pods sit directly under kubepods, the others under
+/// `burstable` or `besteffort`.
 fn qos_class(spec: &Value) -> &'static str {
     let containers: Vec<&Value> = spec["containers"]
         .as_array()

@@ -5,8 +5,8 @@
 //! What is reproduced: containerd's default mounts (with `/run` removed and the read-only
 //! cgroupfs at /sys/fs/cgroup, both dropped when a volume covers the path), masked and read-only
 //! paths, CRI mounts sorted by depth with `rbind` and the propagation mapping (HostToContainer →
-//! `rslave`, None → `rprivate`, Bidirectional → `rshared`), capabilities (default set, `drop`
-//! then `add`, bounding = effective = permitted for uid 0, no inheritable or ambient), the user,
+//! `rslave`, None → `rprivate`, Bidirectional → `rshared`), capabilities (default set; `ALL` in
+//! add or drop first, then each `add`, then each `drop`, bounding = effective = permitted for uid 0, no inheritable or ambient), the user,
 //! no_new_privs from `allowPrivilegeEscalation`, the read-only root, the seccomp profile, the OOM
 //! score of a node-critical pod, memory limit and CPU shares, and the namespaces: the pod's
 //! network namespace joined, private pid/ipc/mount, the host UTS namespace for a hostNetwork pod,

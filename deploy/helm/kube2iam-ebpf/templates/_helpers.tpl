@@ -156,7 +156,8 @@ readOnlyRootFilesystem: {{ .Values.securityContext.readOnlyRootFilesystem }}
 {{- if .Values.securityContext.privileged }}
 privileged: true
 {{- else }}
-{{- /* The API rejects allowPrivilegeEscalation=false together with CAP_SYS_ADMIN. */}}
+{{- /* With SYS_ADMIN, no_new_privs is no barrier, so it is not claimed (the API itself rejects
+allowPrivilegeEscalation=false only with the literal CAP_SYS_ADMIN in capabilities.add). */}}
 allowPrivilegeEscalation: {{ has "SYS_ADMIN" $caps }}
 capabilities:
   drop:
