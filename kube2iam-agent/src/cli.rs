@@ -159,8 +159,8 @@ pub struct RunArgs {
     /// Drop packets addressed to the metadata service that enter the node by any other
     /// interface but loopback: the uplink, and tunnel and overlay devices (VXLAN, Geneve, IPIP,
     /// GRE, WireGuard), where a packet a pod wrapped and sent to the node's own address comes out
-    /// after decapsulation and would be forwarded to the metadata service. `--node-guard false`
-    /// turns it off.
+    /// after decapsulation and would be forwarded to the metadata service. An interface that a
+    /// `--host-interface` `!pattern` names gets neither guard. `--node-guard false` turns it off.
     #[arg(long, env = "NODE_GUARD", default_value_t = true, action = clap::ArgAction::Set)]
     pub node_guard: bool,
     /// Attach the guard as cls_bpf filters even where TCX exists (testing aid).

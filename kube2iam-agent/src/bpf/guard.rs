@@ -94,16 +94,24 @@ impl InterfacePatterns {
     }
 
     pub fn matches(&self, name: &str) -> bool {
-        let hit = |(p, prefix): &(String, bool)| {
-            if *prefix {
-                name.starts_with(p.as_str())
-            } else {
-                name == p
-            }
-        };
-        self.include.iter().any(hit) && !self.exclude.iter().any(hit)
+        self.include.iter().any(|p| hit(p, name)) && !self.excludes(name)
+    }
+
+    /// Whether a `!pattern` names the interface: it then gets neither guard.
+    pub fn excludes(&self, name: &str) -> bool {
+        self.exclude.iter().any(|p| hit(p, name))
     }
 }
+
+fn hit((pattern, prefix): &(String, bool), name: &str) -> bool {
+    if *prefix {
+        name.starts_with(pattern.as_str())
+    } else {
+        name == pattern
+    }
+}
+
+impl InterfacePatterns {}
 
 /// Which guard an interface gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -131,7 +139,8 @@ impl Kind {
 }
 
 /// Which interfaces get which guard: those matching the pod patterns the pod guard, and with
-/// `node` every other interface but loopback the node guard.
+/// `node` every other interface but loopback the node guard. An interface a `!pattern` names
+/// gets neither: the operator's way to keep a guard off one interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Coverage {
     pub pods: Option<InterfacePatterns>,
@@ -145,7 +154,9 @@ impl Coverage {
     }
 
     pub fn kind(&self, name: &str) -> Option<Kind> {
-        if self.pods.as_ref().is_some_and(|p| p.matches(name)) {
+        if self.pods.as_ref().is_some_and(|p| p.excludes(name)) {
+            None
+        } else if self.pods.as_ref().is_some_and(|p| p.matches(name)) {
             Some(Kind::Pod)
         } else if self.node && name != "lo" {
             Some(Kind::Node)
@@ -837,6 +848,24 @@ mod tests {
                 InterfacePatterns::parse(&bad.iter().map(|s| s.to_string()).collect::<Vec<_>>());
             assert!(err.is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn excluded_interfaces_get_neither_guard() {
+        let coverage = Coverage::new(Some(patterns(&["veth+", "!veth-dnat"])), true).unwrap();
+        assert_eq!(coverage.kind("veth1"), Some(Kind::Pod));
+        assert_eq!(coverage.kind("eth0"), Some(Kind::Node));
+        assert_eq!(coverage.kind("flannel.1"), Some(Kind::Node));
+        assert_eq!(coverage.kind("veth-dnat"), None);
+        assert_eq!(coverage.kind("lo"), None);
+        // kube2iam's "every interface but eth0": eth0 is left alone by both guards.
+        let all_but = Coverage::new(Some(patterns(&["!eth0"])), true).unwrap();
+        assert_eq!(all_but.kind("cali1"), Some(Kind::Pod));
+        assert_eq!(all_but.kind("eth0"), None);
+        // Without the pod guard there is no exclusion list: the node guard takes all but lo.
+        let node_only = Coverage::new(None, true).unwrap();
+        assert_eq!(node_only.kind("veth1"), Some(Kind::Node));
+        assert_eq!(node_only.kind("lo"), None);
     }
 
     #[test]
