@@ -149,7 +149,8 @@ pub(super) fn run(
     o: &Options,
 ) -> (MemoryResult, Vec<Ipv4Addr>) {
     let most = o.scale_pods.iter().copied().max().unwrap_or(0).max(110);
-    let half = most / 2;
+    // Even indices go to p3, odd ones to p4: p3 takes the larger half of an odd count.
+    let half = most.div_ceil(2);
     let ips3 = addresses(node, &pods.p3, 20, half);
     let ips4 = addresses(node, &pods.p4, 30, most - half);
     // Pod i of a row: the i-th address, alternating between the two pod namespaces.
