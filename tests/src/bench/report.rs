@@ -1081,7 +1081,10 @@ impl Report {
              variant runs from a pod of its own (clients of different variants sharing the \
              agent's TIME_WAIT 4-tuples would trip PAWS: their TCP timestamp offsets hash the \
              destination they connect to, which DNAT hides). Client and servers share the {} \
-             cores.\n",
+             cores. The agent runs with `--identity-attestation off` in this part, for every \
+             variant: a DNATed connection never went through the connect hooks, so it carries \
+             no attestation, and an attesting agent refuses it; (c) stands for kube2iam, which \
+             serves by address. Part 2b gives what attestation adds per request.\n",
             g.body_bytes, g.rounds, self.machine.cores
         );
         let _ = writeln!(

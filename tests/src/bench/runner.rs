@@ -305,7 +305,26 @@ pub fn run(options: &Options) -> Report {
     }
     if options.wants("get") {
         progress("2. credential requests end to end");
+        // A DNATed connection never went through the connect hooks, so it carries no
+        // attestation, and an attesting agent refuses it (that is what attestation is for). (c)
+        // stands for kube2iam, which serves by address: this part runs the agent with
+        // attestation off for every variant; part 2b gives what attestation adds per request.
+        let default_flags = [AGENT_GUARD_FLAG, GUARDED, "--prefetch-concurrency", "0"];
+        let restart = |world: &mut BenchWorld, extra: &[&str]| {
+            world.kill_agent();
+            world.start_agent(&node, extra);
+            let (status, _) = crate::e2e::pod_get(
+                &pods.p0,
+                "/latest/meta-data/iam/security-credentials/bench-role",
+                &[],
+            );
+            assert_eq!(status, 200, "the bench pod's credentials after a restart");
+        };
+        let mut off = default_flags.to_vec();
+        off.extend(["--identity-attestation", "off"]);
+        restart(&mut world, &off);
         report.get = Some(get::run(&node, &world, &pods, &client, tmp.path(), options));
+        restart(&mut world, &default_flags);
     }
     if options.wants("attest") {
         progress("2b. what attested identity costs per connect and per request");
