@@ -142,8 +142,11 @@ fn build_agent() -> Result<PathBuf> {
 }
 
 /// The upgrade fixture's agent: the workspace's files copied to target/image/upgrade-src with
-/// [`UPGRADE_PATCH`] applied and the binary renamed, built in release into the same target
-/// directory, so that only the workspace's own crates are compiled again.
+/// [`UPGRADE_PATCH`] applied and the binary renamed, built in release into a target directory of
+/// its own. Not the workspace's: cargo hashes path packages relative to their workspace root, so
+/// the copy's crates would share the workspace's artifacts and build-script output, and the eBPF
+/// object of one build would end up embedded in the other's binary. Without LTO, to keep the
+/// extra build short; only its eBPF programs matter.
 fn build_upgrade_fixture() -> Result<PathBuf> {
     let root = cmd::workspace_root();
     let source = image_dir().join("upgrade-src");
@@ -173,11 +176,13 @@ fn build_upgrade_fixture() -> Result<PathBuf> {
         &format!("[[bin]]\nname = \"{AGENT_PACKAGE}\""),
         &format!("[[bin]]\nname = \"{UPGRADE_BINARY}\""),
     )?;
-    let target = target_dir()?;
+    let target = target_dir()?.join("image").join("upgrade-target");
     cmd::run(
         cmd::cargo()
             .current_dir(&source)
             .env("CARGO_TARGET_DIR", &target)
+            .env("CARGO_PROFILE_RELEASE_LTO", "false")
+            .env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "16")
             .args(["build", "--release", "--locked", "--package", AGENT_PACKAGE]),
     )?;
     let binary = target.join("release").join(UPGRADE_BINARY);

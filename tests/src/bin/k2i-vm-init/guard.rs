@@ -94,10 +94,20 @@ fn stop(agent: &mut Option<VmAgent>) {
     }
 }
 
-fn wait_for_line(agent: &VmAgent, needle: &str) {
-    agent
-        .wait_for(needle, Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("{e}"));
+/// What the agent logs when it puts the guard back in front.
+const REPAIRED: &str = "packet guard put back in front";
+
+/// Waits until the agent's log holds more than `seen` lines with `needle`.
+fn wait_for_more(agent: &VmAgent, needle: &str, seen: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while agent.log().matches(needle).count() <= seen {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not log {needle:?} again within 30 s:\n{}",
+            agent.log()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Loads the TC_ACT_OK classifier. Before 5.11 programs are charged to RLIMIT_MEMLOCK (64 KiB
@@ -149,9 +159,11 @@ pub fn rows(tally: &mut Tally, kernel: Kernel, node: &Node, agent: &mut Option<V
             .unwrap_or_else(|e| panic!("{e}"));
             send_raw(node);
             let before = seen_from_pod(&watch);
-            // Someone attaches in front again (a CNI restarting): the agent must overtake it.
+            // Someone attaches in front again (a CNI restarting): the agent must overtake it. The
+            // start-up sync already logged one repair; wait for the next.
+            let repairs = started.log().matches(REPAIRED).count();
             let _second = foreign_first(tcx, 2);
-            wait_for_line(&started, "packet guard put back in front");
+            wait_for_more(&started, REPAIRED, repairs);
             send_raw(node);
             let after = seen_from_pod(&watch);
             let (code, _, table) = vmagent::doctor_with(&["--host-interface", "k2i-h-+"], None);
