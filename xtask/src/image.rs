@@ -145,8 +145,9 @@ fn build_agent() -> Result<PathBuf> {
 /// [`UPGRADE_PATCH`] applied and the binary renamed, built in release into a target directory of
 /// its own. Not the workspace's: cargo hashes path packages relative to their workspace root, so
 /// the copy's crates would share the workspace's artifacts and build-script output, and the eBPF
-/// object of one build would end up embedded in the other's binary. Without LTO, to keep the
-/// extra build short; only its eBPF programs matter.
+/// object of one build would end up embedded in the other's binary. The same release profile as
+/// the workspace's: the eBPF build inherits it, and without LTO the patch left some programs'
+/// instructions as they were.
 fn build_upgrade_fixture() -> Result<PathBuf> {
     let root = cmd::workspace_root();
     let source = image_dir().join("upgrade-src");
@@ -181,8 +182,6 @@ fn build_upgrade_fixture() -> Result<PathBuf> {
         cmd::cargo()
             .current_dir(&source)
             .env("CARGO_TARGET_DIR", &target)
-            .env("CARGO_PROFILE_RELEASE_LTO", "false")
-            .env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "16")
             .args(["build", "--release", "--locked", "--package", AGENT_PACKAGE]),
     )?;
     let binary = target.join("release").join(UPGRADE_BINARY);
