@@ -131,6 +131,18 @@ impl PacketWatch {
     }
 
     /// Packets from `src` seen so far.
+    /// The kinds of what arrived from the pod's IPv4 and IPv6 addresses, sorted.
+    pub fn kinds_from(&self, pod: &crate::Pod<'_>) -> Vec<&'static str> {
+        let mut kinds: Vec<_> = self
+            .seen_from(IpAddr::V4(pod.ip4()))
+            .into_iter()
+            .chain(self.seen_from(IpAddr::V6(pod.ip6())))
+            .map(|s| s.kind)
+            .collect();
+        kinds.sort();
+        kinds
+    }
+
     pub fn seen_from(&self, src: IpAddr) -> Vec<Seen> {
         self.seen
             .lock()

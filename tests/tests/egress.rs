@@ -169,17 +169,6 @@ fn send_raw(pod: &Pod<'_>) {
     std::thread::sleep(Duration::from_millis(300));
 }
 
-fn kinds(watch: &PacketWatch, pod: &Pod<'_>) -> Vec<&'static str> {
-    let mut kinds: Vec<_> = watch
-        .seen_from(IpAddr::V4(pod.ip4()))
-        .into_iter()
-        .chain(watch.seen_from(IpAddr::V6(pod.ip6())))
-        .map(|s| s.kind)
-        .collect();
-    kinds.sort();
-    kinds
-}
-
 #[test]
 fn raw_ip_and_udp_from_a_pod_reach_nothing_with_the_packet_guard_off() {
     let node = TestNode::with_uplink();
@@ -188,7 +177,7 @@ fn raw_ip_and_udp_from_a_pod_reach_nothing_with_the_packet_guard_off() {
     let _agent = agent(&node, true);
     send_raw(&pod);
     assert_eq!(
-        kinds(&watch, &pod),
+        watch.kinds_from(&pod),
         Vec::<&str>::new(),
         "nothing the pod's sockets send may reach the metadata addresses"
     );
@@ -205,7 +194,7 @@ fn without_the_egress_guard_raw_ip_and_udp_reach_the_metadata_service() {
     let _agent = agent(&node, false);
     send_raw(&pod);
     assert_eq!(
-        kinds(&watch, &pod),
+        watch.kinds_from(&pod),
         vec!["tcp", "udp", "udp6"],
         "with both guards off every packet must arrive, or these tests prove nothing"
     );
@@ -307,7 +296,7 @@ fn the_egress_link_is_pinned_adopted_replaced_and_removed_by_uninstall() {
     // Fail-closed: with the agent dead, the pinned link keeps dropping.
     first.kill9();
     send_raw(&pod);
-    assert_eq!(kinds(&watch, &pod), Vec::<&str>::new());
+    assert_eq!(watch.kinds_from(&pod), Vec::<&str>::new());
 
     // A restart adopts the link.
     let second = agent(&node, true);

@@ -9,7 +9,6 @@
 //! where it stands in its metrics and the doctor.
 
 use std::{
-    net::IpAddr,
     os::fd::{AsFd as _, OwnedFd},
     path::Path,
     process::Command,
@@ -120,17 +119,6 @@ fn send_bypasses(node: &TestNode, pod: &Pod<'_>) {
     std::thread::sleep(Duration::from_millis(300));
 }
 
-fn kinds(watch: &PacketWatch, pod: &Pod<'_>) -> Vec<&'static str> {
-    let mut kinds: Vec<_> = watch
-        .seen_from(IpAddr::V4(pod.ip4()))
-        .into_iter()
-        .chain(watch.seen_from(IpAddr::V6(pod.ip6())))
-        .map(|s| s.kind)
-        .collect();
-    kinds.sort();
-    kinds
-}
-
 fn dropped(pin: &Path) -> (u64, u64) {
     (
         maps::counter(pin, Counter::GuardDropped4),
@@ -146,7 +134,7 @@ fn raw_ip_af_packet_and_udp_bypasses_are_dropped_and_counted() {
     let _agent = agent(&node, true);
     send_bypasses(&node, &pod);
     assert_eq!(
-        kinds(&watch, &pod),
+        watch.kinds_from(&pod),
         Vec::<&str>::new(),
         "nothing from the pod may reach the metadata address"
     );
@@ -167,7 +155,7 @@ fn without_the_guard_the_same_bypasses_reach_the_node() {
     send_bypasses(&node, &pod);
     // udp arrives twice: the plain datagram and the one inside the crafted frame.
     assert_eq!(
-        kinds(&watch, &pod),
+        watch.kinds_from(&pod),
         vec!["tcp", "udp", "udp", "udp6"],
         "with the guard off every bypass must be visible, or the guard tests prove nothing"
     );
@@ -204,7 +192,7 @@ fn stacked_vlan_tags_do_not_carry_a_packet_past_the_guard() {
         let _agent = agent(&node, false);
         send_tagged(&node, &pod);
         assert!(
-            !kinds(&watch, &pod).is_empty(),
+            !watch.kinds_from(&pod).is_empty(),
             "without the guard no tagged frame arrived: the test cannot tell a bypass"
         );
     }
@@ -214,7 +202,7 @@ fn stacked_vlan_tags_do_not_carry_a_packet_past_the_guard() {
     let _agent = agent(&node, true);
     send_tagged(&node, &pod);
     assert_eq!(
-        kinds(&watch, &pod),
+        watch.kinds_from(&pod),
         Vec::<&str>::new(),
         "a tagged frame reached the metadata address"
     );
@@ -239,7 +227,7 @@ fn the_guard_follows_pod_interfaces_that_appear_after_start() {
         std::thread::sleep(Duration::from_millis(20));
     }
     send_bypasses(&node, &pod);
-    assert_eq!(kinds(&watch, &pod), Vec::<&str>::new());
+    assert_eq!(watch.kinds_from(&pod), Vec::<&str>::new());
 }
 
 #[test]
@@ -295,7 +283,7 @@ fn guard_links_are_pinned_survive_the_agent_and_go_with_uninstall() {
     first.kill9();
     // Fail-closed: the guard keeps dropping with no agent running.
     send_bypasses(&node, &pod);
-    assert_eq!(kinds(&watch, &pod), Vec::<&str>::new());
+    assert_eq!(watch.kinds_from(&pod), Vec::<&str>::new());
     let second = agent(&node, true);
     assert!(second.log().contains("adopted"), "{}", second.log());
     let again = kube2iam_tests::bpf::pinned_link_info(&tc_dir.join(&pins[0]));
@@ -313,7 +301,7 @@ fn guard_links_are_pinned_survive_the_agent_and_go_with_uninstall() {
     assert!(!tc_dir.exists(), "uninstall removes the guard pins");
     send_bypasses(&node, &pod);
     assert!(
-        !kinds(&watch, &pod).is_empty(),
+        !watch.kinds_from(&pod).is_empty(),
         "with the guard uninstalled, packets arrive again"
     );
 }
@@ -333,7 +321,7 @@ fn before_tcx_the_guard_is_a_cls_bpf_filter_that_outlives_and_is_reused_by_the_a
     first.kill9();
     send_bypasses(&node, &pod);
     assert_eq!(
-        kinds(&watch, &pod),
+        watch.kinds_from(&pod),
         Vec::<&str>::new(),
         "the filter keeps dropping with no agent"
     );
@@ -512,7 +500,7 @@ fn the_guard_goes_in_front_of_a_classifier_that_passes_everything_tcx() {
     );
     send_bypasses(&node, &pod);
     assert_eq!(
-        kinds(&watch, &pod),
+        watch.kinds_from(&pod),
         Vec::<&str>::new(),
         "behind a classifier that returns OK the guard would never see these"
     );
@@ -532,7 +520,7 @@ fn the_guard_goes_in_front_of_a_classifier_that_passes_everything_netlink() {
         "the guard's filter must run first: {order:?}"
     );
     send_bypasses(&node, &pod);
-    assert_eq!(kinds(&watch, &pod), Vec::<&str>::new());
+    assert_eq!(watch.kinds_from(&pod), Vec::<&str>::new());
 }
 
 #[test]
@@ -573,7 +561,7 @@ fn a_classifier_put_in_front_later_is_overtaken_at_the_next_resync_tcx() {
         "one guard, in front of both others"
     );
     send_bypasses(&node, &pod);
-    assert_eq!(kinds(&watch, &pod), Vec::<&str>::new());
+    assert_eq!(watch.kinds_from(&pod), Vec::<&str>::new());
 }
 
 #[test]
@@ -599,7 +587,7 @@ fn a_filter_put_in_front_later_is_overtaken_at_once_netlink() {
         "one guard filter, in front of the other one"
     );
     send_bypasses(&node, &pod);
-    assert_eq!(kinds(&watch, &pod), Vec::<&str>::new());
+    assert_eq!(watch.kinds_from(&pod), Vec::<&str>::new());
 }
 
 #[test]

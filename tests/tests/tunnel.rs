@@ -131,17 +131,6 @@ fn send_wrapped(node: &TestNode, pod: &Pod<'_>) {
     std::thread::sleep(Duration::from_millis(300));
 }
 
-fn kinds(watch: &PacketWatch, pod: &Pod<'_>) -> Vec<&'static str> {
-    let mut kinds: Vec<_> = watch
-        .seen_from(IpAddr::V4(pod.ip4()))
-        .into_iter()
-        .chain(watch.seen_from(IpAddr::V6(pod.ip6())))
-        .map(|s| s.kind)
-        .collect();
-    kinds.sort();
-    kinds
-}
-
 fn dropped(node: &TestNode) -> (u64, u64) {
     (
         maps::counter(&node.pin_path(), Counter::NodeGuardDropped4),
@@ -192,7 +181,7 @@ fn without_the_node_guard_a_pod_reaches_the_metadata_service_through_a_tunnel() 
     let _agent = agent(&node, false);
     send_wrapped(&node, &pod);
     assert_eq!(
-        kinds(&watch, &pod),
+        watch.kinds_from(&pod),
         vec!["udp", "udp", "udp6", "udp6"],
         "with the node guard off every tunnelled packet must arrive, or these tests prove nothing"
     );
@@ -210,7 +199,7 @@ fn tunnel_devices_that_appear_after_start_get_the_node_guard_and_nothing_comes_t
     wait_for_node_guard(&node, &TUNNELS);
     send_wrapped(&node, &pod);
     assert_eq!(
-        kinds(&watch, &pod),
+        watch.kinds_from(&pod),
         Vec::<&str>::new(),
         "a packet a pod tunnelled to the node reached the metadata service"
     );
@@ -306,7 +295,7 @@ fn stacked_priority_tags_in_a_vxlan_frame_do_not_carry_a_packet_past_the_node_gu
         let _agent = agent(&node, false);
         send_tagged_vxlan(&node, &pod);
         assert!(
-            !kinds(&watch, &pod).is_empty(),
+            !watch.kinds_from(&pod).is_empty(),
             "without the node guard no tagged frame arrived: the test cannot tell a bypass"
         );
     }
@@ -318,7 +307,7 @@ fn stacked_priority_tags_in_a_vxlan_frame_do_not_carry_a_packet_past_the_node_gu
     wait_for_node_guard(&node, &["k2i-vx"]);
     send_tagged_vxlan(&node, &pod);
     assert_eq!(
-        kinds(&watch, &pod),
+        watch.kinds_from(&pod),
         Vec::<&str>::new(),
         "a priority-tagged frame a pod tunnelled to the node reached the metadata service"
     );
