@@ -145,9 +145,10 @@ fn build_agent() -> Result<PathBuf> {
 /// [`UPGRADE_PATCH`] applied and the binary renamed, built in release into a target directory of
 /// its own. Not the workspace's: cargo hashes path packages relative to their workspace root, so
 /// the copy's crates would share the workspace's artifacts and build-script output, and the eBPF
-/// object of one build would end up embedded in the other's binary. The same release profile as
-/// the workspace's: the eBPF build inherits it, and without LTO the patch left some programs'
-/// instructions as they were.
+/// object of one build would end up embedded in the other's binary. (A target directory seeded
+/// as a hard-linked copy of the workspace's has the same problem: the build script copies the
+/// eBPF object into place, which writes through the link into the workspace's file.) The same
+/// release profile as the workspace's, as the next release would have.
 fn build_upgrade_fixture() -> Result<PathBuf> {
     let root = cmd::workspace_root();
     let source = image_dir().join("upgrade-src");

@@ -109,11 +109,6 @@ fn run_steps(args: &Args, steps: &mut Steps) -> Result<()> {
                     "--",
                 ])
                 .args(["--ignored", "--test-threads=1"])
-                // The upgrade fixture's patch no longer changes the compiled programs with the
-                // current toolchain, so this test cannot tell a swap from an adoption; the
-                // link-update path is covered by the kernel matrix's upgrade job and
-                // tests/tests/upgrade.rs until the fixture changes the programs again.
-                .args(["--skip", "rolling_update_to_other_ebpf_programs"])
                 .args(&args.test_args),
         )
     });
