@@ -22,10 +22,9 @@ use crate::{
         Admission, CacheSettings, CredentialCache, PREFETCH_WINDOW, PREFETCHES_PER_POD,
         PrefetchLimiter, SdkSts, UNUSED_GRACE,
     },
-    decision,
     events::PodEvents,
     identity::Registry,
-    imds::{self, ServerConfig, State, path::PathRules, token::TokenIssuer, upstream::Upstream},
+    imds::{self, State, path::PathRules, token::TokenIssuer, upstream::Upstream},
     kube::{self as k8s, Keys, Namespaces, WatchStats},
     policy::BaseArn,
     service_accounts::ServiceAccounts,
@@ -33,9 +32,13 @@ use crate::{
 };
 
 /// Upstream requests (and the agent's own IMDS calls) give up after this.
-const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
-/// SIGTERM: in-flight requests get this long to finish.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
+/// The agent's STS client: connecting to STS gives up after this,
+pub const STS_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// one attempt of an STS call after this,
+pub const STS_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+/// and an STS call with all its retries after this.
+pub const STS_OPERATION_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Follows interfaces coming and going: the packet guard is attached to each new pod
 /// interface as the CNI creates it, and released when it goes. Every `resync` (and on any
@@ -194,9 +197,9 @@ async fn sts_client(
         .build()
         .await;
     let timeouts = aws_config::timeout::TimeoutConfig::builder()
-        .connect_timeout(Duration::from_secs(2))
-        .operation_attempt_timeout(Duration::from_secs(5))
-        .operation_timeout(Duration::from_secs(15))
+        .connect_timeout(STS_CONNECT_TIMEOUT)
+        .operation_attempt_timeout(STS_ATTEMPT_TIMEOUT)
+        .operation_timeout(STS_OPERATION_TIMEOUT)
         .build();
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .region(region)
@@ -353,32 +356,7 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
     let tokens = TokenIssuer::random().context("draw the IMDSv2 token key")?;
     let events = PodEvents::new(args.event_interval, &node);
     let state = Arc::new(State {
-        config: ServerConfig {
-            decision: decision::Rules {
-                node: node.clone(),
-                attestation: args.identity_attestation,
-                role_key: args.iam_role_key.clone(),
-                namespace_key: args.namespace_key.clone(),
-                base_arn,
-                default_role: args.default_role.clone(),
-                service_account_key: args.service_accounts.service_account_role_key.clone(),
-                needs_service_account: sessions.needs_service_account(),
-            },
-            pod_wait: args.pod_wait,
-            tokens: args.imds_tokens,
-            namespace_restrictions: args.namespace_restrictions,
-            session_per_pod: args.session_per_pod,
-            kube2iam_session_names: args.kube2iam_session_names,
-            host_ip: IpAddr::V4(settings.agent_ip4),
-            sessions,
-            service_account_roles: args.service_accounts.service_account_roles,
-            rules,
-            header_read_timeout: args.header_read_timeout,
-            max_connections: args.max_connections,
-            max_connections_per_caller: args.max_connections_per_caller,
-            max_header_bytes: 16 * 1024,
-            drain_timeout: DRAIN_TIMEOUT,
-        },
+        config: args.server_config(&settings, node.clone(), base_arn, sessions, rules),
         registry: registry.clone(),
         namespaces: namespaces.clone(),
         service_accounts: service_accounts.clone(),
@@ -512,7 +490,26 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
             watch_stats,
         ));
     }
-    let eviction_state = state.clone();
+    spawn_cache_eviction(&mut background, state.clone(), cache, limiter);
+    spawn_upstream_probe(&mut background, upstream, readiness);
+
+    signal.await;
+    let _ = stop.send(true);
+    background.abort_all();
+    guard_watch.abort();
+    while servers.join_next().await.is_some() {}
+    log_shutdown();
+    Ok(())
+}
+
+/// Every minute: drops idle credential entries and, once the pod list is in, those no pod
+/// uses any more; prunes the prefetch limiter and the ServiceAccount store.
+fn spawn_cache_eviction<T: PartialEq + Clone + Send + 'static>(
+    background: &mut tokio::task::JoinSet<()>,
+    state: Arc<State>,
+    cache: Arc<CredentialCache>,
+    limiter: Arc<PrefetchLimiter<T>>,
+) {
     background.spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(60));
         loop {
@@ -523,8 +520,8 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
             }
             // Entries of roles no pod has any more (annotation changes, deleted pods). Only once
             // the pod list is in: before that, the identity map may lack live pods.
-            if eviction_state.registry.synced() {
-                match eviction_state.cache_keys_in_use() {
+            if state.registry.synced() {
+                match state.cache_keys_in_use() {
                     Ok(in_use) => {
                         let evicted = cache.evict_unused(&in_use, UNUSED_GRACE);
                         if evicted > 0 {
@@ -535,11 +532,18 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
                 }
             }
             limiter.prune(std::time::Instant::now());
-            eviction_state
-                .service_accounts
-                .prune(std::time::Instant::now());
+            state.service_accounts.prune(std::time::Instant::now());
         }
     });
+}
+
+/// Every 5 s: asks the upstream metadata service whether it answers, which is the agent's
+/// readiness, and logs when that changes.
+fn spawn_upstream_probe(
+    background: &mut tokio::task::JoinSet<()>,
+    upstream: Arc<Upstream>,
+    readiness: Arc<Readiness>,
+) {
     background.spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         let mut was = None;
@@ -557,14 +561,6 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
             }
         }
     });
-
-    signal.await;
-    let _ = stop.send(true);
-    background.abort_all();
-    guard_watch.abort();
-    while servers.join_next().await.is_some() {}
-    log_shutdown();
-    Ok(())
 }
 
 /// Says at start whether the kernel can name the pods here, and what that means for serving.

@@ -14,8 +14,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::{
     attest::Mode as AttestationMode,
     bpf::{CookieSource, Settings, guard::InterfacePatterns},
-    imds::TokenMode,
-    policy::PatternFormat,
+    decision,
+    imds::{ServerConfig, TokenMode, path::PathRules},
+    policy::{BaseArn, PatternFormat},
+    session_tags::SessionTagging,
 };
 
 /// kube2iam's default `--host-interface`, the interface its iptables rule matched.
@@ -30,6 +32,10 @@ pub const ROLE_CHAINING_MAX_SESSION: Duration = Duration::from_secs(3600);
 pub const MIN_FRESH: Duration = Duration::from_secs(5 * 60);
 /// The shortest error cache (the first step of the per-role backoff).
 pub const MIN_ERROR_TTL: Duration = Duration::from_secs(1);
+/// SIGTERM: in-flight requests get this long to finish.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest request head the metadata server reads.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -626,6 +632,45 @@ impl RunArgs {
             egress_guard: self.egress_guard,
             attestation_records: self.identity_attestation != AttestationMode::Off,
         })
+    }
+
+    /// What the metadata server runs by: the flags, with what `run` derived from them and
+    /// from the node (the base ARN may come from IMDS, the path rules and session tagging are
+    /// compiled and checked first so their errors come before any network call).
+    pub fn server_config(
+        &self,
+        settings: &Settings,
+        node: String,
+        base_arn: Option<BaseArn>,
+        sessions: SessionTagging,
+        rules: PathRules,
+    ) -> ServerConfig {
+        ServerConfig {
+            decision: decision::Rules {
+                node,
+                attestation: self.identity_attestation,
+                role_key: self.iam_role_key.clone(),
+                namespace_key: self.namespace_key.clone(),
+                base_arn,
+                default_role: self.default_role.clone(),
+                service_account_key: self.service_accounts.service_account_role_key.clone(),
+                needs_service_account: sessions.needs_service_account(),
+            },
+            pod_wait: self.pod_wait,
+            tokens: self.imds_tokens,
+            namespace_restrictions: self.namespace_restrictions,
+            session_per_pod: self.session_per_pod,
+            kube2iam_session_names: self.kube2iam_session_names,
+            host_ip: IpAddr::V4(settings.agent_ip4),
+            sessions,
+            service_account_roles: self.service_accounts.service_account_roles,
+            rules,
+            header_read_timeout: self.header_read_timeout,
+            max_connections: self.max_connections,
+            max_connections_per_caller: self.max_connections_per_caller,
+            max_header_bytes: MAX_HEADER_BYTES,
+            drain_timeout: DRAIN_TIMEOUT,
+        }
     }
 }
 

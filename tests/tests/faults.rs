@@ -38,9 +38,10 @@ const ROLE_KEY: &str = "iam.amazonaws.com/role";
 const EXTERNAL_ID_KEY: &str = "iam.amazonaws.com/external-id";
 const ALLOWED_KEY: &str = "iam.amazonaws.com/allowed-roles";
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
-/// The agent's STS client gives up after this (aws-config's operation timeout in agent.rs).
+/// The agent's STS client gives up after this (`kube2iam_agent::agent::STS_OPERATION_TIMEOUT`;
+/// the test kit does not link the agent, so the value is repeated here).
 const AGENT_STS_TIMEOUT: Duration = Duration::from_secs(15);
-/// The agent's upstream IMDS timeout (agent.rs).
+/// The agent's upstream IMDS timeout (`kube2iam_agent::agent::UPSTREAM_TIMEOUT`).
 const AGENT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
 
 fn creds(world: &World, pod: &Pod<'_>) -> ImdsCredentialsDoc {
