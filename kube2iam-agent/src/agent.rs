@@ -11,7 +11,7 @@ use anyhow::{Context as _, bail};
 use aws_config::BehaviorVersion;
 
 use crate::{
-    admin::{self, Admin, Readiness, Sources},
+    admin::{self, Admin},
     attest::{self, CgroupPods, HostPodsMap},
     bpf::{
         self,
@@ -29,6 +29,7 @@ use crate::{
     policy::BaseArn,
     service_accounts::ServiceAccounts,
     session_tags::SessionTagging,
+    status::{Readiness, Sources},
 };
 
 /// Upstream requests (and the agent's own IMDS calls) give up after this.
@@ -685,7 +686,7 @@ fn warn_about_host_interfaces(args: &RunArgs) {
 fn guard_status(
     pin_dir: std::path::PathBuf,
     coverage: Option<bpf::guard::Coverage>,
-) -> crate::admin::GuardStatus {
+) -> crate::status::GuardStatus {
     Box::new(move || {
         let coverage = coverage.as_ref()?;
         Some(bpf::guard::status(&pin_dir, coverage).map_err(|e| e.to_string()))

@@ -23,7 +23,7 @@ use std::{
 use futures::future::BoxFuture;
 use tokio::sync::{Mutex, Semaphore};
 
-use crate::session_tags::SessionTags;
+use crate::{metrics::StsResult, session_tags::SessionTags};
 
 /// Temporary credentials for one role session.
 #[derive(Clone, PartialEq, Eq)]
@@ -88,13 +88,18 @@ pub enum StsError {
 }
 
 impl StsError {
-    /// A short label for metrics.
-    pub fn kind(&self) -> &'static str {
+    /// The call's result, for metrics.
+    pub fn result(&self) -> StsResult {
         match self {
-            StsError::Throttled { .. } => "throttled",
-            StsError::Denied { .. } => "denied",
-            StsError::Unavailable { .. } => "unavailable",
+            StsError::Throttled { .. } => StsResult::Throttled,
+            StsError::Denied { .. } => StsResult::Denied,
+            StsError::Unavailable { .. } => StsResult::Unavailable,
         }
+    }
+
+    /// A short label for metrics (the `result` label value).
+    pub fn kind(&self) -> &'static str {
+        self.result().as_str()
     }
 }
 
@@ -454,7 +459,9 @@ impl CredentialCache {
         let result = self.sts.assume_role(request).await;
         let elapsed = started.elapsed();
         self.stats.sts_duration.observe(
-            result.as_ref().map_or_else(StsError::kind, |_| "success"),
+            result
+                .as_ref()
+                .map_or_else(StsError::result, |_| StsResult::Success),
             elapsed,
         );
         match result {

@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod policy;
 pub mod service_accounts;
 pub mod session_tags;
+pub mod status;
 pub mod telemetry;
 
 /// An error and its causes on one line, `outer: cause: root cause`, for answers and logs that

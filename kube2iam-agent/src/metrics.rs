@@ -50,27 +50,89 @@ use prometheus_client::{
 };
 
 use crate::{
-    admin::Sources,
     bpf::guard::{Kind, Placement},
+    status::Sources,
 };
 
-/// The `route` label values of the metadata server, a fixed set.
-pub const ROUTES: [&str; 11] = [
-    "healthz",
-    "token",
-    "unauthorized",
-    "method",
-    "bad_path",
-    "iam_listing",
-    "credentials_list",
-    "credentials",
-    "iam_info",
-    "blocked",
-    "proxy",
-];
+/// The `route` label of the metadata server's requests: which handler answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RouteLabel {
+    Healthz,
+    Token,
+    Unauthorized,
+    Method,
+    BadPath,
+    Refused,
+    IamListing,
+    CredentialsList,
+    Credentials,
+    IamInfo,
+    Blocked,
+    Proxy,
+}
 
-/// The `result` label values of STS calls.
-pub const STS_RESULTS: [&str; 4] = ["success", "throttled", "denied", "unavailable"];
+impl RouteLabel {
+    pub const ALL: [RouteLabel; 12] = [
+        RouteLabel::Healthz,
+        RouteLabel::Token,
+        RouteLabel::Unauthorized,
+        RouteLabel::Method,
+        RouteLabel::BadPath,
+        RouteLabel::Refused,
+        RouteLabel::IamListing,
+        RouteLabel::CredentialsList,
+        RouteLabel::Credentials,
+        RouteLabel::IamInfo,
+        RouteLabel::Blocked,
+        RouteLabel::Proxy,
+    ];
+
+    /// The label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RouteLabel::Healthz => "healthz",
+            RouteLabel::Token => "token",
+            RouteLabel::Unauthorized => "unauthorized",
+            RouteLabel::Method => "method",
+            RouteLabel::BadPath => "bad_path",
+            RouteLabel::Refused => "refused",
+            RouteLabel::IamListing => "iam_listing",
+            RouteLabel::CredentialsList => "credentials_list",
+            RouteLabel::Credentials => "credentials",
+            RouteLabel::IamInfo => "iam_info",
+            RouteLabel::Blocked => "blocked",
+            RouteLabel::Proxy => "proxy",
+        }
+    }
+}
+
+/// The `result` label of STS calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StsResult {
+    Success,
+    Throttled,
+    Denied,
+    Unavailable,
+}
+
+impl StsResult {
+    pub const ALL: [StsResult; 4] = [
+        StsResult::Success,
+        StsResult::Throttled,
+        StsResult::Denied,
+        StsResult::Unavailable,
+    ];
+
+    /// The label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            StsResult::Success => "success",
+            StsResult::Throttled => "throttled",
+            StsResult::Denied => "denied",
+            StsResult::Unavailable => "unavailable",
+        }
+    }
+}
 
 /// The version this binary was built from.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -140,7 +202,8 @@ impl Default for RequestMetrics {
 
 impl RequestMetrics {
     /// One answered request.
-    pub fn observe(&self, route: &'static str, status: u16, elapsed: Duration) {
+    pub fn observe(&self, route: RouteLabel, status: u16, elapsed: Duration) {
+        let route = route.as_str();
         self.requests
             .get_or_create(&RequestLabels { route, status })
             .inc();
@@ -172,9 +235,12 @@ impl RequestMetrics {
     }
 
     /// How many requests got `status` on `route` so far.
-    pub fn count(&self, route: &'static str, status: u16) -> u64 {
+    pub fn count(&self, route: RouteLabel, status: u16) -> u64 {
         self.requests
-            .get(&RequestLabels { route, status })
+            .get(&RequestLabels {
+                route: route.as_str(),
+                status,
+            })
             .map_or(0, |c| c.get())
     }
 
@@ -195,9 +261,11 @@ impl Default for StsDurations {
 }
 
 impl StsDurations {
-    pub fn observe(&self, result: &'static str, elapsed: Duration) {
+    pub fn observe(&self, result: StsResult, elapsed: Duration) {
         self.0
-            .get_or_create(&ResultLabels { result })
+            .get_or_create(&ResultLabels {
+                result: result.as_str(),
+            })
             .observe(elapsed.as_secs_f64());
     }
 }
@@ -373,7 +441,7 @@ impl Collector for Live {
         let cache = &sources.state.cache;
         let stats = &cache.stats;
         let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        let sts: Vec<_> = STS_RESULTS
+        let sts: Vec<_> = StsResult::ALL
             .iter()
             .zip([
                 &stats.sts_success,
@@ -381,7 +449,10 @@ impl Collector for Live {
                 &stats.sts_denied,
                 &stats.sts_unavailable,
             ])
-            .map(|(result, value)| (ResultLabels { result }, load(value)))
+            .map(|(result, value)| {
+                let result = result.as_str();
+                (ResultLabels { result }, load(value))
+            })
             .collect();
         labeled(
             &mut encoder,
@@ -555,5 +626,20 @@ impl Collector for Live {
             i64::from(sources.not_ready().is_none()),
         )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_enums_list_each_value_once() {
+        let routes: std::collections::HashSet<_> =
+            RouteLabel::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(routes.len(), RouteLabel::ALL.len());
+        let results: std::collections::HashSet<_> =
+            StsResult::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(results.len(), StsResult::ALL.len());
     }
 }

@@ -37,7 +37,7 @@ use crate::{
     events::{PodEvents, Reason},
     identity::{PodIdentity, Registry},
     kube::Namespaces,
-    metrics::RequestMetrics,
+    metrics::{RequestMetrics, RouteLabel},
     policy,
     service_accounts::{AccountRole, ServiceAccounts},
     session_tags::SessionTagging,
@@ -424,7 +424,7 @@ impl State {
                     .ok()
                     .flatten()
                     .map(|p| p.display_name());
-                tracing::warn!(peer = %peer, pod, role, attested, %method, path = uri_path, route, status = status.as_u16(), latency_us, suppressed, "request refused");
+                tracing::warn!(peer = %peer, pod, role, attested, %method, path = uri_path, route = route.as_str(), status = status.as_u16(), latency_us, suppressed, "request refused");
             }
         } else if tracing::enabled!(tracing::Level::DEBUG) {
             let pod = self
@@ -433,7 +433,7 @@ impl State {
                 .ok()
                 .flatten()
                 .map(|p| p.display_name());
-            tracing::debug!(peer = %peer, pod, role, attested, %method, path = uri_path, route, status = status.as_u16(), latency_us, "request");
+            tracing::debug!(peer = %peer, pod, role, attested, %method, path = uri_path, route = route.as_str(), status = status.as_u16(), latency_us, "request");
         }
         response
     }
@@ -444,7 +444,7 @@ impl State {
         request: Request<Incoming>,
         caller: &Caller,
         peer: IpAddr,
-    ) -> (&'static str, Response<Full<Bytes>>, Option<String>) {
+    ) -> (RouteLabel, Response<Full<Bytes>>, Option<String>) {
         if let Some(size) = oversized_body(&request) {
             let mut response = text(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -458,13 +458,13 @@ impl State {
                 header::CONNECTION,
                 header::HeaderValue::from_static("close"),
             );
-            return ("bad_path", response, None);
+            return (RouteLabel::BadPath, response, None);
         }
         let normalized = match path::normalize(request.uri().path()) {
             Ok(p) => p,
             Err(e) => {
                 return (
-                    "bad_path",
+                    RouteLabel::BadPath,
                     text(StatusCode::BAD_REQUEST, format!("kube2iam-ebpf: {e}")),
                     None,
                 );
@@ -477,26 +477,30 @@ impl State {
             if !health::from_node(peer, self.config.host_ip)
                 && let Err(r) = self.caller_pod(caller, peer).await
             {
-                return ("refused", text(r.status, r.body), None);
+                return (RouteLabel::Refused, text(r.status, r.body), None);
             }
-            return ("healthz", self.healthz().await, None);
+            return (RouteLabel::Healthz, self.healthz().await, None);
         }
         let route = path::route(&method, &normalized, &self.config.rules);
         // Every route is for the pods of this node only: the token and the proxy too.
         let pod = match self.caller_pod(caller, peer).await {
             Ok(pod) => pod,
-            Err(r) => return ("refused", text(r.status, r.body), None),
+            Err(r) => return (RouteLabel::Refused, text(r.status, r.body), None),
         };
         let _ = pod;
         if route == Route::Token {
-            return ("token", self.issue_token(&request, peer), None);
+            return (RouteLabel::Token, self.issue_token(&request, peer), None);
         }
         if let Err(reply) = self.check_token(&request, peer) {
-            return ("unauthorized", text(reply.status, reply.body), None);
+            return (
+                RouteLabel::Unauthorized,
+                text(reply.status, reply.body),
+                None,
+            );
         }
         if method != Method::GET && method != Method::HEAD {
             return (
-                "method",
+                RouteLabel::Method,
                 text(
                     StatusCode::METHOD_NOT_ALLOWED,
                     "kube2iam-ebpf: only GET and HEAD",
@@ -511,7 +515,7 @@ impl State {
         match route {
             Route::Token => unreachable!("answered above"),
             Route::IamListing => (
-                "iam_listing",
+                RouteLabel::IamListing,
                 text(StatusCode::OK, "info\nsecurity-credentials/"),
                 None,
             ),
@@ -521,7 +525,7 @@ impl State {
                 let body = result.map(|d| {
                     policy::listed_name(&d.role, self.config.decision.base_arn.as_ref()).to_owned()
                 });
-                ("credentials_list", reply(body), role)
+                (RouteLabel::CredentialsList, reply(body), role)
             }
             Route::Credentials(name) => {
                 let result = self.decide(caller, peer).await;
@@ -550,7 +554,7 @@ impl State {
                     }
                     Err(r) => Err(r),
                 };
-                ("credentials", reply(body), role)
+                (RouteLabel::Credentials, reply(body), role)
             }
             Route::IamInfo => {
                 let result = self.decide(caller, peer).await;
@@ -564,10 +568,10 @@ impl State {
                     })
                     .to_string()
                 });
-                ("iam_info", reply(body), role)
+                (RouteLabel::IamInfo, reply(body), role)
             }
             Route::Blocked(refusal) => (
-                "blocked",
+                RouteLabel::Blocked,
                 text(StatusCode::FORBIDDEN, refusal.message(&normalized)),
                 None,
             ),
@@ -588,10 +592,10 @@ impl State {
                                 .headers_mut()
                                 .insert(header::CONTENT_TYPE, ct.clone());
                         }
-                        ("proxy", response, None)
+                        (RouteLabel::Proxy, response, None)
                     }
                     Err(e) => (
-                        "proxy",
+                        RouteLabel::Proxy,
                         text(StatusCode::BAD_GATEWAY, format!("kube2iam-ebpf: {e}")),
                         None,
                     ),
