@@ -58,11 +58,7 @@ impl Admin {
                     "namespace": pod.namespace,
                     "name": pod.name,
                     "uid": pod.uid,
-                    "role": match &pod.role {
-                        crate::identity::Annotation::Value(v) => serde_json::Value::from(v.as_str()),
-                        crate::identity::Annotation::Oversize(n) => serde_json::Value::from(format!("<{n} bytes: too long>")),
-                        crate::identity::Annotation::Absent => serde_json::Value::Null,
-                    },
+                    "role": pod.role.shown(),
                 })
             })
             .collect();

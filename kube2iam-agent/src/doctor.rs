@@ -26,16 +26,13 @@ use std::{
 
 use aya::{
     EbpfLoader,
-    maps::{HashMap, Map, MapData},
     programs::{CgroupSkb, CgroupSockAddr},
 };
-use kube2iam_common::{
-    CONFIG_KEY, Config, DEFAULT_IDENTITY_CAPACITY, FLAG_ENABLED, maps, port_from_repr, programs,
-};
+use kube2iam_common::{DEFAULT_IDENTITY_CAPACITY, FLAG_ENABLED, maps, port_from_repr, programs};
 
 use self::raw::Hook;
 use crate::bpf::{
-    EBPF_OBJECT, KernelVersion,
+    self, EBPF_OBJECT, KernelVersion,
     host::{self, OWN_CGROUP2_MOUNT},
     sys,
 };
@@ -706,22 +703,21 @@ fn netns_sockopt_check() -> (Check, bool) {
 
 /// The program ids behind our pinned links (to tell them from other programs).
 fn pinned_prog_ids(pin_dir: &Path) -> Vec<u32> {
-    LINK_NAMES
-        .iter()
+    link_names()
         .filter_map(|name| {
-            let link = sys::obj_get(&pin_dir.join("links").join(name)).ok()?;
+            let link = sys::obj_get(&bpf::link_path(pin_dir, name)).ok()?;
             sys::link_info(link.as_fd()).ok().map(|i| i.prog_id)
         })
         .collect()
 }
 
-const LINK_NAMES: [&str; 5] = [
-    programs::CONNECT4,
-    programs::CONNECT6,
-    programs::GETPEERNAME4,
-    programs::GETPEERNAME6,
-    programs::EGRESS,
-];
+/// The links an installation pins: the cgroup address hooks and the egress backstop.
+fn link_names() -> impl Iterator<Item = &'static str> {
+    bpf::HOOKS
+        .into_iter()
+        .map(|(name, _)| name)
+        .chain([programs::EGRESS])
+}
 
 /// The target cgroup, a bpf_link on a temporary child of it, and who else is attached there.
 /// `shown` is the path named in the report (the private mount's path is meaningless).
@@ -1143,15 +1139,12 @@ fn embedded_programs_check_in(
     let mut tags = Vec::new();
     let mut failed = Vec::new();
     let mut optional_failed = Vec::new();
-    for name in [
-        programs::CONNECT4,
-        programs::CONNECT6,
-        programs::GETPEERNAME4,
-        programs::GETPEERNAME6,
-        programs::NETNS_PROBE,
-        programs::SOCK_OPS,
-    ] {
-        let optional = name == programs::GETPEERNAME4 || name == programs::GETPEERNAME6;
+    let hooks = bpf::HOOKS.into_iter().map(|(name, _)| name);
+    for name in hooks.chain([programs::NETNS_PROBE, programs::SOCK_OPS]) {
+        // The hooks a newer kernel brought (getpeername) may fail to load on this one.
+        let optional = bpf::HOOKS
+            .iter()
+            .any(|(hook, needs)| *hook == name && needs.is_some());
         let result = ebpf
             .program_mut(name)
             .ok_or_else(|| "missing from the object".to_owned())
@@ -1282,8 +1275,8 @@ fn pinned_state_check(pin_dir: &Path, target: Option<&Path>, tags: &[(String, St
     let mut links = Vec::new();
     let mut elsewhere = Vec::new();
     let mut differ = Vec::new();
-    for name in LINK_NAMES {
-        let path = pin_dir.join("links").join(name);
+    for name in link_names() {
+        let path = bpf::link_path(pin_dir, name);
         if !path.exists() {
             continue;
         }
@@ -1327,7 +1320,7 @@ fn pinned_state_check(pin_dir: &Path, target: Option<&Path>, tags: &[(String, St
             differ.push(name);
         }
     }
-    let config = read_config(pin_dir);
+    let config = bpf::pinned_config(pin_dir).ok().flatten();
     let config_text = match &config {
         Some(c) if c.flags & FLAG_ENABLED != 0 => format!(
             "config enabled (agent {}:{})",
@@ -1375,12 +1368,6 @@ fn pinned_state_check(pin_dir: &Path, target: Option<&Path>, tags: &[(String, St
             links.join(", ")
         ),
     )
-}
-
-fn read_config(pin_dir: &Path) -> Option<Config> {
-    let data = MapData::from_pin(pin_dir.join(maps::CONFIG)).ok()?;
-    let map: HashMap<_, u32, Config> = HashMap::try_from(Map::HashMap(data)).ok()?;
-    map.get(&CONFIG_KEY, 0).ok()
 }
 
 fn mount_fs(fstype: &str, target: &Path) -> io::Result<()> {

@@ -50,6 +50,16 @@ impl Annotation {
             Some(v) => Annotation::Value(v.to_owned()),
         }
     }
+
+    /// The annotation as `inspect` and `/debug/store` show it: the value, a note of its length
+    /// when it was too long to keep, or nothing.
+    pub fn shown(&self) -> Option<String> {
+        match self {
+            Annotation::Absent => None,
+            Annotation::Value(v) => Some(v.clone()),
+            Annotation::Oversize(n) => Some(format!("<{n} bytes: too long>")),
+        }
+    }
 }
 
 /// Who a pod is, as far as credentials go.

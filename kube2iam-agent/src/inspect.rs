@@ -12,8 +12,7 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData, MapError};
 use kube2iam_common::{
-    CONFIG_KEY, Config, Counter, FLAG_AGENT_IP6, FLAG_ENABLED, Identity, ip6_octets, maps,
-    port_from_repr,
+    Counter, FLAG_AGENT_IP6, FLAG_ENABLED, Identity, ip6_octets, maps, port_from_repr,
 };
 use serde::Serialize;
 
@@ -120,7 +119,7 @@ fn map_data(pin_dir: &Path, name: &str) -> Result<Option<MapData>, Error> {
 }
 
 fn links(pin_dir: &Path) -> Result<Vec<LinkView>, Error> {
-    let dir = pin_dir.join("links");
+    let dir = bpf::links_dir(pin_dir);
     if !dir.is_dir() {
         return Ok(Vec::new());
     }
@@ -158,19 +157,12 @@ fn links(pin_dir: &Path) -> Result<Vec<LinkView>, Error> {
 }
 
 fn config(pin_dir: &Path) -> Result<Option<ConfigView>, Error> {
-    let path = pin_dir.join(maps::CONFIG);
-    let Some(data) = map_data(pin_dir, maps::CONFIG)? else {
-        return Ok(None);
-    };
-    let map_error = |source| Error::Map {
-        path: path.clone(),
+    let Some(config) = bpf::pinned_config(pin_dir).map_err(|source| Error::Map {
+        path: pin_dir.join(maps::CONFIG),
         source,
-    };
-    let map: HashMap<_, u32, Config> = HashMap::try_from(Map::HashMap(data)).map_err(map_error)?;
-    let config = match map.get(&CONFIG_KEY, 0) {
-        Ok(config) => config,
-        Err(MapError::KeyNotFound) => return Ok(None),
-        Err(e) => return Err(map_error(e)),
+    })?
+    else {
+        return Ok(None);
     };
     let v4 = |ip: u32| Ipv4Addr::from(ip.to_ne_bytes());
     let v6 = |words: [u32; 4]| Ipv6Addr::from(ip6_octets(words));
@@ -210,11 +202,7 @@ fn identities(pin_dir: &Path) -> Result<(Option<u32>, Vec<IdentityView>), Error>
                 namespace: pod.namespace,
                 pod: pod.name,
                 uid: pod.uid,
-                role: match pod.role {
-                    Annotation::Absent => None,
-                    Annotation::Value(v) => Some(v),
-                    Annotation::Oversize(n) => Some(format!("<{n} bytes: too long>")),
-                },
+                role: pod.role.shown(),
                 external_id: pod.external_id != Annotation::Absent,
                 error: None,
             },

@@ -21,7 +21,7 @@ use super::{Action, Error, ProgramReport, Result, sys};
 
 /// Where the link is pinned.
 pub fn link_path(pin_dir: &Path) -> std::path::PathBuf {
-    pin_dir.join("links").join(programs::EGRESS)
+    super::link_path(pin_dir, programs::EGRESS)
 }
 
 /// Attaches the backstop to `cgroup`, or adopts the pinned link (swapping its program when it

@@ -294,7 +294,7 @@ impl Pinned {
 
     /// The id of the attached connect4 program, whose maps include the programs' debug log.
     pub fn attached_program_id(&self) -> Option<u32> {
-        let link = sys::obj_get(&self.pin_dir.join("links").join(programs::CONNECT4)).ok()?;
+        let link = sys::obj_get(&super::link_path(&self.pin_dir, programs::CONNECT4)).ok()?;
         sys::link_info(link.as_fd()).ok().map(|i| i.prog_id)
     }
 }

@@ -229,8 +229,8 @@ pub struct Interception {
     pub programs: Vec<ProgramReport>,
 }
 
-/// The hooks, with the kernel that brought each.
-const HOOKS: [(&str, Option<KernelVersion>); 4] = [
+/// The cgroup address hooks, with the kernel that brought each (`None`: every supported one).
+pub const HOOKS: [(&str, Option<KernelVersion>); 4] = [
     (programs::CONNECT4, None),
     (programs::CONNECT6, None),
     (programs::GETPEERNAME4, Some(KernelVersion::GETPEERNAME)),
@@ -313,7 +313,7 @@ pub fn install(settings: &Settings) -> Result<Interception> {
         program
             .load()
             .map_err(|source| Error::Program { name, source })?;
-        let link_path = settings.pin_dir.join("links").join(name);
+        let link_path = link_path(&settings.pin_dir, name);
         let report = if link_path.exists() {
             let fd = program
                 .fd()
@@ -334,7 +334,7 @@ pub fn install(settings: &Settings) -> Result<Interception> {
         program
             .load()
             .map_err(|source| Error::Program { name, source })?;
-        let link_path = settings.pin_dir.join("links").join(name);
+        let link_path = link_path(&settings.pin_dir, name);
         let report = if link_path.exists() {
             let fd = program
                 .fd()
@@ -635,6 +635,32 @@ fn read_counters<T: std::borrow::Borrow<MapData>>(
         .collect()
 }
 
+/// Where an installation pins its links: one file per hook, named after its program.
+pub fn links_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("links")
+}
+
+/// The pinned link of program `name`.
+pub fn link_path(pin_dir: &Path, name: &str) -> PathBuf {
+    links_dir(pin_dir).join(name)
+}
+
+/// Reads the config an installation wrote to its pinned config map: `None` when the map is
+/// not pinned or holds no config.
+pub fn pinned_config(pin_dir: &Path) -> std::result::Result<Option<Config>, aya::maps::MapError> {
+    let path = pin_dir.join(maps::CONFIG);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let data = MapData::from_pin(&path)?;
+    let map: HashMap<_, u32, Config> = HashMap::try_from(aya::maps::Map::HashMap(data))?;
+    match map.get(&CONFIG_KEY, 0) {
+        Ok(config) => Ok(Some(config)),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Reads the counters of a pinned installation (for `inspect` and tests).
 pub fn pinned_counters(pin_dir: &Path) -> Result<Vec<(Counter, u64)>> {
     let path = pin_dir.join(maps::COUNTERS);
@@ -781,7 +807,7 @@ pub fn uninstall(pin_dir: &Path) -> Result<Vec<String>> {
     if !pin_dir.exists() {
         return Ok(removed);
     }
-    let links_dir = pin_dir.join("links");
+    let links_dir = links_dir(pin_dir);
     if links_dir.is_dir() {
         for entry in read_dir_sorted(&links_dir)? {
             let link = sys::obj_get(&entry)
