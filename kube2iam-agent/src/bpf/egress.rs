@@ -9,7 +9,7 @@
 //! by a restarted agent, its program swapped atomically through the link when it changed, and
 //! removed by `uninstall` (which detaches every pinned link).
 
-use std::{fs, io, os::fd::AsFd as _, path::Path};
+use std::{fs, os::fd::AsFd as _, path::Path};
 
 use aya::{
     Ebpf,
@@ -46,38 +46,13 @@ pub fn install(
         .map_err(|e| Error::io(format!("open cgroup {}", cgroup.display()), e))?;
     // A bpf_link on a cgroup is multi-program by nature; "Single" passes no flag (see
     // `super::attach`).
-    let link_id = program
-        .attach(
+    super::attach(name, &path, || {
+        let link_id = program.attach(
             &cgroup_file,
             CgroupSkbAttachType::Egress,
             CgroupAttachMode::Single,
-        )
-        .map_err(|source| Error::Program { name, source })?;
-    let link = program
-        .take_link(link_id)
-        .map_err(|source| Error::Program { name, source })?;
-    let link = FdLink::try_from(link).map_err(|e| {
-        Error::io(
-            format!("program {name}: the kernel made no bpf_link ({e})"),
-            io::ErrorKind::Unsupported.into(),
-        )
-    })?;
-    let info = link.info().map_err(|e| {
-        Error::io(
-            format!("read link info of {name}: {e}"),
-            io::ErrorKind::Other.into(),
-        )
-    })?;
-    link.pin(&path).map_err(|e| {
-        Error::io(
-            format!("pin link {name} at {}: {e}", path.display()),
-            io::ErrorKind::Other.into(),
-        )
-    })?;
-    Ok(ProgramReport {
-        name,
-        action: Action::Attached,
-        link_id: Some(info.id()),
+        )?;
+        program.take_link(link_id).map(FdLink::try_from)
     })
 }
 

@@ -513,11 +513,10 @@ impl Guard {
         };
         let Some(link) = existing else {
             let link = attach_tcx_first(program, name, ifname)?;
-            link.pin(&path).map_err(|e| {
-                Error::io(
-                    format!("pin {}: {e}", path.display()),
-                    io::ErrorKind::Other.into(),
-                )
+            link.pin(&path).map_err(|source| Error::Pin {
+                name,
+                path: path.clone(),
+                source,
             })?;
             changes.attached.push(ifname.to_owned());
             return Ok(());
@@ -567,11 +566,10 @@ impl Guard {
                     .dir
                     .join(format!("{STAGED}{}", pin_name(ifname, ifindex)));
                 let _ = fs::remove_file(&staged);
-                fresh.pin(&staged).map_err(|e| {
-                    Error::io(
-                        format!("pin {}: {e}", staged.display()),
-                        io::ErrorKind::Other.into(),
-                    )
+                fresh.pin(&staged).map_err(|source| Error::Pin {
+                    name,
+                    path: staged.clone(),
+                    source,
                 })?;
                 let _ = sys::link_detach(link.as_fd());
                 fs::rename(&staged, &path).map_err(|e| {
@@ -624,12 +622,7 @@ fn attach_tcx_first(
     let link = program
         .take_link(link_id)
         .map_err(|source| Error::Program { name, source })?;
-    FdLink::try_from(link).map_err(|e| {
-        Error::io(
-            format!("guard link on {ifname}: {e}"),
-            io::ErrorKind::Unsupported.into(),
-        )
-    })
+    FdLink::try_from(link).map_err(|source| Error::NoLink { name, source })
 }
 
 /// Attaches a cls_bpf filter at `priority`/`handle`; the kernel keeps it after we exit (the

@@ -637,11 +637,10 @@ fn pin_guard_program(interception: &mut Interception, settings: &Settings) -> Re
                     .and_then(|()| program.load())
                     .map_err(|source| Error::Program { name, source })?;
             }
-            program.pin(path).map_err(|e| {
-                Error::io(
-                    format!("pin the guard program at {}: {e}", path.display()),
-                    io::ErrorKind::Other.into(),
-                )
+            program.pin(path).map_err(|source| Error::PinProgram {
+                name,
+                path: path.clone(),
+                source,
             })?;
         }
     }

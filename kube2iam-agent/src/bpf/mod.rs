@@ -94,6 +94,32 @@ pub enum Error {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("program {name}: the kernel made no bpf_link")]
+    NoLink {
+        name: &'static str,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("read link info of {name}")]
+    LinkInfo {
+        name: &'static str,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("pin link {name} at {}", path.display())]
+    Pin {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("pin program {name} at {}", path.display())]
+    PinProgram {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
     #[error("the embedded eBPF object has no {kind} named {name}; the build is broken")]
     Missing {
         kind: &'static str,
@@ -424,11 +450,11 @@ fn egress_backstop(
 }
 
 /// Attaches with `make_link` (which returns the program's link as an FdLink) and pins the link.
-fn attach<E: std::fmt::Display>(
+fn attach(
     name: &'static str,
     link_path: &Path,
     make_link: impl FnOnce() -> std::result::Result<
-        std::result::Result<FdLink, E>,
+        std::result::Result<FdLink, aya::programs::links::LinkError>,
         aya::programs::ProgramError,
     >,
 ) -> Result<ProgramReport> {
@@ -437,23 +463,14 @@ fn attach<E: std::fmt::Display>(
     // flag, and other programs (Cilium's socket LB) keep running beside ours.
     let link = make_link()
         .map_err(|source| Error::Program { name, source })?
-        .map_err(|e| {
-            Error::io(
-                format!("program {name}: the kernel made no bpf_link ({e})"),
-                io::ErrorKind::Unsupported.into(),
-            )
-        })?;
-    let info = link.info().map_err(|e| {
-        Error::io(
-            format!("read link info of {name}: {e}"),
-            io::ErrorKind::Other.into(),
-        )
-    })?;
-    link.pin(link_path).map_err(|e| {
-        Error::io(
-            format!("pin link {name} at {}: {e}", link_path.display()),
-            io::ErrorKind::Other.into(),
-        )
+        .map_err(|source| Error::NoLink { name, source })?;
+    let info = link
+        .info()
+        .map_err(|source| Error::LinkInfo { name, source })?;
+    link.pin(link_path).map_err(|source| Error::Pin {
+        name,
+        path: link_path.to_owned(),
+        source,
     })?;
     Ok(ProgramReport {
         name,
