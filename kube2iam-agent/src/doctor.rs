@@ -252,14 +252,9 @@ pub struct Options {
     pub egress_guard: bool,
 }
 
-/// The capability numbers the checks name.
+/// The capability numbers the checks name, and their names.
 pub mod cap {
-    pub const DAC_OVERRIDE: u32 = 1;
-    pub const NET_ADMIN: u32 = 12;
-    pub const SYS_ADMIN: u32 = 21;
-    pub const SYS_RESOURCE: u32 = 24;
-    pub const PERFMON: u32 = 38;
-    pub const BPF: u32 = 39;
+    pub use crate::bpf::host::cap::*;
 
     /// `CAP_*` names by number (Linux 5.9 has 41).
     pub const NAMES: [&str; 41] = [
@@ -353,25 +348,19 @@ pub fn privileges_check(kernel: KernelVersion, caps: u64) -> Check {
     } else {
         held.join(", ")
     };
-    // Measured in the kernel-matrix VMs: the verifier wants CAP_PERFMON beside CAP_BPF for
-    // these programs, and attaching cgroup programs wants CAP_NET_ADMIN.
-    let fine_grained = kernel >= KernelVersion(5, 8, 0)
-        && has(cap::BPF)
-        && has(cap::NET_ADMIN)
-        && has(cap::PERFMON);
-    if has(cap::SYS_ADMIN) || fine_grained {
-        Check::ok(NAME, shown)
-    } else {
-        Check::fail(
+    // The rule is the agent's own (host::privileges, measured in the kernel-matrix VMs);
+    // doctor shows its verdict for loading the programs.
+    match host::privileges(kernel, caps, host::Task::Load) {
+        Ok(()) => Check::ok(NAME, shown),
+        Err(need) => Check::fail(
             NAME,
             shown,
-            if kernel >= KernelVersion(5, 8, 0) {
-                "grant CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (or CAP_SYS_ADMIN) in the pod's \
-                 securityContext"
+            if kernel >= KernelVersion::CAP_BPF {
+                format!("grant {need} in the pod's securityContext")
             } else {
-                "grant CAP_SYS_ADMIN: kernels before 5.8 have no CAP_BPF"
+                format!("grant {need}: kernels before 5.8 have no CAP_BPF")
             },
-        )
+        ),
     }
 }
 
@@ -397,7 +386,7 @@ pub fn kernel_check(release: &str) -> Check {
 /// The RLIMIT_MEMLOCK row: kernels before 5.11 charge BPF maps and programs to it.
 pub fn memlock_check(kernel: KernelVersion, limit: Option<u64>) -> Check {
     const NAME: &str = "memlock";
-    if kernel >= KernelVersion(5, 11, 0) {
+    if kernel >= KernelVersion::MEMCG_ACCOUNTING {
         return Check::ok(
             NAME,
             "not used for BPF memory (memory cgroup accounting, 5.11+)",
@@ -561,7 +550,7 @@ pub fn run(options: &Options) -> Report {
         Some(LoadDir::PrivateMount) => {
             let result = in_private_mount_ns(|| {
                 let dir = PathBuf::from(host::DEFAULT_BPFFS);
-                mount_fs("bpf", &dir)
+                host::mount("bpf", &dir)
                     .map_err(|e| format!("mount a private bpffs: {e}"))
                     .map(|()| vec![embedded_programs_check_in(&dir, kernel).0])
             });
@@ -770,7 +759,7 @@ fn unmounted_cgroup2_checks(ours: &[u32], needs_child: bool) -> Vec<Check> {
     let shown = PathBuf::from(OWN_CGROUP2_MOUNT);
     let result = in_private_mount_ns(|| {
         let at = std::env::temp_dir();
-        mount_fs("cgroup2", &at).map_err(|e| format!("mount cgroup2: {e}"))?;
+        host::mount("cgroup2", &at).map_err(|e| format!("mount cgroup2: {e}"))?;
         let mut checks = vec![Check::ok(
             "cgroup2",
             format!(
@@ -1037,7 +1026,7 @@ fn bpffs_check(pin_dir: &Path) -> (Check, Option<LoadDir>) {
         );
     }
     let mountable = in_private_mount_ns(|| {
-        mount_fs("bpf", parent)
+        host::mount("bpf", parent)
             .map(|()| Vec::new())
             .map_err(|e| e.to_string())
     });
@@ -1368,27 +1357,6 @@ fn pinned_state_check(pin_dir: &Path, target: Option<&Path>, tags: &[(String, St
             links.join(", ")
         ),
     )
-}
-
-fn mount_fs(fstype: &str, target: &Path) -> io::Result<()> {
-    let source = CString::new(fstype).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    let target = CString::new(target.as_os_str().as_bytes())
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: valid C strings; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            source.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 /// Whether this process has a single thread (forking is then safe for any code).

@@ -36,6 +36,10 @@ impl KernelVersion {
     pub const MINIMUM: KernelVersion = KernelVersion(5, 8, 0);
     /// getpeername4/6 hooks.
     pub const GETPEERNAME: KernelVersion = KernelVersion(5, 8, 0);
+    /// CAP_BPF and CAP_PERFMON; before them BPF wanted CAP_SYS_ADMIN.
+    pub const CAP_BPF: KernelVersion = KernelVersion(5, 8, 0);
+    /// BPF memory charged to the memory cgroup instead of RLIMIT_MEMLOCK.
+    pub const MEMCG_ACCOUNTING: KernelVersion = KernelVersion(5, 11, 0);
 
     /// Parses a `uname -r` release such as `6.1.0-27-cloud-amd64` or `5.10.228-219.884.amzn2`.
     pub fn parse(release: &str) -> Option<KernelVersion> {
@@ -70,10 +74,15 @@ pub fn check_kernel() -> Result<KernelVersion> {
     Ok(version)
 }
 
-const CAP_NET_ADMIN: u32 = 12;
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
+/// The capability numbers the privilege rule and `doctor` name (linux/capability.h).
+pub mod cap {
+    pub const DAC_OVERRIDE: u32 = 1;
+    pub const NET_ADMIN: u32 = 12;
+    pub const SYS_ADMIN: u32 = 21;
+    pub const SYS_RESOURCE: u32 = 24;
+    pub const PERFMON: u32 = 38;
+    pub const BPF: u32 = 39;
+}
 
 /// The effective capability set of this process.
 pub fn effective_caps() -> Result<u64> {
@@ -100,27 +109,31 @@ pub enum Task {
     Uninstall,
 }
 
-/// Refuses to go on without the capabilities `task` needs (measured in the kernel matrix).
-pub fn check_privileges(kernel: KernelVersion, task: Task) -> Result<()> {
-    let caps = effective_caps()?;
+/// The privilege rule (measured in the kernel matrix): whether the effective capabilities
+/// `caps` let `task` run on `kernel`; if not, the capabilities it needs there.
+pub fn privileges(kernel: KernelVersion, caps: u64, task: Task) -> Result<(), &'static str> {
     let has = |cap: u32| caps & (1u64 << cap) != 0;
     // Loading needs CAP_PERFMON for what the programs do with pointers: without it the
     // verifier fails with a bare "Permission denied". Uninstall loads nothing.
-    let perfmon = task == Task::Uninstall || has(CAP_PERFMON);
-    let ok = has(CAP_SYS_ADMIN)
-        || (kernel >= KernelVersion(5, 8, 0) && has(CAP_BPF) && perfmon && has(CAP_NET_ADMIN));
+    let perfmon = task == Task::Uninstall || has(cap::PERFMON);
+    let fine_grained = kernel >= KernelVersion::CAP_BPF;
+    let ok =
+        has(cap::SYS_ADMIN) || (fine_grained && has(cap::BPF) && perfmon && has(cap::NET_ADMIN));
     if ok {
         Ok(())
     } else {
-        Err(Error::Privileges {
-            need: match (kernel >= KernelVersion(5, 8, 0), task) {
-                (false, _) => "CAP_SYS_ADMIN",
-                (true, Task::Load) => "CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (or CAP_SYS_ADMIN)",
-                (true, Task::Uninstall) => "CAP_BPF and CAP_NET_ADMIN (or CAP_SYS_ADMIN)",
-            },
-            caps,
+        Err(match (fine_grained, task) {
+            (false, _) => "CAP_SYS_ADMIN",
+            (true, Task::Load) => "CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (or CAP_SYS_ADMIN)",
+            (true, Task::Uninstall) => "CAP_BPF and CAP_NET_ADMIN (or CAP_SYS_ADMIN)",
         })
     }
+}
+
+/// Refuses to go on without the capabilities `task` needs ([`privileges`]).
+pub fn check_privileges(kernel: KernelVersion, task: Task) -> Result<()> {
+    let caps = effective_caps()?;
+    privileges(kernel, caps, task).map_err(|need| Error::Privileges { need, caps })
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; lift it where we may.
@@ -173,7 +186,8 @@ fn statfs_type(path: &Path) -> io::Result<i64> {
     Ok(st.f_type as i64)
 }
 
-fn mount(fstype: &str, target: &Path) -> io::Result<()> {
+/// mount(2) of a pseudo filesystem (`bpf`, `cgroup2`) at `target`, its type as its source.
+pub fn mount(fstype: &str, target: &Path) -> io::Result<()> {
     let source = CString::new(fstype).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     let target_c = CString::new(target.as_os_str().as_bytes())
         .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
@@ -290,6 +304,26 @@ pub fn prepare_pin_dir(pin_dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn privilege_rule() {
+        let caps = |list: &[u32]| list.iter().fold(0u64, |m, n| m | (1u64 << n));
+        let new = KernelVersion(6, 1, 0);
+        let old = KernelVersion(5, 7, 0);
+        let fine = caps(&[cap::BPF, cap::NET_ADMIN]);
+        // Loading wants CAP_PERFMON beside CAP_BPF; uninstalling loads nothing.
+        assert!(privileges(new, fine, Task::Load).is_err());
+        assert_eq!(privileges(new, fine, Task::Uninstall), Ok(()));
+        assert_eq!(
+            privileges(new, fine | caps(&[cap::PERFMON]), Task::Load),
+            Ok(())
+        );
+        assert_eq!(
+            privileges(old, fine | caps(&[cap::PERFMON]), Task::Load),
+            Err("CAP_SYS_ADMIN")
+        );
+        assert_eq!(privileges(old, caps(&[cap::SYS_ADMIN]), Task::Load), Ok(()));
+    }
 
     #[test]
     fn parses_kernel_releases() {
