@@ -974,4 +974,39 @@ mod tests {
         assert_eq!(go_duration(Duration::from_secs(2)), "2s");
         assert_eq!(go_duration(Duration::from_millis(500)), "500ms");
     }
+
+    #[test]
+    fn flags_parse_with_the_pod_scope_as_the_bare_flags_meaning() {
+        use clap::Parser as _;
+
+        use crate::session_tags::TagScope;
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["kube2iam-agent"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).unwrap().run
+        };
+        let off = parse(&[]);
+        assert_eq!(off.session_tags.session_tags, TagScope::Off);
+        assert!(!off.session_tags.source_identity);
+        assert!(!off.service_accounts.service_account_roles);
+        assert_eq!(
+            off.service_accounts.service_account_role_key,
+            "eks.amazonaws.com/role-arn"
+        );
+        let bare = parse(&[
+            "--session-tags",
+            "--cluster-arn",
+            "arn:aws:eks:eu-west-1:123456789012:cluster/prod-1",
+            "--source-identity",
+        ]);
+        assert_eq!(bare.session_tags.session_tags, TagScope::Pod);
+        assert!(bare.session_tags.source_identity);
+        let scoped = parse(&[
+            "--session-tags",
+            "service-account",
+            "--service-account-roles",
+        ]);
+        assert_eq!(scoped.session_tags.session_tags, TagScope::ServiceAccount);
+        assert!(scoped.service_accounts.service_account_roles);
+    }
 }

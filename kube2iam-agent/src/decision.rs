@@ -1023,7 +1023,7 @@ mod tests {
 
     #[test]
     fn pods_with_the_webhooks_credentials_environment_are_left_to_it() {
-        use crate::service_accounts::WebhookCredentials;
+        use crate::identity::WebhookCredentials;
         for (webhook, provider, env) in [
             (
                 WebhookCredentials::WebIdentity,

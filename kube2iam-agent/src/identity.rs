@@ -85,7 +85,53 @@ pub struct PodAccount {
     /// IRSA's (`AWS_ROLE_ARN` and `AWS_WEB_IDENTITY_TOKEN_FILE`) or, when the ServiceAccount has
     /// an EKS Pod Identity association, which takes precedence there, Pod Identity's
     /// (`AWS_CONTAINER_CREDENTIALS_FULL_URI` and `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE`).
-    pub webhook: Option<crate::service_accounts::WebhookCredentials>,
+    pub webhook: Option<WebhookCredentials>,
+}
+
+/// The environment the webhook injects into each container for IRSA.
+pub const WEB_IDENTITY_ENV: [&str; 2] = ["AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE"];
+/// The environment the webhook injects instead when the pod's ServiceAccount has an EKS Pod
+/// Identity association: the container-credentials method takes precedence over IRSA's
+/// (aws/amazon-eks-pod-identity-webhook, `pkg/handler/handler.go`, `buildPodPatchConfig`).
+pub const CONTAINER_CREDENTIALS_ENV: [&str; 2] = [
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+];
+
+/// Which credentials the EKS pod identity webhook gave a pod's containers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookCredentials {
+    /// IRSA: `AWS_ROLE_ARN` and `AWS_WEB_IDENTITY_TOKEN_FILE`.
+    WebIdentity,
+    /// EKS Pod Identity: `AWS_CONTAINER_CREDENTIALS_FULL_URI` and
+    /// `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE`.
+    ContainerCredentials,
+}
+
+impl WebhookCredentials {
+    /// The environment variables that make the SDK's provider, all of which a container carries.
+    pub fn env(self) -> [&'static str; 2] {
+        match self {
+            WebhookCredentials::WebIdentity => WEB_IDENTITY_ENV,
+            WebhookCredentials::ContainerCredentials => CONTAINER_CREDENTIALS_ENV,
+        }
+    }
+
+    /// Who serves the pod instead, as messages name it.
+    pub fn provider(self) -> &'static str {
+        match self {
+            WebhookCredentials::WebIdentity => "IRSA",
+            WebhookCredentials::ContainerCredentials => "EKS Pod Identity",
+        }
+    }
+
+    /// The SDK provider the environment makes, as messages name it.
+    pub fn method(self) -> &'static str {
+        match self {
+            WebhookCredentials::WebIdentity => "web-identity",
+            WebhookCredentials::ContainerCredentials => "container-credentials",
+        }
+    }
 }
 
 impl PodIdentity {

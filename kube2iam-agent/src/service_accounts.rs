@@ -30,56 +30,11 @@ use kube2iam_common::ROLE_CAP;
 
 use crate::{
     credentials::{Admission, PREFETCH_WINDOW, PREFETCHES_PER_POD, PrefetchLimiter},
-    identity::{Annotation, PodAccount},
+    identity::{Annotation, PodAccount, WebhookCredentials},
 };
 
 /// The annotation IRSA (the EKS pod identity webhook) reads on a ServiceAccount.
 pub const IRSA_ROLE_KEY: &str = "eks.amazonaws.com/role-arn";
-/// The environment the webhook injects into each container for IRSA.
-pub const WEB_IDENTITY_ENV: [&str; 2] = ["AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE"];
-/// The environment the webhook injects instead when the pod's ServiceAccount has an EKS Pod
-/// Identity association: the container-credentials method takes precedence over IRSA's
-/// (aws/amazon-eks-pod-identity-webhook, `pkg/handler/handler.go`, `buildPodPatchConfig`).
-pub const CONTAINER_CREDENTIALS_ENV: [&str; 2] = [
-    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
-];
-
-/// Which credentials the EKS pod identity webhook gave a pod's containers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WebhookCredentials {
-    /// IRSA: `AWS_ROLE_ARN` and `AWS_WEB_IDENTITY_TOKEN_FILE`.
-    WebIdentity,
-    /// EKS Pod Identity: `AWS_CONTAINER_CREDENTIALS_FULL_URI` and
-    /// `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE`.
-    ContainerCredentials,
-}
-
-impl WebhookCredentials {
-    /// The environment variables that make the SDK's provider, all of which a container carries.
-    pub fn env(self) -> [&'static str; 2] {
-        match self {
-            WebhookCredentials::WebIdentity => WEB_IDENTITY_ENV,
-            WebhookCredentials::ContainerCredentials => CONTAINER_CREDENTIALS_ENV,
-        }
-    }
-
-    /// Who serves the pod instead, as messages name it.
-    pub fn provider(self) -> &'static str {
-        match self {
-            WebhookCredentials::WebIdentity => "IRSA",
-            WebhookCredentials::ContainerCredentials => "EKS Pod Identity",
-        }
-    }
-
-    /// The SDK provider the environment makes, as messages name it.
-    pub fn method(self) -> &'static str {
-        match self {
-            WebhookCredentials::WebIdentity => "web-identity",
-            WebhookCredentials::ContainerCredentials => "container-credentials",
-        }
-    }
-}
 
 /// The flags (flattened into the run flags).
 #[derive(Debug, Clone, Args)]
@@ -369,6 +324,7 @@ impl ServiceAccounts {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::{CONTAINER_CREDENTIALS_ENV, WEB_IDENTITY_ENV};
 
     fn spec(json: serde_json::Value) -> PodSpec {
         serde_json::from_value(json).expect("a pod spec")

@@ -13,12 +13,7 @@ use std::fmt;
 
 use clap::{Args, ValueEnum};
 
-use crate::{
-    credentials::{CacheKey, Session},
-    decision::Decision,
-    identity::PodIdentity,
-    policy,
-};
+use crate::{identity::PodIdentity, policy};
 
 /// The tag keys, spelled as EKS Pod Identity spells them.
 pub const EKS_CLUSTER_ARN: &str = "eks-cluster-arn";
@@ -350,44 +345,6 @@ impl SessionTagging {
     }
 }
 
-impl SessionTagging {
-    /// What the credentials of `decision` are cached under, and the session's name: one
-    /// session per pod when `session_per_pod`, when the tags name the pod, or with a
-    /// kube2iam-style `named` session, else one per role, external ID and tag set, named after
-    /// the node.
-    pub fn cache_key(
-        &self,
-        decision: &Decision,
-        node: &str,
-        session_per_pod: bool,
-        named: Option<String>,
-    ) -> Result<(CacheKey, String), Missing> {
-        let tags = self.for_pod(&decision.pod)?;
-        let per_pod = session_per_pod || self.per_pod() || named.is_some();
-        let (session, session_name) = if per_pod {
-            (
-                Session::Pod {
-                    uid: decision.pod.uid.clone(),
-                },
-                named.unwrap_or_else(|| {
-                    policy::pod_session_name(&decision.pod.namespace, &decision.pod.name)
-                }),
-            )
-        } else {
-            (Session::Node, policy::node_session_name(node))
-        };
-        Ok((
-            CacheKey {
-                role_arn: decision.role.as_str().to_owned(),
-                external_id: decision.external_id.clone(),
-                session,
-                tags,
-            },
-            session_name,
-        ))
-    }
-}
-
 /// The source identity of a pod: `<namespace>.<pod>` under STS's rules for it (`[\w+=,.@-]`,
 /// 2 to 64 characters; longer names end in a hash of the full name, as session names do). A
 /// namespace has no dot, so the first one separates the two.
@@ -673,33 +630,5 @@ mod tests {
                 name: "prod-1".into()
             })
         );
-    }
-
-    #[test]
-    fn flags_parse_with_the_pod_scope_as_the_bare_flags_meaning() {
-        use clap::Parser as _;
-        let parse = |extra: &[&str]| {
-            let mut argv = vec!["kube2iam-agent"];
-            argv.extend_from_slice(extra);
-            crate::cli::Cli::try_parse_from(argv).unwrap().run
-        };
-        let off = parse(&[]);
-        assert_eq!(off.session_tags.session_tags, TagScope::Off);
-        assert!(!off.session_tags.source_identity);
-        assert!(!off.service_accounts.service_account_roles);
-        assert_eq!(
-            off.service_accounts.service_account_role_key,
-            "eks.amazonaws.com/role-arn"
-        );
-        let bare = parse(&["--session-tags", "--cluster-arn", ARN, "--source-identity"]);
-        assert_eq!(bare.session_tags.session_tags, TagScope::Pod);
-        assert!(bare.session_tags.source_identity);
-        let scoped = parse(&[
-            "--session-tags",
-            "service-account",
-            "--service-account-roles",
-        ]);
-        assert_eq!(scoped.session_tags.session_tags, TagScope::ServiceAccount);
-        assert!(scoped.service_accounts.service_account_roles);
     }
 }

@@ -32,7 +32,7 @@ use self::{
 };
 use crate::{
     attest::{self, AttestMap, Caller, CgroupPods},
-    credentials::{CredentialCache, StsError, imds_time},
+    credentials::{CacheKey, CredentialCache, Session, StsError, imds_time},
     decision::{self, Decision, Known, Namespace, Outcome, Refusal},
     events::{PodEvents, Reason},
     identity::{PodIdentity, Registry},
@@ -285,24 +285,49 @@ impl State {
         }
     }
 
-    /// The cache key and session name; `peer` is the pod's address, which kube2iam's session
-    /// names carry (`None` when not answering a request).
+    /// What the credentials of `decision` are cached under, and the session's name (`peer` is
+    /// the pod's address, which kube2iam's session names carry; `None` when not answering a
+    /// request): one session per pod with `--session-per-pod`, when the tags name the pod, or
+    /// with kube2iam's session names, else one per role, external ID and tag set, named after
+    /// the node.
     fn cache_key(
         &self,
         decision: &Decision,
         peer: Option<IpAddr>,
-    ) -> Result<(crate::credentials::CacheKey, String), crate::session_tags::Missing> {
-        let kube2iam_name = peer
-            .filter(|_| self.config.kube2iam_session_names)
-            .map(|ip| policy::kube2iam_session_name(ip, &decision.role));
+    ) -> Result<(CacheKey, String), crate::session_tags::Missing> {
+        let tags = self.config.sessions.for_pod(&decision.pod)?;
         // The key does not depend on whether the address is known: kube2iam's names are one
         // session per pod, like --session-per-pod.
-        self.config.sessions.cache_key(
-            decision,
-            &self.config.decision.node,
-            self.config.session_per_pod || self.config.kube2iam_session_names,
-            kube2iam_name,
-        )
+        let per_pod = self.config.session_per_pod
+            || self.config.kube2iam_session_names
+            || self.config.sessions.per_pod();
+        let (session, session_name) = if per_pod {
+            let named = peer
+                .filter(|_| self.config.kube2iam_session_names)
+                .map(|ip| policy::kube2iam_session_name(ip, &decision.role));
+            (
+                Session::Pod {
+                    uid: decision.pod.uid.clone(),
+                },
+                named.unwrap_or_else(|| {
+                    policy::pod_session_name(&decision.pod.namespace, &decision.pod.name)
+                }),
+            )
+        } else {
+            (
+                Session::Node,
+                policy::node_session_name(&self.config.decision.node),
+            )
+        };
+        Ok((
+            CacheKey {
+                role_arn: decision.role.as_str().to_owned(),
+                external_id: decision.external_id.clone(),
+                session,
+                tags,
+            },
+            session_name,
+        ))
     }
 
     /// Starts fetching credentials for a pod the watch just saw, if it would get a role: the
