@@ -152,6 +152,18 @@ pub struct ClientCredentials {
     pub expiration: Option<String>,
 }
 
+/// What a client library would load from the document.
+impl From<&ImdsCredentialsDoc> for ClientCredentials {
+    fn from(doc: &ImdsCredentialsDoc) -> Self {
+        ClientCredentials {
+            access_key_id: doc.access_key_id.clone(),
+            secret_access_key: doc.secret_access_key.clone(),
+            token: Some(doc.token.clone()),
+            expiration: Some(doc.expiration.clone()),
+        }
+    }
+}
+
 /// A client's failure: the exception or error type and its message.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 pub struct ClientError {

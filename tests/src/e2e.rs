@@ -6,7 +6,9 @@ use std::{ffi::OsString, time::Duration};
 
 use crate::{
     Agent, AgentOptions, FaultProxy, HOST_IP4, ImdsEmulator, KubeApi, Moto, NODE_ACCESS_KEY_ID,
-    Pod, TestNode, clients::ClientCredentials, kube_api as objects,
+    Pod, TestNode,
+    clients::{ClientCredentials, ImdsCredentialsDoc},
+    kube_api as objects,
 };
 
 /// The node name pods are scheduled on.
@@ -17,6 +19,17 @@ pub const ACCOUNT: &str = "123456789012";
 pub const BASE_ROLE_ARN: &str = "arn:aws:iam::123456789012:role/";
 /// The agent's admin port in tests.
 pub const METRICS_PORT: u16 = 9181;
+
+/// kube2iam's pod annotation naming the role.
+pub const ROLE_KEY: &str = "iam.amazonaws.com/role";
+/// kube2iam's pod annotation giving the external ID for AssumeRole.
+pub const EXTERNAL_ID_KEY: &str = "iam.amazonaws.com/external-id";
+/// kube2iam's namespace annotation listing the roles its pods may have.
+pub const ALLOWED_KEY: &str = "iam.amazonaws.com/allowed-roles";
+/// IRSA's ServiceAccount annotation naming the role ARN.
+pub const IRSA_KEY: &str = "eks.amazonaws.com/role-arn";
+/// The credentials listing on the metadata service; a role's document is below it.
+pub const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
 
 /// `arn:aws:iam::123456789012:role/<name>`.
 pub fn role_arn(name: &str) -> String {
@@ -181,6 +194,17 @@ impl World {
         uid
     }
 
+    /// The credentials document `pod` gets (listing first), or a panic with the agent's log.
+    pub fn creds(&self, pod: &Pod<'_>) -> ImdsCredentialsDoc {
+        pod_credentials(pod).unwrap_or_else(|(status, body)| {
+            panic!(
+                "credentials for {}: {status} {body}\nagent log:\n{}",
+                pod.ip4(),
+                self.agent.log()
+            )
+        })
+    }
+
     /// Waits until the agent knows `pod` (via its debug store) or panics.
     pub fn wait_known(&self, node: &TestNode, pod: &Pod<'_>) {
         let ip = pod.ip4().to_string();
@@ -293,7 +317,7 @@ pub fn curl(
 /// (listing first), or the failing status and body.
 pub fn credentials_with(
     curl_command: impl Fn() -> std::process::Command,
-) -> Result<crate::clients::ImdsCredentialsDoc, (u16, String)> {
+) -> Result<ImdsCredentialsDoc, (u16, String)> {
     let base = "http://169.254.169.254/latest/meta-data/iam/security-credentials/";
     let (status, listed) = curl(curl_command(), "GET", base, &[]);
     if status != 200 {
@@ -312,7 +336,7 @@ pub fn credentials_with(
 }
 
 /// The credentials document for the pod's role (listing first), or the failing status and body.
-pub fn pod_credentials(pod: &Pod<'_>) -> Result<crate::clients::ImdsCredentialsDoc, (u16, String)> {
+pub fn pod_credentials(pod: &Pod<'_>) -> Result<ImdsCredentialsDoc, (u16, String)> {
     credentials_with(|| pod.command("curl"))
 }
 

@@ -11,33 +11,11 @@ use std::{
 
 use kube2iam_tests::{
     Pod, TestNode,
-    clients::{ClientCredentials, ImdsCredentialsDoc},
-    e2e::{World, pod_credentials, pod_get},
+    clients::ClientCredentials,
+    e2e::{CREDS, ROLE_KEY, World, pod_get},
     process::output_within,
 };
 use serde_json::Value;
-
-const ROLE_KEY: &str = "iam.amazonaws.com/role";
-const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
-
-fn creds(world: &World, pod: &Pod<'_>) -> ImdsCredentialsDoc {
-    pod_credentials(pod).unwrap_or_else(|(status, body)| {
-        panic!(
-            "credentials for {}: {status} {body}\nagent log:\n{}",
-            pod.ip4(),
-            world.agent.log()
-        )
-    })
-}
-
-fn as_client(doc: &ImdsCredentialsDoc) -> ClientCredentials {
-    ClientCredentials {
-        access_key_id: doc.access_key_id.clone(),
-        secret_access_key: doc.secret_access_key.clone(),
-        token: Some(doc.token.clone()),
-        expiration: Some(doc.expiration.clone()),
-    }
-}
 
 /// Runs a Python client in the pod and parses the JSON it prints last.
 fn python_in_pod(pod: &Pod<'_>, script: &str, args: &[&str], timeout: Duration) -> Value {
@@ -111,7 +89,7 @@ fn slowloris_clients_are_cut_off_at_the_header_read_timeout() {
     let world = World::start(&node, &["--header-read-timeout", "1s"]);
     let attacker = pod_with_role(&world, &node, "slow");
     let victim = pod_with_role(&world, &node, "victim");
-    let good = creds(&world, &victim);
+    let good = world.creds(&victim);
 
     std::thread::scope(|scope| {
         let trickle = scope.spawn(|| {
@@ -132,7 +110,7 @@ fn slowloris_clients_are_cut_off_at_the_header_read_timeout() {
         });
         // Other pods are served throughout.
         for _ in 0..4 {
-            let got = creds(&world, &victim);
+            let got = world.creds(&victim);
             assert_eq!(got.access_key_id, good.access_key_id);
             std::thread::sleep(Duration::from_millis(250));
         }
@@ -162,9 +140,9 @@ fn slowloris_clients_are_cut_off_at_the_header_read_timeout() {
             }
         }
     });
-    let after = creds(&world, &victim);
+    let after = world.creds(&victim);
     assert_eq!(after.access_key_id, good.access_key_id);
-    world.assert_no_leak(&[&attacker, &victim], &[&as_client(&after)]);
+    world.assert_no_leak(&[&attacker, &victim], &[&ClientCredentials::from(&after)]);
 }
 
 /// Opens `count` connections and sends nothing on them; classifies what the server does with
@@ -239,7 +217,7 @@ fn ten_thousand_idle_connections_get_a_clean_503_beyond_the_limit_with_bounded_m
     );
     let flooder = pod_with_role(&world, &node, "flood");
     let victim = pod_with_role(&world, &node, "victim");
-    let good = creds(&world, &victim);
+    let good = world.creds(&victim);
     let pid = world.agent.pid();
     let before = vm_rss_kib(pid);
 
@@ -335,9 +313,9 @@ fn ten_thousand_idle_connections_get_a_clean_503_beyond_the_limit_with_bounded_m
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let after = creds(&world, &victim);
+    let after = world.creds(&victim);
     assert_eq!(after.access_key_id, good.access_key_id);
-    world.assert_no_leak(&[&flooder, &victim], &[&as_client(&after)]);
+    world.assert_no_leak(&[&flooder, &victim], &[&ClientCredentials::from(&after)]);
 }
 
 /// Sends each named raw request on its own connection and reports the status line the server
@@ -396,7 +374,7 @@ fn oversized_headers_request_lines_and_bodies_get_4xx_and_the_agent_keeps_servin
     let node = TestNode::new();
     let world = World::start(&node, &[]);
     let pod = pod_with_role(&world, &node, "big");
-    let good = creds(&world, &pod);
+    let good = world.creds(&pod);
     let upstream_before = world.imds.callers().len();
     let sts_before = world.sts.call_count();
 
@@ -429,9 +407,9 @@ fn oversized_headers_request_lines_and_bodies_get_4xx_and_the_agent_keeps_servin
         "refused requests never reach the upstream"
     );
     assert_eq!(world.sts.call_count(), sts_before, "nor STS");
-    let after = creds(&world, &pod);
+    let after = world.creds(&pod);
     assert_eq!(after.access_key_id, good.access_key_id);
-    world.assert_no_leak(&[&pod], &[&as_client(&after)]);
+    world.assert_no_leak(&[&pod], &[&ClientCredentials::from(&after)]);
 }
 
 #[test]
@@ -464,7 +442,7 @@ fn one_caller_at_its_connection_limit_leaves_room_for_every_other_pod() {
         });
         // While the flooder holds all it may, the victim is served as usual.
         std::thread::sleep(Duration::from_secs(4));
-        let doc = creds(&world, &victim);
+        let doc = world.creds(&victim);
         let result = flood.join().expect("flood thread");
         (doc, result)
     });
@@ -482,5 +460,5 @@ fn one_caller_at_its_connection_limit_leaves_room_for_every_other_pod() {
         (CONNECTIONS - PER_CALLER) as u64,
         "every connection beyond its share is answered 503: {result}"
     );
-    world.assert_no_leak(&[&flooder, &victim], &[&as_client(&doc)]);
+    world.assert_no_leak(&[&flooder, &victim], &[&ClientCredentials::from(&doc)]);
 }

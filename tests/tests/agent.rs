@@ -7,10 +7,8 @@
 use kube2iam_tests::{
     TestNode,
     clients::{self, RunIn},
-    e2e::{World, role_arn},
+    e2e::{ROLE_KEY, World, role_arn},
 };
-
-const ROLE_KEY: &str = "iam.amazonaws.com/role";
 
 #[test]
 fn annotated_pod_gets_its_roles_credentials_from_every_client() {
@@ -59,33 +57,10 @@ use std::time::{Duration, Instant};
 
 use kube2iam_tests::{
     FaultMode,
-    e2e::{pod_credentials, pod_get, pod_request},
+    clients::ClientCredentials,
+    e2e::{ALLOWED_KEY, CREDS, EXTERNAL_ID_KEY, pod_credentials, pod_get, pod_request},
     imds, kube_api,
 };
-
-const EXTERNAL_ID_KEY: &str = "iam.amazonaws.com/external-id";
-const ALLOWED_KEY: &str = "iam.amazonaws.com/allowed-roles";
-const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
-
-/// The credentials document a pod gets, or a panic with the agent's log.
-fn creds(world: &World, pod: &kube2iam_tests::Pod<'_>) -> clients::ImdsCredentialsDoc {
-    pod_credentials(pod).unwrap_or_else(|(status, body)| {
-        panic!(
-            "credentials for {}: {status} {body}\nagent log:\n{}",
-            pod.ip4(),
-            world.agent.log()
-        )
-    })
-}
-
-fn as_client(doc: &clients::ImdsCredentialsDoc) -> clients::ClientCredentials {
-    clients::ClientCredentials {
-        access_key_id: doc.access_key_id.clone(),
-        secret_access_key: doc.secret_access_key.clone(),
-        token: Some(doc.token.clone()),
-        expiration: Some(doc.expiration.clone()),
-    }
-}
 
 #[test]
 fn two_pods_with_two_roles_never_see_each_others_credentials() {
@@ -97,8 +72,8 @@ fn two_pods_with_two_roles_never_see_each_others_credentials() {
     world.add_pod(&b, "default", "beta", &[(ROLE_KEY, "beta-role")]);
     world.wait_known(&node, &a);
     world.wait_known(&node, &b);
-    let got_a = creds(&world, &a);
-    let got_b = creds(&world, &b);
+    let got_a = world.creds(&a);
+    let got_b = world.creds(&b);
     assert_eq!(
         Some(got_a.access_key_id.clone()),
         world.moto_key_for(&role_arn("alpha-role"))
@@ -115,7 +90,13 @@ fn two_pods_with_two_roles_never_see_each_others_credentials() {
         body.contains("default/alpha has role alpha-role, not beta-role"),
         "{body}"
     );
-    world.assert_no_leak(&[&a, &b], &[&as_client(&got_a), &as_client(&got_b)]);
+    world.assert_no_leak(
+        &[&a, &b],
+        &[
+            &ClientCredentials::from(&got_a),
+            &ClientCredentials::from(&got_b),
+        ],
+    );
 }
 
 #[test]
@@ -139,12 +120,12 @@ fn unannotated_pod_gets_the_default_role_or_a_clear_404() {
     let pod = node.add_pod("a");
     world.add_pod(&pod, "default", "plain", &[]);
     world.wait_known(&node, &pod);
-    let got = creds(&world, &pod);
+    let got = world.creds(&pod);
     assert_eq!(
         Some(got.access_key_id.clone()),
         world.moto_key_for(&role_arn("fallback-role"))
     );
-    world.assert_no_leak(&[&pod], &[&as_client(&got)]);
+    world.assert_no_leak(&[&pod], &[&ClientCredentials::from(&got)]);
 }
 
 fn restricted_world(node: &TestNode, format: &str, patterns: &str) -> World {
@@ -172,7 +153,7 @@ fn namespace_restrictions_allow_and_deny_with_globs() {
     world.add_pod(&denied, "team", "admin", &[(ROLE_KEY, "admin-role")]);
     world.wait_known(&node, &ok);
     world.wait_known(&node, &denied);
-    let got = creds(&world, &ok);
+    let got = world.creds(&ok);
     assert_eq!(
         Some(got.access_key_id.clone()),
         world.moto_key_for(&role_arn("web-frontend"))
@@ -188,7 +169,7 @@ fn namespace_restrictions_allow_and_deny_with_globs() {
         world.moto_key_for(&role_arn("admin-role")).is_none(),
         "a denied role is never assumed"
     );
-    world.assert_no_leak(&[&ok, &denied], &[&as_client(&got)]);
+    world.assert_no_leak(&[&ok, &denied], &[&ClientCredentials::from(&got)]);
 }
 
 #[test]
@@ -202,7 +183,7 @@ fn namespace_restrictions_with_regexps_are_anchored() {
     world.add_pod(&sneaky, "team", "sneaky", &[(ROLE_KEY, "web-42-admin")]);
     world.wait_known(&node, &ok);
     world.wait_known(&node, &sneaky);
-    let got = creds(&world, &ok);
+    let got = world.creds(&ok);
     assert_eq!(
         Some(got.access_key_id.clone()),
         world.moto_key_for(&role_arn("web-42"))
@@ -220,7 +201,7 @@ fn namespace_restrictions_with_regexps_are_anchored() {
         body.contains("namespace bare has no iam.amazonaws.com/allowed-roles annotation"),
         "{body}"
     );
-    world.assert_no_leak(&[&ok, &sneaky, &bare], &[&as_client(&got)]);
+    world.assert_no_leak(&[&ok, &sneaky, &bare], &[&ClientCredentials::from(&got)]);
 }
 
 #[test]
@@ -237,9 +218,9 @@ fn cross_account_full_arn_is_assumed_and_listed_in_full() {
         (200, other),
         "another account's role is listed as its ARN"
     );
-    let got = creds(&world, &pod);
+    let got = world.creds(&pod);
     assert_eq!(Some(got.access_key_id.clone()), world.moto_key_for(other));
-    world.assert_no_leak(&[&pod], &[&as_client(&got)]);
+    world.assert_no_leak(&[&pod], &[&ClientCredentials::from(&got)]);
 }
 
 #[test]
@@ -254,7 +235,7 @@ fn external_id_reaches_sts() {
         &[(ROLE_KEY, "vendor"), (EXTERNAL_ID_KEY, "ext-1234")],
     );
     world.wait_known(&node, &pod);
-    let got = creds(&world, &pod);
+    let got = world.creds(&pod);
     let calls = world.moto.assume_role_calls();
     let call = calls
         .iter()
@@ -265,7 +246,7 @@ fn external_id_reaches_sts() {
         call.access_key_id.as_deref(),
         Some(got.access_key_id.as_str())
     );
-    world.assert_no_leak(&[&pod], &[&as_client(&got)]);
+    world.assert_no_leak(&[&pod], &[&ClientCredentials::from(&got)]);
 }
 
 #[test]
@@ -285,7 +266,7 @@ fn a_pod_created_while_its_first_request_waits_gets_credentials() {
             Some(got.access_key_id.clone()),
             world.moto_key_for(&role_arn("late-role"))
         );
-        world.assert_no_leak(&[&pod], &[&as_client(&got)]);
+        world.assert_no_leak(&[&pod], &[&ClientCredentials::from(&got)]);
     });
 }
 
@@ -296,7 +277,7 @@ fn a_deleted_pods_address_gets_a_404() {
     let pod = node.add_pod("a");
     world.add_pod(&pod, "default", "gone", &[(ROLE_KEY, "gone-role")]);
     world.wait_known(&node, &pod);
-    creds(&world, &pod);
+    world.creds(&pod);
     world.api.delete_pod("default", "gone");
     let ip = pod.ip4().to_string();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -320,7 +301,7 @@ fn a_reused_address_gets_the_new_pods_role_never_the_old_ones() {
     let pod = node.add_pod("a");
     world.add_pod(&pod, "default", "old", &[(ROLE_KEY, "old-role")]);
     world.wait_known(&node, &pod);
-    let old = creds(&world, &pod);
+    let old = world.creds(&pod);
     // The new pod appears before the old one's deletion is seen: the newer pod owns the address.
     std::thread::sleep(Duration::from_millis(1100));
     world.add_pod(&pod, "default", "new", &[(ROLE_KEY, "new-role")]);
@@ -329,20 +310,20 @@ fn a_reused_address_gets_the_new_pods_role_never_the_old_ones() {
         assert!(Instant::now() < deadline, "the agent never saw the new pod");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let new = creds(&world, &pod);
+    let new = world.creds(&pod);
     assert_eq!(
         Some(new.access_key_id.clone()),
         world.moto_key_for(&role_arn("new-role"))
     );
     world.api.delete_pod("default", "old");
     std::thread::sleep(Duration::from_millis(300));
-    let after = creds(&world, &pod);
+    let after = world.creds(&pod);
     assert_eq!(
         after.access_key_id, new.access_key_id,
         "deleting the old pod keeps the new owner"
     );
     assert_ne!(after.access_key_id, old.access_key_id);
-    world.assert_no_leak(&[&pod], &[&as_client(&new)]);
+    world.assert_no_leak(&[&pod], &[&ClientCredentials::from(&new)]);
 }
 
 /// Fires `count` concurrent credential GETs from the pod (new connection each) with python.
@@ -424,12 +405,12 @@ fn sts_throttled_or_down_serves_cached_credentials_and_a_clear_5xx_without_them(
     let pod = node.add_pod("a");
     world.add_pod(&pod, "default", "x", &[(ROLE_KEY, "cached-role")]);
     world.wait_known(&node, &pod);
-    let good = creds(&world, &pod);
+    let good = world.creds(&pod);
     for mode in [FaultMode::Throttle, FaultMode::Refuse] {
         world.sts.set_mode(mode.clone());
         let before = world.sts.call_count();
         for _ in 0..3 {
-            let got = creds(&world, &pod);
+            let got = world.creds(&pod);
             assert_eq!(
                 got.access_key_id, good.access_key_id,
                 "cached credentials while STS is {mode:?}"
@@ -459,7 +440,7 @@ fn sts_throttled_or_down_serves_cached_credentials_and_a_clear_5xx_without_them(
     let (status, body) = pod_get(&other, &format!("{CREDS}uncached-role"), &[]);
     assert!(status == 502 || status == 503, "{status} {body}");
     assert!(body.contains("STS"), "{body}");
-    world.assert_no_leak(&[&pod, &other], &[&as_client(&good)]);
+    world.assert_no_leak(&[&pod, &other], &[&ClientCredentials::from(&good)]);
 }
 
 #[test]
@@ -469,7 +450,7 @@ fn upstream_imds_down_gives_502_on_proxied_paths_while_credentials_are_served() 
     let pod = node.add_pod("a");
     world.add_pod(&pod, "default", "x", &[(ROLE_KEY, "web-role")]);
     world.wait_known(&node, &pod);
-    let good = creds(&world, &pod);
+    let good = world.creds(&pod);
     let (status, body) = pod_get(&pod, "/latest/meta-data/instance-id", &[]);
     assert_eq!(
         (status, body.as_str()),
@@ -482,10 +463,10 @@ fn upstream_imds_down_gives_502_on_proxied_paths_while_credentials_are_served() 
         body.contains("169.254.169.254:80"),
         "the 502 names the upstream: {body}"
     );
-    let got = creds(&world, &pod);
+    let got = world.creds(&pod);
     assert_eq!(got.access_key_id, good.access_key_id);
     world.imds.set_down(false);
-    world.assert_no_leak(&[&pod], &[&as_client(&got)]);
+    world.assert_no_leak(&[&pod], &[&ClientCredentials::from(&got)]);
 }
 
 #[test]
@@ -711,7 +692,7 @@ fn a_pod_that_appears_is_prefetched_before_it_asks() {
         assert!(Instant::now() < deadline, "no prefetch happened");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let got = creds(&world, &pod);
+    let got = world.creds(&pod);
     assert_eq!(
         world.sts.assume_role_count(),
         1,
@@ -721,7 +702,7 @@ fn a_pod_that_appears_is_prefetched_before_it_asks() {
         Some(got.access_key_id.clone()),
         world.moto_key_for(&role_arn("early-role"))
     );
-    world.assert_no_leak(&[&pod], &[&as_client(&got)]);
+    world.assert_no_leak(&[&pod], &[&ClientCredentials::from(&got)]);
 }
 
 #[test]
@@ -731,7 +712,7 @@ fn a_restarted_agent_serves_known_pods_from_the_pinned_map() {
     let pod = node.add_pod("a");
     world.add_pod(&pod, "default", "x", &[(ROLE_KEY, "web-role")]);
     world.wait_known(&node, &pod);
-    creds(&world, &pod);
+    world.creds(&pod);
     world.kill_agent();
     // With the agent gone, pods fail closed: refused at the agent's address.
     let (status, _) = pod_get(&pod, CREDS, &[]);
@@ -740,14 +721,14 @@ fn a_restarted_agent_serves_known_pods_from_the_pinned_map() {
     world.api.set_down(true);
     let started = Instant::now();
     world.start_agent(&node, &[], false, false);
-    let got = creds(&world, &pod);
+    let got = world.creds(&pod);
     eprintln!("restart to first served request: {:?}", started.elapsed());
     assert_eq!(
         Some(got.access_key_id.clone()),
         world.moto_key_for(&role_arn("web-role"))
     );
     world.api.set_down(false);
-    world.assert_no_leak(&[&pod], &[&as_client(&got)]);
+    world.assert_no_leak(&[&pod], &[&ClientCredentials::from(&got)]);
 }
 
 #[test]
@@ -757,7 +738,7 @@ fn watch_disconnects_and_410_gone_relist_without_dropping_pods() {
     let pod = node.add_pod("a");
     world.add_pod(&pod, "default", "steady", &[(ROLE_KEY, "web-role")]);
     world.wait_known(&node, &pod);
-    let good = creds(&world, &pod);
+    let good = world.creds(&pod);
     // A plain disconnect: the watch resumes and sees what comes next.
     world.api.drop_watches();
     let resumed = node.add_pod("c");
@@ -771,7 +752,7 @@ fn watch_disconnects_and_410_gone_relist_without_dropping_pods() {
     world.add_pod(&later, "default", "later", &[(ROLE_KEY, "later-role")]);
     world.api.compact();
     // Served from what the agent already knows while the API is down.
-    let during = creds(&world, &pod);
+    let during = world.creds(&pod);
     assert_eq!(during.access_key_id, good.access_key_id);
     world.api.set_down(false);
     world.wait_known(&node, &later);
@@ -779,19 +760,22 @@ fn watch_disconnects_and_410_gone_relist_without_dropping_pods() {
         world.api.list_count(kube_api::Resource::Pods) > lists_before,
         "the agent should have relisted after 410 Gone"
     );
-    let still = creds(&world, &pod);
+    let still = world.creds(&pod);
     assert_eq!(
         still.access_key_id, good.access_key_id,
         "the steady pod was never dropped"
     );
-    let got_later = creds(&world, &later);
+    let got_later = world.creds(&later);
     assert_eq!(
         Some(got_later.access_key_id.clone()),
         world.moto_key_for(&role_arn("later-role"))
     );
     world.assert_no_leak(
         &[&pod, &later, &resumed],
-        &[&as_client(&still), &as_client(&got_later)],
+        &[
+            &ClientCredentials::from(&still),
+            &ClientCredentials::from(&got_later),
+        ],
     );
 }
 
@@ -824,8 +808,8 @@ fn session_per_pod_names_sessions_after_the_pod_and_caches_per_pod() {
     world.add_pod(&b, "default", "web-2", &[(ROLE_KEY, "web-role")]);
     world.wait_known(&node, &a);
     world.wait_known(&node, &b);
-    let got_a = creds(&world, &a);
-    let got_b = creds(&world, &b);
+    let got_a = world.creds(&a);
+    let got_b = world.creds(&b);
     assert_ne!(
         got_a.access_key_id, got_b.access_key_id,
         "one session per pod"
@@ -842,7 +826,13 @@ fn session_per_pod_names_sessions_after_the_pod_and_caches_per_pod() {
         sessions,
         vec!["default.web-1".to_owned(), "default.web-2".to_owned()]
     );
-    world.assert_no_leak(&[&a, &b], &[&as_client(&got_a), &as_client(&got_b)]);
+    world.assert_no_leak(
+        &[&a, &b],
+        &[
+            &ClientCredentials::from(&got_a),
+            &ClientCredentials::from(&got_b),
+        ],
+    );
 }
 
 #[test]
@@ -893,7 +883,7 @@ fn auto_discovered_base_arn_comes_from_the_instance_profile() {
     let pod = node.add_pod("a");
     world.add_pod(&pod, "default", "x", &[(ROLE_KEY, "discovered")]);
     world.wait_known(&node, &pod);
-    let got = creds(&world, &pod);
+    let got = world.creds(&pod);
     assert!(
         world.agent.log().contains("discovered the base role ARN"),
         "{}",
@@ -903,7 +893,7 @@ fn auto_discovered_base_arn_comes_from_the_instance_profile() {
         Some(got.access_key_id.clone()),
         world.moto_key_for(&role_arn("discovered"))
     );
-    world.assert_no_leak(&[&pod], &[&as_client(&got)]);
+    world.assert_no_leak(&[&pod], &[&ClientCredentials::from(&got)]);
 }
 
 #[test]
@@ -913,7 +903,7 @@ fn sigterm_finishes_cleanly_and_keeps_interception() {
     let pod = node.add_pod("a");
     world.add_pod(&pod, "default", "x", &[(ROLE_KEY, "web-role")]);
     world.wait_known(&node, &pod);
-    creds(&world, &pod);
+    world.creds(&pod);
     let status = world.agent.terminate();
     assert!(
         status.success(),

@@ -14,13 +14,10 @@ use std::{
 use kube2iam_tests::{
     AGENT_PORT, Agent, AgentOptions, FaultProxy, HOST_IP4, ImdsEmulator, KubeApi, Moto, Pod,
     TestNode,
-    e2e::{BASE_ROLE_ARN, NODE_NAME, World, pod_credentials, role_arn},
+    e2e::{ALLOWED_KEY, BASE_ROLE_ARN, NODE_NAME, ROLE_KEY, World, pod_credentials, role_arn},
     imds::INSTANCE_ID,
     kube_api,
 };
-
-const ROLE_KEY: &str = "iam.amazonaws.com/role";
-const ALLOWED_KEY: &str = "iam.amazonaws.com/allowed-roles";
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")

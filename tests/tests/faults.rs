@@ -28,40 +28,20 @@ use kube2iam_tests::{
     Agent, AgentOptions, FaultMode, HOST_IP4, Pod, TestNode, agent_binary,
     bpf::{AttachType, prog_query},
     clients::{ClientCredentials, ImdsCredentialsDoc},
-    e2e::{BASE_ROLE_ARN, METRICS_PORT, NODE_NAME, World, pod_credentials, pod_get, role_arn},
+    e2e::{
+        ALLOWED_KEY, BASE_ROLE_ARN, CREDS, EXTERNAL_ID_KEY, METRICS_PORT, NODE_NAME, ROLE_KEY,
+        World, pod_credentials, pod_get, role_arn,
+    },
     imds::{INSTANCE_ID, NODE_ACCESS_KEY_ID, USER_DATA},
     kube_api::{self, Resource},
     process::output_within,
 };
 
-const ROLE_KEY: &str = "iam.amazonaws.com/role";
-const EXTERNAL_ID_KEY: &str = "iam.amazonaws.com/external-id";
-const ALLOWED_KEY: &str = "iam.amazonaws.com/allowed-roles";
-const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
 /// The agent's STS client gives up after this (`kube2iam_agent::agent::STS_OPERATION_TIMEOUT`;
 /// the test kit does not link the agent, so the value is repeated here).
 const AGENT_STS_TIMEOUT: Duration = Duration::from_secs(15);
 /// The agent's upstream IMDS timeout (`kube2iam_agent::agent::UPSTREAM_TIMEOUT`).
 const AGENT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
-
-fn creds(world: &World, pod: &Pod<'_>) -> ImdsCredentialsDoc {
-    pod_credentials(pod).unwrap_or_else(|(status, body)| {
-        panic!(
-            "credentials for {}: {status} {body}\nagent log:\n{}",
-            pod.ip4(),
-            world.agent.log()
-        )
-    })
-}
-
-fn as_client(doc: &ImdsCredentialsDoc) -> ClientCredentials {
-    ClientCredentials {
-        access_key_id: doc.access_key_id.clone(),
-        secret_access_key: doc.secret_access_key.clone(),
-        token: Some(doc.token.clone()),
-        expiration: Some(doc.expiration.clone()),
-    }
-}
 
 /// One GET from inside `pod`, giving up after `max_time`. Returns the status (0 when no HTTP
 /// answer came), the body, and how long it took.
@@ -137,7 +117,7 @@ fn sts_slower_than_the_agents_timeout_fails_clearly_while_cached_roles_are_serve
     let impatient = node.add_pod("c");
     world.add_pod(&cached, "default", "cached", &[(ROLE_KEY, "cached-role")]);
     world.wait_known(&node, &cached);
-    let good = creds(&world, &cached);
+    let good = world.creds(&cached);
 
     // Longer than the agent's whole STS budget (attempt timeouts and retries included).
     world
@@ -167,7 +147,7 @@ fn sts_slower_than_the_agents_timeout_fails_clearly_while_cached_roles_are_serve
         // Meanwhile the cached role is answered at once.
         for _ in 0..3 {
             let started = Instant::now();
-            let got = creds(&world, &cached);
+            let got = world.creds(&cached);
             assert_eq!(got.access_key_id, good.access_key_id);
             assert!(
                 started.elapsed() < Duration::from_secs(2),
@@ -199,7 +179,10 @@ fn sts_slower_than_the_agents_timeout_fails_clearly_while_cached_roles_are_serve
     );
     world.assert_no_leak(
         &[&cached, &slow, &impatient],
-        &[&as_client(&good), &as_client(&recovered)],
+        &[
+            &ClientCredentials::from(&good),
+            &ClientCredentials::from(&recovered),
+        ],
     );
 }
 
@@ -222,13 +205,13 @@ fn sts_failure_is_clear_and_cached_roles_survive(
     let fresh = node.add_pod("b");
     world.add_pod(&cached, "default", "cached", &[(ROLE_KEY, "cached-role")]);
     world.wait_known(&node, &cached);
-    creds(&world, &cached);
+    world.creds(&cached);
 
     world.sts.set_mode(mode.clone());
     // A refresh started before the switch may still land: the baseline is what is cached once
     // every call goes to the fault.
     std::thread::sleep(Duration::from_secs(1));
-    let good = creds(&world, &cached);
+    let good = world.creds(&cached);
     assert!(
         world
             .moto
@@ -260,7 +243,7 @@ fn sts_failure_is_clear_and_cached_roles_survive(
     );
     assert_no_node_data("the STS failure answer", &body);
     for _ in 0..3 {
-        let got = creds(&world, &cached);
+        let got = world.creds(&cached);
         assert_eq!(
             got.access_key_id, good.access_key_id,
             "cached credentials while STS is {mode:?}"
@@ -284,7 +267,10 @@ fn sts_failure_is_clear_and_cached_roles_survive(
     );
     world.assert_no_leak(
         &[&cached, &fresh],
-        &[&as_client(&good), &as_client(&recovered)],
+        &[
+            &ClientCredentials::from(&good),
+            &ClientCredentials::from(&recovered),
+        ],
     );
 }
 
@@ -337,7 +323,7 @@ fn api_down_while_pods_are_deleted_added_and_changed_converges_after_410_gone() 
     for pod in [&steady, &deleted, &changed] {
         world.wait_known(&node, pod);
     }
-    let good = creds(&world, &steady);
+    let good = world.creds(&steady);
     let lists_before = world.api.list_count(Resource::Pods);
 
     // The watch is cut, the API stays down while pods change, and history is compacted: the
@@ -351,7 +337,7 @@ fn api_down_while_pods_are_deleted_added_and_changed_converges_after_410_gone() 
     world.add_pod(&added, "default", "added", &[(ROLE_KEY, "added-role")]);
     world.api.compact();
     // While down, what the agent knew is served.
-    let during = creds(&world, &steady);
+    let during = world.creds(&steady);
     assert_eq!(during.access_key_id, good.access_key_id);
     let (status, body) = pod_get(&added, CREDS, &[]);
     assert_eq!(
@@ -393,20 +379,20 @@ fn api_down_while_pods_are_deleted_added_and_changed_converges_after_410_gone() 
     assert!(body.contains("no pod with IP"), "{body}");
     let (status, listed) = pod_get(&changed, CREDS, &[]);
     assert_eq!((status, listed.as_str()), (200, "new-role"));
-    let got_changed = creds(&world, &changed);
-    let got_added = creds(&world, &added);
+    let got_changed = world.creds(&changed);
+    let got_added = world.creds(&added);
     assert_eq!(
         Some(got_added.access_key_id.clone()),
         world.moto_key_for(&role_arn("added-role"))
     );
-    let still = creds(&world, &steady);
+    let still = world.creds(&steady);
     assert_eq!(still.access_key_id, good.access_key_id);
     world.assert_no_leak(
         &[&steady, &deleted, &changed, &added],
         &[
-            &as_client(&still),
-            &as_client(&got_changed),
-            &as_client(&got_added),
+            &ClientCredentials::from(&still),
+            &ClientCredentials::from(&got_changed),
+            &ClientCredentials::from(&got_added),
         ],
     );
 }
@@ -418,7 +404,7 @@ fn upstream_imds_slow_answers_502_at_the_agents_timeout_and_credentials_are_serv
     let pod = node.add_pod("a");
     world.add_pod(&pod, "default", "x", &[(ROLE_KEY, "web-role")]);
     world.wait_known(&node, &pod);
-    let good = creds(&world, &pod);
+    let good = world.creds(&pod);
 
     world
         .imds
@@ -442,7 +428,7 @@ fn upstream_imds_slow_answers_502_at_the_agents_timeout_and_credentials_are_serv
     assert_eq!(status, 403);
     assert!(took < Duration::from_secs(2), "blocked path took {took:?}");
     let started = Instant::now();
-    let got = creds(&world, &pod);
+    let got = world.creds(&pod);
     assert_eq!(got.access_key_id, good.access_key_id);
     assert!(started.elapsed() < Duration::from_secs(2));
     // Readiness follows the upstream, with a log line each way.
@@ -460,7 +446,7 @@ fn upstream_imds_slow_answers_502_at_the_agents_timeout_and_credentials_are_serv
     let (status, body) = pod_get(&pod, "/latest/meta-data/instance-id", &[]);
     assert_eq!((status, body.as_str()), (200, INSTANCE_ID));
     assert_running(&mut world);
-    world.assert_no_leak(&[&pod], &[&as_client(&got)]);
+    world.assert_no_leak(&[&pod], &[&ClientCredentials::from(&got)]);
 }
 
 /// The options `World` starts its agent with (tests/src/e2e.rs), for an agent whose start is
@@ -494,7 +480,7 @@ fn upstream_imds_down_at_restart_stops_the_agent_clearly_and_pods_stay_refused()
     let pod = node.add_pod("a");
     world.add_pod(&pod, "default", "x", &[(ROLE_KEY, "web-role")]);
     world.wait_known(&node, &pod);
-    creds(&world, &pod);
+    world.creds(&pod);
     world.kill_agent();
     world.imds.set_down(true);
 
@@ -520,12 +506,12 @@ fn upstream_imds_down_at_restart_stops_the_agent_clearly_and_pods_stay_refused()
 
     world.imds.set_down(false);
     world.start_agent(&node, &[], false, true);
-    let got = creds(&world, &pod);
+    let got = world.creds(&pod);
     assert_eq!(
         Some(got.access_key_id.clone()),
         world.moto_key_for(&role_arn("web-role"))
     );
-    world.assert_no_leak(&[&pod], &[&as_client(&got)]);
+    world.assert_no_leak(&[&pod], &[&ClientCredentials::from(&got)]);
 }
 
 #[test]
@@ -591,14 +577,14 @@ fn sigkill_mid_request_gives_the_pod_an_error_never_upstream_data_and_a_restart_
     world.sts.set_mode(FaultMode::PassThrough);
     world.imds.set_delay(Duration::ZERO);
     world.start_agent(&node, &["--prefetch-concurrency", "0"], false, true);
-    let got = creds(&world, &pod);
+    let got = world.creds(&pod);
     assert_eq!(
         Some(got.access_key_id.clone()),
         world.moto_key_for(&role_arn("web-role"))
     );
     let (status, body) = pod_get(&pod, "/latest/meta-data/instance-id", &[]);
     assert_eq!((status, body.as_str()), (200, INSTANCE_ID));
-    world.assert_no_leak(&[&pod], &[&as_client(&got)]);
+    world.assert_no_leak(&[&pod], &[&ClientCredentials::from(&got)]);
 }
 
 #[test]
@@ -624,12 +610,12 @@ fn a_full_identity_map_is_named_in_the_log_and_every_pod_is_still_served() {
     // the pod that did not fit is served too (after a restart it waits for the pod list).
     let mut keys = Vec::new();
     for (pod, name) in pods.iter().zip(["first", "second", "third"]) {
-        let doc = creds(&world, pod);
+        let doc = world.creds(pod);
         assert_eq!(
             Some(doc.access_key_id.clone()),
             world.moto_key_for(&role_arn(&format!("{name}-role")))
         );
-        keys.push(as_client(&doc));
+        keys.push(ClientCredentials::from(&doc));
     }
     let refs: Vec<_> = pods.iter().collect();
     let got: Vec<_> = keys.iter().collect();
@@ -820,7 +806,7 @@ fn malformed_namespace_annotations_and_external_ids_get_clear_errors_and_others_
         world.moto_key_for(&role_arn("web-1")).is_none(),
         "nothing is assumed for a refused pod"
     );
-    let got = creds(&world, &served);
+    let got = world.creds(&served);
     assert_eq!(
         Some(got.access_key_id.clone()),
         world.moto_key_for(&role_arn("good-role"))
@@ -828,5 +814,5 @@ fn malformed_namespace_annotations_and_external_ids_get_clear_errors_and_others_
     assert_running(&mut world);
     let mut refs: Vec<_> = pods.iter().collect();
     refs.push(&served);
-    world.assert_no_leak(&refs, &[&as_client(&got)]);
+    world.assert_no_leak(&refs, &[&ClientCredentials::from(&got)]);
 }

@@ -8,14 +8,11 @@ use std::{process::Command, time::Duration};
 use kube2iam_common::Counter;
 use kube2iam_tests::{
     AGENT_PORT, CgroupDriver, HOST_IP4, NODE_ACCESS_KEY_ID, ProbeResult, TestNode,
-    e2e::{NODE_NAME, World, credentials_with, curl, pod_credentials, role_arn},
+    e2e::{CREDS, NODE_NAME, ROLE_KEY, World, credentials_with, curl, pod_credentials, role_arn},
     kube_api as objects,
     node::BRIDGE,
     process::{output_within, place},
 };
-
-const ROLE_KEY: &str = "iam.amazonaws.com/role";
-const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
 
 fn served(
     world: &World,

@@ -24,6 +24,7 @@ use kube::{
 };
 use kube2iam_tests::{
     ChildGuard, KubeApi,
+    e2e::{IRSA_KEY, ROLE_KEY},
     kube_api::{
         KubeApiOptions, RequestKind, Resource, debian_kubectl, namespace, parse_rfc3339, pod,
         service_account,
@@ -32,8 +33,6 @@ use kube2iam_tests::{
     unique_id, venv,
 };
 use serde_json::{Value, json};
-
-const ROLE_KEY: &str = "iam.amazonaws.com/role";
 
 fn ip(last: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 1, 0, last)
@@ -1186,7 +1185,6 @@ fn serves_inside_a_test_node_and_releases_its_port_on_drop() {
 // ---------------------------------------------------------------------------------------------
 // ServiceAccounts, as the agent's --service-account-roles watches them (metadata only)
 
-const IRSA_KEY: &str = "eks.amazonaws.com/role-arn";
 const METADATA_LIST: &str = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1";
 const METADATA: &str = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1";
 

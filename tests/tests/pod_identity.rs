@@ -9,16 +9,12 @@ use std::time::{Duration, Instant};
 
 use kube2iam_tests::{
     FaultMode, Pod, TestNode,
-    clients::{self, ClientCredentials, ImdsCredentialsDoc, RunIn},
-    e2e::{World, pod_credentials, pod_get, role_arn},
+    clients::{self, ClientCredentials, RunIn},
+    e2e::{ALLOWED_KEY, CREDS, IRSA_KEY, ROLE_KEY, World, pod_credentials, pod_get, role_arn},
     faults::StsRequest,
     kube_api::{Resource, namespace, service_account},
 };
 
-const ROLE_KEY: &str = "iam.amazonaws.com/role";
-const ALLOWED_KEY: &str = "iam.amazonaws.com/allowed-roles";
-const IRSA_KEY: &str = "eks.amazonaws.com/role-arn";
-const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
 const CLUSTER_ARN: &str = "arn:aws:eks:us-west-2:123456789012:cluster/k2i-test";
 /// The keys of the EKS User Guide's list of session tags EKS Pod Identity adds, in the order
 /// the agent sends them.
@@ -30,25 +26,6 @@ const EKS_TAG_KEYS: [&str; 6] = [
     "kubernetes-pod-name",
     "kubernetes-pod-uid",
 ];
-
-fn creds(world: &World, pod: &Pod<'_>) -> ImdsCredentialsDoc {
-    pod_credentials(pod).unwrap_or_else(|(status, body)| {
-        panic!(
-            "credentials for {}: {status} {body}\nagent log:\n{}",
-            pod.ip4(),
-            world.agent.log()
-        )
-    })
-}
-
-fn as_client(doc: &ImdsCredentialsDoc) -> ClientCredentials {
-    ClientCredentials {
-        access_key_id: doc.access_key_id.clone(),
-        secret_access_key: doc.secret_access_key.clone(),
-        token: Some(doc.token.clone()),
-        expiration: Some(doc.expiration.clone()),
-    }
-}
 
 /// The access key moto issued for the session named `session`.
 fn moto_key_for_session(world: &World, session: &str) -> String {
@@ -144,7 +121,7 @@ fn session_tags_reach_sts_spelled_as_eks_pod_identity_with_one_session_per_pod()
     let sdk = clients::sdk_imds_credentials(RunIn::Pod(&b), false)
         .into_result()
         .unwrap_or_else(|e| panic!("aws-config: {e:?}\nagent log:\n{}", world.agent.log()));
-    let curl_a = creds(&world, &a);
+    let curl_a = world.creds(&a);
     assert_eq!(botocore.access_key_id, curl_a.access_key_id);
     assert_eq!(
         botocore.access_key_id,
@@ -196,7 +173,10 @@ fn session_tags_reach_sts_spelled_as_eks_pod_identity_with_one_session_per_pod()
             Some(format!("shop.{name}").as_str())
         );
     }
-    world.assert_no_leak(&[&a, &b], &[&botocore, &sdk, &as_client(&curl_a)]);
+    world.assert_no_leak(
+        &[&a, &b],
+        &[&botocore, &sdk, &ClientCredentials::from(&curl_a)],
+    );
 }
 
 #[test]
@@ -247,7 +227,7 @@ fn service_account_tags_share_one_session_per_account_and_role() {
     let got_b = clients::sdk_imds_credentials(RunIn::Pod(&b), false)
         .into_result()
         .unwrap_or_else(|e| panic!("aws-config: {e:?}\nagent log:\n{}", world.agent.log()));
-    let got_c = creds(&world, &c);
+    let got_c = world.creds(&c);
     assert_eq!(
         got_a.access_key_id, got_b.access_key_id,
         "pods of one service account with one role share a session"
@@ -270,7 +250,10 @@ fn service_account_tags_share_one_session_per_account_and_role() {
         .collect();
     accounts.sort();
     assert_eq!(accounts, ["billing", "reports"]);
-    world.assert_no_leak(&[&a, &b, &c], &[&got_a, &got_b, &as_client(&got_c)]);
+    world.assert_no_leak(
+        &[&a, &b, &c],
+        &[&got_a, &got_b, &ClientCredentials::from(&got_c)],
+    );
 }
 
 #[test]
@@ -347,7 +330,7 @@ fn a_trust_policy_without_tag_session_or_set_source_identity_is_a_refusal_naming
         std::thread::sleep(Duration::from_millis(250));
     };
     assert_eq!(doc.access_key_id, moto_key_for_session(&world, "shop.web"));
-    world.assert_no_leak(&[&pod], &[&as_client(&doc)]);
+    world.assert_no_leak(&[&pod], &[&ClientCredentials::from(&doc)]);
 }
 
 fn accounts_world(node: &TestNode, extra: &[&str]) -> World {
@@ -392,7 +375,7 @@ fn service_account_roles_serve_unannotated_pods_and_the_pod_annotation_wins() {
     assert_eq!(botocore.access_key_id, issued);
     assert_eq!(sdk.access_key_id, issued);
 
-    let own = creds(&world, &b);
+    let own = world.creds(&b);
     assert_eq!(
         Some(own.access_key_id.clone()),
         world.moto_key_for(&role_arn("web-role")),
@@ -425,7 +408,10 @@ fn service_account_roles_serve_unannotated_pods_and_the_pod_annotation_wins() {
             "{request:?}"
         );
     }
-    world.assert_no_leak(&[&a, &b, &c], &[&botocore, &sdk, &as_client(&own)]);
+    world.assert_no_leak(
+        &[&a, &b, &c],
+        &[&botocore, &sdk, &ClientCredentials::from(&own)],
+    );
 }
 
 #[test]
@@ -453,7 +439,7 @@ fn a_changed_service_account_annotation_reaches_its_pods_within_the_watch_latenc
         Duration::from_secs(10),
     );
     eprintln!("the new service account role reached the pod after {took:?}");
-    let doc = creds(&world, &pod);
+    let doc = world.creds(&pod);
     assert_eq!(
         Some(doc.access_key_id.clone()),
         world.moto_key_for(&role_arn("billing-role-2"))
@@ -468,7 +454,7 @@ fn a_changed_service_account_annotation_reaches_its_pods_within_the_watch_latenc
         (404, "no eks.amazonaws.com/role-arn"),
         Duration::from_secs(10),
     );
-    world.assert_no_leak(&[&pod], &[&as_client(&doc)]);
+    world.assert_no_leak(&[&pod], &[&ClientCredentials::from(&doc)]);
 }
 
 #[test]
@@ -502,12 +488,12 @@ fn namespace_restrictions_apply_to_service_account_roles() {
         world.moto_key_for(&role_arn("admin-role")).is_none(),
         "a denied role is never assumed"
     );
-    let doc = creds(&world, &allowed);
+    let doc = world.creds(&allowed);
     assert_eq!(
         Some(doc.access_key_id.clone()),
         world.moto_key_for(&role_arn("web-api"))
     );
-    world.assert_no_leak(&[&denied, &allowed], &[&as_client(&doc)]);
+    world.assert_no_leak(&[&denied, &allowed], &[&ClientCredentials::from(&doc)]);
 }
 
 #[test]
@@ -576,7 +562,7 @@ fn pods_with_the_webhooks_credentials_environment_are_left_to_it() {
     );
     // The pod beside them, on the same account without the environment, gets the role; the
     // pods left to the webhook's credentials caused no AssumeRole (no prefetch either).
-    let doc = creds(&world, &plain);
+    let doc = world.creds(&plain);
     let requests = world.sts.assume_role_requests();
     assert_eq!(requests.len(), 1, "{requests:?}");
     assert_eq!(
@@ -587,5 +573,8 @@ fn pods_with_the_webhooks_credentials_environment_are_left_to_it() {
         let (status, _) = pod_get(left, &format!("{CREDS}billing-role"), &[]);
         assert_eq!(status, 404);
     }
-    world.assert_no_leak(&[&irsa, &pod_identity, &plain], &[&as_client(&doc)]);
+    world.assert_no_leak(
+        &[&irsa, &pod_identity, &plain],
+        &[&ClientCredentials::from(&doc)],
+    );
 }

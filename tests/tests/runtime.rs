@@ -30,12 +30,11 @@ use kube2iam_tests::{
         chart::{self, ci_values},
         image_archive, spec,
     },
-    e2e::{self, role_arn},
+    e2e::{self, ROLE_KEY, role_arn},
     kube_api,
 };
 use serde_json::Value;
 
-const ROLE_KEY: &str = "iam.amazonaws.com/role";
 /// The image reference the chart renders by default (repository kube2iam-ebpf, the appVersion).
 const DEFAULT_IMAGE: &str = "kube2iam-ebpf:0.1.0";
 /// What ci/kube2iam-values.yaml names.

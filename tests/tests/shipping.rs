@@ -6,36 +6,13 @@
 use std::time::{Duration, Instant};
 
 use kube2iam_tests::{
-    FaultMode, Pod, TestNode,
-    clients::ImdsCredentialsDoc,
-    e2e::{World, pod_credentials, pod_get},
+    FaultMode, TestNode,
+    clients::ClientCredentials,
+    e2e::{ALLOWED_KEY, CREDS, ROLE_KEY, World, pod_get},
     kube_api::{self, RequestKind, Resource},
     observe::{Scrape, promtool_check, run_inspect, scrape, wait_for},
 };
 use serde_json::Value;
-
-const ROLE_KEY: &str = "iam.amazonaws.com/role";
-const ALLOWED_KEY: &str = "iam.amazonaws.com/allowed-roles";
-const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
-
-fn creds(world: &World, pod: &Pod<'_>) -> ImdsCredentialsDoc {
-    pod_credentials(pod).unwrap_or_else(|(status, body)| {
-        panic!(
-            "credentials for {}: {status} {body}\nagent log:\n{}",
-            pod.ip4(),
-            world.agent.log()
-        )
-    })
-}
-
-fn as_client(doc: &ImdsCredentialsDoc) -> kube2iam_tests::clients::ClientCredentials {
-    kube2iam_tests::clients::ClientCredentials {
-        access_key_id: doc.access_key_id.clone(),
-        secret_access_key: doc.secret_access_key.clone(),
-        token: Some(doc.token.clone()),
-        expiration: Some(doc.expiration.clone()),
-    }
-}
 
 #[test]
 fn metrics_pass_promtool_and_count_requests_sts_calls_and_redirects_without_pod_labels() {
@@ -53,7 +30,7 @@ fn metrics_pass_promtool_and_count_requests_sts_calls_and_redirects_without_pod_
         0.0
     );
 
-    let got = creds(&world, &pod);
+    let got = world.creds(&pod);
     let (status, _) = pod_get(&pod, "/latest/user-data", &[]);
     assert_eq!(status, 403);
     let after = scrape(&world, &node);
@@ -178,7 +155,7 @@ fn metrics_pass_promtool_and_count_requests_sts_calls_and_redirects_without_pod_
         "{status}"
     );
     assert!(body.trim_end().ends_with("# EOF"), "{body}");
-    world.assert_no_leak(&[&pod], &[&as_client(&got)]);
+    world.assert_no_leak(&[&pod], &[&ClientCredentials::from(&got)]);
 }
 
 /// The Events about pod `namespace/name`.
@@ -435,7 +412,7 @@ fn inspect_prints_the_pinned_identity_map_and_counters_while_running_and_after_e
     world.add_pod(&plain, "default", "plain", &[]);
     world.wait_known(&node, &web);
     world.wait_known(&node, &plain);
-    let got = creds(&world, &web);
+    let got = world.creds(&web);
     let pin_path = world.agent.pin_path().to_owned();
     let web_uid = uid_of(&world, "default", "web");
 
@@ -511,5 +488,5 @@ fn inspect_prints_the_pinned_identity_map_and_counters_while_running_and_after_e
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    world.assert_no_leak(&[&web, &plain], &[&as_client(&got)]);
+    world.assert_no_leak(&[&web, &plain], &[&ClientCredentials::from(&got)]);
 }

@@ -126,7 +126,7 @@ pub(super) fn run(
             None,
         )
         .uid(&uid)
-        .annotate(super::topology::ROLE_KEY, ROLE),
+        .annotate(crate::e2e::ROLE_KEY, ROLE),
     );
     wait_known(
         world,

@@ -12,12 +12,16 @@ use super::{
     runner::{AGENT_GUARD_FLAG, CLIENT_TIMEOUT, GUARDED, Options, Pods, addresses},
     stats::Dist,
     topology::{
-        ROLE_KEY, clear_refs, cpu_ns, fields, memory_kib, metadata, pinned_map_memory, register,
-        run_client, samples, smaps, wait_forgotten, wait_known,
+        clear_refs, cpu_ns, fields, memory_kib, metadata, pinned_map_memory, register, run_client,
+        samples, smaps, wait_forgotten, wait_known,
     },
     world::{BenchWorld, STS_LATENCY_MS},
 };
-use crate::{FaultMode, Pod, TestNode, e2e::NODE_NAME, kube_api};
+use crate::{
+    FaultMode, Pod, TestNode,
+    e2e::{NODE_NAME, ROLE_KEY},
+    kube_api,
+};
 
 /// Deletes every pod on the agent's node from the API and waits until the agent forgot them.
 fn clear_node(world: &BenchWorld, node: &TestNode) {

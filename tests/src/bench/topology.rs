@@ -11,12 +11,10 @@ use std::{
 use super::world::BenchWorld;
 use crate::{
     AGENT_PORT, HOST_IP4, KubeApi, METADATA_IP4, METADATA_PORT, Pod, TestNode,
-    e2e::NODE_NAME,
+    e2e::{NODE_NAME, ROLE_KEY},
     kube_api,
     process::{ChildGuard, output_within},
 };
-
-pub const ROLE_KEY: &str = "iam.amazonaws.com/role";
 
 /// Gives `pod` `count` more IPv4 addresses, 198.18.`block`.1 upwards (RFC 2544's benchmarking
 /// range, inside the test namespaces only), each reachable from the node through the pod's veth.

@@ -16,12 +16,9 @@ use std::{
 use kube2iam_tests::{
     NODE_ACCESS_KEY_ID, Pod, TestNode,
     clients::{self, ClientOutcome, RunIn},
-    e2e::{World, role_arn},
+    e2e::{ALLOWED_KEY, CREDS, ROLE_KEY, World, role_arn},
     kube_api,
 };
-
-const ROLE_KEY: &str = "iam.amazonaws.com/role";
-const ALLOWED_KEY: &str = "iam.amazonaws.com/allowed-roles";
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -101,19 +98,10 @@ fn outcome_text(outcome: &ClientOutcome) -> String {
 
 fn curl_outcome(pod: &Pod<'_>) -> ClientOutcome {
     match clients::curl_imdsv2_credentials(RunIn::Pod(pod), clients::IMDS_ENDPOINT4) {
-        Ok((_, doc)) => ClientOutcome::Credentials(clients::ClientCredentials {
-            access_key_id: doc.access_key_id,
-            secret_access_key: doc.secret_access_key,
-            token: Some(doc.token),
-            expiration: Some(doc.expiration),
-        }),
+        Ok((_, doc)) => ClientOutcome::Credentials(clients::ClientCredentials::from(&doc)),
         Err(_) => {
             // Show what the agent answered: the reason a pod gets no credentials.
-            let (status, body) = kube2iam_tests::e2e::pod_get(
-                pod,
-                "/latest/meta-data/iam/security-credentials/",
-                &[],
-            );
+            let (status, body) = kube2iam_tests::e2e::pod_get(pod, CREDS, &[]);
             ClientOutcome::Error(clients::ClientError {
                 error_type: format!("HTTP {status}"),
                 error: body.trim_start_matches("kube2iam-ebpf: ").to_owned(),
