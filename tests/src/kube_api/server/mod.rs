@@ -1,33 +1,29 @@
-//! The HTTP side: routing, discovery, list/get/watch and writes, on hyper 1.
+//! The HTTP side: routing, discovery, list/get and writes, on hyper 1; watches in [`watch`],
+//! patches in [`patch`].
 
-use std::{
-    convert::Infallible,
-    io,
-    net::SocketAddr,
-    pin::Pin,
-    sync::{Arc, atomic::Ordering},
-    task::{Context, Poll},
-    time::Duration,
-};
+mod patch;
+mod watch;
+
+use std::{convert::Infallible, io, net::SocketAddr, sync::Arc, time::Duration};
 
 use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited, combinators::BoxBody};
 use hyper::{
     Method, Request, Response, StatusCode,
-    body::{Frame, Incoming, SizeHint},
+    body::Incoming,
     header::{CONTENT_TYPE, HeaderValue},
     server::conn::http1,
     service::service_fn,
 };
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
-use tokio::{net::TcpListener, sync::mpsc, time::Instant};
+use tokio::net::TcpListener;
 
 use super::{
     ApiRequest, RequestKind, Shared,
     select::{FieldSelector, LabelSelector},
-    store::{ApiError, ChangeKind, Key, Resource, Store},
+    store::{ApiError, Key, Resource},
     table::{self, Format},
 };
 
@@ -125,14 +121,8 @@ struct Query(Vec<(String, String)>);
 
 impl Query {
     fn parse(query: Option<&str>) -> Self {
-        let pairs = query
-            .unwrap_or_default()
-            .split('&')
-            .filter(|pair| !pair.is_empty())
-            .map(|pair| {
-                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                (percent_decode(k), percent_decode(v))
-            })
+        let pairs = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+            .into_owned()
             .collect();
         Self(pairs)
     }
@@ -154,30 +144,6 @@ impl Query {
             ))),
         }
     }
-}
-
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
-                match u8::from_str_radix(hex, 16) {
-                    Ok(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A request path naming a resource, a collection or one object.
@@ -312,7 +278,7 @@ async fn handle(
     };
 
     let result = match kind {
-        RequestKind::Watch => watch(&shared, &target, &query, format),
+        RequestKind::Watch => watch::watch(&shared, &target, &query, format),
         RequestKind::List => list(&shared, &target, &query, format),
         RequestKind::Get => get(&shared, &target, format),
         RequestKind::Create => {
@@ -322,7 +288,7 @@ async fn handle(
         RequestKind::Update => update(&shared, &target, &body),
         RequestKind::Patch => {
             let content_type = header("content-type");
-            patch(&shared, &target, content_type.as_deref(), &body)
+            patch::patch(&shared, &target, content_type.as_deref(), &body)
         }
         RequestKind::Delete => delete(&shared, &target),
         _ => Err(ApiError::new(
@@ -781,164 +747,6 @@ fn unsupported_media_type(content_type: &str) -> ApiError {
     )
 }
 
-fn patch(
-    shared: &Shared,
-    target: &Target,
-    content_type: Option<&str>,
-    body: &[u8],
-) -> Result<Response<Body>, ApiError> {
-    let key = key_of(target);
-    if target.name.is_none() {
-        return Err(ApiError::new(
-            405,
-            "MethodNotAllowed",
-            "the server does not allow this method on the requested resource",
-        ));
-    }
-    let content_type = content_type.unwrap_or_default();
-    let media = content_type.split(';').next().unwrap_or_default().trim();
-    let patch = parse_body(body)?;
-    let updated = match media {
-        // Strategic merge differs from JSON merge only for lists with merge keys, which the
-        // fields this emulator's clients patch (annotations, labels, event counts) do not have.
-        "application/merge-patch+json" | "application/strategic-merge-patch+json" => {
-            let expected = patch["metadata"]["resourceVersion"]
-                .as_str()
-                .map(str::to_owned);
-            shared.write(|store| {
-                store.update(target.resource, &key, expected.as_deref(), |object| {
-                    merge_patch(object, &patch);
-                    Ok(())
-                })
-            })?
-        }
-        "application/json-patch+json" => shared.write(|store| {
-            store.update(target.resource, &key, None, |object| {
-                json_patch(object, &patch)
-            })
-        })?,
-        other => return Err(unsupported_media_type(other)),
-    };
-    Ok(json_response(StatusCode::OK, &updated))
-}
-
-/// RFC 7386.
-pub fn merge_patch(target: &mut Value, patch: &Value) {
-    match patch {
-        Value::Object(patch) => {
-            if !target.is_object() {
-                *target = json!({});
-            }
-            let map = target.as_object_mut().expect("just made an object");
-            for (key, value) in patch {
-                if value.is_null() {
-                    map.remove(key);
-                } else {
-                    merge_patch(map.entry(key.clone()).or_insert(Value::Null), value);
-                }
-            }
-        }
-        other => *target = other.clone(),
-    }
-}
-
-/// RFC 6902 (add, remove, replace, test, copy, move).
-fn json_patch(target: &mut Value, patch: &Value) -> Result<(), ApiError> {
-    let bad = |why: String| ApiError::new(422, "Invalid", why);
-    let ops = patch
-        .as_array()
-        .ok_or_else(|| ApiError::bad_request("a JSON patch must be an array"))?;
-    for op in ops {
-        let path = op["path"]
-            .as_str()
-            .ok_or_else(|| bad("JSON patch operation without a path".into()))?;
-        match op["op"].as_str() {
-            Some("add") => pointer_add(target, path, op["value"].clone()).map_err(bad)?,
-            Some("remove") => {
-                pointer_remove(target, path).map_err(bad)?;
-            }
-            Some("replace") => {
-                pointer_remove(target, path).map_err(bad)?;
-                pointer_add(target, path, op["value"].clone()).map_err(bad)?;
-            }
-            Some("test") => {
-                if target.pointer(path) != Some(&op["value"]) {
-                    return Err(bad(format!("testing value {path} failed")));
-                }
-            }
-            Some("copy") | Some("move") => {
-                let from = op["from"]
-                    .as_str()
-                    .ok_or_else(|| bad("copy/move without from".into()))?;
-                let value = if op["op"] == "move" {
-                    pointer_remove(target, from).map_err(bad)?
-                } else {
-                    target
-                        .pointer(from)
-                        .cloned()
-                        .ok_or_else(|| bad(format!("missing value at {from}")))?
-                };
-                pointer_add(target, path, value).map_err(bad)?;
-            }
-            other => return Err(bad(format!("unknown JSON patch operation {other:?}"))),
-        }
-    }
-    Ok(())
-}
-
-fn split_pointer(path: &str) -> Result<(String, String), String> {
-    let (parent, last) = path
-        .rsplit_once('/')
-        .ok_or_else(|| format!("invalid JSON pointer {path:?}"))?;
-    Ok((
-        parent.to_owned(),
-        last.replace("~1", "/").replace("~0", "~"),
-    ))
-}
-
-fn pointer_add(target: &mut Value, path: &str, value: Value) -> Result<(), String> {
-    if path.is_empty() {
-        *target = value;
-        return Ok(());
-    }
-    let (parent, last) = split_pointer(path)?;
-    match target.pointer_mut(&parent) {
-        Some(Value::Object(map)) => {
-            map.insert(last, value);
-            Ok(())
-        }
-        Some(Value::Array(list)) => {
-            let index = if last == "-" {
-                list.len()
-            } else {
-                last.parse::<usize>()
-                    .map_err(|_| format!("invalid array index {last:?}"))?
-            };
-            if index > list.len() {
-                return Err(format!("array index {index} out of bounds"));
-            }
-            list.insert(index, value);
-            Ok(())
-        }
-        _ => Err(format!("doc is missing path: {path:?}")),
-    }
-}
-
-fn pointer_remove(target: &mut Value, path: &str) -> Result<Value, String> {
-    let (parent, last) = split_pointer(path)?;
-    let missing = || format!("doc is missing path: {path:?}");
-    match target.pointer_mut(&parent) {
-        Some(Value::Object(map)) => map.remove(&last).ok_or_else(missing),
-        Some(Value::Array(list)) => {
-            let index = last.parse::<usize>().map_err(|_| missing())?;
-            (index < list.len())
-                .then(|| list.remove(index))
-                .ok_or_else(missing)
-        }
-        _ => Err(missing()),
-    }
-}
-
 fn delete(shared: &Shared, target: &Target) -> Result<Response<Body>, ApiError> {
     if target.name.is_none() {
         return Err(ApiError::new(
@@ -952,414 +760,14 @@ fn delete(shared: &Shared, target: &Target) -> Result<Response<Body>, ApiError> 
     Ok(json_response(StatusCode::OK, &deleted))
 }
 
-// ---------------------------------------------------------------------------------------------
-// Watch
-
-/// The body of a watch response: frames from the task that follows the store.
-struct WatchBody {
-    frames: mpsc::Receiver<Result<Frame<Bytes>, io::Error>>,
-}
-
-impl hyper::body::Body for WatchBody {
-    type Data = Bytes;
-    type Error = io::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        self.frames.poll_recv(cx)
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
-    }
-}
-
-/// Where a watch starts.
-enum Start {
-    /// Synthetic ADDED events for the current state, then changes after `rv`; with
-    /// `initial_events_end`, a BOOKMARK annotated `k8s.io/initial-events-end` after them.
-    Initial {
-        objects: Vec<Value>,
-        rv: u64,
-        initial_events_end: bool,
-    },
-    /// Changes after `rv`.
-    From(u64),
-    /// An ERROR event (410 Expired), then the end of the stream.
-    Expired(ApiError),
-}
-
-struct WatchSpec {
-    selection: Selection,
-    format: Format,
-    bookmarks: bool,
-    timeout: Duration,
-}
-
-fn watch(
-    shared: &Arc<Shared>,
-    target: &Target,
-    query: &Query,
-    format: Format,
-) -> Result<Response<Body>, ApiError> {
-    let selection = Selection::new(target, query)?;
-    let rv_param = query.get("resourceVersion").filter(|rv| !rv.is_empty());
-    let bookmarks = query.flag("allowWatchBookmarks")?.unwrap_or(false);
-    let send_initial = query.flag("sendInitialEvents")?;
-    let rv_match = query.get("resourceVersionMatch").filter(|m| !m.is_empty());
-    let max = shared.options.max_watch_timeout;
-    let timeout = match query.get("timeoutSeconds").filter(|t| !t.is_empty()) {
-        Some(t) => {
-            let secs: u64 = t
-                .parse()
-                .map_err(|_| ApiError::bad_request(format!("invalid timeoutSeconds: {t:?}")))?;
-            Duration::from_secs(secs).min(max)
-        }
-        None => max,
-    };
-    if send_initial.is_some() {
-        if rv_match != Some("NotOlderThan") {
-            return Err(ApiError::invalid(
-                selection.resource,
-                "",
-                "resourceVersionMatch: Forbidden: sendInitialEvents requires setting \
-                 resourceVersionMatch to NotOlderThan",
-            ));
-        }
-        if send_initial == Some(true) && !bookmarks {
-            return Err(ApiError::invalid(
-                selection.resource,
-                "",
-                "allowWatchBookmarks: Required value: sendInitialEvents requires \
-                 allowWatchBookmarks to be true",
-            ));
-        }
-    } else if rv_match.is_some() {
-        return Err(ApiError::bad_request(
-            "resourceVersionMatch: Forbidden: resourceVersionMatch is forbidden for watch \
-             unless sendInitialEvents is provided",
-        ));
-    }
-
-    let start = {
-        let store = shared.store.lock().expect("store lock");
-        let current = || -> Vec<Value> {
-            store
-                .all(selection.resource)
-                .iter()
-                .filter(|(key, object)| selection.matches(key, object))
-                .map(|(_, object)| object.clone())
-                .collect()
-        };
-        match (rv_param, send_initial) {
-            (_, Some(true)) => {
-                if let Some(text) = rv_param {
-                    let requested = parse_rv(text)?;
-                    if requested > store.rv() {
-                        return Err(too_large(requested, store.rv()));
-                    }
-                }
-                Start::Initial {
-                    objects: current(),
-                    rv: store.rv(),
-                    initial_events_end: true,
-                }
-            }
-            (None, Some(false)) => Start::From(store.rv()),
-            (None | Some("0"), None) => Start::Initial {
-                objects: current(),
-                rv: store.rv(),
-                initial_events_end: false,
-            },
-            (Some(text), _) => {
-                let requested = parse_rv(text)?;
-                if requested > store.rv() {
-                    return Err(too_large(requested, store.rv()));
-                }
-                match store.changes_after(requested) {
-                    Ok(_) => Start::From(requested),
-                    Err(expired) => Start::Expired(expired),
-                }
-            }
-        }
-    };
-
-    let (tx, rx) = mpsc::channel(256);
-    let spec = WatchSpec {
-        selection,
-        format,
-        bookmarks,
-        timeout,
-    };
-    let task_shared = shared.clone();
-    tokio::spawn(async move {
-        let _open = OpenWatch::new(&task_shared);
-        run_watch(&task_shared, spec, start, tx).await;
-    });
-    let mut response = Response::new(WatchBody { frames: rx }.boxed());
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    Ok(response)
-}
-
-/// Counts open watch streams.
-struct OpenWatch<'s>(&'s Shared);
-
-impl<'s> OpenWatch<'s> {
-    fn new(shared: &'s Shared) -> Self {
-        shared.open_watches.fetch_add(1, Ordering::SeqCst);
-        Self(shared)
-    }
-}
-
-impl Drop for OpenWatch<'_> {
-    fn drop(&mut self) {
-        self.0.open_watches.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-fn event_line(event_type: &str, object: Value) -> Bytes {
-    let mut line = serde_json::to_vec(&json!({"type": event_type, "object": object}))
-        .expect("JSON values serialize");
-    line.push(b'\n');
-    Bytes::from(line)
-}
-
-fn bookmark_object(resource: Resource, rv: u64, initial_events_end: bool) -> Value {
-    let mut object = json!({
-        "kind": resource.kind(),
-        "apiVersion": resource.api_version(),
-        "metadata": {"resourceVersion": rv.to_string(), "creationTimestamp": null},
-    });
-    if initial_events_end {
-        object["metadata"]["annotations"] = json!({"k8s.io/initial-events-end": "true"});
-    }
-    // What the API server's empty object for the type serializes to.
-    match resource {
-        Resource::Pods => {
-            object["spec"] = json!({"containers": null});
-            object["status"] = json!({});
-        }
-        Resource::Namespaces => {
-            object["spec"] = json!({});
-            object["status"] = json!({});
-        }
-        Resource::Events => {
-            object["involvedObject"] = json!({});
-            object["source"] = json!({});
-            object["firstTimestamp"] = Value::Null;
-            object["lastTimestamp"] = Value::Null;
-            object["eventTime"] = Value::Null;
-            object["reportingComponent"] = json!("");
-            object["reportingInstance"] = json!("");
-        }
-        Resource::EventsV1 => {
-            object["eventTime"] = Value::Null;
-            object["regarding"] = json!({});
-        }
-        // An empty ServiceAccount has nothing but its type and metadata.
-        Resource::ServiceAccounts => {}
-    }
-    object
-}
-
-/// Converts a change to the event a watch with `selection` sees, if any: an object moving into
-/// the selection is ADDED, one moving out is DELETED.
-fn event_for(
-    selection: &Selection,
-    kind: ChangeKind,
-    key: &Key,
-    object: &Value,
-    prev: Option<&Value>,
-) -> Option<(&'static str, Value)> {
-    let now = selection.matches(key, object);
-    let before = prev.is_some_and(|prev| selection.matches(key, prev));
-    match kind {
-        ChangeKind::Added => now.then(|| ("ADDED", object.clone())),
-        ChangeKind::Deleted => before.then(|| ("DELETED", object.clone())),
-        ChangeKind::Modified => match (before, now) {
-            (true, true) => Some(("MODIFIED", object.clone())),
-            (false, true) => Some(("ADDED", object.clone())),
-            (true, false) => {
-                let mut gone = prev.cloned().unwrap_or_default();
-                gone["metadata"]["resourceVersion"] = object["metadata"]["resourceVersion"].clone();
-                Some(("DELETED", gone))
-            }
-            (false, false) => None,
-        },
-    }
-}
-
-struct Sender {
-    tx: mpsc::Sender<Result<Frame<Bytes>, io::Error>>,
-    format: Format,
-    resource: Resource,
-    sent_columns: bool,
-}
-
-impl Sender {
-    async fn frame(&self, bytes: Bytes) -> bool {
-        self.tx.send(Ok(Frame::data(bytes))).await.is_ok()
-    }
-
-    async fn event(&mut self, event_type: &str, object: Value) -> bool {
-        let object = match self.format {
-            Format::Object => object,
-            Format::Table {
-                api_version,
-                include,
-            } => {
-                let with_columns = !self.sent_columns;
-                self.sent_columns = true;
-                table::table(
-                    self.resource,
-                    &[&object],
-                    api_version,
-                    include,
-                    json!({"resourceVersion": object["metadata"]["resourceVersion"]}),
-                    with_columns,
-                )
-            }
-            Format::Metadata { api_version } => table::partial_metadata(&object, api_version),
-        };
-        self.frame(event_line(event_type, object)).await
-    }
-
-    async fn bookmark(&self, rv: u64, initial_events_end: bool) -> bool {
-        let object = bookmark_object(self.resource, rv, initial_events_end);
-        // Every object of a watch goes through the representation the client asked for, the
-        // bookmark too: a metadata-only watch gets a PartialObjectMetadata bookmark.
-        let object = match self.format {
-            Format::Metadata { api_version } => table::partial_metadata(&object, api_version),
-            _ => object,
-        };
-        self.frame(event_line("BOOKMARK", object)).await
-    }
-
-    async fn error(&self, error: &ApiError) -> bool {
-        self.frame(event_line("ERROR", error.status())).await
-    }
-}
-
-/// Watch events, as (type, object).
-type WatchEvents = Vec<(&'static str, Value)>;
-
-/// Collects what happened after `pos` for this watch; `Err` if the history no longer reaches.
-fn collect(store: &Store, selection: &Selection, pos: u64) -> Result<(WatchEvents, u64), ApiError> {
-    let events = store
-        .changes_after(pos)?
-        .filter(|change| change.resource == selection.resource)
-        .filter_map(|change| {
-            event_for(
-                selection,
-                change.kind,
-                &change.key,
-                &change.object,
-                change.prev.as_ref(),
-            )
-        })
-        .collect();
-    Ok((events, store.rv()))
-}
-
-async fn run_watch(
-    shared: &Shared,
-    spec: WatchSpec,
-    start: Start,
-    tx: mpsc::Sender<Result<Frame<Bytes>, io::Error>>,
-) {
-    let deadline = Instant::now() + spec.timeout;
-    let mut changes = shared.rv_tx.subscribe();
-    let mut dropped = shared.drop_tx.subscribe();
-    let mut down = shared.down_tx.subscribe();
-    let mut sender = Sender {
-        tx,
-        format: spec.format,
-        resource: spec.selection.resource,
-        sent_columns: false,
-    };
-    let mut pos = match start {
-        Start::Expired(error) => {
-            sender.error(&error).await;
-            return;
-        }
-        Start::From(rv) => rv,
-        Start::Initial {
-            objects,
-            rv,
-            initial_events_end,
-        } => {
-            for object in objects {
-                if !sender.event("ADDED", object).await {
-                    return;
-                }
-            }
-            if initial_events_end && !sender.bookmark(rv, true).await {
-                return;
-            }
-            rv
-        }
-    };
-    let bookmark_every = shared.options.bookmark_interval;
-    let mut next_bookmark = Instant::now() + bookmark_every;
-    loop {
-        changes.borrow_and_update();
-        let collected = {
-            let store = shared.store.lock().expect("store lock");
-            collect(&store, &spec.selection, pos)
-        };
-        match collected {
-            Ok((events, rv)) => {
-                for (event_type, object) in events {
-                    if !sender.event(event_type, object).await {
-                        return;
-                    }
-                }
-                pos = rv;
-            }
-            Err(expired) => {
-                sender.error(&expired).await;
-                return;
-            }
-        }
-        // Faults first: a change that races with a cut must not slip through before it.
-        tokio::select! {
-            biased;
-            _ = dropped.changed() => {
-                let _ = sender.tx.send(Err(io::Error::new(
-                    io::ErrorKind::ConnectionAborted,
-                    "watch dropped by the test",
-                ))).await;
-                return;
-            }
-            _ = down.changed() => {
-                if *down.borrow_and_update() {
-                    let _ = sender.tx.send(Err(io::Error::new(
-                        io::ErrorKind::ConnectionAborted,
-                        "the API server went down",
-                    ))).await;
-                    return;
-                }
-            }
-            _ = sender.tx.closed() => return,
-            _ = tokio::time::sleep_until(deadline) => return,
-            _ = changes.changed() => {}
-            _ = tokio::time::sleep_until(next_bookmark), if spec.bookmarks => {
-                if !sender.bookmark(pos, false).await {
-                    return;
-                }
-                next_bookmark = Instant::now() + bookmark_every;
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{
+        patch::{json_patch, merge_patch},
+        watch::event_for,
+        *,
+    };
+    use crate::kube_api::store::ChangeKind;
 
     #[test]
     fn targets() {
@@ -1397,8 +805,9 @@ mod tests {
             Some("spec.nodeName=n1,metadata.name=a")
         );
         assert_eq!(q.get("x"), Some("a b"));
-        assert_eq!(percent_decode("%"), "%");
-        assert_eq!(percent_decode("a%2"), "a%2");
+        let q = Query::parse(Some("lone=%&short=a%2"));
+        assert_eq!(q.get("lone"), Some("%"));
+        assert_eq!(q.get("short"), Some("a%2"));
     }
 
     #[test]
