@@ -20,8 +20,8 @@ use kube2iam_common::FLAG_ATTEST_OFF;
 use super::{
     report::{AttestRequestRow, AttestResult, ConnectRow, GetMode},
     runner::{
-        AGENT_CPU, AGENT_GUARD_FLAG, AgentPin, CLIENT_CPU, CLIENT_TIMEOUT, GUARDED, Options,
-        Placement, pod_command, progress, rotation,
+        AGENT_CPU, AGENT_FLAGS, AGENT_GUARD_FLAG, AgentPin, CLIENT_CPU, CLIENT_TIMEOUT, GUARDED,
+        Options, Placement, pod_command, progress, rotation,
     },
     stats::Dist,
     topology::{Dnat, agent_addr, cpu_ns, fields, metadata, run_client, samples, wait_known},
@@ -141,10 +141,7 @@ pub(super) fn run(
     world.api.delete_pod("bench", "bench-attest");
     drop(layout);
     world.kill_agent();
-    world.start_agent(
-        node,
-        &[AGENT_GUARD_FLAG, GUARDED, "--prefetch-concurrency", "0"],
-    );
+    world.start_agent(node, &AGENT_FLAGS);
     AttestResult {
         connect_rows,
         connect_rounds: o.connect_rounds,

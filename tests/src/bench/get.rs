@@ -6,7 +6,7 @@ use std::{io::BufRead as _, path::Path};
 
 use super::{
     report::{GetMode, GetResult, GetRow, TailRow},
-    runner::{CLIENT_TIMEOUT, Options, Placement, Pods, pod_command, rotation},
+    runner::{AGENT_FLAGS, CLIENT_TIMEOUT, Options, Placement, Pods, pod_command, rotation},
     stats::Dist,
     topology::{Dnat, cpu_ns, fields, metadata, run_client, run_delay_ns, samples, spawn_client},
     world::BenchWorld,
@@ -157,7 +157,35 @@ fn floor_bodies(pod: &Pod<'_>, tmp: &Path) -> (Vec<String>, std::path::PathBuf, 
     (routes, creds_file, body.len())
 }
 
+/// Runs the part with the agent restarted with attestation off, and restarts it as it was.
+///
+/// A DNATed connection never went through the connect hooks, so it carries no attestation, and
+/// an attesting agent refuses it (that is what attestation is for). (c) stands for kube2iam,
+/// which serves by address: this part runs the agent with attestation off for every variant;
+/// part 2b gives what attestation adds per request.
 pub(super) fn run(
+    node: &TestNode,
+    world: &mut BenchWorld,
+    pods: &Pods<'_>,
+    client: &Path,
+    tmp: &Path,
+    o: &Options,
+) -> GetResult {
+    let restart = |world: &mut BenchWorld, extra: &[&str]| {
+        world.kill_agent();
+        world.start_agent(node, extra);
+        let (status, _) = crate::e2e::pod_get(&pods.p0, &format!("{CREDENTIALS}{ROLE}"), &[]);
+        assert_eq!(status, 200, "the bench pod's credentials after a restart");
+    };
+    let mut off = AGENT_FLAGS.to_vec();
+    off.extend(["--identity-attestation", "off"]);
+    restart(world, &off);
+    let result = measure(node, world, pods, client, tmp, o);
+    restart(world, &AGENT_FLAGS);
+    result
+}
+
+fn measure(
     node: &TestNode,
     world: &BenchWorld,
     pods: &Pods<'_>,

@@ -25,6 +25,10 @@ pub(super) const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
 /// p7 (connects with our connect4 alone, and the unguarded side of the throughput comparison).
 pub(super) const AGENT_GUARD_FLAG: &str = "--host-interface";
 pub const GUARDED: &str = "k2i-h-+,!k2i-h-p5,!k2i-h-p6,!k2i-h-p7";
+/// The agent's flags for the run: the packet guard as above, and no prefetch (the parts
+/// measure first requests).
+pub(super) const AGENT_FLAGS: [&str; 4] =
+    [AGENT_GUARD_FLAG, GUARDED, "--prefetch-concurrency", "0"];
 
 /// How much to measure.
 #[derive(Clone, Debug)]
@@ -242,11 +246,7 @@ pub fn run(options: &Options) -> Report {
          agent",
     );
     let node = TestNode::new();
-    let mut world = BenchWorld::start(
-        &node,
-        tmp.path(),
-        &[AGENT_GUARD_FLAG, GUARDED, "--prefetch-concurrency", "0"],
-    );
+    let mut world = BenchWorld::start(&node, tmp.path(), &AGENT_FLAGS);
     report.memory_cgroup = world.memory.as_ref().map(|m| {
         if m.is_v1() {
             "cgroup v1 memory controller".to_owned()
@@ -305,26 +305,14 @@ pub fn run(options: &Options) -> Report {
     }
     if options.wants("get") {
         progress("2. credential requests end to end");
-        // A DNATed connection never went through the connect hooks, so it carries no
-        // attestation, and an attesting agent refuses it (that is what attestation is for). (c)
-        // stands for kube2iam, which serves by address: this part runs the agent with
-        // attestation off for every variant; part 2b gives what attestation adds per request.
-        let default_flags = [AGENT_GUARD_FLAG, GUARDED, "--prefetch-concurrency", "0"];
-        let restart = |world: &mut BenchWorld, extra: &[&str]| {
-            world.kill_agent();
-            world.start_agent(&node, extra);
-            let (status, _) = crate::e2e::pod_get(
-                &pods.p0,
-                "/latest/meta-data/iam/security-credentials/bench-role",
-                &[],
-            );
-            assert_eq!(status, 200, "the bench pod's credentials after a restart");
-        };
-        let mut off = default_flags.to_vec();
-        off.extend(["--identity-attestation", "off"]);
-        restart(&mut world, &off);
-        report.get = Some(get::run(&node, &world, &pods, &client, tmp.path(), options));
-        restart(&mut world, &default_flags);
+        report.get = Some(get::run(
+            &node,
+            &mut world,
+            &pods,
+            &client,
+            tmp.path(),
+            options,
+        ));
     }
     if options.wants("attest") {
         progress("2b. what attested identity costs per connect and per request");
