@@ -423,6 +423,16 @@ impl Selection {
         })
     }
 
+    /// The selection, and the resource version the request names (an empty one is none).
+    fn with_resource_version<'q>(
+        target: &Target,
+        query: &'q Query,
+    ) -> Result<(Self, Option<&'q str>), ApiError> {
+        let selection = Self::new(target, query)?;
+        let rv = query.get("resourceVersion").filter(|rv| !rv.is_empty());
+        Ok((selection, rv))
+    }
+
     fn matches(&self, key: &Key, object: &Value) -> bool {
         self.namespace.as_ref().is_none_or(|ns| *ns == key.0)
             && self.fields.matches(self.resource, object)
@@ -492,8 +502,7 @@ fn list(
     query: &Query,
     format: Format,
 ) -> Result<Response<Body>, ApiError> {
-    let selection = Selection::new(target, query)?;
-    let rv_param = query.get("resourceVersion").filter(|rv| !rv.is_empty());
+    let (selection, rv_param) = Selection::with_resource_version(target, query)?;
     let rv_match = query.get("resourceVersionMatch").filter(|m| !m.is_empty());
     let limit = match query.get("limit").filter(|l| !l.is_empty()) {
         Some(l) => l
@@ -657,6 +666,15 @@ fn get(shared: &Shared, target: &Target, format: Format) -> Result<Response<Body
     ))
 }
 
+/// 405 for a method the target does not take.
+fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        405,
+        "MethodNotAllowed",
+        "the server does not allow this method on the requested resource",
+    )
+}
+
 fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
         ApiError::bad_request(format!(
@@ -672,11 +690,7 @@ fn create(
     body: &[u8],
 ) -> Result<Response<Body>, ApiError> {
     if target.name.is_some() {
-        return Err(ApiError::new(
-            405,
-            "MethodNotAllowed",
-            "the server does not allow this method on the requested resource",
-        ));
+        return Err(method_not_allowed());
     }
     if let Some(ct) = content_type
         && !ct.starts_with("application/json")
@@ -701,11 +715,7 @@ fn create(
 fn update(shared: &Shared, target: &Target, body: &[u8]) -> Result<Response<Body>, ApiError> {
     let key = key_of(target);
     if target.name.is_none() {
-        return Err(ApiError::new(
-            405,
-            "MethodNotAllowed",
-            "the server does not allow this method on the requested resource",
-        ));
+        return Err(method_not_allowed());
     }
     let replacement = parse_body(body)?;
     if replacement["metadata"]["name"].as_str() != Some(key.1.as_str()) {

@@ -4,7 +4,10 @@
 use hyper::{Response, StatusCode};
 use serde_json::{Value, json};
 
-use super::{Body, Shared, Target, json_response, key_of, parse_body, unsupported_media_type};
+use super::{
+    Body, Shared, Target, json_response, key_of, method_not_allowed, parse_body,
+    unsupported_media_type,
+};
 use crate::kube_api::store::ApiError;
 
 pub(super) fn patch(
@@ -15,11 +18,7 @@ pub(super) fn patch(
 ) -> Result<Response<Body>, ApiError> {
     let key = key_of(target);
     if target.name.is_none() {
-        return Err(ApiError::new(
-            405,
-            "MethodNotAllowed",
-            "the server does not allow this method on the requested resource",
-        ));
+        return Err(method_not_allowed());
     }
     let content_type = content_type.unwrap_or_default();
     let media = content_type.split(';').next().unwrap_or_default().trim();

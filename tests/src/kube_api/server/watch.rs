@@ -74,8 +74,7 @@ pub(super) fn watch(
     query: &Query,
     format: Format,
 ) -> Result<Response<Body>, ApiError> {
-    let selection = Selection::new(target, query)?;
-    let rv_param = query.get("resourceVersion").filter(|rv| !rv.is_empty());
+    let (selection, rv_param) = Selection::with_resource_version(target, query)?;
     let bookmarks = query.flag("allowWatchBookmarks")?.unwrap_or(false);
     let send_initial = query.flag("sendInitialEvents")?;
     let rv_match = query.get("resourceVersionMatch").filter(|m| !m.is_empty());
