@@ -205,6 +205,22 @@ impl World {
         })
     }
 
+    /// A pod on `node` ([`TestNode::add_pod`] with `netns`), added to the API as
+    /// `namespace/name` with `annotations` ([`World::add_pod`]), once the agent knows it.
+    pub fn add_known_pod<'n>(
+        &self,
+        node: &'n TestNode,
+        netns: &str,
+        namespace: &str,
+        name: &str,
+        annotations: &[(&str, &str)],
+    ) -> Pod<'n> {
+        let pod = node.add_pod(netns);
+        self.add_pod(&pod, namespace, name, annotations);
+        self.wait_known(node, &pod);
+        pod
+    }
+
     /// Waits until the agent knows `pod` (via its debug store) or panics.
     pub fn wait_known(&self, node: &TestNode, pod: &Pod<'_>) {
         let ip = pod.ip4().to_string();

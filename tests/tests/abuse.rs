@@ -46,10 +46,7 @@ fn vm_rss_kib(pid: u32) -> u64 {
 }
 
 fn pod_with_role<'n>(world: &World, node: &'n TestNode, name: &str) -> Pod<'n> {
-    let pod = node.add_pod(name);
-    world.add_pod(&pod, "default", name, &[(ROLE_KEY, "web-role")]);
-    world.wait_known(node, &pod);
-    pod
+    world.add_known_pod(node, name, "default", name, &[(ROLE_KEY, "web-role")])
 }
 
 /// Sends a request one byte at a time (every `interval` seconds), or connects and sends

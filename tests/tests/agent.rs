@@ -14,9 +14,7 @@ use kube2iam_tests::{
 fn annotated_pod_gets_its_roles_credentials_from_every_client() {
     let node = TestNode::new();
     let world = World::start(&node, &[]);
-    let pod = node.add_pod("a");
-    world.add_pod(&pod, "default", "web", &[(ROLE_KEY, "web-role")]);
-    world.wait_known(&node, &pod);
+    let pod = world.add_known_pod(&node, "a", "default", "web", &[(ROLE_KEY, "web-role")]);
 
     let (listed, curl) =
         clients::curl_imdsv2_credentials(RunIn::Pod(&pod), clients::IMDS_ENDPOINT4)
@@ -66,12 +64,8 @@ use kube2iam_tests::{
 fn two_pods_with_two_roles_never_see_each_others_credentials() {
     let node = TestNode::new();
     let world = World::start(&node, &[]);
-    let a = node.add_pod("a");
-    let b = node.add_pod("b");
-    world.add_pod(&a, "default", "alpha", &[(ROLE_KEY, "alpha-role")]);
-    world.add_pod(&b, "default", "beta", &[(ROLE_KEY, "beta-role")]);
-    world.wait_known(&node, &a);
-    world.wait_known(&node, &b);
+    let a = world.add_known_pod(&node, "a", "default", "alpha", &[(ROLE_KEY, "alpha-role")]);
+    let b = world.add_known_pod(&node, "b", "default", "beta", &[(ROLE_KEY, "beta-role")]);
     let got_a = world.creds(&a);
     let got_b = world.creds(&b);
     assert_eq!(
@@ -103,9 +97,7 @@ fn two_pods_with_two_roles_never_see_each_others_credentials() {
 fn unannotated_pod_gets_the_default_role_or_a_clear_404() {
     let node = TestNode::new();
     let world = World::start(&node, &[]);
-    let pod = node.add_pod("a");
-    world.add_pod(&pod, "default", "plain", &[]);
-    world.wait_known(&node, &pod);
+    let pod = world.add_known_pod(&node, "a", "default", "plain", &[]);
     let (status, body) = pod_get(&pod, CREDS, &[]);
     assert_eq!(status, 404);
     assert!(
@@ -117,9 +109,7 @@ fn unannotated_pod_gets_the_default_role_or_a_clear_404() {
 
     let node = TestNode::new();
     let world = World::start(&node, &["--default-role", "fallback-role"]);
-    let pod = node.add_pod("a");
-    world.add_pod(&pod, "default", "plain", &[]);
-    world.wait_known(&node, &pod);
+    let pod = world.add_known_pod(&node, "a", "default", "plain", &[]);
     let got = world.creds(&pod);
     assert_eq!(
         Some(got.access_key_id.clone()),
@@ -147,12 +137,8 @@ fn restricted_world(node: &TestNode, format: &str, patterns: &str) -> World {
 fn namespace_restrictions_allow_and_deny_with_globs() {
     let node = TestNode::new();
     let world = restricted_world(&node, "glob", r#"["web-*"]"#);
-    let ok = node.add_pod("a");
-    let denied = node.add_pod("b");
-    world.add_pod(&ok, "team", "web", &[(ROLE_KEY, "web-frontend")]);
-    world.add_pod(&denied, "team", "admin", &[(ROLE_KEY, "admin-role")]);
-    world.wait_known(&node, &ok);
-    world.wait_known(&node, &denied);
+    let ok = world.add_known_pod(&node, "a", "team", "web", &[(ROLE_KEY, "web-frontend")]);
+    let denied = world.add_known_pod(&node, "b", "team", "admin", &[(ROLE_KEY, "admin-role")]);
     let got = world.creds(&ok);
     assert_eq!(
         Some(got.access_key_id.clone()),
@@ -192,9 +178,7 @@ fn namespace_restrictions_with_regexps_are_anchored() {
     assert_eq!(status, 403, "{body}");
     // A namespace without the annotation allows nothing.
     world.api.add_namespace(kube_api::namespace("bare"));
-    let bare = node.add_pod("c");
-    world.add_pod(&bare, "bare", "x", &[(ROLE_KEY, "web-1")]);
-    world.wait_known(&node, &bare);
+    let bare = world.add_known_pod(&node, "c", "bare", "x", &[(ROLE_KEY, "web-1")]);
     let (status, body) = pod_get(&bare, CREDS, &[]);
     assert_eq!(status, 403);
     assert!(
@@ -227,14 +211,13 @@ fn cross_account_full_arn_is_assumed_and_listed_in_full() {
 fn external_id_reaches_sts() {
     let node = TestNode::new();
     let world = World::start(&node, &[]);
-    let pod = node.add_pod("a");
-    world.add_pod(
-        &pod,
+    let pod = world.add_known_pod(
+        &node,
+        "a",
         "default",
         "x",
         &[(ROLE_KEY, "vendor"), (EXTERNAL_ID_KEY, "ext-1234")],
     );
-    world.wait_known(&node, &pod);
     let got = world.creds(&pod);
     let calls = world.moto.assume_role_calls();
     let call = calls
@@ -274,9 +257,7 @@ fn a_pod_created_while_its_first_request_waits_gets_credentials() {
 fn a_deleted_pods_address_gets_a_404() {
     let node = TestNode::new();
     let world = World::start(&node, &[]);
-    let pod = node.add_pod("a");
-    world.add_pod(&pod, "default", "gone", &[(ROLE_KEY, "gone-role")]);
-    world.wait_known(&node, &pod);
+    let pod = world.add_known_pod(&node, "a", "default", "gone", &[(ROLE_KEY, "gone-role")]);
     world.creds(&pod);
     world.api.delete_pod("default", "gone");
     let ip = pod.ip4().to_string();
@@ -298,9 +279,7 @@ fn a_deleted_pods_address_gets_a_404() {
 fn a_reused_address_gets_the_new_pods_role_never_the_old_ones() {
     let node = TestNode::new();
     let world = World::start(&node, &[]);
-    let pod = node.add_pod("a");
-    world.add_pod(&pod, "default", "old", &[(ROLE_KEY, "old-role")]);
-    world.wait_known(&node, &pod);
+    let pod = world.add_known_pod(&node, "a", "default", "old", &[(ROLE_KEY, "old-role")]);
     let old = world.creds(&pod);
     // The new pod appears before the old one's deletion is seen: the newer pod owns the address.
     std::thread::sleep(Duration::from_millis(1100));
@@ -359,9 +338,7 @@ fn a_thousand_concurrent_cold_requests_make_exactly_one_assume_role() {
     let node = TestNode::new();
     // No prefetch: the herd itself is the first to ask.
     let world = World::start(&node, &["--prefetch-concurrency", "0"]);
-    let pod = node.add_pod("a");
-    world.add_pod(&pod, "default", "herd", &[(ROLE_KEY, "herd-role")]);
-    world.wait_known(&node, &pod);
+    let pod = world.add_known_pod(&node, "a", "default", "herd", &[(ROLE_KEY, "herd-role")]);
     assert_eq!(
         world.sts.assume_role_count(),
         0,
@@ -402,9 +379,7 @@ fn sts_throttled_or_down_serves_cached_credentials_and_a_clear_5xx_without_them(
         &node,
         &["--refresh-before", "1h", "--unchecked-refresh-before"],
     );
-    let pod = node.add_pod("a");
-    world.add_pod(&pod, "default", "x", &[(ROLE_KEY, "cached-role")]);
-    world.wait_known(&node, &pod);
+    let pod = world.add_known_pod(&node, "a", "default", "x", &[(ROLE_KEY, "cached-role")]);
     let good = world.creds(&pod);
     for mode in [FaultMode::Throttle, FaultMode::Refuse] {
         world.sts.set_mode(mode.clone());
@@ -426,9 +401,7 @@ fn sts_throttled_or_down_serves_cached_credentials_and_a_clear_5xx_without_them(
     }
     // A role with nothing cached: a clear error naming STS.
     world.sts.set_mode(FaultMode::Throttle);
-    let other = node.add_pod("b");
-    world.add_pod(&other, "default", "y", &[(ROLE_KEY, "uncached-role")]);
-    world.wait_known(&node, &other);
+    let other = world.add_known_pod(&node, "b", "default", "y", &[(ROLE_KEY, "uncached-role")]);
     let (status, body) = pod_get(&other, &format!("{CREDS}uncached-role"), &[]);
     assert_eq!(status, 503, "{body}");
     assert!(
@@ -447,9 +420,7 @@ fn sts_throttled_or_down_serves_cached_credentials_and_a_clear_5xx_without_them(
 fn upstream_imds_down_gives_502_on_proxied_paths_while_credentials_are_served() {
     let node = TestNode::new();
     let world = World::start(&node, &[]);
-    let pod = node.add_pod("a");
-    world.add_pod(&pod, "default", "x", &[(ROLE_KEY, "web-role")]);
-    world.wait_known(&node, &pod);
+    let pod = world.add_known_pod(&node, "a", "default", "x", &[(ROLE_KEY, "web-role")]);
     let good = world.creds(&pod);
     let (status, body) = pod_get(&pod, "/latest/meta-data/instance-id", &[]);
     assert_eq!(
@@ -473,9 +444,7 @@ fn upstream_imds_down_gives_502_on_proxied_paths_while_credentials_are_served() 
 fn every_blocked_path_and_its_spellings_stay_blocked() {
     let node = TestNode::new();
     let world = World::start(&node, &[]);
-    let pod = node.add_pod("a");
-    world.add_pod(&pod, "default", "x", &[(ROLE_KEY, "web-role")]);
-    world.wait_known(&node, &pod);
+    let pod = world.add_known_pod(&node, "a", "default", "x", &[(ROLE_KEY, "web-role")]);
     for path in [
         "/latest/user-data",
         "/latest/user-data/",
@@ -538,9 +507,7 @@ fn node_credentials_and_signed_identity_never_leave_the_node_under_any_spelling(
     let node = TestNode::new();
     let world = World::start(&node, &[]);
     world.imds.set_lenient(true);
-    let pod = node.add_pod("a");
-    world.add_pod(&pod, "default", "x", &[(ROLE_KEY, "web-role")]);
-    world.wait_known(&node, &pod);
+    let pod = world.add_known_pod(&node, "a", "default", "x", &[(ROLE_KEY, "web-role")]);
     let before = world.imds.callers().len();
     let sentinels = [
         imds::NODE_ACCESS_KEY_ID,
@@ -640,12 +607,8 @@ fn node_credentials_and_signed_identity_never_leave_the_node_under_any_spelling(
 fn imds_tokens_required_rejects_tokenless_gets_and_binds_tokens_to_the_pod() {
     let node = TestNode::new();
     let world = World::start(&node, &["--imds-tokens", "required"]);
-    let a = node.add_pod("a");
-    let b = node.add_pod("b");
-    world.add_pod(&a, "default", "a", &[(ROLE_KEY, "web-role")]);
-    world.add_pod(&b, "default", "b", &[(ROLE_KEY, "web-role")]);
-    world.wait_known(&node, &a);
-    world.wait_known(&node, &b);
+    let a = world.add_known_pod(&node, "a", "default", "a", &[(ROLE_KEY, "web-role")]);
+    let b = world.add_known_pod(&node, "b", "default", "b", &[(ROLE_KEY, "web-role")]);
     let (status, _) = pod_get(&a, CREDS, &[]);
     assert_eq!(status, 401, "token-less GETs are refused");
     let ttl = ("X-aws-ec2-metadata-token-ttl-seconds", "60");
@@ -709,9 +672,7 @@ fn a_pod_that_appears_is_prefetched_before_it_asks() {
 fn a_restarted_agent_serves_known_pods_from_the_pinned_map() {
     let node = TestNode::new();
     let mut world = World::start(&node, &[]);
-    let pod = node.add_pod("a");
-    world.add_pod(&pod, "default", "x", &[(ROLE_KEY, "web-role")]);
-    world.wait_known(&node, &pod);
+    let pod = world.add_known_pod(&node, "a", "default", "x", &[(ROLE_KEY, "web-role")]);
     world.creds(&pod);
     world.kill_agent();
     // With the agent gone, pods fail closed: refused at the agent's address.
@@ -735,15 +696,11 @@ fn a_restarted_agent_serves_known_pods_from_the_pinned_map() {
 fn watch_disconnects_and_410_gone_relist_without_dropping_pods() {
     let node = TestNode::new();
     let world = World::start(&node, &[]);
-    let pod = node.add_pod("a");
-    world.add_pod(&pod, "default", "steady", &[(ROLE_KEY, "web-role")]);
-    world.wait_known(&node, &pod);
+    let pod = world.add_known_pod(&node, "a", "default", "steady", &[(ROLE_KEY, "web-role")]);
     let good = world.creds(&pod);
     // A plain disconnect: the watch resumes and sees what comes next.
     world.api.drop_watches();
-    let resumed = node.add_pod("c");
-    world.add_pod(&resumed, "default", "resumed", &[(ROLE_KEY, "web-role")]);
-    world.wait_known(&node, &resumed);
+    let resumed = world.add_known_pod(&node, "c", "default", "resumed", &[(ROLE_KEY, "web-role")]);
     let lists_before = world.api.list_count(kube_api::Resource::Pods);
     // The watch drops (API down), things change meanwhile, and history is compacted: the
     // resumed watch gets 410 Gone and the agent must relist.
@@ -783,9 +740,7 @@ fn watch_disconnects_and_410_gone_relist_without_dropping_pods() {
 fn ipv6_pods_get_credentials_through_fd00_ec2_254() {
     let node = TestNode::new();
     let world = World::start_with(&node, &[], true);
-    let pod = node.add_pod("a");
-    world.add_pod(&pod, "default", "v6", &[(ROLE_KEY, "v6-role")]);
-    world.wait_known(&node, &pod);
+    let pod = world.add_known_pod(&node, "a", "default", "v6", &[(ROLE_KEY, "v6-role")]);
     let sdk = clients::sdk_imds_credentials(RunIn::Pod(&pod), true)
         .into_result()
         .unwrap_or_else(|e| panic!("aws-config over IPv6: {e:?}\n{}", world.agent.log()));
@@ -802,12 +757,8 @@ fn ipv6_pods_get_credentials_through_fd00_ec2_254() {
 fn session_per_pod_names_sessions_after_the_pod_and_caches_per_pod() {
     let node = TestNode::new();
     let world = World::start(&node, &["--session-per-pod"]);
-    let a = node.add_pod("a");
-    let b = node.add_pod("b");
-    world.add_pod(&a, "default", "web-1", &[(ROLE_KEY, "web-role")]);
-    world.add_pod(&b, "default", "web-2", &[(ROLE_KEY, "web-role")]);
-    world.wait_known(&node, &a);
-    world.wait_known(&node, &b);
+    let a = world.add_known_pod(&node, "a", "default", "web-1", &[(ROLE_KEY, "web-role")]);
+    let b = world.add_known_pod(&node, "b", "default", "web-2", &[(ROLE_KEY, "web-role")]);
     let got_a = world.creds(&a);
     let got_b = world.creds(&b);
     assert_ne!(
@@ -880,9 +831,7 @@ fn auto_discovered_base_arn_comes_from_the_instance_profile() {
     // No --base-role-arn (the World leaves it out with this flag): a pod names a role relative
     // to the base discovered from the emulator's instance profile.
     let world = World::start(&node, &["--auto-discover-base-arn"]);
-    let pod = node.add_pod("a");
-    world.add_pod(&pod, "default", "x", &[(ROLE_KEY, "discovered")]);
-    world.wait_known(&node, &pod);
+    let pod = world.add_known_pod(&node, "a", "default", "x", &[(ROLE_KEY, "discovered")]);
     let got = world.creds(&pod);
     assert!(
         world.agent.log().contains("discovered the base role ARN"),
@@ -900,9 +849,7 @@ fn auto_discovered_base_arn_comes_from_the_instance_profile() {
 fn sigterm_finishes_cleanly_and_keeps_interception() {
     let node = TestNode::new();
     let mut world = World::start(&node, &[]);
-    let pod = node.add_pod("a");
-    world.add_pod(&pod, "default", "x", &[(ROLE_KEY, "web-role")]);
-    world.wait_known(&node, &pod);
+    let pod = world.add_known_pod(&node, "a", "default", "x", &[(ROLE_KEY, "web-role")]);
     world.creds(&pod);
     let status = world.agent.terminate();
     assert!(

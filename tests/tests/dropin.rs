@@ -305,9 +305,7 @@ fn healthz_answers_on_the_metadata_port_as_kube2iams_did() {
     assert_eq!(health["hostIP"], HOST_IP4.to_string());
     assert_eq!(health["instanceId"], INSTANCE_ID);
     // A pod on the node reaches it through the redirect too.
-    let pod = node.add_pod("a");
-    world.add_pod(&pod, "default", "web", &[(ROLE_KEY, "web-role")]);
-    world.wait_known(&node, &pod);
+    let pod = world.add_known_pod(&node, "a", "default", "web", &[(ROLE_KEY, "web-role")]);
     let (status, body) = kube2iam_tests::e2e::pod_get(&pod, "/healthz", &[]);
     assert_eq!(status, 200, "{body}");
     assert!(body.contains(INSTANCE_ID), "{body}");
@@ -323,12 +321,8 @@ fn healthz_answers_on_the_metadata_port_as_kube2iams_did() {
 fn kube2iam_session_names_carry_the_pod_address_hash_and_the_role_name() {
     let node = TestNode::new();
     let world = World::start(&node, &["--kube2iam-session-names"]);
-    let a = node.add_pod("a");
-    let b = node.add_pod("b");
-    world.add_pod(&a, "default", "a", &[(ROLE_KEY, "team/app-role")]);
-    world.add_pod(&b, "default", "b", &[(ROLE_KEY, "team/app-role")]);
-    world.wait_known(&node, &a);
-    world.wait_known(&node, &b);
+    let a = world.add_known_pod(&node, "a", "default", "a", &[(ROLE_KEY, "team/app-role")]);
+    let b = world.add_known_pod(&node, "b", "default", "b", &[(ROLE_KEY, "team/app-role")]);
     for pod in [&a, &b] {
         pod_credentials(pod).unwrap_or_else(|(s, body)| panic!("{s} {body}"));
     }

@@ -401,9 +401,7 @@ fn api_down_while_pods_are_deleted_added_and_changed_converges_after_410_gone() 
 fn upstream_imds_slow_answers_502_at_the_agents_timeout_and_credentials_are_served() {
     let node = TestNode::new();
     let mut world = World::start(&node, &[]);
-    let pod = node.add_pod("a");
-    world.add_pod(&pod, "default", "x", &[(ROLE_KEY, "web-role")]);
-    world.wait_known(&node, &pod);
+    let pod = world.add_known_pod(&node, "a", "default", "x", &[(ROLE_KEY, "web-role")]);
     let good = world.creds(&pod);
 
     world
@@ -477,9 +475,7 @@ fn world_agent_options(world: &World) -> AgentOptions {
 fn upstream_imds_down_at_restart_stops_the_agent_clearly_and_pods_stay_refused() {
     let node = TestNode::new();
     let mut world = World::start(&node, &[]);
-    let pod = node.add_pod("a");
-    world.add_pod(&pod, "default", "x", &[(ROLE_KEY, "web-role")]);
-    world.wait_known(&node, &pod);
+    let pod = world.add_known_pod(&node, "a", "default", "x", &[(ROLE_KEY, "web-role")]);
     world.creds(&pod);
     world.kill_agent();
     world.imds.set_down(true);
@@ -518,9 +514,7 @@ fn upstream_imds_down_at_restart_stops_the_agent_clearly_and_pods_stay_refused()
 fn sigkill_mid_request_gives_the_pod_an_error_never_upstream_data_and_a_restart_serves() {
     let node = TestNode::new();
     let mut world = World::start(&node, &["--prefetch-concurrency", "0"]);
-    let pod = node.add_pod("a");
-    world.add_pod(&pod, "default", "x", &[(ROLE_KEY, "web-role")]);
-    world.wait_known(&node, &pod);
+    let pod = world.add_known_pod(&node, "a", "default", "x", &[(ROLE_KEY, "web-role")]);
 
     // A credential request waiting on STS, and a proxied request waiting on the upstream, when
     // the agent dies. The upstream slows down only once the STS call is out: the agent reads its

@@ -7,7 +7,7 @@ use std::{process::Command, time::Duration};
 
 use kube2iam_common::Counter;
 use kube2iam_tests::{
-    AGENT_PORT, CgroupDriver, HOST_IP4, NODE_ACCESS_KEY_ID, ProbeResult, TestNode,
+    AGENT_PORT, CgroupDriver, HOST_IP4, NODE_ACCESS_KEY_ID, Pod, ProbeResult, TestNode,
     e2e::{CREDS, NODE_NAME, ROLE_KEY, World, credentials_with, curl, pod_credentials, role_arn},
     kube_api as objects,
     node::BRIDGE,
@@ -92,21 +92,24 @@ fn pods_are_served_by_their_cgroup_under_both_kubelet_cgroup_drivers() {
     world.imds.assert_no_pod_seen(&[&web, &orders]);
 }
 
+/// Pod shop/victim (victim-role), then pod tools/attacker (attacker-role), both known to the
+/// agent.
+fn victim_and_attacker<'n>(world: &World, node: &'n TestNode) -> (Pod<'n>, Pod<'n>) {
+    let [victim, attacker] = [
+        ("victim", "shop", "victim-role"),
+        ("attacker", "tools", "attacker-role"),
+    ]
+    .map(|(name, namespace, role)| {
+        world.add_known_pod(node, name, namespace, name, &[(ROLE_KEY, role)])
+    });
+    (victim, attacker)
+}
+
 #[test]
 fn a_pod_that_takes_another_pods_address_gets_nothing() {
     let node = TestNode::new();
     let world = World::start(&node, &[]);
-    let victim = node.add_pod("victim");
-    let attacker = node.add_pod("attacker");
-    world.add_pod(&victim, "shop", "victim", &[(ROLE_KEY, "victim-role")]);
-    world.add_pod(
-        &attacker,
-        "tools",
-        "attacker",
-        &[(ROLE_KEY, "attacker-role")],
-    );
-    world.wait_known(&node, &victim);
-    world.wait_known(&node, &attacker);
+    let (victim, attacker) = victim_and_attacker(&world, &node);
     let victim_key = served(&world, "victim", pod_credentials(&victim));
 
     // The attacker's process stays in its own cgroup and sends from the victim's address: the
@@ -143,9 +146,7 @@ fn a_pod_that_takes_another_pods_address_gets_nothing() {
 fn a_new_pod_on_a_finished_pods_address_never_gets_its_role_across_a_restart_with_the_api_down() {
     let node = TestNode::new();
     let mut world = World::start(&node, &[]);
-    let pod = node.add_pod("a");
-    world.add_pod(&pod, "shop", "old", &[(ROLE_KEY, "secret-role")]);
-    world.wait_known(&node, &pod);
+    let pod = world.add_known_pod(&node, "a", "shop", "old", &[(ROLE_KEY, "secret-role")]);
     let secret = served(&world, "old pod", pod_credentials(&pod));
 
     // While the agent is down the old pod finishes and a new pod (no role) gets its address;
@@ -214,9 +215,7 @@ fn pods_tied_on_creation_time_each_get_their_own_role() {
 fn connections_that_bypass_the_redirect_are_refused_on_every_route() {
     let node = TestNode::new();
     let world = World::start(&node, &[]);
-    let pod = node.add_pod("a");
-    world.add_pod(&pod, "shop", "web", &[(ROLE_KEY, "web-role")]);
-    world.wait_known(&node, &pod);
+    let pod = world.add_known_pod(&node, "a", "shop", "web", &[(ROLE_KEY, "web-role")]);
     let agent = format!("http://{HOST_IP4}:{AGENT_PORT}");
     let token_headers = [("x-aws-ec2-metadata-token-ttl-seconds", "60")];
     let from_pod = || pod.command("curl");
@@ -403,17 +402,7 @@ fn on_a_bridge_a_pod_that_takes_its_neighbours_address_over_af_packet_gets_nothi
         .chain(["--identity-attestation", "off"])
         .collect();
     let mut world = World::start(&node, &off);
-    let victim = node.add_pod("victim");
-    let attacker = node.add_pod("attacker");
-    world.add_pod(&victim, "shop", "victim", &[(ROLE_KEY, "victim-role")]);
-    world.add_pod(
-        &attacker,
-        "tools",
-        "attacker",
-        &[(ROLE_KEY, "attacker-role")],
-    );
-    world.wait_known(&node, &victim);
-    world.wait_known(&node, &attacker);
+    let (victim, attacker) = victim_and_attacker(&world, &node);
     assert_eq!(
         victim.gateway4(),
         attacker.gateway4(),

@@ -16,6 +16,13 @@ use kube2iam_tests::{
 };
 
 const CLUSTER_ARN: &str = "arn:aws:eks:us-west-2:123456789012:cluster/k2i-test";
+/// The agent's flags for EKS Pod Identity's session tags and source identity.
+const POD_IDENTITY_FLAGS: [&str; 4] = [
+    "--session-tags",
+    "--cluster-arn",
+    CLUSTER_ARN,
+    "--source-identity",
+];
 /// The keys of the EKS User Guide's list of session tags EKS Pod Identity adds, in the order
 /// the agent sends them.
 const EKS_TAG_KEYS: [&str; 6] = [
@@ -82,15 +89,7 @@ fn listing_becomes(
 #[test]
 fn session_tags_reach_sts_spelled_as_eks_pod_identity_with_one_session_per_pod() {
     let node = TestNode::new();
-    let world = World::start(
-        &node,
-        &[
-            "--session-tags",
-            "--cluster-arn",
-            CLUSTER_ARN,
-            "--source-identity",
-        ],
-    );
+    let world = World::start(&node, &POD_IDENTITY_FLAGS);
     world
         .api
         .add_service_account(service_account("shop", "billing"));
@@ -259,21 +258,11 @@ fn service_account_tags_share_one_session_per_account_and_role() {
 #[test]
 fn a_trust_policy_without_tag_session_or_set_source_identity_is_a_refusal_naming_it() {
     let node = TestNode::new();
-    let world = World::start(
-        &node,
-        &[
-            "--session-tags",
-            "--cluster-arn",
-            CLUSTER_ARN,
-            "--source-identity",
-        ],
-    );
+    let world = World::start(&node, &POD_IDENTITY_FLAGS);
     world
         .sts
         .set_mode(FaultMode::TrustPolicyLacks("sts:TagSession"));
-    let pod = node.add_pod("a");
-    world.add_pod(&pod, "shop", "web", &[(ROLE_KEY, "web-role")]);
-    world.wait_known(&node, &pod);
+    let pod = world.add_known_pod(&node, "a", "shop", "web", &[(ROLE_KEY, "web-role")]);
 
     let (status, body) = pod_get(&pod, &format!("{CREDS}web-role"), &[]);
     assert_eq!(status, 403, "{body}");

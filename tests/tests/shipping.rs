@@ -18,9 +18,7 @@ use serde_json::Value;
 fn metrics_pass_promtool_and_count_requests_sts_calls_and_redirects_without_pod_labels() {
     let node = TestNode::new();
     let world = World::start(&node, &[]);
-    let pod = node.add_pod("a");
-    world.add_pod(&pod, "default", "web", &[(ROLE_KEY, "web-role")]);
-    world.wait_known(&node, &pod);
+    let pod = world.add_known_pod(&node, "a", "default", "web", &[(ROLE_KEY, "web-role")]);
 
     let before = scrape(&world, &node);
     promtool_check(&before.text);
@@ -406,12 +404,8 @@ fn readyz_follows_the_watch_and_the_upstream_metadata_service_while_healthz_stay
 fn inspect_prints_the_pinned_identity_map_and_counters_while_running_and_after_exit() {
     let node = TestNode::new();
     let mut world = World::start(&node, &[]);
-    let web = node.add_pod("a");
-    let plain = node.add_pod("b");
-    world.add_pod(&web, "default", "web", &[(ROLE_KEY, "web-role")]);
-    world.add_pod(&plain, "default", "plain", &[]);
-    world.wait_known(&node, &web);
-    world.wait_known(&node, &plain);
+    let web = world.add_known_pod(&node, "a", "default", "web", &[(ROLE_KEY, "web-role")]);
+    let plain = world.add_known_pod(&node, "b", "default", "plain", &[]);
     let got = world.creds(&web);
     let pin_path = world.agent.pin_path().to_owned();
     let web_uid = uid_of(&world, "default", "web");
