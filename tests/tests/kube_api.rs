@@ -32,6 +32,7 @@ use kube2iam_tests::{
     process::output_within,
     unique_id, venv,
 };
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 fn ip(last: u8) -> Ipv4Addr {
@@ -574,12 +575,27 @@ fn name_of(pod: &K8sPod) -> String {
     pod.metadata.name.clone().unwrap_or_default()
 }
 
-/// Runs a kube-rs watcher (with the default backoff, as the agent does) on its own runtime and
-/// reports what it sees.
-fn spawn_kube_watcher(
+/// `namespace/name` of a ServiceAccount's metadata.
+fn account_key(m: &PartialObjectMeta<ServiceAccount>) -> String {
+    format!(
+        "{}/{}",
+        m.metadata.namespace.as_deref().unwrap_or(""),
+        m.metadata.name.as_deref().unwrap_or("")
+    )
+}
+
+/// Runs a kube-rs watcher of every `K` (with the default backoff, as the agent does) on its own
+/// runtime and reports what it sees: objects by `key`, with the value of their `annotation`.
+fn spawn_kube_watcher<K>(
     api: &KubeApi,
     config: watcher::Config,
-) -> (mpsc::Receiver<Seen>, tokio::runtime::Runtime) {
+    key: fn(&K) -> String,
+    annotation: &'static str,
+) -> (mpsc::Receiver<Seen>, tokio::runtime::Runtime)
+where
+    K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+    K::DynamicType: Default,
+{
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -591,8 +607,8 @@ fn spawn_kube_watcher(
     };
     let (tx, rx) = mpsc::channel();
     runtime.spawn(async move {
-        let pods: kube::Api<K8sPod> = kube::Api::all(client);
-        let mut stream = watcher(pods, config).default_backoff().boxed();
+        let objects: kube::Api<K> = kube::Api::all(client);
+        let mut stream = watcher(objects, config).default_backoff().boxed();
         let mut init = BTreeSet::new();
         while let Some(event) = stream.next().await {
             let seen = match event {
@@ -600,20 +616,20 @@ fn spawn_kube_watcher(
                     init.clear();
                     continue;
                 }
-                Ok(watcher::Event::InitApply(pod)) => {
-                    init.insert(name_of(&pod));
+                Ok(watcher::Event::InitApply(object)) => {
+                    init.insert(key(&object));
                     continue;
                 }
                 Ok(watcher::Event::InitDone) => Seen::InitDone(init.clone()),
-                Ok(watcher::Event::Apply(pod)) => {
-                    let role = pod
-                        .metadata
+                Ok(watcher::Event::Apply(object)) => {
+                    let value = object
+                        .meta()
                         .annotations
                         .as_ref()
-                        .and_then(|a| a.get(ROLE_KEY).cloned());
-                    Seen::Apply(name_of(&pod), role)
+                        .and_then(|a| a.get(annotation).cloned());
+                    Seen::Apply(key(&object), value)
                 }
-                Ok(watcher::Event::Delete(pod)) => Seen::Delete(name_of(&pod)),
+                Ok(watcher::Event::Delete(object)) => Seen::Delete(key(&object)),
                 Err(e) => Seen::Error(e.to_string()),
             };
             if tx.send(seen).is_err() {
@@ -645,7 +661,7 @@ fn kube_rs_scenario(streaming: bool) {
     if streaming {
         config = config.streaming_lists();
     }
-    let (rx, runtime) = spawn_kube_watcher(&api, config);
+    let (rx, runtime) = spawn_kube_watcher(&api, config, name_of, ROLE_KEY);
     let mut errors = Vec::new();
     // Initial lists: list requests, or (streaming) watches that ask for the initial events.
     let initial = |api: &KubeApi| {
@@ -969,16 +985,16 @@ fn debian_kubectl_lists_and_watches() {
     kubectl_lists_and_watches(&kubectl);
 }
 
-/// Another kubectl found on PATH (a newer one, on machines that have it): the same checks.
-#[test]
-fn path_kubectl_lists_and_watches_if_present() {
+/// The kubectl on PATH and its `version --client` output, if there is one and it runs; else
+/// `None`, having said why (Debian's kubectl is covered by `covered`).
+fn path_kubectl(covered: &str) -> Option<(PathBuf, std::process::Output)> {
     let Some(found) = std::env::var_os("PATH").and_then(|path| {
         std::env::split_paths(&path)
             .map(|dir| dir.join("kubectl"))
             .find(|candidate| candidate.is_file())
     }) else {
-        eprintln!("no kubectl on PATH; Debian's is covered by debian_kubectl_lists_and_watches");
-        return;
+        eprintln!("no kubectl on PATH; Debian's is covered by {covered}");
+        return None;
     };
     let version = output_within(
         Command::new(&found).args(["version", "--client"]),
@@ -987,8 +1003,17 @@ fn path_kubectl_lists_and_watches_if_present() {
     );
     if !version.status.success() {
         eprintln!("{} does not run; skipping it", found.display());
-        return;
+        return None;
     }
+    Some((found, version))
+}
+
+/// Another kubectl found on PATH (a newer one, on machines that have it): the same checks.
+#[test]
+fn path_kubectl_lists_and_watches_if_present() {
+    let Some((found, version)) = path_kubectl("debian_kubectl_lists_and_watches") else {
+        return;
+    };
     eprintln!(
         "checking {}: {}",
         found.display(),
@@ -1307,56 +1332,7 @@ fn service_accounts_have_the_api_server_shape_in_full_and_metadata_only() {
 #[test]
 fn kube_rs_metadata_watcher_follows_service_account_annotations() {
     let api = with_accounts();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let client = {
-        let _guard = runtime.enter();
-        kube_client(&api)
-    };
-    let (tx, rx) = mpsc::channel::<Seen>();
-    runtime.spawn(async move {
-        let accounts: kube::Api<PartialObjectMeta<ServiceAccount>> = kube::Api::all(client);
-        let mut stream = watcher(accounts, watcher::Config::default())
-            .default_backoff()
-            .boxed();
-        let mut init = BTreeSet::new();
-        while let Some(event) = stream.next().await {
-            let key = |m: &PartialObjectMeta<ServiceAccount>| {
-                format!(
-                    "{}/{}",
-                    m.metadata.namespace.as_deref().unwrap_or(""),
-                    m.metadata.name.as_deref().unwrap_or("")
-                )
-            };
-            let seen = match event {
-                Ok(watcher::Event::Init) => {
-                    init.clear();
-                    continue;
-                }
-                Ok(watcher::Event::InitApply(m)) => {
-                    init.insert(key(&m));
-                    continue;
-                }
-                Ok(watcher::Event::InitDone) => Seen::InitDone(init.clone()),
-                Ok(watcher::Event::Apply(m)) => {
-                    let role = m
-                        .metadata
-                        .annotations
-                        .as_ref()
-                        .and_then(|a| a.get(IRSA_KEY).cloned());
-                    Seen::Apply(key(&m), role)
-                }
-                Ok(watcher::Event::Delete(m)) => Seen::Delete(key(&m)),
-                Err(e) => Seen::Error(e.to_string()),
-            };
-            if tx.send(seen).is_err() {
-                break;
-            }
-        }
-    });
+    let (rx, runtime) = spawn_kube_watcher(&api, watcher::Config::default(), account_key, IRSA_KEY);
     let mut errors = Vec::new();
     match next_seen(&rx, &mut errors) {
         Seen::InitDone(names) => assert_eq!(
@@ -1477,22 +1453,8 @@ fn debian_kubectl_gets_annotates_and_deletes_service_accounts() {
 /// A newer kubectl on PATH, if the machine has one: the same checks.
 #[test]
 fn path_kubectl_serves_service_accounts_if_present() {
-    let Some(found) = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join("kubectl"))
-            .find(|candidate| candidate.is_file())
-    }) else {
-        eprintln!("no kubectl on PATH; Debian's is covered by the test above");
+    let Some((found, _)) = path_kubectl("the test above") else {
         return;
     };
-    let version = output_within(
-        Command::new(&found).args(["version", "--client"]),
-        Duration::from_secs(60),
-        "kubectl version",
-    );
-    if !version.status.success() {
-        eprintln!("{} does not run; skipping it", found.display());
-        return;
-    }
     kubectl_serves_service_accounts(&found);
 }
