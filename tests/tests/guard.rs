@@ -52,10 +52,10 @@ fn agent_with(node: &TestNode, guard: bool, extra: &[&str]) -> Agent {
     Agent::start_with(node, &options)
 }
 
-/// The cls_bpf filters named k2i_guard on the pod's host interface (netlink mode).
-fn netlink_filters(node: &TestNode, pod: &Pod<'_>) -> usize {
+/// `tc filter show` of the ingress filters on the pod's host interface.
+fn tc_filters(node: &TestNode, pod: &Pod<'_>) -> String {
     let output = output_within(
-        std::process::Command::new("tc").args([
+        Command::new("tc").args([
             "-n",
             node.netns_name(),
             "filter",
@@ -67,8 +67,13 @@ fn netlink_filters(node: &TestNode, pod: &Pod<'_>) -> usize {
         Duration::from_secs(10),
         "tc filter show",
     );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The cls_bpf filters named k2i_guard on the pod's host interface (netlink mode).
+fn netlink_filters(node: &TestNode, pod: &Pod<'_>) -> usize {
     // One line per filter: "filter protocol all pref 49000 bpf chain 0 handle 0x4b32 k2i_guard …".
-    String::from_utf8_lossy(&output.stdout)
+    tc_filters(node, pod)
         .lines()
         .filter(|l| l.contains("handle") && l.contains("k2i_guard"))
         .count()
@@ -381,21 +386,8 @@ fn tcx_order(node: &TestNode, pod: &Pod<'_>) -> Vec<String> {
 
 /// The tc filters on the pod's host interface, in the order they run: "<pref> <name>".
 fn filter_order(node: &TestNode, pod: &Pod<'_>) -> Vec<String> {
-    let output = output_within(
-        Command::new("tc").args([
-            "-n",
-            node.netns_name(),
-            "filter",
-            "show",
-            "dev",
-            &pod.host_interface(),
-            "ingress",
-        ]),
-        Duration::from_secs(10),
-        "tc filter show",
-    );
     // "filter protocol all pref 1 bpf chain 0 handle 0x4b33 k2i_guard direct-action …"
-    String::from_utf8_lossy(&output.stdout)
+    tc_filters(node, pod)
         .lines()
         .filter(|l| l.contains("handle"))
         .map(|l| {
