@@ -1057,10 +1057,11 @@ for event in w.stream(v1.list_pod_for_all_namespaces, field_selector="spec.nodeN
     if event["type"] == "DELETED":
         w.stop()
 out(phase="compact")
-sys.stdin.readline()
 
-# With timeout_seconds the client does not retry; without, it retries a 410 once.
+# With timeout_seconds the client does not retry; without, it retries a 410 once. Each starts
+# when the test says so, after it has counted the watches of the one before.
 for kwargs in ({"timeout_seconds": 5}, {}):
+    sys.stdin.readline()
     try:
         for event in watch.Watch().stream(v1.list_pod_for_all_namespaces,
                                           resource_version=pods.metadata.resource_version,
@@ -1141,10 +1142,10 @@ fn python_kubernetes_client_lists_watches_and_gets_410() {
 
     api.compact();
     let mut watches = api.watch_count(Resource::Pods);
-    writeln!(stdin, "go").unwrap();
     // An in-stream 410 ERROR event becomes ApiException(410): at once for a watch with
     // timeout_seconds, after one retry with the same resourceVersion for one without.
     for retries in [0, 1] {
+        writeln!(stdin, "go").unwrap();
         let e = next();
         assert_eq!(e["exception"], 410, "{e}");
         assert!(
