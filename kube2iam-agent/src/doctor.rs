@@ -11,7 +11,7 @@
 //! check failed; warnings name what is missing but optional.
 
 pub mod guard;
-pub mod raw;
+pub mod insns;
 
 use std::{
     ffi::CString,
@@ -30,7 +30,7 @@ use aya::{
 };
 use kube2iam_common::{DEFAULT_IDENTITY_CAPACITY, FLAG_ENABLED, maps, port_from_repr, programs};
 
-use self::raw::Hook;
+use self::insns::Hook;
 use crate::bpf::{
     self, EBPF_OBJECT, KernelVersion,
     host::{self, OWN_CGROUP2_MOUNT},
@@ -414,8 +414,8 @@ pub fn memlock_check(kernel: KernelVersion, limit: Option<u64>) -> Check {
 /// Who else is attached at one hook of the target cgroup, and whether they leave room for us.
 pub fn others_check(
     hook: Hook,
-    own: &raw::Query,
-    effective: &raw::Query,
+    own: &sys::Query,
+    effective: &sys::Query,
     ours: &[u32],
     names: &dyn Fn(u32) -> Option<String>,
 ) -> Check {
@@ -436,8 +436,8 @@ pub fn others_check(
         .copied()
         .filter(|id| !ours.contains(id))
         .collect();
-    if !foreign_own.is_empty() && own.attach_flags & raw::BPF_F_ALLOW_MULTI == 0 {
-        let how = if own.attach_flags & raw::BPF_F_ALLOW_OVERRIDE != 0 {
+    if !foreign_own.is_empty() && own.attach_flags & sys::BPF_F_ALLOW_MULTI == 0 {
+        let how = if own.attach_flags & sys::BPF_F_ALLOW_OVERRIDE != 0 {
             "BPF_F_ALLOW_OVERRIDE"
         } else {
             "no flags (exclusive)"
@@ -474,6 +474,13 @@ pub fn others_check(
     )
 }
 
+/// The name of the program with id `id`. Opening a program by id needs CAP_SYS_ADMIN.
+fn prog_name(id: u32) -> Option<String> {
+    sys::prog_fd_by_id(id)
+        .and_then(|fd| sys::prog_name(fd.as_fd()))
+        .ok()
+}
+
 /// The first line of an error text and its last non-empty line (a verifier log's verdict),
 /// shortened.
 pub fn summarize_error(text: &str) -> String {
@@ -507,10 +514,10 @@ pub fn run(options: &Options) -> Report {
     checks.push(memlock_check(kernel, memlock_limit()));
     checks.push(btf_check());
 
-    for hook in [Hook::Connect4, Hook::Connect6] {
+    for hook in [Hook::CONNECT4, Hook::CONNECT6] {
         checks.push(hook_check(hook, true));
     }
-    for hook in [Hook::GetPeerName4, Hook::GetPeerName6] {
+    for hook in [Hook::GETPEERNAME4, Hook::GETPEERNAME6] {
         checks.push(hook_check(hook, false));
     }
     checks.push(netns_helper_check());
@@ -609,7 +616,7 @@ fn btf_check() -> Check {
 
 fn hook_check(hook: Hook, required: bool) -> Check {
     let name = format!("hook {}", hook.name());
-    match raw::load_sock_addr(&raw::allow_all(), hook, "k2i_doctor") {
+    match sys::load_sock_addr(&insns::allow_all(), hook.attach_type(), "k2i_doctor") {
         Ok(_prog) => Check::ok(name, "a cgroup/sock_addr program loads"),
         Err(e) => {
             let why = load_failure(&e.error);
@@ -644,7 +651,11 @@ fn load_failure(error: &io::Error) -> &'static str {
 
 fn netns_helper_check() -> Check {
     const NAME: &str = "netns cookie helper";
-    match raw::load_sock_addr(&raw::netns_cookie_call(), Hook::Connect4, "k2i_doctor") {
+    match sys::load_sock_addr(
+        &insns::netns_cookie_call(),
+        Hook::CONNECT4.attach_type(),
+        "k2i_doctor",
+    ) {
         Ok(_prog) => Check::ok(
             NAME,
             "bpf_get_netns_cookie is available to sock_addr programs",
@@ -729,12 +740,12 @@ fn cgroup_checks(target: &Path, shown: &Path, ours: &[u32], needs_child: bool) -
     checks.extend(link_checks(target, needs_child));
     match fs::File::open(target) {
         Ok(cgroup) => {
-            for hook in [Hook::Connect4, Hook::Connect6] {
-                let own = raw::prog_query(cgroup.as_fd(), hook, false);
-                let effective = raw::prog_query(cgroup.as_fd(), hook, true);
+            for hook in [Hook::CONNECT4, Hook::CONNECT6] {
+                let own = sys::prog_query(cgroup.as_fd(), hook.attach_type(), false);
+                let effective = sys::prog_query(cgroup.as_fd(), hook.attach_type(), true);
                 checks.push(match (own, effective) {
                     (Ok(own), Ok(effective)) => {
-                        others_check(hook, &own, &effective, ours, &|id| raw::prog_name(id).ok())
+                        others_check(hook, &own, &effective, ours, &prog_name)
                     }
                     (Err(e), _) | (_, Err(e)) => Check::warn(
                         format!("others at {}", hook.name()),
@@ -817,7 +828,11 @@ fn link_checks(target: &Path, needs_child: bool) -> Vec<Check> {
         return vec![link_support_check(NAME, &why)];
     }
     let guard = TempCgroup(dir);
-    let prog = match raw::load_sock_addr(&raw::allow_all(), Hook::Connect4, "k2i_doctor") {
+    let prog = match sys::load_sock_addr(
+        &insns::allow_all(),
+        Hook::CONNECT4.attach_type(),
+        "k2i_doctor",
+    ) {
         Ok(prog) => prog,
         Err(e) => {
             return vec![Check::fail(
@@ -828,7 +843,7 @@ fn link_checks(target: &Path, needs_child: bool) -> Vec<Check> {
         }
     };
     let result = fs::File::open(&guard.0).and_then(|cgroup| {
-        let link = raw::link_create(prog.as_fd(), cgroup.as_fd(), Hook::Connect4)?;
+        let link = sys::link_create(prog.as_fd(), cgroup.as_fd(), Hook::CONNECT4.attach_type())?;
         sys::link_info(link.as_fd())
     });
     let link = match result {
@@ -866,7 +881,11 @@ fn link_checks(target: &Path, needs_child: bool) -> Vec<Check> {
 /// Without a child cgroup to probe on: is BPF_LINK_CREATE at least known to the kernel? A bad
 /// target descriptor gets EBADF where it is, EINVAL where it is not.
 fn link_support_check(name: &str, why: &str) -> Check {
-    let prog = match raw::load_sock_addr(&raw::allow_all(), Hook::Connect4, "k2i_doctor") {
+    let prog = match sys::load_sock_addr(
+        &insns::allow_all(),
+        Hook::CONNECT4.attach_type(),
+        "k2i_doctor",
+    ) {
         Ok(prog) => prog,
         Err(e) => {
             return Check::fail(
@@ -876,7 +895,7 @@ fn link_support_check(name: &str, why: &str) -> Check {
             );
         }
     };
-    match raw::link_create_probe(prog.as_fd(), Hook::Connect4) {
+    match sys::link_create_probe(prog.as_fd(), Hook::CONNECT4.attach_type()) {
         Err(e) if e.raw_os_error() == Some(libc::EBADF) => Check::ok(
             name,
             format!("BPF_LINK_CREATE is known to the kernel ({why}; not needed on this kernel)"),
@@ -899,12 +918,16 @@ fn link_support_check(name: &str, why: &str) -> Check {
 /// 5.14 stop matching sockets to cgroup2 descendants once net_cls or net_prio (cgroup v1) is
 /// used; programs at the root still run then, but the agent's netns probe does not.
 fn matching_check(name: &str, cgroup: &Path, needs_child: bool) -> Check {
-    let prog = match raw::load_sock_addr(&raw::deny_all(), Hook::Connect4, "k2i_doctor") {
+    let prog = match sys::load_sock_addr(
+        &insns::deny_all(),
+        Hook::CONNECT4.attach_type(),
+        "k2i_doctor",
+    ) {
         Ok(prog) => prog,
         Err(e) => return Check::fail(name, format!("cannot load: {e}"), load_failure(&e.error)),
     };
     let link = fs::File::open(cgroup)
-        .and_then(|dir| raw::link_create(prog.as_fd(), dir.as_fd(), Hook::Connect4));
+        .and_then(|dir| sys::link_create(prog.as_fd(), dir.as_fd(), Hook::CONNECT4.attach_type()));
     let _link = match link {
         Ok(link) => link,
         Err(e) => return Check::warn(name, format!("cannot attach the probe: {e}"), ""),
@@ -1301,7 +1324,7 @@ fn pinned_state_check(pin_dir: &Path, target: Option<&Path>, tags: &[(String, St
         if target_id.is_some_and(|id| id != info.cgroup_id) {
             elsewhere.push(format!("{name} on cgroup id {}", info.cgroup_id));
         }
-        let pinned_tag = raw::fdinfo_field(link.as_fd(), "prog_tag").ok().flatten();
+        let pinned_tag = sys::fdinfo_field(link.as_fd(), "prog_tag").ok().flatten();
         let embedded = tags.iter().find(|(n, _)| n == name).map(|(_, t)| t);
         if let (Some(pinned), Some(embedded)) = (pinned_tag, embedded)
             && &pinned != embedded
@@ -1521,8 +1544,8 @@ mod tests {
         assert!(low.fix.contains("CAP_SYS_RESOURCE"), "{low:?}");
     }
 
-    fn query(ids: &[u32], flags: u32) -> raw::Query {
-        raw::Query {
+    fn query(ids: &[u32], flags: u32) -> sys::Query {
+        sys::Query {
             prog_ids: ids.to_vec(),
             attach_flags: flags,
         }
@@ -1531,9 +1554,9 @@ mod tests {
     #[test]
     fn others_row() {
         let none = |_| None;
-        let multi = raw::BPF_F_ALLOW_MULTI;
+        let multi = sys::BPF_F_ALLOW_MULTI;
         let alone = others_check(
-            Hook::Connect4,
+            Hook::CONNECT4,
             &query(&[7], multi),
             &query(&[7], 0),
             &[7],
@@ -1546,7 +1569,7 @@ mod tests {
 
         let named = |id| (id == 9).then(|| "cil_sock4_connect".to_owned());
         let beside = others_check(
-            Hook::Connect4,
+            Hook::CONNECT4,
             &query(&[7, 9], multi),
             &query(&[7, 9], 0),
             &[7],
@@ -1558,17 +1581,17 @@ mod tests {
             "{beside:?}"
         );
 
-        let inherited = others_check(Hook::Connect6, &query(&[], 0), &query(&[3], 0), &[], &none);
+        let inherited = others_check(Hook::CONNECT6, &query(&[], 0), &query(&[3], 0), &[], &none);
         assert_eq!(inherited.status, Status::Warn);
         assert!(inherited.result.contains("id 3"));
         assert_eq!(inherited.name, "others at connect6");
 
-        let exclusive = others_check(Hook::Connect4, &query(&[9], 0), &query(&[9], 0), &[], &none);
+        let exclusive = others_check(Hook::CONNECT4, &query(&[9], 0), &query(&[9], 0), &[], &none);
         assert_eq!(exclusive.status, Status::Fail);
         assert!(exclusive.result.contains("exclusive"), "{exclusive:?}");
         let overriding = others_check(
-            Hook::Connect4,
-            &query(&[9], raw::BPF_F_ALLOW_OVERRIDE),
+            Hook::CONNECT4,
+            &query(&[9], sys::BPF_F_ALLOW_OVERRIDE),
             &query(&[9], 0),
             &[],
             &none,

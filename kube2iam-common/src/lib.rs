@@ -6,6 +6,13 @@
 //! programs compare them without conversions.
 #![no_std]
 
+#[cfg(feature = "user")]
+extern crate std;
+
+#[cfg(feature = "user")]
+pub mod sys;
+pub mod uapi;
+
 /// Pinned map names. The kernel limits object names to 15 bytes.
 pub mod maps {
     /// Hash map, one entry under [`super::CONFIG_KEY`]: the [`super::Config`].

@@ -736,20 +736,9 @@ fn sync_netlink(
 /// A netlink socket (non-blocking) that becomes readable whenever a network interface appears,
 /// changes or goes, or a tc filter changes: the guard's cue to sync.
 pub fn link_events() -> io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd as _;
-    // SAFETY: plain socket(2); the fd is owned below.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd that nothing else owns.
-    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    use std::os::fd::AsRawFd as _;
+    let owned = kube2iam_common::sys::route_socket(libc::SOCK_NONBLOCK)?;
+    let fd = owned.as_raw_fd();
     // SAFETY: a zeroed sockaddr_nl is valid; we set family and groups.
     let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     addr.nl_family = libc::AF_NETLINK as u16;

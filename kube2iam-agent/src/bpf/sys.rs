@@ -1,130 +1,28 @@
-//! The few bpf(2) and socket calls aya 0.14 does not expose: link info with its cgroup, program
-//! tags by id, atomic link update, link detach, program queries, and the netns cookie sockopt.
+//! The agent's one typed layer over bpf(2), on the UAPI layouts of `kube2iam_common::uapi` and
+//! the calls `kube2iam_common::sys` shares with the test kit: what aya 0.14 does not expose (link
+//! info with its cgroup, program tags and names, atomic link update, link detach, program
+//! queries with their attach flags, the netns cookie sockopt) and the doctor's probes
+//! (hand-assembled sock_addr programs loaded and linked without aya, so a probe tests the
+//! kernel and not the loader).
 
 use std::{
     io,
-    mem::size_of,
-    os::{
-        fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
-        unix::ffi::OsStrExt as _,
-    },
-    path::Path,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
 };
 
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-const BPF_PROG_QUERY: libc::c_long = 16;
-const BPF_LINK_UPDATE: libc::c_long = 29;
-const BPF_LINK_DETACH: libc::c_long = 34;
+use kube2iam_common::{
+    sys::{self, bpf, bpf_fd},
+    uapi::{self, Insn},
+};
+pub use kube2iam_common::{
+    sys::{link_info, obj_get, prog_fd_by_id},
+    uapi::{
+        BPF_F_ALLOW_MULTI, BPF_F_ALLOW_OVERRIDE, BPF_LINK_TYPE_CGROUP, BPF_TCX_INGRESS, LinkInfo,
+    },
+};
 
-/// `BPF_F_REPLACE`: the link update only succeeds if the link still runs `old_prog_fd`.
-const BPF_F_REPLACE: u32 = 1 << 2;
 /// `SO_NETNS_COOKIE` (Linux 5.14).
 const SO_NETNS_COOKIE: libc::c_int = 71;
-/// `BPF_LINK_TYPE_CGROUP`.
-pub const BPF_LINK_TYPE_CGROUP: u32 = 3;
-
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
-    // SAFETY: `attr` is a #[repr(C)] prefix of `union bpf_attr` for `cmd`; the kernel reads at
-    // most `size_of::<T>()` bytes and zero-extends the rest.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut T as *mut libc::c_void,
-            size_of::<T>() as libc::c_uint,
-        )
-    };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct ObjGetAttr {
-    pathname: u64,
-    bpf_fd: u32,
-    file_flags: u32,
-}
-
-/// Opens a pinned object (map, program or link).
-pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    let mut attr = ObjGetAttr {
-        pathname: c.as_ptr() as u64,
-        ..Default::default()
-    };
-    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
-    // SAFETY: the kernel returned a new file descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct InfoByFdAttr {
-    bpf_fd: u32,
-    info_len: u32,
-    info: u64,
-}
-
-fn info_by_fd<T>(fd: BorrowedFd<'_>, info: &mut T) -> io::Result<()> {
-    let mut attr = InfoByFdAttr {
-        bpf_fd: fd.as_raw_fd() as u32,
-        info_len: size_of::<T>() as u32,
-        info: info as *mut T as u64,
-    };
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).map(drop)
-}
-
-/// The part of `struct bpf_link_info` we read (the cgroup arm of its union).
-#[repr(C)]
-#[derive(Default)]
-struct RawLinkInfo {
-    type_: u32,
-    id: u32,
-    prog_id: u32,
-    _pad: u32,
-    cgroup_id: u64,
-    attach_type: u32,
-    _pad2: u32,
-}
-
-/// What the kernel says about a link.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LinkInfo {
-    pub link_type: u32,
-    pub id: u32,
-    pub prog_id: u32,
-    /// For cgroup links: the cgroup's id (its inode number on cgroup2).
-    pub cgroup_id: u64,
-    pub attach_type: u32,
-}
-
-pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
-    let mut raw = RawLinkInfo::default();
-    info_by_fd(link, &mut raw)?;
-    Ok(LinkInfo {
-        link_type: raw.type_,
-        id: raw.id,
-        prog_id: raw.prog_id,
-        cgroup_id: raw.cgroup_id,
-        attach_type: raw.attach_type,
-    })
-}
-
-/// The head of `struct bpf_prog_info`: type, id and the 8-byte tag (a hash of the instructions).
-#[repr(C)]
-#[derive(Default)]
-struct RawProgInfo {
-    type_: u32,
-    id: u32,
-    tag: [u8; 8],
-}
 
 /// The tag of the program behind a link, from the link's fdinfo: unlike opening the program
 /// by id, this needs no CAP_SYS_ADMIN.
@@ -151,37 +49,7 @@ pub fn link_prog_tag(link: BorrowedFd<'_>) -> io::Result<[u8; 8]> {
 
 /// The tag of a program given by fd.
 pub fn prog_tag(prog: BorrowedFd<'_>) -> io::Result<[u8; 8]> {
-    let mut raw = RawProgInfo::default();
-    info_by_fd(prog, &mut raw)?;
-    Ok(raw.tag)
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct GetFdByIdAttr {
-    id: u32,
-    next_id: u32,
-    open_flags: u32,
-}
-
-/// Opens a program by id.
-pub fn prog_fd_by_id(id: u32) -> io::Result<OwnedFd> {
-    let mut attr = GetFdByIdAttr {
-        id,
-        ..Default::default()
-    };
-    let fd = bpf(BPF_PROG_GET_FD_BY_ID, &mut attr)?;
-    // SAFETY: the kernel returned a new file descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct LinkUpdateAttr {
-    link_fd: u32,
-    new_prog_fd: u32,
-    flags: u32,
-    old_prog_fd: u32,
+    sys::prog_info(prog).map(|info| info.tag)
 }
 
 /// Atomically swaps the program behind `link` to `new`: the hook never runs without a program.
@@ -192,54 +60,58 @@ pub fn link_update(
     new: BorrowedFd<'_>,
     old: Option<BorrowedFd<'_>>,
 ) -> io::Result<()> {
-    let mut attr = LinkUpdateAttr {
+    let mut attr = uapi::LinkUpdateAttr {
         link_fd: link.as_raw_fd() as u32,
         new_prog_fd: new.as_raw_fd() as u32,
-        flags: if old.is_some() { BPF_F_REPLACE } else { 0 },
+        flags: if old.is_some() {
+            uapi::BPF_F_REPLACE
+        } else {
+            0
+        },
         old_prog_fd: old.map_or(0, |o| o.as_raw_fd() as u32),
     };
-    bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct LinkDetachAttr {
-    link_fd: u32,
+    // SAFETY: BPF_LINK_UPDATE's member; no pointers.
+    unsafe { bpf(uapi::BPF_LINK_UPDATE, &mut attr) }.map(drop)
 }
 
 /// Detaches a link even while other holders keep it open (Linux 5.9).
 pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
-    let mut attr = LinkDetachAttr {
+    let mut attr = uapi::LinkDetachAttr {
         link_fd: link.as_raw_fd() as u32,
     };
-    bpf(BPF_LINK_DETACH, &mut attr).map(drop)
+    // SAFETY: BPF_LINK_DETACH's member; no pointers.
+    unsafe { bpf(uapi::BPF_LINK_DETACH, &mut attr) }.map(drop)
 }
 
-#[repr(C)]
-#[derive(Default)]
-struct ProgQueryAttr {
-    target_fd: u32,
-    attach_type: u32,
-    query_flags: u32,
-    attach_flags: u32,
-    prog_ids: u64,
-    prog_cnt: u32,
-    _pad: u32,
+/// What BPF_PROG_QUERY reports for one hook of a cgroup.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Query {
+    pub prog_ids: Vec<u32>,
+    /// The flags the programs were attached with on this cgroup (0 = exclusive).
+    pub attach_flags: u32,
 }
 
-/// The ids of the programs attached to a cgroup at one hook (effective or not).
-pub fn prog_query(cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<Vec<u32>> {
+/// The programs attached to a cgroup at one hook; `effective` includes the programs inherited
+/// from ancestors.
+pub fn prog_query(cgroup: BorrowedFd<'_>, attach_type: u32, effective: bool) -> io::Result<Query> {
     let mut ids = vec![0u32; 64];
-    let mut attr = ProgQueryAttr {
-        target_fd: cgroup.as_raw_fd() as u32,
-        attach_type,
-        prog_ids: ids.as_mut_ptr() as u64,
-        prog_cnt: ids.len() as u32,
-        ..Default::default()
+    let flags = if effective {
+        uapi::BPF_F_QUERY_EFFECTIVE
+    } else {
+        0
     };
-    bpf(BPF_PROG_QUERY, &mut attr)?;
-    ids.truncate(attr.prog_cnt as usize);
-    Ok(ids)
+    let attr = sys::prog_query(
+        cgroup.as_raw_fd() as u32,
+        attach_type,
+        flags,
+        &mut ids,
+        None,
+    )?;
+    ids.truncate((attr.count as usize).min(64));
+    Ok(Query {
+        prog_ids: ids,
+        attach_flags: attr.attach_flags,
+    })
 }
 
 /// The cookie of the network namespace a socket lives in (Linux 5.14).
@@ -278,41 +150,13 @@ pub fn fdinfo_value(text: &str, field: &str) -> Option<String> {
     })
 }
 
-/// `BPF_TCX_INGRESS` (Linux 6.6).
-pub const BPF_TCX_INGRESS: u32 = 46;
-
-/// `union bpf_attr` for BPF_PROG_QUERY with the multi-program fields (Linux 6.6).
-#[repr(C)]
-#[derive(Default)]
-struct MprogQueryAttr {
-    target_ifindex: u32,
-    attach_type: u32,
-    query_flags: u32,
-    attach_flags: u32,
-    prog_ids: u64,
-    count: u32,
-    _pad: u32,
-    prog_attach_flags: u64,
-    link_ids: u64,
-    link_attach_flags: u64,
-    revision: u64,
-}
-
 /// The programs attached with TCX to a hook of interface `ifindex`, in the order they run:
 /// (program id, link id, which is 0 for a program attached without a link). Fails with EINVAL
 /// on kernels without TCX.
 pub fn tcx_query(ifindex: u32, attach_type: u32) -> io::Result<Vec<(u32, u32)>> {
     let mut progs = vec![0u32; 64];
     let mut links = vec![0u32; 64];
-    let mut attr = MprogQueryAttr {
-        target_ifindex: ifindex,
-        attach_type,
-        prog_ids: progs.as_mut_ptr() as u64,
-        count: progs.len() as u32,
-        link_ids: links.as_mut_ptr() as u64,
-        ..Default::default()
-    };
-    bpf(BPF_PROG_QUERY, &mut attr)?;
+    let attr = sys::prog_query(ifindex, attach_type, 0, &mut progs, Some(&mut links))?;
     let count = (attr.count as usize).min(progs.len());
     Ok(progs.into_iter().zip(links).take(count).collect::<Vec<_>>())
 }
@@ -325,22 +169,96 @@ pub fn tcx_link_ifindex(info: &LinkInfo) -> u32 {
     u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
 }
 
-/// `struct bpf_prog_info` up to its name.
-#[repr(C)]
-#[derive(Default)]
-struct RawProgInfoName {
-    head: [u32; 16],
-    name: [u8; 16],
-}
-
 /// The name a program was loaded with (at most 15 bytes).
 pub fn prog_name(prog: BorrowedFd<'_>) -> io::Result<String> {
-    let mut raw = RawProgInfoName::default();
-    info_by_fd(prog, &mut raw)?;
-    let end = raw
-        .name
-        .iter()
-        .position(|&b| b == 0)
-        .unwrap_or(raw.name.len());
-    Ok(String::from_utf8_lossy(&raw.name[..end]).into_owned())
+    let info = sys::prog_info(prog)?;
+    Ok(String::from_utf8_lossy(info.name()).into_owned())
+}
+
+/// A failed program load: the errno and the verifier's last lines.
+#[derive(Debug)]
+pub struct LoadError {
+    pub error: io::Error,
+    pub log: String,
+}
+
+impl std::fmt::Display for LoadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.error)?;
+        let last = self.log.lines().rev().find(|l| !l.trim().is_empty());
+        if let Some(line) = last {
+            write!(f, " (verifier: {})", line.trim())?;
+        }
+        Ok(())
+    }
+}
+
+/// BPF_PROG_LOAD of hand-assembled `insns` as a `BPF_PROG_TYPE_CGROUP_SOCK_ADDR` program for
+/// `attach_type` (license GPL), with the verifier's log on failure.
+pub fn load_sock_addr(insns: &[Insn], attach_type: u32, name: &str) -> Result<OwnedFd, LoadError> {
+    let license = c"GPL";
+    let mut log = vec![0u8; 16 * 1024];
+    let mut attr = uapi::ProgLoadAttr {
+        prog_type: uapi::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 1,
+        log_size: log.len() as u32,
+        log_buf: log.as_mut_ptr() as u64,
+        expected_attach_type: attach_type,
+        ..Default::default()
+    };
+    attr.set_name(name);
+    // SAFETY: BPF_PROG_LOAD's member; `insns` holds `insn_cnt` instructions, `license` is a C
+    // string and `log_buf` has room for `log_size` bytes, all alive for the call.
+    unsafe { bpf_fd(uapi::BPF_PROG_LOAD, &mut attr) }.map_err(|error| {
+        let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+        LoadError {
+            error,
+            log: String::from_utf8_lossy(&log[..end]).into_owned(),
+        }
+    })
+}
+
+/// BPF_LINK_CREATE of `prog` on the cgroup `cgroup` at `attach_type`.
+pub fn link_create(
+    prog: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
+    sys::link_create(prog, cgroup.as_raw_fd() as u32, attach_type, 0)
+}
+
+/// BPF_LINK_CREATE with target fd -1: EBADF where the kernel knows the command, EINVAL where it
+/// does not. Attaches nothing.
+pub fn link_create_probe(prog: BorrowedFd<'_>, attach_type: u32) -> io::Result<OwnedFd> {
+    sys::link_create(prog, u32::MAX, attach_type, 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_fdinfo_fields() {
+        let text = "pos:\t0\nflags:\t02000000\nlink_type:\tcgroup\nlink_id:\t7\n\
+                    prog_tag:\t1a2b3c4d5e6f7a8b\nprog_id:\t42\n";
+        assert_eq!(
+            fdinfo_value(text, "prog_tag").as_deref(),
+            Some("1a2b3c4d5e6f7a8b")
+        );
+        assert_eq!(fdinfo_value(text, "prog_id").as_deref(), Some("42"));
+        assert_eq!(fdinfo_value(text, "missing"), None);
+    }
+
+    #[test]
+    fn load_errors_show_the_last_verifier_line() {
+        let e = LoadError {
+            error: io::Error::from_raw_os_error(libc::EINVAL),
+            log: "0: R1=ctx\ninvalid func unknown#122\n\n".into(),
+        };
+        let text = e.to_string();
+        assert!(text.contains("invalid func unknown#122"), "{text}");
+    }
 }
