@@ -4,7 +4,7 @@
 
 use std::{os::fd::AsFd as _, path::Path};
 
-use super::Check;
+use super::report::Check;
 use crate::bpf::{
     egress,
     guard::{self, Coverage, InterfacePatterns, InterfaceStatus, Kind, Placement},
@@ -220,7 +220,7 @@ pub fn egress_check(pin_dir: &Path, enabled: bool) -> Check {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::doctor::Status;
+    use crate::doctor::report::Status;
 
     fn iface(name: &str, placement: Placement) -> InterfaceStatus {
         InterfaceStatus {
