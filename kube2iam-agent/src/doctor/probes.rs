@@ -235,7 +235,8 @@ fn link_checks(target: &Path, needs_child: bool) -> Vec<Check> {
             return vec![Check::fail(
                 NAME,
                 why,
-                "without SO_NETNS_COOKIE (Linux < 5.14) the agent creates a child cgroup for its                  netns probe: grant CAP_DAC_OVERRIDE (the cgroup2 root is mode 0555)",
+                "without SO_NETNS_COOKIE (Linux < 5.14) the agent creates a child cgroup for its \
+                 netns probe: grant CAP_DAC_OVERRIDE (the cgroup2 root is mode 0555)",
             )];
         }
         return vec![link_support_check(NAME, &why)];
