@@ -9,6 +9,7 @@
 #[cfg(feature = "user")]
 extern crate std;
 
+pub mod caps;
 #[cfg(feature = "user")]
 pub mod sys;
 pub mod uapi;

@@ -74,15 +74,8 @@ pub fn check_kernel() -> Result<KernelVersion> {
     Ok(version)
 }
 
-/// The capability numbers the privilege rule and `doctor` name (linux/capability.h).
-pub mod cap {
-    pub const DAC_OVERRIDE: u32 = 1;
-    pub const NET_ADMIN: u32 = 12;
-    pub const SYS_ADMIN: u32 = 21;
-    pub const SYS_RESOURCE: u32 = 24;
-    pub const PERFMON: u32 = 38;
-    pub const BPF: u32 = 39;
-}
+/// The capability numbers the privilege rule and `doctor` name.
+pub use kube2iam_common::caps as cap;
 
 /// The effective capability set of this process.
 pub fn effective_caps() -> Result<u64> {

@@ -9,71 +9,18 @@ use crate::bpf::{KernelVersion, host, sys};
 
 /// The capability numbers the checks name, and their names.
 pub mod cap {
-    pub use crate::bpf::host::cap::*;
+    pub use kube2iam_common::caps::*;
 
-    /// `CAP_*` names by number (Linux 5.9 has 41).
-    pub const NAMES: [&str; 41] = [
-        "CAP_CHOWN",
-        "CAP_DAC_OVERRIDE",
-        "CAP_DAC_READ_SEARCH",
-        "CAP_FOWNER",
-        "CAP_FSETID",
-        "CAP_KILL",
-        "CAP_SETGID",
-        "CAP_SETUID",
-        "CAP_SETPCAP",
-        "CAP_LINUX_IMMUTABLE",
-        "CAP_NET_BIND_SERVICE",
-        "CAP_NET_BROADCAST",
-        "CAP_NET_ADMIN",
-        "CAP_NET_RAW",
-        "CAP_IPC_LOCK",
-        "CAP_IPC_OWNER",
-        "CAP_SYS_MODULE",
-        "CAP_SYS_RAWIO",
-        "CAP_SYS_CHROOT",
-        "CAP_SYS_PTRACE",
-        "CAP_SYS_PACCT",
-        "CAP_SYS_ADMIN",
-        "CAP_SYS_BOOT",
-        "CAP_SYS_NICE",
-        "CAP_SYS_RESOURCE",
-        "CAP_SYS_TIME",
-        "CAP_SYS_TTY_CONFIG",
-        "CAP_MKNOD",
-        "CAP_LEASE",
-        "CAP_AUDIT_WRITE",
-        "CAP_AUDIT_CONTROL",
-        "CAP_SETFCAP",
-        "CAP_MAC_OVERRIDE",
-        "CAP_MAC_ADMIN",
-        "CAP_SYSLOG",
-        "CAP_WAKE_ALARM",
-        "CAP_BLOCK_SUSPEND",
-        "CAP_AUDIT_READ",
-        "CAP_PERFMON",
-        "CAP_BPF",
-        "CAP_CHECKPOINT_RESTORE",
-    ];
-
-    /// The name of capability `n`.
+    /// The name of capability `n` (`CAP_<n>` for one the table does not know).
     pub fn name(n: u32) -> String {
-        NAMES
-            .get(n as usize)
-            .map(|s| (*s).to_owned())
+        kube2iam_common::caps::name(n)
+            .map(str::to_owned)
             .unwrap_or_else(|| format!("CAP_{n}"))
     }
 
     /// The names of the capabilities in a `CapEff`-style mask.
     pub fn names(mask: u64) -> Vec<String> {
-        (0..64)
-            .filter(|n| mask & (1u64 << n) != 0)
-            .map(name)
-            .collect()
-    }
-
-    pub fn has(mask: u64, n: u32) -> bool {
-        mask & (1u64 << n) != 0
+        (0..64).filter(|n| has(mask, *n)).map(name).collect()
     }
 }
 

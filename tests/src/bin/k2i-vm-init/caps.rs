@@ -13,6 +13,7 @@
 
 use std::{net::IpAddr, path::Path, time::Duration};
 
+use kube2iam_common::caps;
 use kube2iam_tests::metadata_addr4;
 use serde_json::json;
 
@@ -23,63 +24,10 @@ use crate::{
     vmagent::{self, VmAgent},
 };
 
-/// Capability numbers and names (linux/capability.h).
-const NAMES: &[(u32, &str)] = &[
-    (0, "chown"),
-    (1, "dac_override"),
-    (2, "dac_read_search"),
-    (3, "fowner"),
-    (4, "fsetid"),
-    (5, "kill"),
-    (6, "setgid"),
-    (7, "setuid"),
-    (8, "setpcap"),
-    (9, "linux_immutable"),
-    (10, "net_bind_service"),
-    (11, "net_broadcast"),
-    (12, "net_admin"),
-    (13, "net_raw"),
-    (14, "ipc_lock"),
-    (15, "ipc_owner"),
-    (16, "sys_module"),
-    (17, "sys_rawio"),
-    (18, "sys_chroot"),
-    (19, "sys_ptrace"),
-    (20, "sys_pacct"),
-    (21, "sys_admin"),
-    (22, "sys_boot"),
-    (23, "sys_nice"),
-    (24, "sys_resource"),
-    (25, "sys_time"),
-    (26, "sys_tty_config"),
-    (27, "mknod"),
-    (28, "lease"),
-    (29, "audit_write"),
-    (30, "audit_control"),
-    (31, "setfcap"),
-    (32, "mac_override"),
-    (33, "mac_admin"),
-    (34, "syslog"),
-    (35, "wake_alarm"),
-    (36, "block_suspend"),
-    (37, "audit_read"),
-    (38, "perfmon"),
-    (39, "bpf"),
-    (40, "checkpoint_restore"),
-];
-
 fn name(cap: u32) -> String {
-    NAMES
-        .iter()
-        .find(|(n, _)| *n == cap)
-        .map(|(_, s)| format!("CAP_{}", s.to_uppercase()))
+    caps::name(cap)
+        .map(str::to_owned)
         .unwrap_or_else(|| format!("CAP_{cap}"))
-}
-
-fn number(name: &str) -> Option<u32> {
-    let bare = name.trim().to_lowercase();
-    let bare = bare.strip_prefix("cap_").unwrap_or(&bare);
-    NAMES.iter().find(|(_, s)| *s == bare).map(|(n, _)| *n)
 }
 
 fn names(mask: u64) -> Vec<String> {
@@ -93,7 +41,7 @@ fn names(mask: u64) -> Vec<String> {
 pub fn parse_set(spec: &str) -> Option<u64> {
     spec.split('+')
         .filter(|s| !s.is_empty())
-        .map(|s| number(s).map(|n| 1u64 << n))
+        .map(|s| caps::number(s).map(|n| 1u64 << n))
         .sum::<Option<u64>>()
 }
 
@@ -110,25 +58,20 @@ fn bit(cap: u32) -> u64 {
     1u64 << cap
 }
 
-const CAP_NET_ADMIN: u32 = 12;
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
-
 /// The capabilities worth trying one by one (in this order); everything else is dropped in one
 /// step first.
 const SUSPECTS: [u32; 11] = [
-    CAP_SYS_ADMIN,
-    CAP_PERFMON,
-    24, // sys_resource
-    1,  // dac_override
+    caps::SYS_ADMIN,
+    caps::PERFMON,
+    caps::SYS_RESOURCE,
+    caps::DAC_OVERRIDE,
     2,  // dac_read_search
     3,  // fowner
     14, // ipc_lock
     19, // sys_ptrace
     13, // net_raw
-    CAP_BPF,
-    CAP_NET_ADMIN,
+    caps::BPF,
+    caps::NET_ADMIN,
 ];
 
 /// What a scenario needs to prove.
@@ -320,15 +263,15 @@ pub fn find(tally: &mut Tally, node: &Node) {
             || {
                 // CAP_SYS_ADMIN first: the fine-grained answer; then last: the coarse one.
                 let fine: Vec<u32> = SUSPECTS.to_vec();
-                let head = [CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON];
+                let head = [caps::BPF, caps::NET_ADMIN, caps::PERFMON];
                 let coarse: Vec<u32> = head
                     .into_iter()
                     .chain(
                         SUSPECTS
                             .into_iter()
-                            .filter(|c| !head.contains(c) && *c != CAP_SYS_ADMIN),
+                            .filter(|c| !head.contains(c) && *c != caps::SYS_ADMIN),
                     )
-                    .chain([CAP_SYS_ADMIN])
+                    .chain([caps::SYS_ADMIN])
                     .collect();
                 for order in [fine, coarse] {
                     let set = minimize(scenario, node, &order).unwrap_or_else(|e| panic!("{e}"));
