@@ -17,7 +17,7 @@ use aya::{
 };
 use kube2iam_common::programs;
 
-use super::{Action, Error, ProgramReport, Result, sys};
+use super::{Error, ProgramReport, Result, sys};
 
 /// Where the link is pinned.
 pub fn link_path(pin_dir: &Path) -> std::path::PathBuf {
@@ -40,7 +40,10 @@ pub fn install(
         .map_err(|source| Error::Program { name, source })?;
     let path = link_path(pin_dir);
     if path.exists() {
-        return adopt(program, &path, cgroup, cgroup_id, force_replace);
+        let fd = program
+            .fd()
+            .map_err(|source| Error::Program { name, source })?;
+        return super::adopt(name, fd, &path, cgroup_id, cgroup, force_replace);
     }
     let cgroup_file = fs::File::open(cgroup)
         .map_err(|e| Error::io(format!("open cgroup {}", cgroup.display()), e))?;
@@ -53,55 +56,6 @@ pub fn install(
             CgroupAttachMode::Single,
         )?;
         program.take_link(link_id).map(FdLink::try_from)
-    })
-}
-
-fn adopt(
-    program: &CgroupSkb,
-    path: &Path,
-    cgroup: &Path,
-    cgroup_id: u64,
-    force_replace: bool,
-) -> Result<ProgramReport> {
-    let name = programs::EGRESS;
-    let link = sys::obj_get(path)
-        .map_err(|e| Error::io(format!("open pinned link {}", path.display()), e))?;
-    let info = sys::link_info(link.as_fd())
-        .map_err(|e| Error::io(format!("read info of pinned link {}", path.display()), e))?;
-    if info.cgroup_id != cgroup_id {
-        return Err(Error::PinnedElsewhere {
-            link: path.to_owned(),
-            pinned: info.cgroup_id,
-            cgroup: cgroup.to_owned(),
-            wanted: cgroup_id,
-        });
-    }
-    let new = program
-        .fd()
-        .map_err(|source| Error::Program { name, source })?;
-    let old_tag = sys::link_prog_tag(link.as_fd())
-        .map_err(|e| Error::io(format!("read the program tag of {}", path.display()), e))?;
-    let new_tag = sys::prog_tag(new.as_fd()).map_err(|e| Error::io("read new program tag", e))?;
-    if old_tag == new_tag && !force_replace {
-        return Ok(ProgramReport {
-            name,
-            action: Action::Adopted,
-            link_id: Some(info.id),
-        });
-    }
-    // With CAP_SYS_ADMIN the swap is guarded against a concurrent change; without, it swaps anyway.
-    let old = sys::prog_fd_by_id(info.prog_id).ok();
-    sys::link_update(link.as_fd(), new.as_fd(), old.as_ref().map(|o| o.as_fd()))
-        .map_err(|e| Error::io(format!("replace the program behind link {name}"), e))?;
-    tracing::info!(
-        program = name,
-        link_id = info.id,
-        "replaced the pinned program atomically"
-    );
-    Ok(ProgramReport {
-        name,
-        action: Action::Replaced,
-        link_id: Some(info.id),
     })
 }
 

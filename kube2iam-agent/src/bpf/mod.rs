@@ -479,6 +479,8 @@ fn attach(
     })
 }
 
+/// Adopts the link pinned at `link_path` if it holds `new`'s program (same tag), else swaps
+/// `new` in behind it; the link must be on `cgroup`.
 fn adopt(
     name: &'static str,
     new: &ProgramFd,
