@@ -239,19 +239,35 @@ impl State {
     /// Who is calling and which role they get, or the reason they get none. Waits up to
     /// `--pod-wait` for the watches to bring what is missing, woken by each change.
     async fn decide(&self, caller: &Caller, peer: IpAddr) -> Result<Decision, Reply> {
+        // Pod changes wake the registry; namespace lists are waited for in short steps.
+        self.wait_for(Some(Duration::from_millis(100)), |last_look| {
+            self.look(caller, peer, last_look)
+        })
+        .await
+    }
+
+    /// Looks with `look` until it decides, looking again on each registry change (and every
+    /// `step`, for what does not wake the registry) until `--pod-wait` is over; the last look
+    /// decides whatever is still missing.
+    async fn wait_for<T>(
+        &self,
+        step: Option<Duration>,
+        mut look: impl FnMut(bool) -> Outcome<T>,
+    ) -> Result<T, Reply> {
         let deadline = tokio::time::Instant::now() + self.config.pod_wait;
         let mut changes = self.registry.subscribe();
         loop {
             changes.mark_unchanged();
             let last_look = tokio::time::Instant::now() >= deadline;
-            match self.look(caller, peer, last_look) {
-                Outcome::Ok(decision) => return Ok(decision),
+            match look(last_look) {
+                Outcome::Ok(found) => return Ok(found),
                 Outcome::Refuse(refusal) => return Err(self.refuse(refusal)),
                 Outcome::Wait => {}
             }
-            // Pod changes wake the registry; namespace lists are waited for in short steps.
-            let step = tokio::time::Instant::now() + Duration::from_millis(100);
-            let _ = tokio::time::timeout_at(deadline.min(step), changes.changed()).await;
+            let wake = step.map_or(deadline, |step| {
+                deadline.min(tokio::time::Instant::now() + step)
+            });
+            let _ = tokio::time::timeout_at(wake, changes.changed()).await;
         }
     }
 
@@ -269,20 +285,15 @@ impl State {
 
     /// The pod calling, for the routes that serve no role (token, proxy): any pod of this node.
     async fn caller_pod(&self, caller: &Caller, peer: IpAddr) -> Result<PodIdentity, Reply> {
-        let deadline = tokio::time::Instant::now() + self.config.pod_wait;
-        let mut changes = self.registry.subscribe();
-        loop {
-            changes.mark_unchanged();
-            let last_look = tokio::time::Instant::now() >= deadline;
+        self.wait_for(None, |last_look| {
             let snapshot = self.snapshot(caller, peer);
-            let known = snapshot.known(caller, peer);
-            match decision::identify(&self.config.decision, &known, last_look) {
-                Outcome::Ok(pod) => return Ok(pod),
-                Outcome::Refuse(refusal) => return Err(self.refuse(refusal)),
-                Outcome::Wait => {}
-            }
-            let _ = tokio::time::timeout_at(deadline, changes.changed()).await;
-        }
+            decision::identify(
+                &self.config.decision,
+                &snapshot.known(caller, peer),
+                last_look,
+            )
+        })
+        .await
     }
 
     /// What the credentials of `decision` are cached under, and the session's name (`peer` is
