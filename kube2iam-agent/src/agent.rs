@@ -656,17 +656,17 @@ async fn sync_host_pods(
 /// kube2iam's `docker0` default, and exact interface names this node does not have: the packet
 /// guard would cover nothing there (it attaches when such an interface appears).
 fn warn_about_host_interfaces(args: &RunArgs) {
-    if !args.packet_guard {
+    if !args.guards.packet_guard {
         return;
     }
-    if let Some(warning) = args.host_interface_warning() {
+    if let Some(warning) = args.guards.host_interface_warning() {
         tracing::warn!("{warning}");
         return;
     }
     let Ok(present) = bpf::guard::interfaces() else {
         return;
     };
-    for pattern in args.guard_patterns() {
+    for pattern in args.guards.guard_patterns() {
         let name = pattern.trim();
         if name.is_empty() || name.ends_with('+') || name.starts_with('!') {
             continue;

@@ -148,27 +148,8 @@ pub struct RunArgs {
     /// Attach and configure the programs, serve nothing (for checking the kernel side alone).
     #[arg(long, env = "INTERCEPTION_ONLY")]
     pub interception_only: bool,
-    /// Drop packets from pod interfaces addressed to the metadata service (raw IP, AF_PACKET,
-    /// UDP): what the connect rewrite cannot see. `--packet-guard false` turns it off.
-    #[arg(long, env = "PACKET_GUARD", default_value_t = true, action = clap::ArgAction::Set)]
-    pub packet_guard: bool,
-    /// Host-side pod interfaces the packet guard covers, kube2iam's syntax: `name`, `prefix+`,
-    /// `!excluded` (comma-separated or repeated). Defaults cover the VPC CNI (eni, and vlan for
-    /// pods with branch ENIs), Calico (cali), Cilium (lxc) and bridge CNIs (veth).
-    #[arg(
-        long = "host-interface",
-        env = "HOST_INTERFACE",
-        value_delimiter = ',',
-        default_value = DEFAULT_HOST_INTERFACES
-    )]
-    pub host_interfaces: Vec<String>,
-    /// Drop packets addressed to the metadata service that enter the node by any other
-    /// interface but loopback: the uplink, and tunnel and overlay devices (VXLAN, Geneve, IPIP,
-    /// GRE, WireGuard), where a packet a pod wrapped and sent to the node's own address comes out
-    /// after decapsulation and would be forwarded to the metadata service. An interface that a
-    /// `--host-interface` `!pattern` names gets neither guard. `--node-guard false` turns it off.
-    #[arg(long, env = "NODE_GUARD", default_value_t = true, action = clap::ArgAction::Set)]
-    pub node_guard: bool,
+    #[command(flatten)]
+    pub guards: GuardArgs,
     /// Attach the guard as cls_bpf filters even where TCX exists (testing aid).
     #[arg(long, env = "PACKET_GUARD_NETLINK", hide = true)]
     pub packet_guard_netlink: bool,
@@ -176,13 +157,6 @@ pub struct RunArgs {
     /// in line) and repaired; interface and tc changes trigger a check at once as well.
     #[arg(long, env = "GUARD_RESYNC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub guard_resync_interval: Duration,
-    /// Drop packets that sockets in the intercepted cgroup send to the metadata service unless
-    /// the socket connected there itself, which only host-namespace sockets may (a cgroup_skb
-    /// egress program beside the connect hooks). Catches what the packet guard cannot see by
-    /// interface: a DNAT rule inside a pod, raw sockets on any interface. `--egress-guard false`
-    /// turns it off.
-    #[arg(long, env = "EGRESS_GUARD", default_value_t = true, action = clap::ArgAction::Set)]
-    pub egress_guard: bool,
 
     /// This node's name; only its pods are watched (the DaemonSet passes spec.nodeName).
     #[arg(long, env = "NODE_NAME")]
@@ -362,14 +336,22 @@ pub struct DoctorArgs {
     /// The agent's pin directory.
     #[arg(long, env = "BPF_PIN_PATH", default_value = "/sys/fs/bpf/kube2iam")]
     pub bpf_pin_path: PathBuf,
-    /// Whether the agent runs the packet guard (as its own flag).
+    /// The guards as the agent runs them (the same flags): the doctor checks that each
+    /// interface the agent guards has the guard, first in line.
+    #[command(flatten)]
+    pub guards: GuardArgs,
+}
+
+/// The guard flags, the agent's and the doctor's alike.
+#[derive(Debug, Clone, Args)]
+pub struct GuardArgs {
+    /// Drop packets from pod interfaces addressed to the metadata service (raw IP, AF_PACKET,
+    /// UDP): what the connect rewrite cannot see. `--packet-guard false` turns it off.
     #[arg(long, env = "PACKET_GUARD", default_value_t = true, action = clap::ArgAction::Set)]
     pub packet_guard: bool,
-    /// Whether the agent runs the node guard on the other interfaces (as its own flag).
-    #[arg(long, env = "NODE_GUARD", default_value_t = true, action = clap::ArgAction::Set)]
-    pub node_guard: bool,
-    /// The interfaces the agent guards (as its own flag): the doctor checks that each has the
-    /// guard, first in line.
+    /// Host-side pod interfaces the packet guard covers, kube2iam's syntax: `name`, `prefix+`,
+    /// `!excluded` (comma-separated or repeated). Defaults cover the VPC CNI (eni, and vlan for
+    /// pods with branch ENIs), Calico (cali), Cilium (lxc) and bridge CNIs (veth).
     #[arg(
         long = "host-interface",
         env = "HOST_INTERFACE",
@@ -377,7 +359,18 @@ pub struct DoctorArgs {
         default_value = DEFAULT_HOST_INTERFACES
     )]
     pub host_interfaces: Vec<String>,
-    /// Whether the agent attaches the egress backstop (as its own flag).
+    /// Drop packets addressed to the metadata service that enter the node by any other
+    /// interface but loopback: the uplink, and tunnel and overlay devices (VXLAN, Geneve, IPIP,
+    /// GRE, WireGuard), where a packet a pod wrapped and sent to the node's own address comes out
+    /// after decapsulation and would be forwarded to the metadata service. An interface that a
+    /// `--host-interface` `!pattern` names gets neither guard. `--node-guard false` turns it off.
+    #[arg(long, env = "NODE_GUARD", default_value_t = true, action = clap::ArgAction::Set)]
+    pub node_guard: bool,
+    /// Drop packets that sockets in the intercepted cgroup send to the metadata service unless
+    /// the socket connected there itself, which only host-namespace sockets may (a cgroup_skb
+    /// egress program beside the connect hooks). Catches what the packet guard cannot see by
+    /// interface: a DNAT rule inside a pod, raw sockets on any interface. `--egress-guard false`
+    /// turns it off.
     #[arg(long, env = "EGRESS_GUARD", default_value_t = true, action = clap::ArgAction::Set)]
     pub egress_guard: bool,
 }
@@ -489,6 +482,49 @@ pub fn parse_metadata_addr(value: &str) -> Result<(Ipv4Addr, u16), Error> {
     }
 }
 
+impl GuardArgs {
+    /// Whether `--host-interface` is exactly kube2iam's default, `docker0`.
+    fn host_interface_is_kube2iam_default(&self) -> bool {
+        matches!(self.host_interfaces.as_slice(), [only] if only.trim() == KUBE2IAM_HOST_INTERFACE)
+    }
+
+    /// The packet guard's interface patterns. kube2iam's default `docker0` (its chart renders
+    /// it into every kube2iam flag set) named the interface of kube2iam's iptables rule, which
+    /// on most nodes is not where pods' packets enter (on EKS: `eni+`); it is read as "the
+    /// default", and docker0 is guarded besides.
+    pub fn guard_patterns(&self) -> Vec<String> {
+        if self.host_interface_is_kube2iam_default() {
+            return DEFAULT_HOST_INTERFACES
+                .split(',')
+                .chain([KUBE2IAM_HOST_INTERFACE])
+                .map(str::to_owned)
+                .collect();
+        }
+        self.host_interfaces.clone()
+    }
+
+    /// What to say at start about `--host-interface`.
+    pub fn host_interface_warning(&self) -> Option<String> {
+        self.host_interface_is_kube2iam_default().then(|| {
+            format!(
+                "--host-interface={KUBE2IAM_HOST_INTERFACE} is kube2iam's default (the interface \
+                 of its iptables rule), which is not where pods' packets enter on most nodes (on \
+                 EKS they enter by eni+); the packet guard covers {DEFAULT_HOST_INTERFACES} and \
+                 {KUBE2IAM_HOST_INTERFACE}. Set --host-interface (chart: host.interface) to your \
+                 CNI's pod interfaces to choose, or leave it out"
+            )
+        })
+    }
+
+    /// The packet guard's interfaces, or `None` with `--packet-guard false`.
+    pub fn packet_guard_patterns(&self) -> Result<Option<InterfacePatterns>, String> {
+        if !self.packet_guard {
+            return Ok(None);
+        }
+        InterfacePatterns::parse(&self.guard_patterns()).map(Some)
+    }
+}
+
 impl RunArgs {
     /// The STS timing, or why the flags would make STS fail or storm; warnings to log.
     pub fn sts_timing(&self) -> Result<(StsTiming, Vec<String>), Error> {
@@ -568,39 +604,6 @@ impl RunArgs {
         Ok(())
     }
 
-    /// Whether `--host-interface` is exactly kube2iam's default, `docker0`.
-    fn host_interface_is_kube2iam_default(&self) -> bool {
-        matches!(self.host_interfaces.as_slice(), [only] if only.trim() == KUBE2IAM_HOST_INTERFACE)
-    }
-
-    /// The packet guard's interface patterns. kube2iam's default `docker0` (its chart renders
-    /// it into every kube2iam flag set) named the interface of kube2iam's iptables rule, which
-    /// on most nodes is not where pods' packets enter (on EKS: `eni+`); it is read as "the
-    /// default", and docker0 is guarded besides.
-    pub fn guard_patterns(&self) -> Vec<String> {
-        if self.host_interface_is_kube2iam_default() {
-            return DEFAULT_HOST_INTERFACES
-                .split(',')
-                .chain([KUBE2IAM_HOST_INTERFACE])
-                .map(str::to_owned)
-                .collect();
-        }
-        self.host_interfaces.clone()
-    }
-
-    /// What to say at start about `--host-interface`.
-    pub fn host_interface_warning(&self) -> Option<String> {
-        self.host_interface_is_kube2iam_default().then(|| {
-            format!(
-                "--host-interface={KUBE2IAM_HOST_INTERFACE} is kube2iam's default (the interface \
-                 of its iptables rule), which is not where pods' packets enter on most nodes (on \
-                 EKS they enter by eni+); the packet guard covers {DEFAULT_HOST_INTERFACES} and \
-                 {KUBE2IAM_HOST_INTERFACE}. Set --host-interface (chart: host.interface) to your \
-                 CNI's pod interfaces to choose, or leave it out"
-            )
-        })
-    }
-
     pub fn settings(&self, kernel_debug_log: bool) -> Result<Settings, Error> {
         let agent_ip4 = self.host_ip.ok_or(Error::MissingHostIp)?;
         let (metadata_ip4, metadata_port) = parse_metadata_addr(&self.metadata_addr)?;
@@ -618,18 +621,14 @@ impl RunArgs {
             kernel_debug_log,
             cookie_source: self.host_netns_cookie_source,
             identity_capacity: self.identity_capacity,
-            packet_guard: if self.packet_guard {
-                Some(
-                    InterfacePatterns::parse(&self.guard_patterns())
-                        .map_err(Error::HostInterface)?,
-                )
-            } else {
-                None
-            },
-            node_guard: self.node_guard,
+            packet_guard: self
+                .guards
+                .packet_guard_patterns()
+                .map_err(Error::HostInterface)?,
+            node_guard: self.guards.node_guard,
             guard_netlink: self.packet_guard_netlink,
             host_network_pods: self.host_network_pods,
-            egress_guard: self.egress_guard,
+            egress_guard: self.guards.egress_guard,
             attestation_records: self.identity_attestation != AttestationMode::Off,
         })
     }
@@ -796,7 +795,10 @@ mod tests {
         let Some(Command::Doctor(args)) = doctor.command else {
             panic!("doctor subcommand")
         };
-        assert_eq!(args.host_interfaces, cli.run.host_interfaces);
+        assert_eq!(
+            args.guards.guard_patterns(),
+            cli.run.guards.guard_patterns()
+        );
     }
 
     #[test]
@@ -953,17 +955,34 @@ mod tests {
     #[test]
     fn kube2iams_docker0_default_keeps_the_guard_on_the_cni_interfaces() {
         let args = run_args(&["--host-interface=docker0"]);
-        let patterns = InterfacePatterns::parse(&args.guard_patterns()).unwrap();
+        let patterns = InterfacePatterns::parse(&args.guards.guard_patterns()).unwrap();
         for name in ["eni1234", "cali1234", "lxc1234", "veth1234", "docker0"] {
             assert!(patterns.matches(name), "{name}");
         }
         assert!(!patterns.matches("eth0"));
-        assert!(args.host_interface_warning().unwrap().contains("eni+"));
+        assert!(
+            args.guards
+                .host_interface_warning()
+                .unwrap()
+                .contains("eni+")
+        );
         // Anything else is taken as written.
         let args = run_args(&["--host-interface=cni0"]);
-        assert_eq!(args.guard_patterns(), ["cni0"]);
-        assert!(args.host_interface_warning().is_none());
-        assert!(run_args(&[]).host_interface_warning().is_none());
+        assert_eq!(args.guards.guard_patterns(), ["cni0"]);
+        assert!(args.guards.host_interface_warning().is_none());
+        assert!(run_args(&[]).guards.host_interface_warning().is_none());
+        // The doctor checks what the agent guards.
+        let doctor =
+            Cli::try_parse_from(["kube2iam-agent", "doctor", "--host-interface=docker0"]).unwrap();
+        let Some(Command::Doctor(doctor)) = doctor.command else {
+            panic!("doctor subcommand")
+        };
+        assert_eq!(
+            doctor.guards.guard_patterns(),
+            run_args(&["--host-interface=docker0"])
+                .guards
+                .guard_patterns()
+        );
     }
 
     #[test]

@@ -598,13 +598,13 @@ mod tests {
             (
                 &["--host-interface=docker0"],
                 Same(|c| {
-                    assert!(c.run.guard_patterns().iter().any(|p| p == "eni+"));
-                    assert!(c.run.host_interface_warning().is_some());
+                    assert!(c.run.guards.guard_patterns().iter().any(|p| p == "eni+"));
+                    assert!(c.run.guards.host_interface_warning().is_some());
                 }),
             ),
             (
                 &["--host-interface=eni+"],
-                Same(|c| assert_eq!(c.run.guard_patterns(), ["eni+"])),
+                Same(|c| assert_eq!(c.run.guards.guard_patterns(), ["eni+"])),
             ),
             (
                 &["--namespace-restrictions=true"],
@@ -841,7 +841,7 @@ mod tests {
         // A flag that already takes a value keeps it.
         let (cli, _) =
             parse(["kube2iam-agent", "--packet-guard=false"].map(OsString::from)).unwrap();
-        assert!(!cli.run.packet_guard);
+        assert!(!cli.run.guards.packet_guard);
         // After `--` nothing is rewritten.
         let t = translate(
             ["kube2iam-agent", "--", "--debug=true"].map(OsString::from),

@@ -111,23 +111,19 @@ fn run_inspect(args: &InspectArgs) -> anyhow::Result<()> {
 
 /// Prints the doctor's table and summary; exits 1 when the agent cannot run here.
 fn doctor(args: &DoctorArgs) -> ExitCode {
-    let packet_guard = if args.packet_guard {
-        match kube2iam_agent::bpf::guard::InterfacePatterns::parse(&args.host_interfaces) {
-            Ok(patterns) => Some(patterns),
-            Err(e) => {
-                eprintln!("{e}");
-                return ExitCode::FAILURE;
-            }
+    let packet_guard = match args.guards.packet_guard_patterns() {
+        Ok(patterns) => patterns,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
         }
-    } else {
-        None
     };
     let report = kube2iam_agent::doctor::run(&kube2iam_agent::doctor::Options {
         cgroup_path: args.cgroup_path.clone(),
         pin_dir: args.bpf_pin_path.clone(),
         packet_guard,
-        node_guard: args.node_guard,
-        egress_guard: args.egress_guard,
+        node_guard: args.guards.node_guard,
+        egress_guard: args.guards.egress_guard,
     });
     print!("{}", report.table());
     println!("{}", report.summary());
