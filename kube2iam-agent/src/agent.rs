@@ -9,6 +9,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use aws_config::BehaviorVersion;
+use kube2iam_common::timeouts;
 
 use crate::{
     admin::{self, Admin},
@@ -33,13 +34,13 @@ use crate::{
 };
 
 /// Upstream requests (and the agent's own IMDS calls) give up after this.
-pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
+pub const UPSTREAM_TIMEOUT: Duration = timeouts::UPSTREAM;
 /// The agent's STS client: connecting to STS gives up after this,
-pub const STS_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+pub const STS_CONNECT_TIMEOUT: Duration = timeouts::STS_CONNECT;
 /// one attempt of an STS call after this,
-pub const STS_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const STS_ATTEMPT_TIMEOUT: Duration = timeouts::STS_ATTEMPT;
 /// and an STS call with all its retries after this.
-pub const STS_OPERATION_TIMEOUT: Duration = Duration::from_secs(15);
+pub const STS_OPERATION_TIMEOUT: Duration = timeouts::STS_OPERATION;
 
 /// Follows interfaces coming and going: the packet guard is attached to each new pod
 /// interface as the CNI creates it, and released when it goes. Every `resync` (and on any

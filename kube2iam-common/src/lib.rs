@@ -12,6 +12,7 @@ extern crate std;
 pub mod caps;
 #[cfg(feature = "user")]
 pub mod sys;
+pub mod timeouts;
 pub mod uapi;
 
 /// Pinned map names. The kernel limits object names to 15 bytes.

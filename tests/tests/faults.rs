@@ -24,6 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use kube2iam_common::timeouts;
 use kube2iam_tests::{
     Agent, AgentOptions, FaultMode, HOST_IP4, Pod, TestNode, agent_binary,
     bpf::{AttachType, prog_query},
@@ -37,11 +38,10 @@ use kube2iam_tests::{
     process::output_within,
 };
 
-/// The agent's STS client gives up after this (`kube2iam_agent::agent::STS_OPERATION_TIMEOUT`;
-/// the test kit does not link the agent, so the value is repeated here).
-const AGENT_STS_TIMEOUT: Duration = Duration::from_secs(15);
-/// The agent's upstream IMDS timeout (`kube2iam_agent::agent::UPSTREAM_TIMEOUT`).
-const AGENT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
+/// The agent's STS client gives up after this.
+const AGENT_STS_TIMEOUT: Duration = timeouts::STS_OPERATION;
+/// The agent's upstream IMDS timeout.
+const AGENT_UPSTREAM_TIMEOUT: Duration = timeouts::UPSTREAM;
 
 /// One GET from inside `pod`, giving up after `max_time`. Returns the status (0 when no HTTP
 /// answer came), the body, and how long it took.
