@@ -5,7 +5,7 @@
 //! `attest` (the kernel's word on who connected) → `decision` (who is calling and which role,
 //! one pure function over `policy`'s rules) → `credentials` (STS, cache; `session_tags`: what
 //! each session carries) → `imds` (the server pods reach) →
-//! `admin` (health, readiness) with `metrics` and `events` (Kubernetes Events on refused pods);
+//! `admin` (health endpoints) and `metrics` over `status` (readiness), with `events` (Kubernetes Events on refused pods);
 //! `inspect` reads the pins; `agent` wires them together. `kube2iam` reads kube2iam's flags.
 
 pub mod admin;

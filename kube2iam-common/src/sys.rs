@@ -1,7 +1,7 @@
 //! The bpf(2) and netlink calls under the [`uapi`](crate::uapi) layouts that the agent (through
 //! its `bpf::sys`) and the test kit both make, for userspace (the `user` feature): the syscall
 //! itself, opening pinned objects and programs by id, object info, link creation and program
-//! queries. What only one of them needs stays with it.
+//! queries; and map info, which only the test kit reads.
 
 use std::{
     ffi::CString,

@@ -1,4 +1,5 @@
-//! Facts about the host the programs need: kernel version, capabilities, cgroup2 and bpffs.
+//! Facts about the host the programs need (kernel version, capabilities, cgroup2 and bpffs) and
+//! the privilege rule that decides from them whether the agent can load and attach, or uninstall.
 
 use std::{
     ffi::CString,
