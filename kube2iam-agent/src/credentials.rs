@@ -14,7 +14,7 @@ use std::{
     collections::{HashMap, HashSet},
     fmt,
     sync::{
-        Arc, RwLock,
+        Arc, OnceLock, RwLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime},
@@ -33,6 +33,54 @@ pub struct Credentials {
     pub session_token: String,
     pub expiration: SystemTime,
     pub last_updated: SystemTime,
+}
+
+/// Credentials as the cache hands them out: shared, not copied, by every request they serve,
+/// with the answer rendered from them once.
+pub struct Issued {
+    creds: Credentials,
+    document: OnceLock<String>,
+}
+
+impl Issued {
+    fn new(creds: Credentials) -> Arc<Issued> {
+        Arc::new(Issued {
+            creds,
+            document: OnceLock::new(),
+        })
+    }
+
+    /// The answer rendered from these credentials, once one was kept.
+    pub fn rendered(&self) -> Option<&str> {
+        self.document.get().map(String::as_str)
+    }
+
+    /// Keeps `document` as the answer rendered from these credentials (the first one kept
+    /// stays) and returns the kept one.
+    pub fn keep_rendered(&self, document: String) -> &str {
+        self.document.get_or_init(|| document)
+    }
+}
+
+/// Equal when the credentials are (whether or not their answer was rendered yet).
+impl PartialEq for Issued {
+    fn eq(&self, other: &Issued) -> bool {
+        self.creds == other.creds
+    }
+}
+
+impl fmt::Debug for Issued {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.creds.fmt(f)
+    }
+}
+
+impl std::ops::Deref for Issued {
+    type Target = Credentials;
+
+    fn deref(&self) -> &Credentials {
+        &self.creds
+    }
 }
 
 impl fmt::Debug for Credentials {
@@ -287,7 +335,7 @@ pub struct CacheStats {
 
 #[derive(Default)]
 struct Slot {
-    creds: Option<Credentials>,
+    creds: Option<Arc<Issued>>,
     failure: Option<Failure>,
 }
 
@@ -301,7 +349,7 @@ struct Entry {
     /// Held across the STS call: the singleflight.
     slot: Mutex<Slot>,
     /// The last good credentials, readable without waiting for an in-flight call.
-    snapshot: RwLock<Option<Credentials>>,
+    snapshot: RwLock<Option<Arc<Issued>>>,
     refreshing: AtomicBool,
     last_used: RwLock<tokio::time::Instant>,
     session_name: String,
@@ -372,7 +420,7 @@ impl CredentialCache {
         self: &Arc<Self>,
         key: &CacheKey,
         session_name: &str,
-    ) -> Result<Credentials, StsError> {
+    ) -> Result<Arc<Issued>, StsError> {
         let entry = self.entry(key, session_name);
         *entry.last_used.write().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
         let snapshot = entry
@@ -437,7 +485,7 @@ impl CredentialCache {
         });
     }
 
-    async fn fetch(&self, key: &CacheKey, entry: &Entry) -> Result<Credentials, StsError> {
+    async fn fetch(&self, key: &CacheKey, entry: &Entry) -> Result<Arc<Issued>, StsError> {
         let mut slot = entry.slot.lock().await;
         // Whoever held the lock before us may have fetched them.
         if let Some(creds) = slot.creds.as_ref().filter(|c| self.fresh(c)) {
@@ -466,6 +514,7 @@ impl CredentialCache {
         );
         match result {
             Ok(creds) => {
+                let creds = Issued::new(creds);
                 self.stats.sts_success.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(role = key.role_arn, ?elapsed, "AssumeRole succeeded");
                 slot.creds = Some(creds.clone());
@@ -498,7 +547,7 @@ impl CredentialCache {
     }
 
     /// After a failure: the cached credentials while they are valid, else the error.
-    fn fallback(&self, slot: &Slot, error: StsError) -> Result<Credentials, StsError> {
+    fn fallback(&self, slot: &Slot, error: StsError) -> Result<Arc<Issued>, StsError> {
         match slot.creds.as_ref().filter(|c| self.valid(c)) {
             Some(creds) => {
                 self.stats.stale_served.fetch_add(1, Ordering::Relaxed);
@@ -761,7 +810,7 @@ mod tests {
             .collect();
         let mut ids = std::collections::HashSet::new();
         for t in tasks {
-            ids.insert(t.await.unwrap().unwrap().access_key_id);
+            ids.insert(t.await.unwrap().unwrap().access_key_id.clone());
         }
         assert_eq!(sts.calls(), 1);
         assert_eq!(ids.len(), 1);

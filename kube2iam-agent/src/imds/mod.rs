@@ -420,6 +420,10 @@ impl State {
                 .record(&decision.pod, Reason::AssumeRoleFailed, &body);
             Reply::new(status, body)
         })?;
+        // Rendered once per set of credentials, not per request.
+        if let Some(document) = creds.rendered() {
+            return Ok(document.to_owned());
+        }
         let document = CredentialDocument {
             code: "Success",
             last_updated: imds_time(creds.last_updated),
@@ -429,8 +433,9 @@ impl State {
             token: &creds.session_token,
             expiration: imds_time(creds.expiration),
         };
-        serde_json::to_string_pretty(&document)
-            .map_err(|e| Reply::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+        let document = serde_json::to_string_pretty(&document)
+            .map_err(|e| Reply::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        Ok(creds.keep_rendered(document).to_owned())
     }
 
     /// Answers one request, counts it and logs it (refusals rate-limited per caller and status).
