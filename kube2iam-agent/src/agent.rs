@@ -33,15 +33,6 @@ use crate::{
     status::{Readiness, Sources},
 };
 
-/// Upstream requests (and the agent's own IMDS calls) give up after this.
-pub const UPSTREAM_TIMEOUT: Duration = timeouts::UPSTREAM;
-/// The agent's STS client: connecting to STS gives up after this,
-pub const STS_CONNECT_TIMEOUT: Duration = timeouts::STS_CONNECT;
-/// one attempt of an STS call after this,
-pub const STS_ATTEMPT_TIMEOUT: Duration = timeouts::STS_ATTEMPT;
-/// and an STS call with all its retries after this.
-pub const STS_OPERATION_TIMEOUT: Duration = timeouts::STS_OPERATION;
-
 /// Follows interfaces coming and going: the packet guard is attached to each new pod
 /// interface as the CNI creates it, and released when it goes. Every `resync` (and on any
 /// interface or tc change) it also checks that the guard is still present and first on every
@@ -199,9 +190,9 @@ async fn sts_client(
         .build()
         .await;
     let timeouts = aws_config::timeout::TimeoutConfig::builder()
-        .connect_timeout(STS_CONNECT_TIMEOUT)
-        .operation_attempt_timeout(STS_ATTEMPT_TIMEOUT)
-        .operation_timeout(STS_OPERATION_TIMEOUT)
+        .connect_timeout(timeouts::STS_CONNECT)
+        .operation_attempt_timeout(timeouts::STS_ATTEMPT)
+        .operation_timeout(timeouts::STS_OPERATION)
         .build();
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .region(region)
@@ -251,7 +242,7 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
         _ => bail!("--node (or NODE_NAME) is required: the agent serves the pods of one node"),
     };
     let metadata = SocketAddr::new(IpAddr::V4(settings.metadata_ip4), settings.metadata_port);
-    let upstream = Arc::new(Upstream::new(metadata, UPSTREAM_TIMEOUT));
+    let upstream = Arc::new(Upstream::new(metadata, timeouts::UPSTREAM));
     let rules = compile_rules(&args.allow_paths, &args.block_paths)?;
     let sessions = SessionTagging::from_args(&args.session_tags)?;
     if sessions.needs_service_account()

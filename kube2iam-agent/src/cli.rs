@@ -33,9 +33,9 @@ pub const MIN_FRESH: Duration = Duration::from_secs(5 * 60);
 /// The shortest error cache (the first step of the per-role backoff).
 pub const MIN_ERROR_TTL: Duration = Duration::from_secs(1);
 /// SIGTERM: in-flight requests get this long to finish.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// The largest request head the metadata server reads.
-pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+const MAX_HEADER_BYTES: usize = 16 * 1024;
 
 #[derive(Debug, Parser)]
 #[command(

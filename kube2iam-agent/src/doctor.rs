@@ -25,6 +25,7 @@ pub mod rules;
 
 use std::{fs, path::PathBuf};
 
+pub use self::report::{Check, Report, Status};
 use self::{
     insns::Hook,
     ns::in_private_mount_ns,
@@ -34,10 +35,9 @@ use self::{
         netns_sockopt_check, unmounted_cgroup2_checks,
     },
 };
-pub use self::{
+use self::{
     probes::attestation_check,
-    report::{Check, Report, Status, wrap},
-    rules::{cap, kernel_check, memlock_check, others_check, privileges_check, summarize_error},
+    rules::{kernel_check, memlock_check, privileges_check},
 };
 use crate::bpf::{KernelVersion, host};
 

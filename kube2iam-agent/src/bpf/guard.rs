@@ -111,8 +111,6 @@ fn hit((pattern, prefix): &(String, bool), name: &str) -> bool {
     }
 }
 
-impl InterfacePatterns {}
-
 /// Which guard an interface gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kind {

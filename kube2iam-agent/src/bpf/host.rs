@@ -180,6 +180,11 @@ fn statfs_type(path: &Path) -> io::Result<i64> {
     Ok(st.f_type as i64)
 }
 
+/// Whether `path` is on a bpffs (false when it cannot be read).
+pub fn is_bpffs(path: &Path) -> bool {
+    matches!(statfs_type(path), Ok(BPF_FS_MAGIC))
+}
+
 /// mount(2) of a pseudo filesystem (`bpf`, `cgroup2`) at `target`, its type as its source.
 pub fn mount(fstype: &str, target: &Path) -> io::Result<()> {
     let source = CString::new(fstype).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
@@ -273,8 +278,7 @@ pub fn prepare_pin_dir(pin_dir: &Path) -> Result<()> {
     let parent = pin_dir.parent().ok_or_else(|| Error::NotBpffs {
         path: pin_dir.to_owned(),
     })?;
-    let on_bpffs = |p: &Path| matches!(statfs_type(p), Ok(BPF_FS_MAGIC));
-    if !on_bpffs(parent) {
+    if !is_bpffs(parent) {
         if parent == Path::new(DEFAULT_BPFFS) && parent.is_dir() {
             mount("bpf", parent).map_err(|e| Error::Mount {
                 fstype: "bpf",

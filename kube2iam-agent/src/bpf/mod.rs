@@ -537,7 +537,8 @@ fn adopt(
     })
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Bytes as lowercase hex, as the kernel prints a program tag.
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

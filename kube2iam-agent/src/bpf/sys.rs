@@ -161,14 +161,6 @@ pub fn tcx_query(ifindex: u32, attach_type: u32) -> io::Result<Vec<(u32, u32)>> 
     Ok(progs.into_iter().zip(links).take(count).collect::<Vec<_>>())
 }
 
-/// The interface a TCX link is attached to (0 once it is defunct: detached, or its interface
-/// gone). In `struct bpf_link_info` the tcx arm of the union holds the ifindex where the cgroup
-/// arm holds the cgroup id.
-pub fn tcx_link_ifindex(info: &LinkInfo) -> u32 {
-    let bytes = info.cgroup_id.to_ne_bytes();
-    u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
-}
-
 /// The name a program was loaded with (at most 15 bytes).
 pub fn prog_name(prog: BorrowedFd<'_>) -> io::Result<String> {
     let info = sys::prog_info(prog)?;

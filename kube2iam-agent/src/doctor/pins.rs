@@ -3,9 +3,8 @@
 //! transient directory), and what an earlier installation left pinned there.
 
 use std::{
-    ffi::CString,
     fs,
-    os::{fd::AsFd as _, unix::ffi::OsStrExt as _},
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
@@ -52,7 +51,7 @@ pub(super) fn bpffs_check(pin_dir: &Path) -> (Check, Option<LoadDir>) {
             None,
         );
     };
-    if is_bpffs(parent) {
+    if host::is_bpffs(parent) {
         return (
             Check::ok(NAME, format!("{} is a bpffs", parent.display())),
             Some(LoadDir::Transient(parent.to_owned())),
@@ -101,17 +100,6 @@ pub(super) fn bpffs_check(pin_dir: &Path) -> (Check, Option<LoadDir>) {
             None,
         ),
     }
-}
-
-fn is_bpffs(path: &Path) -> bool {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: zeroed statfs is a valid out-parameter.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid C string and out-pointer.
-    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0) && st.f_type as i64 == BPF_FS_MAGIC
 }
 
 /// Removes the transient pin directory (and the maps pinned in it) on every path out.
@@ -295,24 +283,24 @@ pub(super) fn pinned_state_check(
         links.push(format!("{name} (link {})", info.id));
         // A starting agent compares the program tag from the link's fdinfo with its own and
         // swaps through the link when they differ; opening the program by id is optional.
-        if let Err(e) = sys::link_prog_tag(link.as_fd()) {
-            return Check::fail(
-                NAME,
-                format!(
-                    "{name} is pinned, and a starting agent adopts it by reading its program \
-                     tag from the link, which fails here: {e}"
-                ),
-                "run `kube2iam-agent uninstall` with CAP_BPF and CAP_NET_ADMIN first",
-            );
-        }
+        let pinned_tag = match sys::link_prog_tag(link.as_fd()) {
+            Ok(tag) => bpf::hex(&tag),
+            Err(e) => {
+                return Check::fail(
+                    NAME,
+                    format!(
+                        "{name} is pinned, and a starting agent adopts it by reading its program \
+                         tag from the link, which fails here: {e}"
+                    ),
+                    "run `kube2iam-agent uninstall` with CAP_BPF and CAP_NET_ADMIN first",
+                );
+            }
+        };
         if target_id.is_some_and(|id| id != info.cgroup_id) {
             elsewhere.push(format!("{name} on cgroup id {}", info.cgroup_id));
         }
-        let pinned_tag = sys::fdinfo_field(link.as_fd(), "prog_tag").ok().flatten();
         let embedded = tags.iter().find(|(n, _)| n == name).map(|(_, t)| t);
-        if let (Some(pinned), Some(embedded)) = (pinned_tag, embedded)
-            && &pinned != embedded
-        {
+        if embedded.is_some_and(|embedded| *embedded != pinned_tag) {
             differ.push(name);
         }
     }
