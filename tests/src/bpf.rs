@@ -15,18 +15,16 @@ use std::{
     path::Path,
 };
 
+use kube2iam_common::sys::{link_info, prog_fd_by_id};
 use kube2iam_common::{
     port_repr,
     sys::{self, bpf, bpf_fd},
     uapi::{self, EXIT, Insn, JNE_IMM, LDX_MEM_W, MOV64_IMM, STX_MEM_W},
 };
 pub use kube2iam_common::{
-    sys::{link_info, map_info, obj_get, prog_fd_by_id},
+    sys::{map_info, obj_get},
     uapi::{LinkInfo, MapInfo},
 };
-
-/// enum bpf_prog_type: BPF_PROG_TYPE_CGROUP_SOCK_ADDR.
-pub const PROG_TYPE_CGROUP_SOCK_ADDR: u32 = uapi::BPF_PROG_TYPE_CGROUP_SOCK_ADDR;
 
 /// enum bpf_attach_type values of the cgroup sock_addr hooks kube2iam uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,7 +113,7 @@ fn prog_load(
 pub fn load_sock_addr_prog(insns: &[Insn], attach: AttachType, name: &str) -> io::Result<OwnedFd> {
     let mut log = vec![0u8; 64 * 1024];
     prog_load(
-        PROG_TYPE_CGROUP_SOCK_ADDR,
+        uapi::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
         attach as u32,
         insns,
         name,
@@ -335,11 +333,6 @@ pub fn prog_map_ids(prog_id: u32) -> Vec<u32> {
 
 // tc programs: a classifier of someone else's, attached in front of the guard.
 
-/// enum bpf_prog_type: BPF_PROG_TYPE_SCHED_CLS.
-pub const PROG_TYPE_SCHED_CLS: u32 = uapi::BPF_PROG_TYPE_SCHED_CLS;
-/// enum bpf_attach_type: BPF_TCX_INGRESS (Linux 6.6).
-pub const TCX_INGRESS: u32 = uapi::BPF_TCX_INGRESS;
-
 /// `r0 = 0 (TC_ACT_OK); exit`: a classifier that passes every packet on and ends the chain, as
 /// Cilium's programs on pod interfaces do (OK or REDIRECT).
 pub fn tc_ok_insns() -> Vec<Insn> {
@@ -351,7 +344,7 @@ pub fn tc_ok_insns() -> Vec<Insn> {
 
 /// Loads [`tc_ok_insns`] as a BPF_PROG_TYPE_SCHED_CLS program named `name`.
 pub fn load_tc_ok(name: &str) -> OwnedFd {
-    prog_load(PROG_TYPE_SCHED_CLS, 0, &tc_ok_insns(), name, None)
+    prog_load(uapi::BPF_PROG_TYPE_SCHED_CLS, 0, &tc_ok_insns(), name, None)
         .unwrap_or_else(|e| panic!("cannot load the TC_ACT_OK classifier: {e}"))
 }
 
@@ -371,23 +364,20 @@ pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
 /// BPF_LINK_CREATE of a classifier on TCX ingress of `ifindex`, at the head (before every
 /// program there). Detached when the returned link fd closes.
 pub fn tcx_attach_first(prog: BorrowedFd<'_>, ifindex: u32) -> io::Result<OwnedFd> {
-    sys::link_create(prog, ifindex, TCX_INGRESS, uapi::BPF_F_BEFORE)
+    sys::link_create(prog, ifindex, uapi::BPF_TCX_INGRESS, uapi::BPF_F_BEFORE)
 }
 
 /// BPF_PROG_QUERY on TCX ingress of `ifindex`: the program ids in the order they run (empty on
 /// kernels without TCX).
 pub fn tcx_programs(ifindex: u32) -> Vec<u32> {
-    query(ifindex, TCX_INGRESS).unwrap_or_default()
+    query(ifindex, uapi::BPF_TCX_INGRESS).unwrap_or_default()
 }
-
-/// enum bpf_prog_type: BPF_PROG_TYPE_CGROUP_SKB.
-pub const PROG_TYPE_CGROUP_SKB: u32 = uapi::BPF_PROG_TYPE_CGROUP_SKB;
 
 /// A cgroup_skb egress program that passes every packet (`r0 = 1; exit`): an older agent's
 /// backstop stand-in, to swap under the pinned link.
 pub fn load_cgroup_skb_pass_all() -> OwnedFd {
     prog_load(
-        PROG_TYPE_CGROUP_SKB,
+        uapi::BPF_PROG_TYPE_CGROUP_SKB,
         AttachType::InetEgress as u32,
         &allow_all_insns(),
         "k2i_test_skb",

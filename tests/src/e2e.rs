@@ -334,8 +334,8 @@ pub fn curl(
 pub fn credentials_with(
     curl_command: impl Fn() -> std::process::Command,
 ) -> Result<ImdsCredentialsDoc, (u16, String)> {
-    let base = "http://169.254.169.254/latest/meta-data/iam/security-credentials/";
-    let (status, listed) = curl(curl_command(), "GET", base, &[]);
+    let base = format!("http://169.254.169.254{CREDS}");
+    let (status, listed) = curl(curl_command(), "GET", &base, &[]);
     if status != 200 {
         return Err((status, listed));
     }

@@ -62,7 +62,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::mono_ns;
-use crate::NODE_ACCESS_KEY_ID;
+use crate::{NODE_ACCESS_KEY_ID, e2e::CREDS};
 
 /// Connects before the measured ones, so caches and the agent's accept path are warm.
 const CONNECT_WARMUP: usize = 50;
@@ -388,11 +388,11 @@ fn sdk_sequence(bind: Option<Ipv4Addr>, addr: SocketAddrV4) -> Result<(), String
     };
     let token = exchange("token PUT", &token_request())?;
     let token = body_of(&token).to_vec();
-    let listing = exchange("listing", &get_with_token(CREDENTIALS_PATH, &token))?;
+    let listing = exchange("listing", &get_with_token(CREDS, &token))?;
     let role = String::from_utf8_lossy(body_of(&listing)).trim().to_owned();
     exchange(
         "credentials",
-        &get_with_token(&format!("{CREDENTIALS_PATH}{role}"), &token),
+        &get_with_token(&format!("{CREDS}{role}"), &token),
     )
     .map(drop)
 }
@@ -782,8 +782,6 @@ async fn async_get(
     Ok((status, body_of(&response).to_vec()))
 }
 
-const CREDENTIALS_PATH: &str = "/latest/meta-data/iam/security-credentials/";
-
 fn plan_mode(flags: &Flags) -> Result<(), String> {
     let addr = flags.addr()?;
     let mut items = Vec::new();
@@ -806,12 +804,12 @@ fn plan_mode(flags: &Flags) -> Result<(), String> {
                 }
                 let t0 = mono_ns();
                 let lateness = if at == 0 { 0 } else { t0.saturating_sub(at) };
-                let listing = async_get(Some(ip), addr, CREDENTIALS_PATH).await;
+                let listing = async_get(Some(ip), addr, CREDS).await;
                 let t1 = mono_ns();
                 let (list_status, credentials_status, t2) = match listing {
                     Ok((200, body)) => {
                         let role = String::from_utf8_lossy(&body).trim().to_owned();
-                        let path = format!("{CREDENTIALS_PATH}{role}");
+                        let path = format!("{CREDS}{role}");
                         let status = match async_get(Some(ip), addr, &path).await {
                             Ok((status, _)) => i64::from(status),
                             Err(_) => -1,
@@ -843,7 +841,7 @@ fn steady_mode(flags: &Flags) -> Result<(), String> {
     // interval, so more sources can sample more densely for the same load.
     let credentials_only = flags.opt("credentials-only") == Some("1");
     let binds = flags.binds()?;
-    let listing = Arc::new(request_bytes(CREDENTIALS_PATH));
+    let listing = Arc::new(request_bytes(CREDS));
     let deadline = mono_ns() + millis * 1_000_000;
     let workers: Vec<_> = binds
         .into_iter()
@@ -881,7 +879,7 @@ fn steady_mode(flags: &Flags) -> Result<(), String> {
                                     let role = String::from_utf8_lossy(body_of(response))
                                         .trim()
                                         .to_owned();
-                                    Some(request_bytes(&format!("{CREDENTIALS_PATH}{role}")))
+                                    Some(request_bytes(&format!("{CREDS}{role}")))
                                 }
                                 _ => None,
                             }

@@ -11,11 +11,10 @@ use super::{
     topology::{Dnat, cpu_ns, fields, metadata, run_client, run_delay_ns, samples, spawn_client},
     world::BenchWorld,
 };
-use crate::{HOST_IP4, Pod, TestNode};
+use crate::{HOST_IP4, Pod, TestNode, e2e::CREDS};
 
 /// The floor server's port on the node's host IP.
 const FLOOR_PORT: u16 = 8282;
-const CREDENTIALS: &str = "/latest/meta-data/iam/security-credentials/";
 const ROLE: &str = "bench-role";
 
 const WRK_SCRIPT: &str = r#"
@@ -139,9 +138,9 @@ fn floor_bodies(pod: &Pod<'_>, tmp: &Path) -> (Vec<String>, std::path::PathBuf, 
         &[("X-aws-ec2-metadata-token-ttl-seconds", "21600")],
     );
     assert_eq!(status, 200, "the agent's IMDSv2 token: {token}");
-    let (status, listing) = crate::e2e::pod_get(pod, CREDENTIALS, &[]);
+    let (status, listing) = crate::e2e::pod_get(pod, CREDS, &[]);
     assert_eq!(status, 200, "the bench pod's listing: {listing}");
-    let creds_path = format!("{CREDENTIALS}{ROLE}");
+    let creds_path = format!("{CREDS}{ROLE}");
     let (status, body) = crate::e2e::pod_get(pod, &creds_path, &[]);
     assert_eq!(status, 200, "the bench pod's credentials: {body}");
     let write = |name: &str, text: &str| {
@@ -152,7 +151,7 @@ fn floor_bodies(pod: &Pod<'_>, tmp: &Path) -> (Vec<String>, std::path::PathBuf, 
     let creds_file = write("credentials.json", &body);
     let routes = vec![
         format!("/latest/api/token={}", write("token", &token).display()),
-        format!("{CREDENTIALS}={}", write("listing", &listing).display()),
+        format!("{CREDS}={}", write("listing", &listing).display()),
     ];
     (routes, creds_file, body.len())
 }
@@ -174,7 +173,7 @@ pub(super) fn run(
     let restart = |world: &mut BenchWorld, extra: &[&str]| {
         world.kill_agent();
         world.start_agent(node, extra);
-        let (status, _) = crate::e2e::pod_get(&pods.p0, &format!("{CREDENTIALS}{ROLE}"), &[]);
+        let (status, _) = crate::e2e::pod_get(&pods.p0, &format!("{CREDS}{ROLE}"), &[]);
         assert_eq!(status, 200, "the bench pod's credentials after a restart");
     };
     let mut off = AGENT_FLAGS.to_vec();
@@ -193,7 +192,7 @@ fn measure(
     tmp: &Path,
     o: &Options,
 ) -> GetResult {
-    let path = format!("{CREDENTIALS}{ROLE}");
+    let path = format!("{CREDS}{ROLE}");
     let (routes, creds_file, body_bytes) = floor_bodies(&pods.p0, tmp);
     let script = tmp.join("report.lua");
     std::fs::write(&script, WRK_SCRIPT).expect("write the wrk script");

@@ -15,9 +15,10 @@ use super::{
     },
     world::{BenchWorld, STS_LATENCY_MS},
 };
-use crate::{Pod, TestNode, e2e::role_arn};
-
-const CREDENTIALS: &str = "/latest/meta-data/iam/security-credentials/";
+use crate::{
+    Pod, TestNode,
+    e2e::{CREDS, role_arn},
+};
 
 pub(super) fn run(
     node: &TestNode,
@@ -100,7 +101,7 @@ fn herd(
             "--addr",
             &metadata(),
             "--path",
-            &format!("{CREDENTIALS}{role}"),
+            &format!("{CREDS}{role}"),
             "--conns",
             &o.herd_requests.to_string(),
             "--bind",
