@@ -276,11 +276,8 @@ fn tcx_programs(ifindex: u32) -> Vec<(u32, u32)> {
 }
 
 fn describe_tcx(prog_id: u32) -> String {
-    // Opening a program by id needs CAP_SYS_ADMIN; without it the id is all we can name.
-    let name = sys::prog_fd_by_id(prog_id)
-        .ok()
-        .and_then(|fd| sys::prog_name(fd.as_fd()).ok())
-        .filter(|n| !n.is_empty());
+    // Without CAP_SYS_ADMIN the id is all we can name.
+    let name = sys::prog_name_by_id(prog_id).filter(|n| !n.is_empty());
     match name {
         Some(name) => format!("TCX program {name} (id {prog_id})"),
         None => format!("TCX program id {prog_id}"),
@@ -532,8 +529,7 @@ impl Guard {
                 if sys::link_prog_tag(link.as_fd()).ok() == sys::prog_tag(new.as_fd()).ok() {
                     changes.adopted.push(ifname.to_owned());
                 } else {
-                    let old = sys::prog_fd_by_id(info.prog_id).ok();
-                    sys::link_update(link.as_fd(), new.as_fd(), old.as_ref().map(|o| o.as_fd()))
+                    sys::swap_link_prog(link.as_fd(), new.as_fd(), info.prog_id)
                         .map_err(|e| Error::io(format!("replace the guard on {ifname}"), e))?;
                     changes.replaced.push(ifname.to_owned());
                 }

@@ -106,7 +106,7 @@ pub enum Task {
 /// The privilege rule (measured in the kernel matrix): whether the effective capabilities
 /// `caps` let `task` run on `kernel`; if not, the capabilities it needs there.
 pub fn privileges(kernel: KernelVersion, caps: u64, task: Task) -> Result<(), &'static str> {
-    let has = |cap: u32| caps & (1u64 << cap) != 0;
+    let has = |c: u32| cap::has(caps, c);
     // Loading needs CAP_PERFMON for what the programs do with pointers: without it the
     // verifier fails with a bare "Permission denied". Uninstall loads nothing.
     let perfmon = task == Task::Uninstall || has(cap::PERFMON);

@@ -519,9 +519,7 @@ fn adopt(
             link_id: Some(info.id),
         });
     }
-    // With CAP_SYS_ADMIN, guard the swap against a concurrent change; without it, swap anyway.
-    let old = sys::prog_fd_by_id(info.prog_id).ok();
-    sys::link_update(link.as_fd(), new.as_fd(), old.as_ref().map(|o| o.as_fd()))
+    sys::swap_link_prog(link.as_fd(), new.as_fd(), info.prog_id)
         .map_err(|e| Error::io(format!("replace the program behind link {name}"), e))?;
     tracing::info!(
         program = name,

@@ -74,6 +74,17 @@ pub fn link_update(
     unsafe { bpf(uapi::BPF_LINK_UPDATE, &mut attr) }.map(drop)
 }
 
+/// Swaps `new` in behind `link`, guarded against a concurrent change when the program it holds
+/// now (`old_prog_id`) can be opened, which needs CAP_SYS_ADMIN; without it, unconditionally.
+pub fn swap_link_prog(
+    link: BorrowedFd<'_>,
+    new: BorrowedFd<'_>,
+    old_prog_id: u32,
+) -> io::Result<()> {
+    let old = sys::prog_fd_by_id(old_prog_id).ok();
+    link_update(link, new, old.as_ref().map(|o| o.as_fd()))
+}
+
 /// Detaches a link even while other holders keep it open (Linux 5.9).
 pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
     let mut attr = uapi::LinkDetachAttr {
@@ -161,10 +172,12 @@ pub fn tcx_query(ifindex: u32, attach_type: u32) -> io::Result<Vec<(u32, u32)>> 
     Ok(progs.into_iter().zip(links).take(count).collect::<Vec<_>>())
 }
 
-/// The name a program was loaded with (at most 15 bytes).
-pub fn prog_name(prog: BorrowedFd<'_>) -> io::Result<String> {
-    let info = sys::prog_info(prog)?;
-    Ok(String::from_utf8_lossy(info.name()).into_owned())
+/// The name the program with id `id` was loaded with (at most 15 bytes), if it can be opened:
+/// opening a program by id needs CAP_SYS_ADMIN.
+pub fn prog_name_by_id(id: u32) -> Option<String> {
+    let prog = sys::prog_fd_by_id(id).ok()?;
+    let info = sys::prog_info(prog.as_fd()).ok()?;
+    Some(String::from_utf8_lossy(info.name()).into_owned())
 }
 
 /// A failed program load: the errno and the verifier's last lines.

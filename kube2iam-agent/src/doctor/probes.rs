@@ -20,13 +20,6 @@ use crate::bpf::{
     sys,
 };
 
-/// The name of the program with id `id`. Opening a program by id needs CAP_SYS_ADMIN.
-fn prog_name(id: u32) -> Option<String> {
-    sys::prog_fd_by_id(id)
-        .and_then(|fd| sys::prog_name(fd.as_fd()))
-        .ok()
-}
-
 pub(super) fn memlock_limit() -> Option<u64> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -158,7 +151,7 @@ pub(super) fn cgroup_checks(
                 let effective = sys::prog_query(cgroup.as_fd(), hook.attach_type(), true);
                 checks.push(match (own, effective) {
                     (Ok(own), Ok(effective)) => {
-                        others_check(hook, &own, &effective, ours, &prog_name)
+                        others_check(hook, &own, &effective, ours, &sys::prog_name_by_id)
                     }
                     (Err(e), _) | (_, Err(e)) => Check::warn(
                         format!("others at {}", hook.name()),
