@@ -97,19 +97,6 @@ fn stop(agent: &mut Option<VmAgent>) {
 /// What the agent logs when it puts the guard back in front.
 const REPAIRED: &str = "packet guard put back in front";
 
-/// Waits until the agent's log holds more than `seen` lines with `needle`.
-fn wait_for_more(agent: &VmAgent, needle: &str, seen: usize) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while agent.log().matches(needle).count() <= seen {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the agent did not log {needle:?} again within 30 s:\n{}",
-            agent.log()
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Loads the TC_ACT_OK classifier. Before 5.11 programs are charged to RLIMIT_MEMLOCK (64 KiB
 /// by default): the limit is lifted for the load only, since the agents this init starts later
 /// inherit it and the capability rows measure whether they can lift it themselves.
@@ -161,9 +148,11 @@ pub fn rows(tally: &mut Tally, kernel: Kernel, node: &Node, agent: &mut Option<V
             let before = seen_from_pod(&watch);
             // Someone attaches in front again (a CNI restarting): the agent must overtake it. The
             // start-up sync already logged one repair; wait for the next.
-            let repairs = started.log().matches(REPAIRED).count();
+            let repairs = started.count(REPAIRED);
             let _second = foreign_first(tcx, 2);
-            wait_for_more(&started, REPAIRED, repairs);
+            started
+                .wait_for_more(REPAIRED, repairs, Duration::from_secs(30))
+                .unwrap_or_else(|e| panic!("{e}"));
             send_raw(node);
             let after = seen_from_pod(&watch);
             let (code, _, table) = vmagent::doctor_with(&["--host-interface", "k2i-h-+"], None);

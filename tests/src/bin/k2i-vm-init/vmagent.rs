@@ -108,10 +108,26 @@ impl VmAgent {
 
     /// Waits for a log line containing `needle`.
     pub fn wait_for(&self, needle: &str, timeout: Duration) -> Result<(), String> {
+        self.wait_for_more(needle, 0, timeout)
+    }
+
+    /// The log lines that contain `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        let state = self.log.state.lock().expect("log lock");
+        state.lines.iter().filter(|l| l.contains(needle)).count()
+    }
+
+    /// Waits until more than `seen` log lines contain `needle`.
+    pub fn wait_for_more(
+        &self,
+        needle: &str,
+        seen: usize,
+        timeout: Duration,
+    ) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
         let mut state = self.log.state.lock().expect("log lock");
         loop {
-            if state.lines.iter().any(|l| l.contains(needle)) {
+            if state.lines.iter().filter(|l| l.contains(needle)).count() > seen {
                 return Ok(());
             }
             if state.open_streams == 0 {
