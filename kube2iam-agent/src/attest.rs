@@ -20,7 +20,10 @@ use std::{
     net::{IpAddr, SocketAddr},
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{
+        Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -167,7 +170,11 @@ const MIN_RESCAN: Duration = Duration::from_millis(50);
 /// Cached; a cgroup id not seen yet triggers a rescan (rate-limited).
 pub struct CgroupPods {
     root: PathBuf,
+    /// `root` as refusals name it.
+    root_shown: String,
     scan: Mutex<Scan>,
+    /// How many pod cgroups the last scan found (read by every request, without the lock).
+    pod_count: AtomicUsize,
     /// One scan at a time; concurrent misses wait for it and reuse its result.
     scanning: tokio::sync::Mutex<()>,
 }
@@ -175,14 +182,28 @@ pub struct CgroupPods {
 impl CgroupPods {
     pub fn new(root: PathBuf) -> CgroupPods {
         CgroupPods {
+            root_shown: root.display().to_string(),
             root,
             scan: Mutex::default(),
+            pod_count: AtomicUsize::new(0),
             scanning: tokio::sync::Mutex::new(()),
         }
     }
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The root as refusals name it.
+    pub fn root_shown(&self) -> &str {
+        &self.root_shown
+    }
+
+    /// Takes `scan` as what the tree holds now.
+    fn store(&self, scan: Scan) {
+        let mut state = self.state();
+        self.pod_count.store(scan.pods.len(), Ordering::Relaxed);
+        *state = scan;
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, Scan> {
@@ -196,8 +217,7 @@ impl CgroupPods {
 
     /// Rescans now (blocking): for start-up and the host-pods sync.
     pub fn rescan(&self) -> io::Result<()> {
-        let scan = scan_tree(&self.root)?;
-        *self.state() = scan;
+        self.store(scan_tree(&self.root)?);
         Ok(())
     }
 
@@ -237,7 +257,7 @@ impl CgroupPods {
         }
         let root = self.root.clone();
         match tokio::task::spawn_blocking(move || scan_tree(&root)).await {
-            Ok(Ok(scan)) => *self.state() = scan,
+            Ok(Ok(scan)) => self.store(scan),
             Ok(Err(e)) => tracing::warn!(root = %self.root.display(), "cannot scan cgroups: {e}"),
             Err(e) => tracing::warn!("cgroup scan failed: {e}"),
         }
@@ -250,7 +270,7 @@ impl CgroupPods {
 
     /// How many pod cgroups the last scan found.
     pub fn pod_count(&self) -> usize {
-        self.state().pods.len()
+        self.pod_count.load(Ordering::Relaxed)
     }
 }
 

@@ -10,6 +10,7 @@
 //!   ([`CredentialCache::evict_unused`]), and one pod can start only a few prefetches per window
 //!   by changing its annotations ([`PrefetchLimiter`]).
 
+use bytes::Bytes;
 use std::{
     collections::{HashMap, HashSet},
     fmt,
@@ -39,7 +40,7 @@ pub struct Credentials {
 /// with the answer rendered from them once.
 pub struct Issued {
     creds: Credentials,
-    document: OnceLock<String>,
+    document: OnceLock<Bytes>,
 }
 
 impl Issued {
@@ -51,14 +52,14 @@ impl Issued {
     }
 
     /// The answer rendered from these credentials, once one was kept.
-    pub fn rendered(&self) -> Option<&str> {
-        self.document.get().map(String::as_str)
+    pub fn rendered(&self) -> Option<Bytes> {
+        self.document.get().cloned()
     }
 
     /// Keeps `document` as the answer rendered from these credentials (the first one kept
-    /// stays) and returns the kept one.
-    pub fn keep_rendered(&self, document: String) -> &str {
-        self.document.get_or_init(|| document)
+    /// stays) and returns the kept one. Each request's answer shares its bytes.
+    pub fn keep_rendered(&self, document: String) -> Bytes {
+        self.document.get_or_init(|| Bytes::from(document)).clone()
     }
 }
 
@@ -351,7 +352,9 @@ struct Entry {
     /// The last good credentials, readable without waiting for an in-flight call.
     snapshot: RwLock<Option<Arc<Issued>>>,
     refreshing: AtomicBool,
-    last_used: RwLock<tokio::time::Instant>,
+    /// When a request last asked, in nanoseconds since the cache's `epoch` (every request
+    /// writes it: an atomic store, not a lock the runtime's threads would queue on).
+    last_used: AtomicU64,
     session_name: String,
 }
 
@@ -360,6 +363,8 @@ pub struct CredentialCache {
     sts: Arc<dyn Sts>,
     settings: CacheSettings,
     entries: RwLock<HashMap<CacheKey, Arc<Entry>>>,
+    /// What the entries' `last_used` count from.
+    epoch: tokio::time::Instant,
     prefetch: Arc<Semaphore>,
     pub stats: CacheStats,
 }
@@ -378,6 +383,7 @@ impl CredentialCache {
             sts,
             settings,
             entries: RwLock::default(),
+            epoch: tokio::time::Instant::now(),
             stats: CacheStats::default(),
         })
     }
@@ -400,11 +406,21 @@ impl CredentialCache {
                     slot: Mutex::default(),
                     snapshot: RwLock::default(),
                     refreshing: AtomicBool::new(false),
-                    last_used: RwLock::new(tokio::time::Instant::now()),
+                    last_used: AtomicU64::new(self.since_epoch(tokio::time::Instant::now())),
                     session_name: session_name.to_owned(),
                 })
             })
             .clone()
+    }
+
+    fn since_epoch(&self, at: tokio::time::Instant) -> u64 {
+        u64::try_from(at.duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// How long nothing has asked for `entry`, at `now`.
+    fn idle(&self, entry: &Entry, now: tokio::time::Instant) -> Duration {
+        let last = Duration::from_nanos(entry.last_used.load(Ordering::Relaxed));
+        now.duration_since(self.epoch).saturating_sub(last)
     }
 
     fn fresh(&self, creds: &Credentials) -> bool {
@@ -422,7 +438,10 @@ impl CredentialCache {
         session_name: &str,
     ) -> Result<Arc<Issued>, StsError> {
         let entry = self.entry(key, session_name);
-        *entry.last_used.write().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
+        entry.last_used.store(
+            self.since_epoch(tokio::time::Instant::now()),
+            Ordering::Relaxed,
+        );
         let snapshot = entry
             .snapshot
             .read()
@@ -563,8 +582,7 @@ impl CredentialCache {
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
         let before = entries.len();
         entries.retain(|_, e| {
-            let idle = now.duration_since(*e.last_used.read().unwrap_or_else(|p| p.into_inner()))
-                > self.settings.idle_eviction;
+            let idle = self.idle(e, now) > self.settings.idle_eviction;
             let expired = !e
                 .snapshot
                 .read()
@@ -586,8 +604,7 @@ impl CredentialCache {
         let before = entries.len();
         entries.retain(|key, e| {
             in_use.contains(key)
-                || now.duration_since(*e.last_used.read().unwrap_or_else(|p| p.into_inner()))
-                    < grace
+                || self.idle(e, now) < grace
         });
         before - entries.len()
     }

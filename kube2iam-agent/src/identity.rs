@@ -467,6 +467,29 @@ impl RegistryState {
         out
     }
 
+    /// Before the sync: the record pinned for `k`, unless the watch already has that pod.
+    fn pinned_for(&self, k: &Key) -> Option<&PodIdentity> {
+        if self.synced {
+            return None;
+        }
+        self.pinned
+            .get(k)
+            .filter(|p| !self.pods.contains_key(&p.uid))
+    }
+
+    /// A pod by UID: live, hostNetwork, or (before the sync) pinned.
+    fn pod(&self, uid: &str) -> Option<&PodIdentity> {
+        self.pods
+            .get(uid)
+            .map(|p| &p.identity)
+            .or_else(|| self.host_pods.get(uid))
+            .or_else(|| {
+                (!self.synced)
+                    .then(|| self.pinned.values().find(|p| p.uid == uid))
+                    .flatten()
+            })
+    }
+
     /// What the BPF map should hold for `k`: the newest live claimant, else (before the first
     /// list is complete) the pinned record.
     fn wanted(&self, k: &Key) -> Option<PodIdentity> {
@@ -483,8 +506,23 @@ impl RegistryState {
 /// requests on every change.
 pub struct Registry {
     map: Box<dyn IdentityMap>,
-    state: Mutex<RegistryState>,
+    /// Read by every request (many readers at once), written by the watch.
+    state: RwLock<RegistryState>,
     changed: watch::Sender<u64>,
+}
+
+/// What one request reads of the registry, under one lock.
+#[derive(Debug, Default)]
+pub struct CallerView {
+    /// The live pods claiming the address, newest first.
+    pub claimants: Vec<PodIdentity>,
+    /// Before the sync: the record a previous agent pinned for the address.
+    pub pinned: Option<PodIdentity>,
+    /// The attested pod among the hostNetwork pods served their own role.
+    pub host_pod: Option<PodIdentity>,
+    /// The attested pod wherever the registry has it.
+    pub attested: Option<PodIdentity>,
+    pub synced: bool,
 }
 
 impl Registry {
@@ -517,13 +555,19 @@ impl Registry {
         }
         Registry {
             map,
-            state: Mutex::new(state),
+            state: RwLock::new(state),
             changed: watch::Sender::new(0),
         }
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, RegistryState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    /// For changes.
+    fn state(&self) -> std::sync::RwLockWriteGuard<'_, RegistryState> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// For reads: requests read at once, without waiting for each other.
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, RegistryState> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
     }
 
     fn bump(&self) {
@@ -664,7 +708,7 @@ impl Registry {
             seen
         };
         let stale: Vec<String> = self
-            .state()
+            .read()
             .pods
             .keys()
             .filter(|uid| !seen.contains(*uid))
@@ -691,14 +735,13 @@ impl Registry {
 
     /// Whether the first full list has been applied.
     pub fn synced(&self) -> bool {
-        self.state().synced
+        self.read().synced
     }
 
     /// The live pods claiming `ip`, newest first.
     pub fn claimants(&self, ip: IpAddr) -> Vec<PodIdentity> {
-        let k = key(ip);
-        self.state()
-            .live_claimants(&k)
+        self.read()
+            .live_claimants(&key(ip))
             .into_iter()
             .cloned()
             .collect()
@@ -707,55 +750,54 @@ impl Registry {
     /// Before the first list is complete: the record a previous agent pinned for `ip`, unless
     /// the watch already has that pod. Only the pod it names may be served from it.
     pub fn pinned(&self, ip: IpAddr) -> Option<PodIdentity> {
-        let state = self.state();
-        if state.synced {
-            return None;
+        self.read().pinned_for(&key(ip)).cloned()
+    }
+
+    /// What a request from `ip` needs to know, read at one moment: the claimants of `ip`, its
+    /// pinned record, and the pod with UID `attested` (the one the kernel names, if any).
+    pub fn view(&self, ip: IpAddr, attested: Option<&str>) -> CallerView {
+        let state = self.read();
+        let k = key(ip);
+        CallerView {
+            claimants: state.live_claimants(&k).into_iter().cloned().collect(),
+            pinned: state.pinned_for(&k).cloned(),
+            host_pod: attested.and_then(|uid| state.host_pods.get(uid).cloned()),
+            attested: attested.and_then(|uid| state.pod(uid).cloned()),
+            synced: state.synced,
         }
-        state
-            .pinned
-            .get(&key(ip))
-            .filter(|p| !state.pods.contains_key(&p.uid))
-            .cloned()
     }
 
     /// The pod that owns `ip` by address alone: the newest claimant, else (before the sync)
     /// the pinned record. For display; serving decides in [`crate::decision`].
     pub fn lookup(&self, ip: IpAddr) -> Result<Option<PodIdentity>, Error> {
-        Ok(self
-            .claimants(ip)
-            .into_iter()
-            .next()
-            .or_else(|| self.pinned(ip)))
+        let state = self.read();
+        let k = key(ip);
+        Ok(state
+            .live_claimants(&k)
+            .first()
+            .copied()
+            .or_else(|| state.pinned_for(&k))
+            .cloned())
     }
 
     /// A pod by UID: live, hostNetwork, or (before the sync) pinned.
     pub fn pod(&self, uid: &str) -> Option<PodIdentity> {
-        let state = self.state();
-        state
-            .pods
-            .get(uid)
-            .map(|p| p.identity.clone())
-            .or_else(|| state.host_pods.get(uid).cloned())
-            .or_else(|| {
-                (!state.synced)
-                    .then(|| state.pinned.values().find(|p| p.uid == uid).cloned())
-                    .flatten()
-            })
+        self.read().pod(uid).cloned()
     }
 
     /// A hostNetwork pod served its own role, by UID.
     pub fn host_pod(&self, uid: &str) -> Option<PodIdentity> {
-        self.state().host_pods.get(uid).cloned()
+        self.read().host_pods.get(uid).cloned()
     }
 
     /// The UIDs of the hostNetwork pods served their own role.
     pub fn host_pod_uids(&self) -> Vec<String> {
-        self.state().host_pods.keys().cloned().collect()
+        self.read().host_pods.keys().cloned().collect()
     }
 
     /// Every live pod (for the prefetch when the namespaces arrive).
     pub fn live_pods(&self) -> Vec<PodIdentity> {
-        let state = self.state();
+        let state = self.read();
         state
             .pods
             .values()

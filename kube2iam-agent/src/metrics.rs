@@ -31,7 +31,7 @@
 
 use std::{
     fmt,
-    sync::{Arc, atomic::Ordering},
+    sync::{Arc, OnceLock, atomic::Ordering},
     time::Duration,
 };
 
@@ -186,6 +186,9 @@ pub struct RequestMetrics {
     rejected_connections: Counter,
     refusals: Family<KindLabels, Counter>,
     callers: Family<KindLabels, Counter>,
+    /// Each route's `200` counter and its latency histogram, taken from the families once (by
+    /// the first answer): answers do not look their labels up again.
+    answered: [OnceLock<(Counter, Histogram)>; RouteLabel::ALL.len()],
 }
 
 impl Default for RequestMetrics {
@@ -196,6 +199,7 @@ impl Default for RequestMetrics {
             rejected_connections: Counter::default(),
             refusals: Family::default(),
             callers: Family::default(),
+            answered: Default::default(),
         }
     }
 }
@@ -203,6 +207,20 @@ impl Default for RequestMetrics {
 impl RequestMetrics {
     /// One answered request.
     pub fn observe(&self, route: RouteLabel, status: u16, elapsed: Duration) {
+        if status == 200 {
+            let (count, duration) = self.answered[route as usize].get_or_init(|| {
+                let route = route.as_str();
+                (
+                    self.requests
+                        .get_or_create(&RequestLabels { route, status })
+                        .clone(),
+                    self.duration.get_or_create(&RouteLabels { route }).clone(),
+                )
+            });
+            count.inc();
+            duration.observe(elapsed.as_secs_f64());
+            return;
+        }
         let route = route.as_str();
         self.requests
             .get_or_create(&RequestLabels { route, status })
@@ -641,5 +659,34 @@ mod tests {
         let results: std::collections::HashSet<_> =
             StsResult::ALL.iter().map(|r| r.as_str()).collect();
         assert_eq!(results.len(), StsResult::ALL.len());
+    }
+
+    #[test]
+    fn answers_count_under_their_own_route_and_status() {
+        let metrics = RequestMetrics::default();
+        for (i, route) in RouteLabel::ALL.iter().enumerate() {
+            assert_eq!(*route as usize, i, "ALL is in declaration order");
+            for _ in 0..=i {
+                metrics.observe(*route, 200, Duration::from_micros(30));
+            }
+        }
+        metrics.observe(RouteLabel::Credentials, 404, Duration::from_micros(30));
+        for (i, route) in RouteLabel::ALL.iter().enumerate() {
+            assert_eq!(metrics.count(*route, 200), i as u64 + 1, "{route:?}");
+        }
+        assert_eq!(metrics.count(RouteLabel::Credentials, 404), 1);
+        let mut text = String::new();
+        let mut registry = Registry::default();
+        registry.register("requests", "", metrics.requests.clone());
+        registry.register("duration", "", metrics.duration.clone());
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in [
+            "duration_count{route=\"proxy\"} 12",
+            "requests_total{route=\"proxy\",status=\"200\"} 12",
+            "requests_total{route=\"credentials\",status=\"404\"} 1",
+            "duration_count{route=\"credentials\"} 10",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 }

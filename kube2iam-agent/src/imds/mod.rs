@@ -35,7 +35,7 @@ use crate::{
     credentials::{CacheKey, CredentialCache, Session, StsError, imds_time},
     decision::{self, Decision, Known, Namespace, Outcome, Refusal},
     events::{PodEvents, Reason},
-    identity::{PodIdentity, Registry},
+    identity::{CallerView, PodIdentity, Registry},
     kube::Namespaces,
     metrics::{RequestMetrics, RouteLabel},
     policy,
@@ -109,27 +109,23 @@ pub struct State {
 }
 
 /// The registry's view for one look, owned so [`Known`] can borrow it.
-struct Snapshot {
-    claimants: Vec<PodIdentity>,
-    pinned: Option<PodIdentity>,
-    host_pod: Option<PodIdentity>,
-    attested: Option<PodIdentity>,
-    synced: bool,
-    cgroup_root: String,
+struct Snapshot<'a> {
+    view: CallerView,
+    cgroup_root: &'a str,
     pods_attestable: bool,
 }
 
-impl Snapshot {
+impl Snapshot<'_> {
     fn known<'a>(&'a self, caller: &'a Caller, peer: IpAddr) -> Known<'a> {
         Known {
             peer,
             caller,
-            claimants: &self.claimants,
-            pinned: self.pinned.as_ref(),
-            host_pod: self.host_pod.as_ref(),
-            attested: self.attested.as_ref(),
-            synced: self.synced,
-            cgroup_root: &self.cgroup_root,
+            claimants: &self.view.claimants,
+            pinned: self.view.pinned.as_ref(),
+            host_pod: self.view.host_pod.as_ref(),
+            attested: self.view.attested.as_ref(),
+            synced: self.view.synced,
+            cgroup_root: self.cgroup_root,
             pods_attestable: self.pods_attestable,
         }
     }
@@ -147,6 +143,14 @@ impl Reply {
             status,
             body: body.into(),
         }
+    }
+}
+
+/// The answer to a request that found `body`, or was refused.
+fn reply<B: Into<Bytes>>(result: Result<B, Reply>) -> Response<Full<Bytes>> {
+    match result {
+        Ok(body) => text(StatusCode::OK, body),
+        Err(r) => text(r.status, r.body),
     }
 }
 
@@ -190,6 +194,9 @@ struct CredentialDocument<'a> {
 
 impl State {
     fn namespace_of(&self, namespace: &str) -> Namespace {
+        if !self.config.namespace_restrictions {
+            return Namespace::Unrestricted;
+        }
         Namespace::from_lookup(
             self.config.namespace_restrictions,
             self.namespaces.synced(),
@@ -209,18 +216,14 @@ impl State {
     }
 
     /// What the registry knows of `peer` and the attested pod, right now.
-    fn snapshot(&self, caller: &Caller, peer: IpAddr) -> Snapshot {
-        let (host_pod, attested) = match caller {
-            Caller::Pod { uid, .. } => (self.registry.host_pod(uid), self.registry.pod(uid)),
-            _ => (None, None),
+    fn snapshot(&self, caller: &Caller, peer: IpAddr) -> Snapshot<'_> {
+        let attested = match caller {
+            Caller::Pod { uid, .. } => Some(uid.as_str()),
+            _ => None,
         };
         Snapshot {
-            claimants: self.registry.claimants(peer),
-            pinned: self.registry.pinned(peer),
-            host_pod,
-            attested,
-            synced: self.registry.synced(),
-            cgroup_root: self.attestation.cgroups.root().display().to_string(),
+            view: self.registry.view(peer, attested),
+            cgroup_root: self.attestation.cgroups.root_shown(),
             pods_attestable: self.attestation.cgroups.pod_count() > 0,
         }
     }
@@ -244,6 +247,24 @@ impl State {
             self.look(caller, peer, last_look)
         })
         .await
+    }
+
+    /// The role of `pod`, which [`State::caller_pod`] found calling: decided at once from
+    /// what it found, else (something the watches may still bring is missing) as
+    /// [`State::decide`] decides, looking at the caller afresh each time.
+    async fn decide_for(
+        &self,
+        pod: &PodIdentity,
+        caller: &Caller,
+        peer: IpAddr,
+    ) -> Result<Decision, Reply> {
+        let namespace = self.namespace_of(&pod.namespace);
+        let account = self.account_of(pod);
+        match decision::role(&self.config.decision, pod, &namespace, &account, false) {
+            Outcome::Ok(decision) => Ok(decision),
+            Outcome::Refuse(refusal) => Err(self.refuse(refusal)),
+            Outcome::Wait => self.decide(caller, peer).await,
+        }
     }
 
     /// Looks with `look` until it decides, looking again on each registry change (and every
@@ -399,7 +420,7 @@ impl State {
         }
     }
 
-    async fn credentials(&self, decision: &Decision, peer: IpAddr) -> Result<String, Reply> {
+    async fn credentials(&self, decision: &Decision, peer: IpAddr) -> Result<Bytes, Reply> {
         let (key, session_name) = self.cache_key(decision, Some(peer)).map_err(|missing| {
             Reply::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -422,7 +443,7 @@ impl State {
         })?;
         // Rendered once per set of credentials, not per request.
         if let Some(document) = creds.rendered() {
-            return Ok(document.to_owned());
+            return Ok(document);
         }
         let document = CredentialDocument {
             code: "Success",
@@ -435,7 +456,7 @@ impl State {
         };
         let document = serde_json::to_string_pretty(&document)
             .map_err(|e| Reply::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-        Ok(creds.keep_rendered(document).to_owned())
+        Ok(creds.keep_rendered(document))
     }
 
     /// Answers one request, counts it and logs it (refusals rate-limited per caller and status).
@@ -528,7 +549,6 @@ impl State {
             Ok(pod) => pod,
             Err(r) => return (RouteLabel::Refused, text(r.status, r.body), None),
         };
-        let _ = pod;
         if route == Route::Token {
             return (RouteLabel::Token, self.issue_token(&request, peer), None);
         }
@@ -549,10 +569,6 @@ impl State {
                 None,
             );
         }
-        let reply = |r: Result<String, Reply>| match r {
-            Ok(body) => text(StatusCode::OK, body),
-            Err(r) => text(r.status, r.body),
-        };
         match route {
             Route::Token => unreachable!("answered above"),
             Route::IamListing => (
@@ -561,7 +577,7 @@ impl State {
                 None,
             ),
             Route::CredentialsList => {
-                let result = self.decide(caller, peer).await;
+                let result = self.decide_for(&pod, caller, peer).await;
                 let role = result.as_ref().ok().map(|d| d.role.as_str().to_owned());
                 let body = result.map(|d| {
                     policy::listed_name(&d.role, self.config.decision.base_arn.as_ref()).to_owned()
@@ -569,7 +585,7 @@ impl State {
                 (RouteLabel::CredentialsList, reply(body), role)
             }
             Route::Credentials(name) => {
-                let result = self.decide(caller, peer).await;
+                let result = self.decide_for(&pod, caller, peer).await;
                 let role = result.as_ref().ok().map(|d| d.role.as_str().to_owned());
                 let body = match result {
                     Ok(decision) => {
@@ -598,7 +614,7 @@ impl State {
                 (RouteLabel::Credentials, reply(body), role)
             }
             Route::IamInfo => {
-                let result = self.decide(caller, peer).await;
+                let result = self.decide_for(&pod, caller, peer).await;
                 let role = result.as_ref().ok().map(|d| d.role.as_str().to_owned());
                 let body = result.map(|d| {
                     serde_json::json!({
