@@ -44,10 +44,41 @@ fn has_stray_percent(s: &str) -> bool {
     })
 }
 
+/// Whether `path` is what [`normalize`] makes of it (the paths SDKs send): absolute, of letters,
+/// digits, `-`, `_` and `.` only (nothing to decode, no backslash), with no empty, `.` or `..`
+/// segment but a trailing slash.
+fn is_normal(path: &str) -> bool {
+    let Some(rest) = path.strip_prefix('/') else {
+        return false;
+    };
+    if !rest
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.'))
+    {
+        return false;
+    }
+    let mut segments = rest.split('/').peekable();
+    while let Some(segment) = segments.next() {
+        let last = segments.peek().is_none();
+        if segment == "." || segment == ".." || (segment.is_empty() && !last) {
+            return false;
+        }
+    }
+    true
+}
+
 /// Decodes, then resolves `.`/`..` and empty segments. The trailing slash is kept: IMDS
 /// distinguishes `security-credentials` from `security-credentials/`.
 pub fn normalize(raw: &str) -> Result<String, BadPath> {
     let path = raw.split(['?', '#']).next().unwrap_or("");
+    if is_normal(path) {
+        return Ok(path.to_owned());
+    }
+    normalize_path(path)
+}
+
+/// [`normalize`] without the short cut, after the query and fragment are cut off.
+fn normalize_path(path: &str) -> Result<String, BadPath> {
     let decoded = decode(path)?;
     if decoded.chars().any(|c| c.is_control()) {
         return Err(BadPath::Control);
@@ -320,8 +351,15 @@ fn own_iam_route(path: &str) -> Option<Route> {
     if !is_version(&version.to_ascii_lowercase()) {
         return None;
     }
-    let rest_lower = rest.to_ascii_lowercase();
-    let iam = rest_lower.strip_prefix("meta-data/iam")?;
+    const IAM: &str = "meta-data/iam";
+    if !rest
+        .get(..IAM.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(IAM))
+    {
+        return None;
+    }
+    let iam_lower = rest[IAM.len()..].to_ascii_lowercase();
+    let iam = iam_lower.as_str();
     match iam {
         "" | "/" => Some(Route::IamListing),
         "/security-credentials" | "/security-credentials/" => Some(Route::CredentialsList),
@@ -343,8 +381,7 @@ fn own_iam_route(path: &str) -> Option<Route> {
 /// 3. what is safe for any pod ([`is_safe_for_pods`]) or matched by an `--allow-path` is
 ///    forwarded unless an `--block-path` matches; everything else is refused.
 pub fn route(method: &hyper::Method, path: &str, rules: &PathRules) -> Route {
-    let lower = path.to_ascii_lowercase();
-    if method == hyper::Method::PUT && lower == "/latest/api/token" {
+    if method == hyper::Method::PUT && path.eq_ignore_ascii_case("/latest/api/token") {
         return Route::Token;
     }
     // The IAM routes first: the agent answers them itself (a role may be named `user-data`).
@@ -384,6 +421,38 @@ mod tests {
 
     fn norm(p: &str) -> String {
         normalize(p).unwrap_or_else(|e| panic!("{p}: {e}"))
+    }
+
+    /// The short cut for paths already normal gives what the full normalization gives: every
+    /// path of up to 6 characters over an alphabet with each character that matters.
+    #[test]
+    fn normal_paths_are_what_normalizing_makes_of_them() {
+        let alphabet = ['/', '.', 'a', '-', '%', '\\', '2', 'e'];
+        let mut paths = vec![String::new()];
+        let mut normal = 0;
+        for _ in 0..6 {
+            let mut longer = Vec::new();
+            for p in &paths {
+                for c in alphabet {
+                    let mut q = p.clone();
+                    q.push(c);
+                    if is_normal(&q) {
+                        normal += 1;
+                        assert_eq!(normalize_path(&q), Ok(q.clone()));
+                    } else if q.starts_with('/') {
+                        // Not normal: normalizing changes it, or refuses it, or it holds a
+                        // character the short cut leaves to the full path.
+                        let changed = normalize_path(&q).map_or(true, |n| n != q);
+                        let unusual = q.contains(['%', '\\']);
+                        let dots = q.split('/').any(|s| s == "." || s == "..");
+                        assert!(changed || unusual || dots, "{q:?}");
+                    }
+                    longer.push(q);
+                }
+            }
+            paths = longer;
+        }
+        assert!(normal > 5_000, "{normal} normal paths");
     }
 
     #[test]
