@@ -2,7 +2,7 @@
 //! the pod registry knows of the address, and the namespace's policy. Request handling and the
 //! credential prefetch both decide through it, so the two can never disagree.
 
-use std::net::IpAddr;
+use std::{net::IpAddr, sync::Arc};
 
 use crate::{
     attest::{Caller, Mode},
@@ -37,14 +37,14 @@ pub struct Known<'a> {
     /// The kernel's word on the connection.
     pub caller: &'a Caller,
     /// The live pods that claim `peer`, newest first.
-    pub claimants: &'a [PodIdentity],
+    pub claimants: &'a [Arc<PodIdentity>],
     /// Before the first list is complete: the record the previous agent pinned for `peer`. It
     /// is served only to the pod the kernel attests it names, never by address alone.
-    pub pinned: Option<&'a PodIdentity>,
+    pub pinned: Option<&'a Arc<PodIdentity>>,
     /// The record of the attested pod among hostNetwork pods served their own role.
-    pub host_pod: Option<&'a PodIdentity>,
+    pub host_pod: Option<&'a Arc<PodIdentity>>,
     /// The attested pod's record wherever the registry has it (for naming it in refusals).
-    pub attested: Option<&'a PodIdentity>,
+    pub attested: Option<&'a Arc<PodIdentity>>,
     /// The first full pod list has been applied.
     pub synced: bool,
     /// The registry's cgroup root, named in refusals.
@@ -114,7 +114,8 @@ impl Refusal {
 /// The caller's role, decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
-    pub pod: PodIdentity,
+    /// Shared with the registry's record: deciding copies no pod.
+    pub pod: Arc<PodIdentity>,
     pub role: RoleArn,
     pub external_id: Option<String>,
 }
@@ -133,7 +134,11 @@ pub enum Outcome<T> {
 
 /// Which pod is calling. With `last_look` false, what the watch may still change answers
 /// [`Outcome::Wait`]; with it true, it is refused.
-pub fn identify(rules: &Rules, known: &Known<'_>, last_look: bool) -> Outcome<PodIdentity> {
+pub fn identify(
+    rules: &Rules,
+    known: &Known<'_>,
+    last_look: bool,
+) -> Outcome<Arc<PodIdentity>> {
     let node = &rules.node;
     let peer = known.peer;
     let by_address = || match known.claimants.first() {
@@ -190,10 +195,13 @@ pub fn identify(rules: &Rules, known: &Known<'_>, last_look: bool) -> Outcome<Po
             ))
         }
         Caller::Pod { uid, host_netns } => {
-            let attested_name = known
-                .attested
-                .map(PodIdentity::display_name)
-                .unwrap_or_else(|| format!("with UID {uid}"));
+            // Named only in refusals.
+            let attested_name = || {
+                known
+                    .attested
+                    .map(|p| p.display_name())
+                    .unwrap_or_else(|| format!("with UID {uid}"))
+            };
             if *host_netns {
                 return match known.host_pod {
                     Some(pod) if pod.uid == *uid => Outcome::Ok(pod.clone()),
@@ -203,8 +211,9 @@ pub fn identify(rules: &Rules, known: &Known<'_>, last_look: bool) -> Outcome<Po
                         "host_pod_unknown",
                         format!(
                             "the kernel attributes this host-network connection to pod \
-                             {attested_name}, which is not a hostNetwork pod with a role on node \
-                             {node} (--host-network-pods)"
+                             {}, which is not a hostNetwork pod with a role on node \
+                             {node} (--host-network-pods)",
+                            attested_name()
                         ),
                     )),
                 };
@@ -218,13 +227,14 @@ pub fn identify(rules: &Rules, known: &Known<'_>, last_look: bool) -> Outcome<Po
             if attested_pods().next().is_none() {
                 return Outcome::Refuse(unknown_address(rules, known));
             }
-            let owners: Vec<String> = attested_pods().map(PodIdentity::display_name).collect();
+            let owners: Vec<String> = attested_pods().map(|p| p.display_name()).collect();
             Outcome::Refuse(Refusal::new(
                 403,
                 "mismatch",
                 format!(
-                    "the kernel attributes the connection from {peer} to pod {attested_name}, but \
-                     on node {node} {peer} belongs to {}; nothing is served",
+                    "the kernel attributes the connection from {peer} to pod {}, but on node \
+                     {node} {peer} belongs to {}; nothing is served",
+                    attested_name(),
                     owners.join(", ")
                 ),
             ))
@@ -257,12 +267,12 @@ enum Source {
 /// role annotation (`account`, [`AccountRole::Off`] without `--service-account-roles`).
 pub fn role(
     rules: &Rules,
-    pod: &PodIdentity,
+    pod: &Arc<PodIdentity>,
     namespace: &Namespace,
     account: &AccountRole,
     last_look: bool,
 ) -> Outcome<Decision> {
-    let who = pod.display_name();
+    let who = pod.named();
     let key = &rules.role_key;
     let sa_key = &rules.service_account_key;
     let invalid = |reason: Reason, body: String| {
@@ -373,13 +383,13 @@ pub fn role(
 /// namespace's restriction.
 fn decide_role(
     rules: &Rules,
-    pod: &PodIdentity,
+    pod: &Arc<PodIdentity>,
     namespace: &Namespace,
     raw_role: &str,
     source: Source,
     last_look: bool,
 ) -> Outcome<Decision> {
-    let who = pod.display_name();
+    let who = pod.named();
     let key = &rules.role_key;
     let sa_key = &rules.service_account_key;
     let invalid = |reason: Reason, body: String| {
@@ -535,8 +545,8 @@ mod tests {
         }
     }
 
-    fn pod(name: &str, uid: &str, role: Option<&str>) -> PodIdentity {
-        PodIdentity {
+    fn pod(name: &str, uid: &str, role: Option<&str>) -> Arc<PodIdentity> {
+        Arc::new(PodIdentity {
             namespace: "shop".into(),
             name: name.into(),
             uid: uid.into(),
@@ -547,7 +557,7 @@ mod tests {
                 name: "default".into(),
                 webhook: None,
             }),
-        }
+        })
     }
 
     fn attested(uid: &str) -> Caller {
@@ -557,7 +567,7 @@ mod tests {
         }
     }
 
-    fn known<'a>(caller: &'a Caller, claimants: &'a [PodIdentity]) -> Known<'a> {
+    fn known<'a>(caller: &'a Caller, claimants: &'a [Arc<PodIdentity>]) -> Known<'a> {
         Known {
             peer: "198.51.100.2".parse().unwrap(),
             caller,
@@ -1038,7 +1048,7 @@ mod tests {
         ] {
             let mut r = rules(Mode::Off);
             let mut left_pod = pod("left", UID_A, None);
-            left_pod.account = Some(PodAccount {
+            Arc::make_mut(&mut left_pod).account = Some(PodAccount {
                 name: "default".into(),
                 webhook: Some(webhook),
             });
@@ -1055,7 +1065,7 @@ mod tests {
                 "{}",
                 left.body
             );
-            left_pod.role = Annotation::Value("own".into());
+            Arc::make_mut(&mut left_pod).role = Annotation::Value("own".into());
             assert!(
                 matches!(
                     role(
@@ -1069,7 +1079,7 @@ mod tests {
                 ),
                 "the pod's own annotation still wins ({webhook:?})"
             );
-            left_pod.role = Annotation::Absent;
+            Arc::make_mut(&mut left_pod).role = Annotation::Absent;
             r.default_role = Some("fallback".into());
             let d = served(role(
                 &r,
@@ -1087,7 +1097,7 @@ mod tests {
         let mut r = rules(Mode::Off);
         r.needs_service_account = true;
         let mut pinned = pod("web", UID_A, Some("web"));
-        pinned.account = None;
+        Arc::make_mut(&mut pinned).account = None;
         assert_eq!(
             role(
                 &r,

@@ -7,8 +7,9 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    fmt,
     net::{IpAddr, Ipv6Addr},
-    sync::{Mutex, RwLock},
+    sync::{Arc, Mutex, RwLock},
     time::Duration,
 };
 
@@ -137,7 +138,18 @@ impl WebhookCredentials {
 impl PodIdentity {
     /// `namespace/name`, as errors and logs name the pod.
     pub fn display_name(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+        self.named().to_string()
+    }
+
+    /// `namespace/name`, written where it is shown (no String of its own).
+    pub fn named(&self) -> impl fmt::Display + '_ {
+        struct Named<'a>(&'a PodIdentity);
+        impl fmt::Display for Named<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}/{}", self.0.namespace, self.0.name)
+            }
+        }
+        Named(self)
     }
 
     /// Whether `self` wins an address over `other`.
@@ -431,7 +443,8 @@ impl IdentityMap for MemoryIdentityMap {
 /// A live pod from the watch.
 #[derive(Debug, Clone)]
 struct LivePod {
-    identity: PodIdentity,
+    /// Shared with the requests that read it.
+    identity: Arc<PodIdentity>,
     keys: Vec<Key>,
 }
 
@@ -442,10 +455,10 @@ struct RegistryState {
     /// Address → the UIDs of the live pods claiming it.
     by_key: HashMap<Key, Vec<String>>,
     /// hostNetwork pods served their own role (`--host-network-pods`): UID → record.
-    host_pods: HashMap<String, PodIdentity>,
+    host_pods: HashMap<String, Arc<PodIdentity>>,
     /// What the previous agent pinned, until the first list is complete: served only through
     /// [`Registry::claimants`], where attestation decides who may use it.
-    pinned: HashMap<Key, PodIdentity>,
+    pinned: HashMap<Key, Arc<PodIdentity>>,
     /// What the BPF map holds, as this agent wrote it (or found it).
     written: HashMap<Key, PodIdentity>,
     /// During a relist: the UIDs seen so far.
@@ -455,8 +468,8 @@ struct RegistryState {
 
 impl RegistryState {
     /// The live pods claiming `k`, newest first.
-    fn live_claimants(&self, k: &Key) -> Vec<&PodIdentity> {
-        let mut out: Vec<&PodIdentity> = self
+    fn live_claimants(&self, k: &Key) -> Vec<&Arc<PodIdentity>> {
+        let mut out: Vec<&Arc<PodIdentity>> = self
             .by_key
             .get(k)
             .into_iter()
@@ -468,7 +481,7 @@ impl RegistryState {
     }
 
     /// Before the sync: the record pinned for `k`, unless the watch already has that pod.
-    fn pinned_for(&self, k: &Key) -> Option<&PodIdentity> {
+    fn pinned_for(&self, k: &Key) -> Option<&Arc<PodIdentity>> {
         if self.synced {
             return None;
         }
@@ -478,7 +491,7 @@ impl RegistryState {
     }
 
     /// A pod by UID: live, hostNetwork, or (before the sync) pinned.
-    fn pod(&self, uid: &str) -> Option<&PodIdentity> {
+    fn pod(&self, uid: &str) -> Option<&Arc<PodIdentity>> {
         self.pods
             .get(uid)
             .map(|p| &p.identity)
@@ -494,8 +507,8 @@ impl RegistryState {
     /// list is complete) the pinned record.
     fn wanted(&self, k: &Key) -> Option<PodIdentity> {
         match self.live_claimants(k).first() {
-            Some(owner) => Some((*owner).clone()),
-            None if !self.synced => self.pinned.get(k).cloned(),
+            Some(owner) => Some(PodIdentity::clone(owner)),
+            None if !self.synced => self.pinned.get(k).map(|p| PodIdentity::clone(p)),
             None => None,
         }
     }
@@ -515,13 +528,13 @@ pub struct Registry {
 #[derive(Debug, Default)]
 pub struct CallerView {
     /// The live pods claiming the address, newest first.
-    pub claimants: Vec<PodIdentity>,
+    pub claimants: Vec<Arc<PodIdentity>>,
     /// Before the sync: the record a previous agent pinned for the address.
-    pub pinned: Option<PodIdentity>,
+    pub pinned: Option<Arc<PodIdentity>>,
     /// The attested pod among the hostNetwork pods served their own role.
-    pub host_pod: Option<PodIdentity>,
+    pub host_pod: Option<Arc<PodIdentity>>,
     /// The attested pod wherever the registry has it.
-    pub attested: Option<PodIdentity>,
+    pub attested: Option<Arc<PodIdentity>>,
     pub synced: bool,
 }
 
@@ -534,7 +547,7 @@ impl Registry {
                 for k in keys {
                     match map.get(&k) {
                         Ok(Some(pod)) => {
-                            state.pinned.insert(k, pod.clone());
+                            state.pinned.insert(k, Arc::new(pod.clone()));
                             state.written.insert(k, pod);
                         }
                         Ok(None) => {}
@@ -628,7 +641,7 @@ impl Registry {
             .insert(
                 pod.uid.clone(),
                 LivePod {
-                    identity: pod.clone(),
+                    identity: Arc::new(pod.clone()),
                     keys: keys.clone(),
                 },
             )
@@ -663,7 +676,9 @@ impl Registry {
         if let Some(seen) = state.relist.as_mut() {
             seen.insert(pod.uid.clone());
         }
-        state.host_pods.insert(pod.uid.clone(), pod.clone());
+        state
+            .host_pods
+            .insert(pod.uid.clone(), Arc::new(pod.clone()));
         drop(state);
         self.bump();
         errors
@@ -743,14 +758,16 @@ impl Registry {
         self.read()
             .live_claimants(&key(ip))
             .into_iter()
-            .cloned()
+            .map(|p| PodIdentity::clone(p))
             .collect()
     }
 
     /// Before the first list is complete: the record a previous agent pinned for `ip`, unless
     /// the watch already has that pod. Only the pod it names may be served from it.
     pub fn pinned(&self, ip: IpAddr) -> Option<PodIdentity> {
-        self.read().pinned_for(&key(ip)).cloned()
+        self.read()
+            .pinned_for(&key(ip))
+            .map(|p| PodIdentity::clone(p))
     }
 
     /// What a request from `ip` needs to know, read at one moment: the claimants of `ip`, its
@@ -777,17 +794,20 @@ impl Registry {
             .first()
             .copied()
             .or_else(|| state.pinned_for(&k))
-            .cloned())
+            .map(|p| PodIdentity::clone(p)))
     }
 
     /// A pod by UID: live, hostNetwork, or (before the sync) pinned.
     pub fn pod(&self, uid: &str) -> Option<PodIdentity> {
-        self.read().pod(uid).cloned()
+        self.read().pod(uid).map(|p| PodIdentity::clone(p))
     }
 
     /// A hostNetwork pod served its own role, by UID.
     pub fn host_pod(&self, uid: &str) -> Option<PodIdentity> {
-        self.read().host_pods.get(uid).cloned()
+        self.read()
+            .host_pods
+            .get(uid)
+            .map(|p| PodIdentity::clone(p))
     }
 
     /// The UIDs of the hostNetwork pods served their own role.
@@ -801,8 +821,8 @@ impl Registry {
         state
             .pods
             .values()
-            .map(|p| p.identity.clone())
-            .chain(state.host_pods.values().cloned())
+            .map(|p| PodIdentity::clone(&p.identity))
+            .chain(state.host_pods.values().map(|p| PodIdentity::clone(p)))
             .collect()
     }
 

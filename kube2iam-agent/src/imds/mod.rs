@@ -38,7 +38,7 @@ use crate::{
     identity::{CallerView, PodIdentity, Registry},
     kube::Namespaces,
     metrics::{RequestMetrics, RouteLabel},
-    policy,
+    policy::{self, RoleArn},
     service_accounts::{AccountRole, ServiceAccounts},
     session_tags::SessionTagging,
     telemetry::LogLimiter,
@@ -254,7 +254,7 @@ impl State {
     /// [`State::decide`] decides, looking at the caller afresh each time.
     async fn decide_for(
         &self,
-        pod: &PodIdentity,
+        pod: &Arc<PodIdentity>,
         caller: &Caller,
         peer: IpAddr,
     ) -> Result<Decision, Reply> {
@@ -263,7 +263,9 @@ impl State {
         match decision::role(&self.config.decision, pod, &namespace, &account, false) {
             Outcome::Ok(decision) => Ok(decision),
             Outcome::Refuse(refusal) => Err(self.refuse(refusal)),
-            Outcome::Wait => self.decide(caller, peer).await,
+            // Boxed: the waiting is rare, and its state would otherwise make every request's
+            // future larger (and every request moves it).
+            Outcome::Wait => Box::pin(self.decide(caller, peer)).await,
         }
     }
 
@@ -305,7 +307,11 @@ impl State {
     }
 
     /// The pod calling, for the routes that serve no role (token, proxy): any pod of this node.
-    async fn caller_pod(&self, caller: &Caller, peer: IpAddr) -> Result<PodIdentity, Reply> {
+    async fn caller_pod(
+        &self,
+        caller: &Caller,
+        peer: IpAddr,
+    ) -> Result<Arc<PodIdentity>, Reply> {
         self.wait_for(None, |last_look| {
             let snapshot = self.snapshot(caller, peer);
             decision::identify(
@@ -371,8 +377,9 @@ impl State {
         }
         let namespace = self.namespace_of(&pod.namespace);
         let account = self.account_of(pod);
+        let pod = Arc::new(pod.clone());
         if let Outcome::Ok(decision) =
-            decision::role(&self.config.decision, pod, &namespace, &account, false)
+            decision::role(&self.config.decision, &pod, &namespace, &account, false)
             && let Ok((key, session_name)) = self.cache_key(&decision, None)
         {
             self.cache.prefetch(key, &session_name);
@@ -468,12 +475,15 @@ impl State {
     ) -> Response<Full<Bytes>> {
         let started = Instant::now();
         let method = request.method().clone();
-        let uri_path = request.uri().path().to_owned();
+        // Shares the request's bytes: nothing is copied unless it is logged.
+        let uri = request.uri().clone();
+        let uri_path = uri.path();
         let (route, response, role) = self.handle(request, caller, peer).await;
+        let role = role.as_ref().map(RoleArn::as_str);
         let status = response.status();
-        let latency_us = started.elapsed().as_micros() as u64;
-        self.stats
-            .observe(route, status.as_u16(), started.elapsed());
+        let elapsed = started.elapsed();
+        let latency_us = elapsed.as_micros() as u64;
+        self.stats.observe(route, status.as_u16(), elapsed);
         let attested = caller.label();
         if status.is_client_error() && status != StatusCode::UNAUTHORIZED
             || status.is_server_error()
@@ -506,7 +516,7 @@ impl State {
         request: Request<Incoming>,
         caller: &Caller,
         peer: IpAddr,
-    ) -> (RouteLabel, Response<Full<Bytes>>, Option<String>) {
+    ) -> (RouteLabel, Response<Full<Bytes>>, Option<RoleArn>) {
         if let Some(size) = oversized_body(&request) {
             let mut response = text(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -541,7 +551,7 @@ impl State {
             {
                 return (RouteLabel::Refused, text(r.status, r.body), None);
             }
-            return (RouteLabel::Healthz, self.healthz().await, None);
+            return (RouteLabel::Healthz, Box::pin(self.healthz()).await, None);
         }
         let route = path::route(&method, &normalized, &self.config.rules);
         // Every route is for the pods of this node only: the token and the proxy too.
@@ -577,17 +587,18 @@ impl State {
                 None,
             ),
             Route::CredentialsList => {
-                let result = self.decide_for(&pod, caller, peer).await;
-                let role = result.as_ref().ok().map(|d| d.role.as_str().to_owned());
-                let body = result.map(|d| {
-                    policy::listed_name(&d.role, self.config.decision.base_arn.as_ref()).to_owned()
-                });
+                let (body, role) = match self.decide_for(&pod, caller, peer).await {
+                    Ok(d) => (
+                        Ok(policy::listed_name(&d.role, self.config.decision.base_arn.as_ref())
+                            .to_owned()),
+                        Some(d.role),
+                    ),
+                    Err(r) => (Err(r), None),
+                };
                 (RouteLabel::CredentialsList, reply(body), role)
             }
             Route::Credentials(name) => {
-                let result = self.decide_for(&pod, caller, peer).await;
-                let role = result.as_ref().ok().map(|d| d.role.as_str().to_owned());
-                let body = match result {
+                let (body, role) = match self.decide_for(&pod, caller, peer).await {
                     Ok(decision) => {
                         let listed = policy::listed_name(
                             &decision.role,
@@ -597,7 +608,7 @@ impl State {
                             || name == decision.role.as_str()
                             || policy::resolve_role(&name, self.config.decision.base_arn.as_ref())
                                 .is_ok_and(|r| r == decision.role);
-                        if same {
+                        let body = if same {
                             self.credentials(&decision, peer).await
                         } else {
                             let body = format!(
@@ -607,24 +618,27 @@ impl State {
                             self.events
                                 .record(&decision.pod, Reason::UnknownRole, &body);
                             Err(Reply::new(StatusCode::NOT_FOUND, body))
-                        }
+                        };
+                        (body, Some(decision.role))
                     }
-                    Err(r) => Err(r),
+                    Err(r) => (Err(r), None),
                 };
                 (RouteLabel::Credentials, reply(body), role)
             }
             Route::IamInfo => {
-                let result = self.decide_for(&pod, caller, peer).await;
-                let role = result.as_ref().ok().map(|d| d.role.as_str().to_owned());
-                let body = result.map(|d| {
-                    serde_json::json!({
-                        "Code": "Success",
-                        "LastUpdated": imds_time(SystemTime::now()),
-                        "InstanceProfileArn": d.role.as_str(),
-                        "InstanceProfileId": "kube2iam-ebpf",
-                    })
-                    .to_string()
-                });
+                let (body, role) = match self.decide_for(&pod, caller, peer).await {
+                    Ok(d) => (
+                        Ok(serde_json::json!({
+                            "Code": "Success",
+                            "LastUpdated": imds_time(SystemTime::now()),
+                            "InstanceProfileArn": d.role.as_str(),
+                            "InstanceProfileId": "kube2iam-ebpf",
+                        })
+                        .to_string()),
+                        Some(d.role),
+                    ),
+                    Err(r) => (Err(r), None),
+                };
                 (RouteLabel::IamInfo, reply(body), role)
             }
             Route::Blocked(refusal) => (
@@ -640,7 +654,8 @@ impl State {
                     .headers()
                     .get(header::ACCEPT)
                     .and_then(|v| v.to_str().ok());
-                match self.upstream.get(method, &target, accept).await {
+                // Boxed, as the waiting in decide_for.
+                match Box::pin(self.upstream.get(method, &target, accept)).await {
                     Ok(up) => {
                         let mut response = Response::new(Full::new(up.body));
                         *response.status_mut() = up.status;

@@ -1,7 +1,7 @@
 //! Which credential cache keys the pods on this node use now, for evicting the rest
 //! ([`crate::credentials::CredentialCache::evict_unused`]).
 
-use std::collections::HashSet;
+use std::{collections::HashSet, sync::Arc};
 
 use super::State;
 use crate::{
@@ -21,7 +21,8 @@ impl State {
             known => known,
         };
         let account = self.account_of(pod);
-        match decision::role(&self.config.decision, pod, &namespace, &account, false) {
+        let pod = Arc::new(pod.clone());
+        match decision::role(&self.config.decision, &pod, &namespace, &account, false) {
             Outcome::Ok(decision) => self.cache_key(&decision, None).ok().map(|(key, _)| key),
             Outcome::Wait | Outcome::Refuse(_) => None,
         }
