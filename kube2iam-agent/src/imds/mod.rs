@@ -756,6 +756,12 @@ pub async fn serve(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(state.config.max_connections));
     let unattested = Arc::new(Semaphore::new(UNATTESTED_CONNECTIONS));
+    // Where connections arrive: the listener's own address, unless it listens on every address
+    // (then each connection is asked, a syscall).
+    let bound = listener
+        .local_addr()
+        .ok()
+        .filter(|a| !a.ip().is_unspecified());
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -770,7 +776,7 @@ pub async fn serve(
         };
         let peer_ip = peer.ip().to_canonical();
         let _ = stream.set_nodelay(true);
-        let local = stream.local_addr().unwrap_or(peer);
+        let local = bound.unwrap_or_else(|| stream.local_addr().unwrap_or(peer));
         let watcher = graceful.watcher();
         let (state, permits, unattested) = (state.clone(), permits.clone(), unattested.clone());
         tokio::spawn(async move {
