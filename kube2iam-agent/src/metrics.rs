@@ -207,8 +207,10 @@ impl Default for RequestMetrics {
 impl RequestMetrics {
     /// One answered request.
     pub fn observe(&self, route: RouteLabel, status: u16, elapsed: Duration) {
-        if status == 200 {
-            let (count, duration) = self.answered[route as usize].get_or_init(|| {
+        if status == 200
+            && let Some(answered) = self.answered.get(route as usize)
+        {
+            let (count, duration) = answered.get_or_init(|| {
                 let route = route.as_str();
                 (
                     self.requests

@@ -761,7 +761,7 @@ pub async fn serve(
     let bound = listener
         .local_addr()
         .ok()
-        .filter(|a| !a.ip().is_unspecified());
+        .filter(|a| !a.ip().to_canonical().is_unspecified());
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
