@@ -365,6 +365,7 @@ pub async fn run(args: &RunArgs, kernel_debug_log: bool) -> anyhow::Result<()> {
         },
         per_caller: Default::default(),
         refusal_log: crate::telemetry::LogLimiter::new(Duration::from_secs(10)),
+        node_session: Default::default(),
     });
 
     // Serve at once: pods known from the pinned map are answered while the watch relists.

@@ -9,10 +9,11 @@ pub mod upstream;
 mod usage;
 
 use std::{
+    borrow::Cow,
     collections::HashMap,
     convert::Infallible,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -106,6 +107,8 @@ pub struct State {
     pub per_caller: Mutex<HashMap<CallerKey, usize>>,
     /// Keeps refusals from flooding the log.
     pub refusal_log: LogLimiter,
+    /// The node's session name, made once (from `config.decision.node`).
+    pub node_session: OnceLock<String>,
 }
 
 /// The registry's view for one look, owned so [`Known`] can borrow it.
@@ -332,7 +335,7 @@ impl State {
         &self,
         decision: &Decision,
         peer: Option<IpAddr>,
-    ) -> Result<(CacheKey, String), crate::session_tags::Missing> {
+    ) -> Result<(CacheKey, Cow<'_, str>), crate::session_tags::Missing> {
         let tags = self.config.sessions.for_pod(&decision.pod)?;
         // The key does not depend on whether the address is known: kube2iam's names are one
         // session per pod, like --session-per-pod.
@@ -347,14 +350,18 @@ impl State {
                 Session::Pod {
                     uid: decision.pod.uid.clone(),
                 },
-                named.unwrap_or_else(|| {
+                Cow::Owned(named.unwrap_or_else(|| {
                     policy::pod_session_name(&decision.pod.namespace, &decision.pod.name)
-                }),
+                })),
             )
         } else {
             (
                 Session::Node,
-                policy::node_session_name(&self.config.decision.node),
+                Cow::Borrowed(
+                    self.node_session
+                        .get_or_init(|| policy::node_session_name(&self.config.decision.node))
+                        .as_str(),
+                ),
             )
         };
         Ok((

@@ -126,6 +126,7 @@ mod tests {
             },
             per_caller: Default::default(),
             refusal_log: crate::telemetry::LogLimiter::new(Duration::from_secs(1)),
+            node_session: Default::default(),
         }
     }
 
