@@ -79,6 +79,70 @@ pub fn load_average() -> String {
         .join(" ")
 }
 
+/// CPU time so far: the whole machine's busy time, and this process's with its reaped
+/// descendants' (every process the run starts is waited for before the run ends).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuSample {
+    /// user + nice + system + irq + softirq over all CPUs (/proc/stat).
+    machine_busy: Duration,
+    /// getrusage(SELF) + getrusage(CHILDREN), user + system.
+    own: Duration,
+    at: Option<std::time::Instant>,
+}
+
+impl CpuSample {
+    pub fn now() -> CpuSample {
+        // SAFETY: sysconf has no preconditions.
+        let ticks_per_sec = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+            .unwrap_or(100)
+            .max(1);
+        let busy_ticks: u64 = std::fs::read_to_string("/proc/stat")
+            .unwrap_or_default()
+            .lines()
+            .next()
+            .map(|cpu| {
+                // cpu  user nice system idle iowait irq softirq steal guest guest_nice
+                let fields: Vec<u64> = cpu
+                    .split_whitespace()
+                    .skip(1)
+                    .filter_map(|f| f.parse().ok())
+                    .collect();
+                [0, 1, 2, 5, 6]
+                    .iter()
+                    .filter_map(|i| fields.get(*i))
+                    .sum()
+            })
+            .unwrap_or(0);
+        let usage = |who| {
+            // SAFETY: getrusage fills the struct it is given.
+            let mut r: libc::rusage = unsafe { std::mem::zeroed() };
+            unsafe { libc::getrusage(who, &mut r) };
+            let tv = |t: libc::timeval| {
+                Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+            };
+            tv(r.ru_utime) + tv(r.ru_stime)
+        };
+        CpuSample {
+            machine_busy: Duration::from_nanos(busy_ticks * 1_000_000_000 / ticks_per_sec),
+            own: usage(libc::RUSAGE_SELF) + usage(libc::RUSAGE_CHILDREN),
+            at: Some(std::time::Instant::now()),
+        }
+    }
+
+    /// Cores' worth of CPU that others used between `self` and `later`: the machine's busy
+    /// time minus this run's. Kernel threads that carried part of the run's own network work
+    /// (ksoftirqd) count as others'.
+    pub fn others_until(&self, later: &CpuSample) -> Option<f64> {
+        let wall = later.at?.duration_since(self.at?).as_secs_f64();
+        if wall <= 0.0 {
+            return None;
+        }
+        let busy = later.machine_busy.saturating_sub(self.machine_busy);
+        let own = later.own.saturating_sub(self.own);
+        Some(busy.saturating_sub(own).as_secs_f64() / wall)
+    }
+}
+
 // --- results -------------------------------------------------------------------------------------
 
 pub struct ConnectRow {
@@ -410,6 +474,9 @@ pub struct Report {
     pub started_at: String,
     pub load_before: String,
     pub load_after: String,
+    /// CPU time at the start and the end of the run.
+    pub cpu_before: CpuSample,
+    pub cpu_after: CpuSample,
     pub memory_cgroup: Option<String>,
     pub connect: Option<ConnectResult>,
     pub get: Option<GetResult>,
@@ -521,6 +588,8 @@ impl Report {
             started_at: crate::encode::rfc3339(std::time::SystemTime::now()),
             load_before: load_average(),
             load_after: String::new(),
+            cpu_before: CpuSample::now(),
+            cpu_after: CpuSample::default(),
             memory_cgroup: None,
             connect: None,
             get: None,
@@ -534,15 +603,15 @@ impl Report {
         }
     }
 
-    /// Whether the 1-minute load average before or after the run was above 1.5 on this
-    /// machine's cores (others' builds and tests sharing the CPUs).
+    /// Cores' worth of CPU that other processes used during the run.
+    fn others(&self) -> Option<f64> {
+        self.cpu_before.others_until(&self.cpu_after)
+    }
+
+    /// Whether other work took more than half a core on average during the run (others'
+    /// builds and tests sharing the CPUs).
     fn loaded(&self) -> bool {
-        [&self.load_before, &self.load_after].iter().any(|l| {
-            l.split_whitespace()
-                .next()
-                .and_then(|v| v.parse::<f64>().ok())
-                .is_some_and(|v| v > 1.5)
-        })
+        self.others().is_some_and(|others| others > 0.5)
     }
 
     pub fn targets(&self) -> Vec<Target> {
@@ -750,14 +819,24 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "- Load average (1/5/15 min) before the run: {}; after: {}.{}",
+            "- Load average (1/5/15 min) before the run: {}; after: {} (the run's own load \
+             included). {}{}",
             self.load_before,
             self.load_after,
+            match self.others() {
+                Some(others) => format!(
+                    "Other processes used {others:.2} cores on average during the run (the \
+                     machine's busy time in /proc/stat minus this run's processes; kernel \
+                     threads that carry part of its network work, such as ksoftirqd, count as \
+                     other)."
+                ),
+                None => "Other processes' CPU use was not measured.".to_owned(),
+            },
             if self.loaded() {
-                " **The machine was busy with other work during this run (load above 1.5 on \
-                 these cores): absolute numbers are inflated and noisier than on a quiet \
-                 machine; the ratios compare variants interleaved within each round, and their \
-                 intervals show how much the noise moved them.**"
+                " **Other work took more than half a core during this run: absolute numbers \
+                 are inflated and noisier than on a quiet machine; the ratios compare variants \
+                 interleaved within each round, and their intervals show how much the noise \
+                 moved them.**"
             } else {
                 ""
             }

@@ -78,6 +78,7 @@ fn main() -> ExitCode {
     report.revision = revision;
     report.build_secs = build_secs;
     report.load_after = load_average();
+    report.cpu_after = kube2iam_tests::bench::report::CpuSample::now();
     let text = report.markdown();
     println!("{text}");
     if let Err(e) = std::fs::write(&out, &text) {
