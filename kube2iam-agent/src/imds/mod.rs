@@ -280,15 +280,22 @@ impl State {
         step: Option<Duration>,
         mut look: impl FnMut(bool) -> Outcome<T>,
     ) -> Result<T, Reply> {
+        let mut settle = |last_look: bool| match look(last_look) {
+            Outcome::Ok(found) => Some(Ok(found)),
+            Outcome::Refuse(refusal) => Some(Err(self.refuse(refusal))),
+            Outcome::Wait => None,
+        };
+        // The first look reads no clock: it is the last one only without a wait, and it
+        // mostly decides.
+        if let Some(decided) = settle(self.config.pod_wait.is_zero()) {
+            return decided;
+        }
         let deadline = tokio::time::Instant::now() + self.config.pod_wait;
         let mut changes = self.registry.subscribe();
         loop {
             changes.mark_unchanged();
-            let last_look = tokio::time::Instant::now() >= deadline;
-            match look(last_look) {
-                Outcome::Ok(found) => return Ok(found),
-                Outcome::Refuse(refusal) => return Err(self.refuse(refusal)),
-                Outcome::Wait => {}
+            if let Some(decided) = settle(tokio::time::Instant::now() >= deadline) {
+                return decided;
             }
             let wake = step.map_or(deadline, |step| {
                 deadline.min(tokio::time::Instant::now() + step)

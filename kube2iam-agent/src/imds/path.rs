@@ -348,27 +348,32 @@ fn own_iam_route(path: &str) -> Option<Route> {
     let mut parts = path.trim_start_matches('/').splitn(2, '/');
     let version = parts.next().unwrap_or("");
     let rest = parts.next().unwrap_or("");
-    if !is_version(&version.to_ascii_lowercase()) {
+    // Compared without regard to ASCII case, without lowercased copies.
+    let starts = |s: &str, prefix: &str| {
+        s.get(..prefix.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
+    };
+    if !(version.eq_ignore_ascii_case("latest") || is_version(version)) {
         return None;
     }
     const IAM: &str = "meta-data/iam";
-    if !rest
-        .get(..IAM.len())
-        .is_some_and(|p| p.eq_ignore_ascii_case(IAM))
-    {
+    const CREDENTIALS: &str = "/security-credentials/";
+    if !starts(rest, IAM) {
         return None;
     }
-    let iam_lower = rest[IAM.len()..].to_ascii_lowercase();
-    let iam = iam_lower.as_str();
-    match iam {
-        "" | "/" => Some(Route::IamListing),
-        "/security-credentials" | "/security-credentials/" => Some(Route::CredentialsList),
-        "/info" | "/info/" => Some(Route::IamInfo),
-        _ if iam.starts_with("/security-credentials/") => {
-            let name = &rest["meta-data/iam/security-credentials/".len()..];
-            Some(Route::Credentials(name.trim_end_matches('/').to_owned()))
-        }
-        _ => None,
+    let iam = &rest[IAM.len()..];
+    let is = |s: &str| iam.eq_ignore_ascii_case(s);
+    if is("") || is("/") {
+        Some(Route::IamListing)
+    } else if is("/security-credentials") || is(CREDENTIALS) {
+        Some(Route::CredentialsList)
+    } else if is("/info") || is("/info/") {
+        Some(Route::IamInfo)
+    } else if starts(iam, CREDENTIALS) {
+        let name = &iam[CREDENTIALS.len()..];
+        Some(Route::Credentials(name.trim_end_matches('/').to_owned()))
+    } else {
+        None
     }
 }
 
