@@ -602,10 +602,7 @@ impl CredentialCache {
         let now = tokio::time::Instant::now();
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
         let before = entries.len();
-        entries.retain(|key, e| {
-            in_use.contains(key)
-                || self.idle(e, now) < grace
-        });
+        entries.retain(|key, e| in_use.contains(key) || self.idle(e, now) < grace);
         before - entries.len()
     }
 

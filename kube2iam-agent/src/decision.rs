@@ -134,11 +134,7 @@ pub enum Outcome<T> {
 
 /// Which pod is calling. With `last_look` false, what the watch may still change answers
 /// [`Outcome::Wait`]; with it true, it is refused.
-pub fn identify(
-    rules: &Rules,
-    known: &Known<'_>,
-    last_look: bool,
-) -> Outcome<Arc<PodIdentity>> {
+pub fn identify(rules: &Rules, known: &Known<'_>, last_look: bool) -> Outcome<Arc<PodIdentity>> {
     let node = &rules.node;
     let peer = known.peer;
     let by_address = || match known.claimants.first() {

@@ -317,11 +317,7 @@ impl State {
     }
 
     /// The pod calling, for the routes that serve no role (token, proxy): any pod of this node.
-    async fn caller_pod(
-        &self,
-        caller: &Caller,
-        peer: IpAddr,
-    ) -> Result<Arc<PodIdentity>, Reply> {
+    async fn caller_pod(&self, caller: &Caller, peer: IpAddr) -> Result<Arc<PodIdentity>, Reply> {
         self.wait_for(None, |last_look| {
             let snapshot = self.snapshot(caller, peer);
             decision::identify(
@@ -603,8 +599,10 @@ impl State {
             Route::CredentialsList => {
                 let (body, role) = match self.decide_for(&pod, caller, peer).await {
                     Ok(d) => (
-                        Ok(policy::listed_name(&d.role, self.config.decision.base_arn.as_ref())
-                            .to_owned()),
+                        Ok(
+                            policy::listed_name(&d.role, self.config.decision.base_arn.as_ref())
+                                .to_owned(),
+                        ),
                         Some(d.role),
                     ),
                     Err(r) => (Err(r), None),

@@ -107,10 +107,7 @@ impl CpuSample {
                     .skip(1)
                     .filter_map(|f| f.parse().ok())
                     .collect();
-                [0, 1, 2, 5, 6]
-                    .iter()
-                    .filter_map(|i| fields.get(*i))
-                    .sum()
+                [0, 1, 2, 5, 6].iter().filter_map(|i| fields.get(*i)).sum()
             })
             .unwrap_or(0);
         let usage = |who| {
@@ -1813,8 +1810,8 @@ fn memory_note(m: &MemoryResult) -> String {
         ". The agent's peak RSS is now its steady RSS: the kernel's BTF, which aya parses on \
          every load, lands in the loader child ({} peak RSS there, gone when it exits), never \
          in the agent. The cgroup's peak ({}) is that child's moment: a container memory limit \
-         must allow for it. The RSS targets count the binary's file pages; they stay missed \
-         while those are {} of it.",
+         must allow for it. The RSS targets count file pages, the binary's and the C \
+         libraries'; they stay missed while those are {} of it.",
         r.loader_peak_kib.map_or("–".into(), mib),
         mib_bytes(r.steady.cgroup_peak),
         mib(binary.0 - binary.1 + libs.0 - libs.1),
