@@ -753,23 +753,6 @@ impl Registry {
         self.read().synced
     }
 
-    /// The live pods claiming `ip`, newest first.
-    pub fn claimants(&self, ip: IpAddr) -> Vec<PodIdentity> {
-        self.read()
-            .live_claimants(&key(ip))
-            .into_iter()
-            .map(|p| PodIdentity::clone(p))
-            .collect()
-    }
-
-    /// Before the first list is complete: the record a previous agent pinned for `ip`, unless
-    /// the watch already has that pod. Only the pod it names may be served from it.
-    pub fn pinned(&self, ip: IpAddr) -> Option<PodIdentity> {
-        self.read()
-            .pinned_for(&key(ip))
-            .map(|p| PodIdentity::clone(p))
-    }
-
     /// What a request from `ip` needs to know, read at one moment: the claimants of `ip`, its
     /// pinned record, and the pod with UID `attested` (the one the kernel names, if any).
     pub fn view(&self, ip: IpAddr, attested: Option<&str>) -> CallerView {
@@ -795,19 +778,6 @@ impl Registry {
             .copied()
             .or_else(|| state.pinned_for(&k))
             .map(|p| PodIdentity::clone(p)))
-    }
-
-    /// A pod by UID: live, hostNetwork, or (before the sync) pinned.
-    pub fn pod(&self, uid: &str) -> Option<PodIdentity> {
-        self.read().pod(uid).map(|p| PodIdentity::clone(p))
-    }
-
-    /// A hostNetwork pod served its own role, by UID.
-    pub fn host_pod(&self, uid: &str) -> Option<PodIdentity> {
-        self.read()
-            .host_pods
-            .get(uid)
-            .map(|p| PodIdentity::clone(p))
     }
 
     /// The UIDs of the hostNetwork pods served their own role.
