@@ -560,7 +560,7 @@ fn spawn_upstream_probe(
 /// Says at start whether the kernel can name the pods here, and what that means for serving.
 fn report_attestation(mode: attest::Mode, cgroups: &CgroupPods) {
     let pods = cgroups.pod_count();
-    let root = cgroups.root_shown();
+    let root = cgroups.root().display().to_string();
     match mode {
         attest::Mode::Off => tracing::warn!(
             "--identity-attestation off: a pod is known by its address alone, which another pod \

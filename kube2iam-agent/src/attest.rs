@@ -170,8 +170,6 @@ const MIN_RESCAN: Duration = Duration::from_millis(50);
 /// Cached; a cgroup id not seen yet triggers a rescan (rate-limited).
 pub struct CgroupPods {
     root: PathBuf,
-    /// `root` as refusals name it.
-    root_shown: String,
     scan: Mutex<Scan>,
     /// How many pod cgroups the last scan found (read by every request, without the lock).
     pod_count: AtomicUsize,
@@ -182,7 +180,6 @@ pub struct CgroupPods {
 impl CgroupPods {
     pub fn new(root: PathBuf) -> CgroupPods {
         CgroupPods {
-            root_shown: root.display().to_string(),
             root,
             scan: Mutex::default(),
             pod_count: AtomicUsize::new(0),
@@ -192,11 +189,6 @@ impl CgroupPods {
 
     pub fn root(&self) -> &Path {
         &self.root
-    }
-
-    /// The root as refusals name it.
-    pub fn root_shown(&self) -> &str {
-        &self.root_shown
     }
 
     /// Takes `scan` as what the tree holds now.

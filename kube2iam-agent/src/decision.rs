@@ -2,7 +2,7 @@
 //! the pod registry knows of the address, and the namespace's policy. Request handling and the
 //! credential prefetch both decide through it, so the two can never disagree.
 
-use std::{net::IpAddr, sync::Arc};
+use std::{net::IpAddr, path::Path, sync::Arc};
 
 use crate::{
     attest::{Caller, Mode},
@@ -48,7 +48,7 @@ pub struct Known<'a> {
     /// The first full pod list has been applied.
     pub synced: bool,
     /// The registry's cgroup root, named in refusals.
-    pub cgroup_root: &'a str,
+    pub cgroup_root: &'a Path,
     /// kubelet's pod cgroups are below that root: the kernel can name pods on this node.
     pub pods_attestable: bool,
 }
@@ -69,18 +69,21 @@ pub enum Namespace {
 }
 
 impl Namespace {
-    /// From the namespace watch's answer for `get(namespace)`.
+    /// From the namespace watch's answer for `get(namespace)`, asked (`find`) only when
+    /// restrictions are on and the namespaces are listed.
     pub fn from_lookup(
         restrictions: bool,
         listed: bool,
-        found: Option<Option<Restriction>>,
+        find: impl FnOnce() -> Option<Option<Restriction>>,
     ) -> Self {
-        match (restrictions, listed, found) {
-            (false, _, _) => Namespace::Unrestricted,
-            (true, false, _) => Namespace::NotListed,
-            (true, true, None) => Namespace::Unknown,
-            (true, true, Some(None)) => Namespace::NoAnnotation,
-            (true, true, Some(Some(r))) => Namespace::Restricted(r),
+        match (restrictions, listed) {
+            (false, _) => Namespace::Unrestricted,
+            (true, false) => Namespace::NotListed,
+            (true, true) => match find() {
+                None => Namespace::Unknown,
+                Some(None) => Namespace::NoAnnotation,
+                Some(Some(r)) => Namespace::Restricted(r),
+            },
         }
     }
 }
@@ -161,7 +164,7 @@ pub fn identify(rules: &Rules, known: &Known<'_>, last_look: bool) -> Outcome<Ar
                 "the kernel attributes the connection from {peer} to cgroup {cgroup_id}, which is \
                  not in the cgroup tree under {} (removed, or nested deeper than the agent \
                  reads): who made it cannot be told",
-                known.cgroup_root
+                known.cgroup_root.display()
             ),
         )),
         Caller::NoPodCgroup { cgroup_id } => {
@@ -186,7 +189,7 @@ pub fn identify(rules: &Rules, known: &Known<'_>, last_look: bool) -> Outcome<Ar
                     "the kernel attributes the connection from {peer} to cgroup {cgroup_id}, \
                      which is no pod's cgroup under {} (kubelet's layout), and {why}; run \
                      `kube2iam-agent doctor` on node {node}",
-                    known.cgroup_root
+                    known.cgroup_root.display()
                 ),
             ))
         }
@@ -572,7 +575,7 @@ mod tests {
             host_pod: None,
             attested: None,
             synced: true,
-            cgroup_root: "/sys/fs/cgroup",
+            cgroup_root: Path::new("/sys/fs/cgroup"),
             pods_attestable: true,
         }
     }

@@ -114,7 +114,7 @@ pub struct State {
 /// The registry's view for one look, owned so [`Known`] can borrow it.
 struct Snapshot<'a> {
     view: CallerView,
-    cgroup_root: &'a str,
+    cgroup_root: &'a std::path::Path,
     pods_attestable: bool,
 }
 
@@ -197,13 +197,10 @@ struct CredentialDocument<'a> {
 
 impl State {
     fn namespace_of(&self, namespace: &str) -> Namespace {
-        if !self.config.namespace_restrictions {
-            return Namespace::Unrestricted;
-        }
         Namespace::from_lookup(
             self.config.namespace_restrictions,
             self.namespaces.synced(),
-            self.namespaces.get(namespace),
+            || self.namespaces.get(namespace),
         )
     }
 
@@ -226,7 +223,7 @@ impl State {
         };
         Snapshot {
             view: self.registry.view(peer, attested),
-            cgroup_root: self.attestation.cgroups.root_shown(),
+            cgroup_root: self.attestation.cgroups.root(),
             pods_attestable: self.attestation.cgroups.pod_count() > 0,
         }
     }
@@ -316,7 +313,8 @@ impl State {
         )
     }
 
-    /// The pod calling, for the routes that serve no role (token, proxy): any pod of this node.
+    /// The pod calling: any pod of this node, on every route (those that serve a role then
+    /// decide it from this pod, [`State::decide_for`]).
     async fn caller_pod(&self, caller: &Caller, peer: IpAddr) -> Result<Arc<PodIdentity>, Reply> {
         self.wait_for(None, |last_look| {
             let snapshot = self.snapshot(caller, peer);
