@@ -181,6 +181,107 @@ fn oversized_body(request: &Request<Incoming>) -> Option<String> {
     }
 }
 
+/// Whether a request's IMDSv2 token admits it, checked when it arrives.
+enum TokenCheck {
+    Valid,
+    Missing,
+    Rejected(token::Invalid),
+}
+
+/// What the path asks for.
+enum Target {
+    Refused(path::BadPath),
+    Health,
+    Route { normalized: String, route: Route },
+}
+
+/// What a request asks, taken from it before its answer is awaited, so the request (which
+/// shares the connection's read buffer) is gone by then. Hyper reads ahead on a kept-alive
+/// connection while an answer is pending; a request still alive then keeps that buffer shared,
+/// and each request would cost the connection a fresh 8 KiB buffer.
+struct Head {
+    method: Method,
+    target: Target,
+    /// The path as sent (without the query), kept only where it differs from the normalized
+    /// one: for the log.
+    sent_path: Option<String>,
+    oversized: Option<String>,
+    token: TokenCheck,
+    /// `PUT` only: the token's requested lifetime, and whether the request was forwarded.
+    ttl: Option<Result<Duration, String>>,
+    forwarded: bool,
+    /// For the proxy only.
+    accept: Option<String>,
+}
+
+impl Head {
+    fn of(request: &Request<Incoming>, state: &State, peer: IpAddr) -> Head {
+        let method = request.method().clone();
+        let sent = request.uri().path();
+        let (target, sent_path) = match path::normalize(sent) {
+            Err(e) => (Target::Refused(e), Some(sent.to_owned())),
+            Ok(normalized) => {
+                let sent_path = (normalized != sent).then(|| sent.to_owned());
+                let target = if normalized == health::PATH {
+                    Target::Health
+                } else {
+                    let route = path::route(&method, &normalized, &state.config.rules);
+                    Target::Route { normalized, route }
+                };
+                (target, sent_path)
+            }
+        };
+        let headers = request.headers();
+        let token = match headers.get(TOKEN_HEADER) {
+            Some(value) => {
+                let token = value.to_str().unwrap_or("");
+                match state.tokens.check(token, peer, SystemTime::now()) {
+                    Ok(()) => TokenCheck::Valid,
+                    Err(why) => TokenCheck::Rejected(why),
+                }
+            }
+            None => TokenCheck::Missing,
+        };
+        let ttl = (method == Method::PUT).then(|| {
+            token::parse_ttl(
+                headers
+                    .get(TTL_HEADER)
+                    .map(|v| v.to_str().unwrap_or("invalid")),
+            )
+        });
+        let accept = match &target {
+            Target::Route {
+                route: Route::Proxy,
+                ..
+            } => headers
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            _ => None,
+        };
+        Head {
+            oversized: oversized_body(request),
+            forwarded: headers.contains_key("x-forwarded-for"),
+            method,
+            target,
+            sent_path,
+            token,
+            ttl,
+            accept,
+        }
+    }
+
+    /// The path as sent, for the log.
+    fn sent_path(&self) -> &str {
+        match (&self.sent_path, &self.target) {
+            (Some(sent), _) => sent,
+            (None, Target::Route { normalized, .. }) => normalized,
+            (None, Target::Health) => health::PATH,
+            (None, Target::Refused(_)) => "",
+        }
+    }
+}
+
 /// The IMDS credential document.
 #[derive(serde::Serialize)]
 #[serde(rename_all = "PascalCase")]
@@ -394,44 +495,39 @@ impl State {
         }
     }
 
-    fn check_token(&self, request: &Request<Incoming>, peer: IpAddr) -> Result<(), Reply> {
-        match request.headers().get(TOKEN_HEADER) {
-            Some(value) => {
-                let token = value.to_str().unwrap_or("");
-                self.tokens
-                    .check(token, peer, SystemTime::now())
-                    .map_err(|why| {
-                        tracing::debug!(%peer, ?why, "rejected IMDSv2 token");
-                        Reply::new(StatusCode::UNAUTHORIZED, "")
-                    })
-            }
-            None if self.config.tokens == TokenMode::Required => {
+    fn check_token(&self, head: &Head, peer: IpAddr) -> Result<(), Reply> {
+        match &head.token {
+            TokenCheck::Valid => Ok(()),
+            TokenCheck::Rejected(why) => {
+                tracing::debug!(%peer, ?why, "rejected IMDSv2 token");
                 Err(Reply::new(StatusCode::UNAUTHORIZED, ""))
             }
-            None => Ok(()),
+            TokenCheck::Missing if self.config.tokens == TokenMode::Required => {
+                Err(Reply::new(StatusCode::UNAUTHORIZED, ""))
+            }
+            TokenCheck::Missing => Ok(()),
         }
     }
 
-    fn issue_token(&self, request: &Request<Incoming>, peer: IpAddr) -> Response<Full<Bytes>> {
-        if request.headers().contains_key("x-forwarded-for") {
+    fn issue_token(&self, head: &Head, peer: IpAddr) -> Response<Full<Bytes>> {
+        if head.forwarded {
             return text(StatusCode::FORBIDDEN, "");
         }
-        let ttl = request
-            .headers()
-            .get(TTL_HEADER)
-            .map(|v| v.to_str().unwrap_or("invalid"));
-        match token::parse_ttl(ttl) {
+        let Some(ttl) = &head.ttl else {
+            unreachable!("the token route is PUT only, and a PUT's head has its TTL");
+        };
+        match ttl {
             Ok(ttl) => {
                 let mut response = text(
                     StatusCode::OK,
-                    self.tokens.issue(peer, ttl, SystemTime::now()),
+                    self.tokens.issue(peer, *ttl, SystemTime::now()),
                 );
                 if let Ok(value) = header::HeaderValue::from_str(&ttl.as_secs().to_string()) {
                     response.headers_mut().insert(TTL_HEADER, value);
                 }
                 response
             }
-            Err(e) => text(StatusCode::BAD_REQUEST, e),
+            Err(e) => text(StatusCode::BAD_REQUEST, e.clone()),
         }
     }
 
@@ -477,16 +573,13 @@ impl State {
     /// Answers one request, counts it and logs it (refusals rate-limited per caller and status).
     async fn answer(
         &self,
-        request: Request<Incoming>,
+        head: Head,
+        started: Instant,
         caller: &Caller,
         peer: IpAddr,
     ) -> Response<Full<Bytes>> {
-        let started = Instant::now();
-        let method = request.method().clone();
-        // Shares the request's bytes: nothing is copied unless it is logged.
-        let uri = request.uri().clone();
-        let uri_path = uri.path();
-        let (route, response, role) = self.handle(request, caller, peer).await;
+        let (route, response, role) = self.handle(&head, caller, peer).await;
+        let (method, uri_path) = (&head.method, head.sent_path());
         let role = role.as_ref().map(RoleArn::as_str);
         let status = response.status();
         let elapsed = started.elapsed();
@@ -504,7 +597,7 @@ impl State {
                     .ok()
                     .flatten()
                     .map(|p| p.display_name());
-                tracing::warn!(peer = %peer, pod, role, attested, %method, path = uri_path, route = route.as_str(), status = status.as_u16(), latency_us, suppressed, "request refused");
+                tracing::warn!(peer = %peer, pod, role, attested, method = %method, path = uri_path, route = route.as_str(), status = status.as_u16(), latency_us, suppressed, "request refused");
             }
         } else if tracing::enabled!(tracing::Level::DEBUG) {
             let pod = self
@@ -513,7 +606,7 @@ impl State {
                 .ok()
                 .flatten()
                 .map(|p| p.display_name());
-            tracing::debug!(peer = %peer, pod, role, attested, %method, path = uri_path, route = route.as_str(), status = status.as_u16(), latency_us, "request");
+            tracing::debug!(peer = %peer, pod, role, attested, method = %method, path = uri_path, route = route.as_str(), status = status.as_u16(), latency_us, "request");
         }
         response
     }
@@ -521,11 +614,11 @@ impl State {
     /// Answers one request. Returns the route label (metrics) and the response.
     async fn handle(
         &self,
-        request: Request<Incoming>,
+        head: &Head,
         caller: &Caller,
         peer: IpAddr,
     ) -> (RouteLabel, Response<Full<Bytes>>, Option<RoleArn>) {
-        if let Some(size) = oversized_body(&request) {
+        if let Some(size) = &head.oversized {
             let mut response = text(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!(
@@ -540,37 +633,36 @@ impl State {
             );
             return (RouteLabel::BadPath, response, None);
         }
-        let normalized = match path::normalize(request.uri().path()) {
-            Ok(p) => p,
-            Err(e) => {
+        let (normalized, route) = match &head.target {
+            Target::Refused(e) => {
                 return (
                     RouteLabel::BadPath,
                     text(StatusCode::BAD_REQUEST, format!("kube2iam-ebpf: {e}")),
                     None,
                 );
             }
-        };
-        let method = request.method().clone();
-        if normalized == health::PATH {
-            // For the node itself (kubelet's probes) and its pods; other hosts are refused, as
-            // on every route.
-            if !health::from_node(peer, self.config.host_ip)
-                && let Err(r) = self.caller_pod(caller, peer).await
-            {
-                return (RouteLabel::Refused, text(r.status, r.body), None);
+            Target::Health => {
+                // For the node itself (kubelet's probes) and its pods; other hosts are refused,
+                // as on every route.
+                if !health::from_node(peer, self.config.host_ip)
+                    && let Err(r) = self.caller_pod(caller, peer).await
+                {
+                    return (RouteLabel::Refused, text(r.status, r.body), None);
+                }
+                return (RouteLabel::Healthz, Box::pin(self.healthz()).await, None);
             }
-            return (RouteLabel::Healthz, Box::pin(self.healthz()).await, None);
-        }
-        let route = path::route(&method, &normalized, &self.config.rules);
+            Target::Route { normalized, route } => (normalized, route),
+        };
+        let method = &head.method;
         // Every route is for the pods of this node only: the token and the proxy too.
         let pod = match self.caller_pod(caller, peer).await {
             Ok(pod) => pod,
             Err(r) => return (RouteLabel::Refused, text(r.status, r.body), None),
         };
-        if route == Route::Token {
-            return (RouteLabel::Token, self.issue_token(&request, peer), None);
+        if *route == Route::Token {
+            return (RouteLabel::Token, self.issue_token(head, peer), None);
         }
-        if let Err(reply) = self.check_token(&request, peer) {
+        if let Err(reply) = self.check_token(head, peer) {
             return (
                 RouteLabel::Unauthorized,
                 text(reply.status, reply.body),
@@ -616,7 +708,7 @@ impl State {
                         );
                         let same = name == listed
                             || name == decision.role.as_str()
-                            || policy::resolve_role(&name, self.config.decision.base_arn.as_ref())
+                            || policy::resolve_role(name, self.config.decision.base_arn.as_ref())
                                 .is_ok_and(|r| r == decision.role);
                         let body = if same {
                             self.credentials(&decision, peer).await
@@ -653,19 +745,20 @@ impl State {
             }
             Route::Blocked(refusal) => (
                 RouteLabel::Blocked,
-                text(StatusCode::FORBIDDEN, refusal.message(&normalized)),
+                text(StatusCode::FORBIDDEN, refusal.message(normalized)),
                 None,
             ),
             Route::Proxy => {
                 // IMDS takes no query parameters: none is forwarded, so nothing a pod writes
                 // after `?` reaches the upstream.
-                let target = path::encode(&normalized);
-                let accept = request
-                    .headers()
-                    .get(header::ACCEPT)
-                    .and_then(|v| v.to_str().ok());
+                let target = path::encode(normalized);
                 // Boxed, as the waiting in decide_for.
-                match Box::pin(self.upstream.get(method, &target, accept)).await {
+                match Box::pin(
+                    self.upstream
+                        .get(method.clone(), &target, head.accept.as_deref()),
+                )
+                .await
+                {
                     Ok(up) => {
                         let mut response = Response::new(Full::new(up.body));
                         *response.status_mut() = up.status;
@@ -831,9 +924,12 @@ pub async fn serve(
             let caller = Arc::new(caller);
             let state_for_conn = state.clone();
             let service = service_fn(move |request: Request<Incoming>| {
+                let started = Instant::now();
+                let head = Head::of(&request, &state_for_conn, peer_ip);
+                drop(request);
                 let state = state_for_conn.clone();
                 let caller = caller.clone();
-                async move { Ok::<_, Infallible>(state.answer(request, &caller, peer_ip).await) }
+                async move { Ok::<_, Infallible>(state.answer(head, started, &caller, peer_ip).await) }
             });
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
