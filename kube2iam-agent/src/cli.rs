@@ -654,6 +654,7 @@ impl RunArgs {
                 default_role: self.default_role.clone(),
                 service_account_key: self.service_accounts.service_account_role_key.clone(),
                 needs_service_account: sessions.needs_service_account(),
+                roles: Default::default(),
             },
             pod_wait: self.pod_wait,
             tokens: self.imds_tokens,

@@ -103,7 +103,7 @@ pub enum Session {
 /// What credentials are cached under.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CacheKey {
-    pub role_arn: String,
+    pub role_arn: Arc<str>,
     pub external_id: Option<String>,
     pub session: Session,
     /// Session tags and source identity (`--session-tags`, `--source-identity`): whatever
@@ -498,7 +498,7 @@ impl CredentialCache {
             };
             counter.fetch_add(1, Ordering::Relaxed);
             if let Err(error) = cache.fetch(&key, &entry).await {
-                tracing::warn!(role = key.role_arn, "{error}");
+                tracing::warn!(role = &*key.role_arn, "{error}");
             }
             entry.refreshing.store(false, Ordering::Release);
         });
@@ -516,7 +516,7 @@ impl CredentialCache {
             return self.fallback(&slot, failure.error.clone());
         }
         let request = AssumeRequest {
-            role_arn: key.role_arn.clone(),
+            role_arn: key.role_arn.to_string(),
             external_id: key.external_id.clone(),
             session_name: entry.session_name.clone(),
             duration: self.settings.duration,
@@ -535,7 +535,7 @@ impl CredentialCache {
             Ok(creds) => {
                 let creds = Issued::new(creds);
                 self.stats.sts_success.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(role = key.role_arn, ?elapsed, "AssumeRole succeeded");
+                tracing::debug!(role = &*key.role_arn, ?elapsed, "AssumeRole succeeded");
                 slot.creds = Some(creds.clone());
                 slot.failure = None;
                 *entry.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Some(creds.clone());
@@ -554,7 +554,7 @@ impl CredentialCache {
                     .backoff_min
                     .saturating_mul(1 << (attempts - 1).min(16))
                     .min(self.settings.backoff_max);
-                tracing::warn!(role = key.role_arn, ?backoff, ?elapsed, "{error}");
+                tracing::warn!(role = &*key.role_arn, ?backoff, ?elapsed, "{error}");
                 slot.failure = Some(Failure {
                     error: error.clone(),
                     until: tokio::time::Instant::now() + backoff,
@@ -798,7 +798,7 @@ mod tests {
 
     fn key(role: &str) -> CacheKey {
         CacheKey {
-            role_arn: format!("arn:aws:iam::123456789012:role/{role}"),
+            role_arn: format!("arn:aws:iam::123456789012:role/{role}").into(),
             external_id: None,
             session: Session::Node,
             tags: SessionTags::default(),

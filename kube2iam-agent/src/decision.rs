@@ -27,6 +27,8 @@ pub struct Rules {
     /// Sessions are tagged with the pod's service account (`--session-tags`): a pod record that
     /// does not name it yet cannot be served.
     pub needs_service_account: bool,
+    /// Annotation values already resolved against `base_arn`.
+    pub roles: policy::RoleResolver,
 }
 
 /// What the registry knows when a request is decided.
@@ -394,7 +396,7 @@ fn decide_role(
     let invalid = |reason: Reason, body: String| {
         Outcome::Refuse(Refusal::new(403, "invalid_annotation", body).on(pod, reason))
     };
-    let role = match policy::resolve_role(raw_role, rules.base_arn.as_ref()) {
+    let role = match rules.roles.resolve(raw_role, rules.base_arn.as_ref()) {
         Ok(role) => role,
         Err(e) => {
             let what = match &source {
@@ -541,6 +543,7 @@ mod tests {
             default_role: None,
             service_account_key: "eks.amazonaws.com/role-arn".into(),
             needs_service_account: false,
+            roles: Default::default(),
         }
     }
 

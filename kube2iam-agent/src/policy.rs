@@ -1,7 +1,11 @@
 //! Which role a pod gets, as pure functions: annotation → role ARN, default role, namespace
 //! restrictions, STS session names. Every refusal names the pod or namespace and the fix.
 
-use std::fmt;
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{Arc, RwLock},
+};
 
 use regex::Regex;
 
@@ -19,7 +23,8 @@ pub const MAX_SESSION_NAME: usize = 64;
 /// A validated IAM role ARN: `arn:<partition>:iam::<account>:role/<path/><name>`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RoleArn {
-    arn: String,
+    /// Shared: a decision, its cache key and its log line each hold the ARN.
+    arn: Arc<str>,
     /// Byte offset of `<path/><name>` (after `:role/`).
     resource: usize,
     /// Byte offset of `<name>`.
@@ -67,7 +72,7 @@ impl RoleArn {
         let resource_at = value.len() - path_and_name.len();
         let name_at = resource_at + path_and_name.rfind('/').map_or(0, |i| i + 1);
         Ok(RoleArn {
-            arn: value.to_owned(),
+            arn: Arc::from(value),
             resource: resource_at,
             name: name_at,
         })
@@ -75,6 +80,11 @@ impl RoleArn {
 
     pub fn as_str(&self) -> &str {
         &self.arn
+    }
+
+    /// The ARN, shared rather than copied.
+    pub fn shared(&self) -> Arc<str> {
+        self.arn.clone()
     }
 
     /// `<path/><name>`, what kube2iam calls the role when it is in the base account.
@@ -216,6 +226,51 @@ pub fn resolve_role(value: &str, base: Option<&BaseArn>) -> Result<RoleArn, Role
         value: value.to_owned(),
     })?;
     RoleArn::parse(&format!("{}{relative}", base.as_str()))
+}
+
+/// [`resolve_role`] with a memory of the values it resolved: a request for a pod's role then
+/// costs a lookup, not a parse and two copies. Only roles are remembered (refusals are rare and
+/// are made afresh), each against the base ARN it was resolved with: a different base forgets
+/// them all. At most [`RoleResolver::REMEMBERED`] values; past that it starts over.
+#[derive(Debug, Default)]
+pub struct RoleResolver {
+    memo: RwLock<Resolved>,
+}
+
+#[derive(Debug, Default)]
+struct Resolved {
+    base: Option<BaseArn>,
+    roles: HashMap<Box<str>, RoleArn>,
+}
+
+impl RoleResolver {
+    pub const REMEMBERED: usize = 1024;
+
+    pub fn resolve(&self, value: &str, base: Option<&BaseArn>) -> Result<RoleArn, RoleError> {
+        {
+            let memo = self.memo.read().unwrap_or_else(|p| p.into_inner());
+            if memo.base.as_ref() == base
+                && let Some(role) = memo.roles.get(value)
+            {
+                return Ok(role.clone());
+            }
+        }
+        let role = resolve_role(value, base)?;
+        let mut memo = self.memo.write().unwrap_or_else(|p| p.into_inner());
+        if memo.base.as_ref() != base || memo.roles.len() >= Self::REMEMBERED {
+            memo.roles.clear();
+            memo.base = base.cloned();
+        }
+        memo.roles.insert(value.into(), role.clone());
+        Ok(role)
+    }
+}
+
+/// A clone starts with nothing remembered.
+impl Clone for RoleResolver {
+    fn clone(&self) -> Self {
+        RoleResolver::default()
+    }
 }
 
 /// The name a client asks for after listing `security-credentials/`: the path and name when the
@@ -508,6 +563,45 @@ mod tests {
 
     fn base() -> BaseArn {
         BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap()
+    }
+
+    #[test]
+    fn the_resolver_answers_as_resolve_role_for_each_base() {
+        let resolver = RoleResolver::default();
+        let other = BaseArn::parse("arn:aws:iam::210987654321:role/").unwrap();
+        let values = [
+            "web",
+            "/team/web",
+            "arn:aws:iam::123456789012:role/db",
+            "",
+            "a b",
+            "web",
+        ];
+        // Twice each, against two bases in turn: the memory must never answer for the other.
+        for _ in 0..2 {
+            for base in [Some(&base()), Some(&other), None] {
+                for value in values {
+                    assert_eq!(
+                        resolver.resolve(value, base),
+                        resolve_role(value, base),
+                        "{value:?} against {base:?}"
+                    );
+                }
+            }
+        }
+        let remembered = |r: &RoleResolver| r.memo.read().unwrap().roles.len();
+        resolver.resolve("web", Some(&base())).unwrap();
+        assert_eq!(remembered(&resolver), 1, "a new base starts over");
+        assert_eq!(
+            remembered(&resolver.clone()),
+            0,
+            "a clone remembers nothing"
+        );
+        for i in 0..RoleResolver::REMEMBERED + 5 {
+            let name = format!("role-{i}");
+            assert_eq!(resolver.resolve(&name, Some(&base())).unwrap().name(), name);
+        }
+        assert!(remembered(&resolver) <= RoleResolver::REMEMBERED);
     }
 
     #[test]

@@ -468,7 +468,7 @@ impl State {
         };
         Ok((
             CacheKey {
-                role_arn: decision.role.as_str().to_owned(),
+                role_arn: decision.role.shared(),
                 external_id: decision.external_id.clone(),
                 session,
                 tags,

@@ -88,6 +88,7 @@ mod tests {
                 default_role: default_role.map(str::to_owned),
                 service_account_key: "eks.amazonaws.com/role-arn".into(),
                 needs_service_account: false,
+                roles: Default::default(),
             },
             pod_wait: Duration::ZERO,
             tokens: TokenMode::Optional,
@@ -144,7 +145,7 @@ mod tests {
 
     fn key(role: &str, external_id: Option<&str>, session: Session) -> CacheKey {
         CacheKey {
-            role_arn: format!("arn:aws:iam::123456789012:role/{role}"),
+            role_arn: format!("arn:aws:iam::123456789012:role/{role}").into(),
             external_id: external_id.map(str::to_owned),
             session,
             tags: Default::default(),
