@@ -280,7 +280,7 @@ pub fn role(
         Outcome::Refuse(Refusal::new(403, "invalid_annotation", body).on(pod, reason))
     };
     let (raw_role, source) = match &pod.role {
-        Annotation::Value(v) => (v.clone(), Source::Pod),
+        Annotation::Value(v) => (v.as_str(), Source::Pod),
         Annotation::Oversize(len) => {
             return invalid(
                 Reason::InvalidRoleAnnotation,
@@ -349,7 +349,7 @@ pub fn role(
                 } => {}
             }
             match &rules.default_role {
-                Some(default) => (default.clone(), Source::Default),
+                Some(default) => (default.as_str(), Source::Default),
                 None => {
                     let account_note = match (account, &pod.account) {
                         (AccountRole::None, Some(a)) => {
@@ -377,7 +377,7 @@ pub fn role(
             }
         }
     };
-    decide_role(rules, pod, namespace, &raw_role, source, last_look)
+    decide_role(rules, pod, namespace, raw_role, source, last_look)
 }
 
 /// The rest of [`role`] once the raw role is known: resolve it, read the external ID, apply the

@@ -45,8 +45,11 @@ use crate::{
     telemetry::LogLimiter,
 };
 
-const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
-const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
+// Header names made once: a name given as a string is parsed on every lookup.
+const TOKEN_HEADER: header::HeaderName = header::HeaderName::from_static("x-aws-ec2-metadata-token");
+const TTL_HEADER: header::HeaderName =
+    header::HeaderName::from_static("x-aws-ec2-metadata-token-ttl-seconds");
+const FORWARDED_FOR: header::HeaderName = header::HeaderName::from_static("x-forwarded-for");
 
 /// Whether token-less (IMDSv1) requests are served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -232,7 +235,7 @@ impl Head {
             }
         };
         let headers = request.headers();
-        let token = match headers.get(TOKEN_HEADER) {
+        let token = match headers.get(&TOKEN_HEADER) {
             Some(value) => {
                 let token = value.to_str().unwrap_or("");
                 match state.tokens.check(token, peer, SystemTime::now()) {
@@ -242,10 +245,12 @@ impl Head {
             }
             None => TokenCheck::Missing,
         };
-        let ttl = (method == Method::PUT).then(|| {
+        // The token route's own headers, read only for a PUT (the route is PUT only).
+        let put = method == Method::PUT;
+        let ttl = put.then(|| {
             token::parse_ttl(
                 headers
-                    .get(TTL_HEADER)
+                    .get(&TTL_HEADER)
                     .map(|v| v.to_str().unwrap_or("invalid")),
             )
         });
@@ -261,7 +266,7 @@ impl Head {
         };
         Head {
             oversized: oversized_body(request),
-            forwarded: headers.contains_key("x-forwarded-for"),
+            forwarded: put && headers.contains_key(&FORWARDED_FOR),
             method,
             target,
             sent_path,
