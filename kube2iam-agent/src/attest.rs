@@ -22,7 +22,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -173,6 +173,9 @@ pub struct CgroupPods {
     scan: Mutex<Scan>,
     /// How many pod cgroups the last scan found (read by every request, without the lock).
     pod_count: AtomicUsize,
+    /// Counts the scans stored, each counted after it is: what was decided from one scan holds
+    /// while the count is unchanged.
+    generation: AtomicU64,
     /// One scan at a time; concurrent misses wait for it and reuse its result.
     scanning: tokio::sync::Mutex<()>,
 }
@@ -183,6 +186,7 @@ impl CgroupPods {
             root,
             scan: Mutex::default(),
             pod_count: AtomicUsize::new(0),
+            generation: AtomicU64::new(0),
             scanning: tokio::sync::Mutex::new(()),
         }
     }
@@ -196,6 +200,13 @@ impl CgroupPods {
         let mut state = self.state();
         self.pod_count.store(scan.pods.len(), Ordering::Relaxed);
         *state = scan;
+        drop(state);
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Read before the scan's results are: see the field.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, Scan> {

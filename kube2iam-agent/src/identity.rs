@@ -9,7 +9,10 @@ use std::{
     collections::{HashMap, HashSet},
     fmt,
     net::{IpAddr, Ipv6Addr},
-    sync::{Arc, Mutex, RwLock},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -522,6 +525,8 @@ pub struct Registry {
     /// Read by every request (many readers at once), written by the watch.
     state: RwLock<RegistryState>,
     changed: watch::Sender<u64>,
+    /// Counts the changes, as `changed` does, for readers that only compare.
+    generation: AtomicU64,
 }
 
 /// What one request reads of the registry, under one lock.
@@ -570,6 +575,7 @@ impl Registry {
             map,
             state: RwLock::new(state),
             changed: watch::Sender::new(0),
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -583,8 +589,16 @@ impl Registry {
         self.state.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// After every change, never before it: what was decided from the registry at one
+    /// generation holds while the generation is unchanged.
     fn bump(&self) {
+        self.generation.fetch_add(1, Ordering::Release);
         self.changed.send_modify(|generation| *generation += 1);
+    }
+
+    /// Read before the registry is: see [`Registry::bump`].
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Writes what the BPF map should hold for `keys`.

@@ -228,6 +228,9 @@ pub struct Namespaces {
     restrictions: RwLock<HashMap<String, Option<Restriction>>>,
     synced: AtomicBool,
     changed: tokio::sync::Notify,
+    /// Counts the watch's events, each counted once it is applied: what was decided from the
+    /// namespaces at one count holds while the count is unchanged.
+    generation: AtomicU64,
 }
 
 impl Namespaces {
@@ -242,6 +245,11 @@ impl Namespaces {
 
     pub fn synced(&self) -> bool {
         self.synced.load(Ordering::Acquire)
+    }
+
+    /// Read before the namespaces are: see the field.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Waits until the first namespace list is in (bounded by the caller's timeout).
@@ -315,6 +323,8 @@ impl Namespaces {
                     tracing::warn!(%error, "namespace watch failed; relisting with backoff");
                 }
             }
+            // After the event's writes, never before them.
+            self.generation.fetch_add(1, Ordering::Release);
         }
     }
 }

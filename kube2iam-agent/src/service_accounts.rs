@@ -119,6 +119,9 @@ pub struct ServiceAccounts {
     pub restarts: AtomicU64,
     /// Bounds the prefetches role changes of one account start ("namespace/name" → its role).
     prefetches: PrefetchLimiter<Annotation>,
+    /// Counts the changes, each counted once it is applied: what was decided from the accounts
+    /// at one count holds while the count is unchanged.
+    generation: AtomicU64,
 }
 
 impl Default for ServiceAccounts {
@@ -128,6 +131,7 @@ impl Default for ServiceAccounts {
             synced: AtomicBool::new(false),
             restarts: AtomicU64::new(0),
             prefetches: PrefetchLimiter::new(PREFETCHES_PER_POD, PREFETCH_WINDOW),
+            generation: AtomicU64::new(0),
         }
     }
 }
@@ -156,6 +160,11 @@ impl ServiceAccounts {
         self.synced.load(Ordering::Acquire)
     }
 
+    /// Read before the accounts are: see the field.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     fn read(meta: &PartialObjectMeta<ServiceAccount>, key: &str) -> ((String, String), Annotation) {
         let m = &meta.metadata;
         let id = (
@@ -175,10 +184,13 @@ impl ServiceAccounts {
     /// Records one account; returns whether its role changed.
     fn apply(&self, id: (String, String), role: Annotation) -> bool {
         let mut roles = self.roles.write().unwrap_or_else(|p| p.into_inner());
-        match role {
+        let changed = match role {
             Annotation::Absent => roles.remove(&id).is_some(),
             role => roles.insert(id, role.clone()).as_ref() != Some(&role),
-        }
+        };
+        drop(roles);
+        self.generation.fetch_add(1, Ordering::Release);
+        changed
     }
 
     /// Watches ServiceAccounts (metadata only) until the task is dropped. `on_change(namespace,
@@ -206,6 +218,19 @@ impl ServiceAccounts {
 
     /// One watch event: `buffer` holds a relist until it is complete.
     fn handle(
+        &self,
+        event: Result<watcher::Event<PartialObjectMeta<ServiceAccount>>, watcher::Error>,
+        buffer: &mut HashMap<(String, String), Annotation>,
+        key: &str,
+        on_change: &impl Fn(&str, &str),
+        now: Instant,
+    ) {
+        self.apply_event(event, buffer, key, on_change, now);
+        // After the event's writes, never before them.
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    fn apply_event(
         &self,
         event: Result<watcher::Event<PartialObjectMeta<ServiceAccount>>, watcher::Error>,
         buffer: &mut HashMap<(String, String), Annotation>,
@@ -317,6 +342,7 @@ impl ServiceAccounts {
             );
         }
         store.synced.store(true, Ordering::Release);
+        store.generation.fetch_add(1, Ordering::Release);
         store
     }
 }
