@@ -346,16 +346,32 @@ struct Failure {
     attempts: u32,
 }
 
+/// How stale an entry's `last_used` may be: its idle time is judged in minutes.
+const LAST_USED_STEP_NS: u64 = 1_000_000;
+
 struct Entry {
     /// Held across the STS call: the singleflight.
     slot: Mutex<Slot>,
     /// The last good credentials, readable without waiting for an in-flight call.
     snapshot: RwLock<Option<Arc<Issued>>>,
     refreshing: AtomicBool,
-    /// When a request last asked, in nanoseconds since the cache's `epoch` (every request
-    /// writes it: an atomic store, not a lock the runtime's threads would queue on).
+    /// When a request last asked, in nanoseconds since the cache's `epoch`, to within
+    /// [`LAST_USED_STEP_NS`] (an atomic, not a lock the runtime's threads would queue on).
     last_used: AtomicU64,
     session_name: String,
+    /// Set when the cache drops the entry, for those that hold it ([`Held`]).
+    evicted: AtomicBool,
+}
+
+/// A cache entry held between requests (one connection's, see the metadata server): good while
+/// the cache keeps the entry, which [`Held::is_current`] tells.
+#[derive(Clone)]
+pub struct Held(Arc<Entry>);
+
+impl Held {
+    pub fn is_current(&self) -> bool {
+        !self.0.evicted.load(Ordering::Acquire)
+    }
 }
 
 /// The credential cache.
@@ -408,6 +424,7 @@ impl CredentialCache {
                     refreshing: AtomicBool::new(false),
                     last_used: AtomicU64::new(self.since_epoch(tokio::time::Instant::now())),
                     session_name: session_name.to_owned(),
+                    evicted: AtomicBool::new(false),
                 })
             })
             .clone()
@@ -437,11 +454,27 @@ impl CredentialCache {
         key: &CacheKey,
         session_name: &str,
     ) -> Result<Arc<Issued>, StsError> {
-        let entry = self.entry(key, session_name);
-        entry.last_used.store(
-            self.since_epoch(tokio::time::Instant::now()),
-            Ordering::Relaxed,
-        );
+        self.get_from(key, &self.hold(key, session_name)).await
+    }
+
+    /// The entry of `key` (made if missing), to hold on to between requests.
+    pub fn hold(&self, key: &CacheKey, session_name: &str) -> Held {
+        Held(self.entry(key, session_name))
+    }
+
+    /// [`CredentialCache::get`] from the entry [`CredentialCache::hold`] gave for `key`.
+    pub async fn get_from(
+        self: &Arc<Self>,
+        key: &CacheKey,
+        held: &Held,
+    ) -> Result<Arc<Issued>, StsError> {
+        let entry = &held.0;
+        let now = self.since_epoch(tokio::time::Instant::now());
+        // Written at most once a millisecond: a store per request would move the entry's cache
+        // line between the runtime's threads on every request.
+        if now.saturating_sub(entry.last_used.load(Ordering::Relaxed)) >= LAST_USED_STEP_NS {
+            entry.last_used.store(now, Ordering::Relaxed);
+        }
         let snapshot = entry
             .snapshot
             .read()
@@ -455,12 +488,12 @@ impl CredentialCache {
             if self.valid(&creds) {
                 // Refresh ahead in the background; this request is served now.
                 self.stats.hits.fetch_add(1, Ordering::Relaxed);
-                self.spawn_refresh(key.clone(), entry, false);
+                self.spawn_refresh(key.clone(), entry.clone(), false);
                 return Ok(creds);
             }
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
-        self.fetch(key, &entry).await
+        self.fetch(key, entry).await
     }
 
     /// Starts fetching credentials for a pod that just appeared, if not cached.
@@ -589,7 +622,9 @@ impl CredentialCache {
                 .unwrap_or_else(|p| p.into_inner())
                 .as_ref()
                 .is_some_and(|c| self.valid(c));
-            !(idle && expired)
+            let keep = !(idle && expired);
+            e.evicted.store(!keep, Ordering::Release);
+            keep
         });
         before - entries.len()
     }
@@ -602,7 +637,11 @@ impl CredentialCache {
         let now = tokio::time::Instant::now();
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
         let before = entries.len();
-        entries.retain(|key, e| in_use.contains(key) || self.idle(e, now) < grace);
+        entries.retain(|key, e| {
+            let keep = in_use.contains(key) || self.idle(e, now) < grace;
+            e.evicted.store(!keep, Ordering::Release);
+            keep
+        });
         before - entries.len()
     }
 

@@ -395,3 +395,78 @@ fn start_agent(
     }
     agent
 }
+
+/// One kept-alive connection from a pod to the metadata address: a Python client that sends a
+/// GET for each path it is given on stdin, on the same connection, and reports the answer with
+/// the connection's local port.
+pub struct KeptConnection {
+    child: crate::process::ChildGuard,
+    answers: std::io::BufReader<std::process::ChildStdout>,
+    port: Option<u64>,
+}
+
+impl KeptConnection {
+    const CLIENT: &str = r#"
+import sys, json, http.client
+c = http.client.HTTPConnection("169.254.169.254", 80, timeout=10)
+for line in sys.stdin:
+    c.request("GET", line.strip())
+    r = c.getresponse()
+    body = r.read().decode()
+    print(json.dumps({"status": r.status, "body": body, "port": c.sock.getsockname()[1]}), flush=True)
+"#;
+
+    pub fn open(pod: &Pod<'_>) -> KeptConnection {
+        let mut command = pod.command("python3");
+        command
+            .args(["-c", Self::CLIENT])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped());
+        let mut child = crate::process::ChildGuard::spawn(&mut command, "kept connection");
+        let answers = std::io::BufReader::new(child.child_mut().stdout.take().expect("piped"));
+        KeptConnection {
+            child,
+            answers,
+            port: None,
+        }
+    }
+
+    /// The answer to `GET path`, asserted to come over the same connection as the others.
+    pub fn get(&mut self, path: &str) -> (u16, String) {
+        use std::io::{BufRead as _, Write as _};
+        let stdin = self.child.child_mut().stdin.as_mut().expect("piped");
+        writeln!(stdin, "{path}").expect("write to the client");
+        stdin.flush().expect("flush to the client");
+        let mut line = String::new();
+        self.answers.read_line(&mut line).expect("read the client");
+        let answer: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("client said {line:?}: {e}"));
+        let port = answer["port"].as_u64().expect("a port");
+        assert_eq!(
+            *self.port.get_or_insert(port),
+            port,
+            "the connection was not kept: the client reconnected"
+        );
+        (
+            answer["status"].as_u64().expect("a status") as u16,
+            answer["body"].as_str().expect("a body").to_owned(),
+        )
+    }
+}
+
+/// Waits until a request on a new connection from `pod` gets `status` (the agent saw the change).
+pub fn until_new_connections_get(world: &World, pod: &Pod<'_>, path: &str, status: u16) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (got, body) = pod_get(pod, path, &[]);
+        if got == status {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "new connections still get {got} ({body}), not {status}\n{}",
+            world.agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

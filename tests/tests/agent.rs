@@ -56,7 +56,10 @@ use std::time::{Duration, Instant};
 use kube2iam_tests::{
     FaultMode,
     clients::ClientCredentials,
-    e2e::{ALLOWED_KEY, CREDS, EXTERNAL_ID_KEY, pod_credentials, pod_get, pod_request},
+    e2e::{
+        ALLOWED_KEY, CREDS, EXTERNAL_ID_KEY, KeptConnection, pod_credentials, pod_get, pod_request,
+        until_new_connections_get,
+    },
     imds, kube_api,
 };
 
@@ -866,5 +869,63 @@ fn sigterm_finishes_cleanly_and_keeps_interception() {
         node.pin_path().join("links").join("k2i_connect4").exists(),
         "pins stay"
     );
+    world.assert_no_leak(&[&pod], &[]);
+}
+
+#[test]
+fn a_kept_alive_connection_sees_each_change_to_its_pod_namespace_and_role_at_once() {
+    let node = TestNode::new();
+    let world = restricted_world(&node, "glob", r#"["web-*"]"#);
+    let pod = world.add_known_pod(&node, "a", "team", "web", &[(ROLE_KEY, "web-frontend")]);
+    let mut conn = KeptConnection::open(&pod);
+    let creds_of = |role: &str| format!("{CREDS}{role}");
+    let key_in = |body: &str| -> String {
+        let doc: serde_json::Value = serde_json::from_str(body).expect("a credential document");
+        doc["AccessKeyId"].as_str().expect("a key").to_owned()
+    };
+    assert_eq!(conn.get(CREDS), (200, "web-frontend".to_owned()));
+    let (status, body) = conn.get(&creds_of("web-frontend"));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        Some(key_in(&body)),
+        world.moto_key_for(&role_arn("web-frontend"))
+    );
+
+    // The pod's role changes: the next request on the same connection has the new role only.
+    world
+        .api
+        .annotate_pod("team", "web", ROLE_KEY, Some("web-backend"));
+    until_new_connections_get(&world, &pod, &creds_of("web-backend"), 200);
+    assert_eq!(conn.get(CREDS), (200, "web-backend".to_owned()));
+    let (status, body) = conn.get(&creds_of("web-frontend"));
+    assert_eq!(status, 404, "the old role, on the kept connection: {body}");
+    let (status, body) = conn.get(&creds_of("web-backend"));
+    assert_eq!(status, 200, "{body}");
+    let backend = key_in(&body);
+    assert_eq!(
+        Some(backend.clone()),
+        world.moto_key_for(&role_arn("web-backend"))
+    );
+
+    // The namespace stops allowing it, then allows it again.
+    world
+        .api
+        .annotate_namespace("team", ALLOWED_KEY, Some(r#"["db-*"]"#));
+    until_new_connections_get(&world, &pod, &creds_of("web-backend"), 403);
+    let (status, body) = conn.get(&creds_of("web-backend"));
+    assert_eq!(status, 403, "a role the namespace no longer allows: {body}");
+    assert_eq!(conn.get(CREDS).0, 403);
+    world
+        .api
+        .annotate_namespace("team", ALLOWED_KEY, Some(r#"["web-*"]"#));
+    until_new_connections_get(&world, &pod, &creds_of("web-backend"), 200);
+    let (status, body) = conn.get(&creds_of("web-backend"));
+    assert_eq!((status, key_in(&body)), (200, backend.clone()));
+
+    // The pod is deleted: its address is no one's, on the kept connection too.
+    world.api.delete_pod("team", "web");
+    until_new_connections_get(&world, &pod, CREDS, 404);
+    let (status, body) = conn.get(&creds_of("web-backend"));
+    assert_eq!(status, 404, "a deleted pod's kept connection: {body}");
     world.assert_no_leak(&[&pod], &[]);
 }

@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 use kube2iam_tests::{
     FaultMode, Pod, TestNode,
     clients::{self, ClientCredentials, RunIn},
-    e2e::{ALLOWED_KEY, CREDS, IRSA_KEY, ROLE_KEY, World, pod_credentials, pod_get, role_arn},
+    e2e::{
+        ALLOWED_KEY, CREDS, IRSA_KEY, KeptConnection, ROLE_KEY, World, pod_credentials, pod_get,
+        role_arn,
+    },
     faults::StsRequest,
     kube_api::{Resource, namespace, service_account},
 };
@@ -414,6 +417,9 @@ fn a_changed_service_account_annotation_reaches_its_pods_within_the_watch_latenc
     world.add_pod_of_account(&pod, "shop", "api", "billing", &[], &[]);
     world.wait_known(&node, &pod);
     assert_eq!(pod_get(&pod, CREDS, &[]), (200, "billing-role".to_owned()));
+    // A connection kept open across the changes sees each of them as new connections do.
+    let mut kept = KeptConnection::open(&pod);
+    assert_eq!(kept.get(CREDS), (200, "billing-role".to_owned()));
 
     world.api.annotate_service_account(
         "shop",
@@ -428,6 +434,7 @@ fn a_changed_service_account_annotation_reaches_its_pods_within_the_watch_latenc
         Duration::from_secs(10),
     );
     eprintln!("the new service account role reached the pod after {took:?}");
+    assert_eq!(kept.get(CREDS), (200, "billing-role-2".to_owned()));
     let doc = world.creds(&pod);
     assert_eq!(
         Some(doc.access_key_id.clone()),
@@ -443,6 +450,8 @@ fn a_changed_service_account_annotation_reaches_its_pods_within_the_watch_latenc
         (404, "no eks.amazonaws.com/role-arn"),
         Duration::from_secs(10),
     );
+    let (status, body) = kept.get(CREDS);
+    assert_eq!(status, 404, "{body}");
     world.assert_no_leak(&[&pod], &[&ClientCredentials::from(&doc)]);
 }
 

@@ -33,20 +33,21 @@ use self::{
 };
 use crate::{
     attest::{self, AttestMap, Caller, CgroupPods},
-    credentials::{CacheKey, CredentialCache, Session, StsError, imds_time},
+    credentials::{CacheKey, CredentialCache, Held, Session, StsError, imds_time},
     decision::{self, Decision, Known, Namespace, Outcome, Refusal},
     events::{PodEvents, Reason},
     identity::{CallerView, PodIdentity, Registry},
     kube::Namespaces,
     metrics::{RequestMetrics, RouteLabel},
-    policy::{self, RoleArn},
+    policy,
     service_accounts::{AccountRole, ServiceAccounts},
     session_tags::SessionTagging,
     telemetry::LogLimiter,
 };
 
 // Header names made once: a name given as a string is parsed on every lookup.
-const TOKEN_HEADER: header::HeaderName = header::HeaderName::from_static("x-aws-ec2-metadata-token");
+const TOKEN_HEADER: header::HeaderName =
+    header::HeaderName::from_static("x-aws-ec2-metadata-token");
 const TTL_HEADER: header::HeaderName =
     header::HeaderName::from_static("x-aws-ec2-metadata-token-ttl-seconds");
 const FORWARDED_FOR: header::HeaderName = header::HeaderName::from_static("x-forwarded-for");
@@ -134,6 +135,54 @@ impl Snapshot<'_> {
             cgroup_root: self.cgroup_root,
             pods_attestable: self.pods_attestable,
         }
+    }
+}
+
+/// The counts of changes to everything a caller's pod and role are decided from: the registry,
+/// the namespaces, the ServiceAccounts and the cgroup scan (the rules, the caller and its
+/// address do not change for a connection). Read before any of them is read, so a decision is
+/// never filed under a count newer than what it saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct World {
+    pods: u64,
+    namespaces: u64,
+    accounts: u64,
+    cgroups: u64,
+}
+
+/// What a connection's requests found, for its next request while the [`World`] it was found
+/// in is unchanged: the calling pod, and the role decided for it with the cache entry of its
+/// credentials. Only what was found is kept; a refusal is decided afresh each time.
+struct Remembered {
+    world: World,
+    pod: Arc<PodIdentity>,
+    role: Option<Role>,
+}
+
+struct Role {
+    decision: Decision,
+    /// The credentials' cache key and entry, once a request asked for them.
+    cached: Option<(CacheKey, Held)>,
+}
+
+/// One connection: who is calling (fixed for its life), and what its last request found.
+struct Conn {
+    caller: Caller,
+    remembered: Mutex<Option<Remembered>>,
+}
+
+impl Conn {
+    /// What the last request found, if the world is still the one it was found in.
+    fn recall(&self, world: World) -> Option<Remembered> {
+        self.remembered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .filter(|r| r.world == world)
+    }
+
+    fn remember(&self, found: Option<Remembered>) {
+        *self.remembered.lock().unwrap_or_else(|p| p.into_inner()) = found;
     }
 }
 
@@ -319,6 +368,32 @@ impl State {
             Some(account) => self.service_accounts.role(&pod.namespace, &account.name),
             None => AccountRole::NotListed,
         }
+    }
+
+    fn world(&self) -> World {
+        World {
+            pods: self.registry.generation(),
+            namespaces: self.namespaces.generation(),
+            accounts: self.service_accounts.generation(),
+            cgroups: self.attestation.cgroups.generation(),
+        }
+    }
+
+    /// The role of the pod in `found`, decided by the first request that needed it.
+    async fn role_of<'f>(
+        &self,
+        found: &'f mut Remembered,
+        caller: &Caller,
+        peer: IpAddr,
+    ) -> Result<&'f mut Role, Reply> {
+        if found.role.is_none() {
+            let decision = self.decide_for(&found.pod, caller, peer).await?;
+            found.role = Some(Role {
+                decision,
+                cached: None,
+            });
+        }
+        Ok(found.role.as_mut().expect("decided above"))
     }
 
     /// What the registry knows of `peer` and the attested pod, right now.
@@ -536,17 +611,34 @@ impl State {
         }
     }
 
-    async fn credentials(&self, decision: &Decision, peer: IpAddr) -> Result<Bytes, Reply> {
-        let (key, session_name) = self.cache_key(decision, Some(peer)).map_err(|missing| {
-            Reply::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "kube2iam-ebpf: pod {}: {missing} is not known yet; try again",
-                    decision.pod.display_name()
-                ),
-            )
-        })?;
-        let creds = self.cache.get(&key, &session_name).await.map_err(|e| {
+    async fn credentials(&self, role: &mut Role, peer: IpAddr) -> Result<Bytes, Reply> {
+        if !role
+            .cached
+            .as_ref()
+            .is_some_and(|(_, held)| held.is_current())
+        {
+            let (key, session_name) =
+                self.cache_key(&role.decision, Some(peer))
+                    .map_err(|missing| {
+                        Reply::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!(
+                                "kube2iam-ebpf: pod {}: {missing} is not known yet; try again",
+                                role.decision.pod.display_name()
+                            ),
+                        )
+                    })?;
+            let held = self.cache.hold(&key, &session_name);
+            role.cached = Some((key, held));
+        }
+        let Role {
+            decision,
+            cached: Some((key, held)),
+        } = &*role
+        else {
+            unreachable!("held above");
+        };
+        let creds = self.cache.get_from(key, held).await.map_err(|e| {
             let status = match e {
                 StsError::Denied { .. } => StatusCode::FORBIDDEN,
                 StsError::Throttled { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -580,12 +672,20 @@ impl State {
         &self,
         head: Head,
         started: Instant,
-        caller: &Caller,
+        conn: &Conn,
         peer: IpAddr,
     ) -> Response<Full<Bytes>> {
-        let (route, response, role) = self.handle(&head, caller, peer).await;
+        // Before anything is looked at (see World).
+        let world = self.world();
+        let mut found = conn.recall(world);
+        let caller = &conn.caller;
+        let (route, response, decided) = self.handle(&head, caller, peer, &mut found, world).await;
         let (method, uri_path) = (&head.method, head.sent_path());
-        let role = role.as_ref().map(RoleArn::as_str);
+        let role = found
+            .as_ref()
+            .filter(|_| decided)
+            .and_then(|f| f.role.as_ref())
+            .map(|r| r.decision.role.as_str());
         let status = response.status();
         let elapsed = started.elapsed();
         let latency_us = elapsed.as_micros() as u64;
@@ -613,16 +713,21 @@ impl State {
                 .map(|p| p.display_name());
             tracing::debug!(peer = %peer, pod, role, attested, method = %method, path = uri_path, route = route.as_str(), status = status.as_u16(), latency_us, "request");
         }
+        conn.remember(found);
         response
     }
 
-    /// Answers one request. Returns the route label (metrics) and the response.
+    /// Answers one request. Returns the route label (metrics), the response, and whether it
+    /// decided a role (the one `found` then holds). What the request finds is left in `found`,
+    /// where the connection's previous request left what it found if `world` is unchanged.
     async fn handle(
         &self,
         head: &Head,
         caller: &Caller,
         peer: IpAddr,
-    ) -> (RouteLabel, Response<Full<Bytes>>, Option<RoleArn>) {
+        found: &mut Option<Remembered>,
+        world: World,
+    ) -> (RouteLabel, Response<Full<Bytes>>, bool) {
         if let Some(size) = &head.oversized {
             let mut response = text(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -636,14 +741,14 @@ impl State {
                 header::CONNECTION,
                 header::HeaderValue::from_static("close"),
             );
-            return (RouteLabel::BadPath, response, None);
+            return (RouteLabel::BadPath, response, false);
         }
         let (normalized, route) = match &head.target {
             Target::Refused(e) => {
                 return (
                     RouteLabel::BadPath,
                     text(StatusCode::BAD_REQUEST, format!("kube2iam-ebpf: {e}")),
-                    None,
+                    false,
                 );
             }
             Target::Health => {
@@ -652,26 +757,35 @@ impl State {
                 if !health::from_node(peer, self.config.host_ip)
                     && let Err(r) = self.caller_pod(caller, peer).await
                 {
-                    return (RouteLabel::Refused, text(r.status, r.body), None);
+                    return (RouteLabel::Refused, text(r.status, r.body), false);
                 }
-                return (RouteLabel::Healthz, Box::pin(self.healthz()).await, None);
+                return (RouteLabel::Healthz, Box::pin(self.healthz()).await, false);
             }
             Target::Route { normalized, route } => (normalized, route),
         };
         let method = &head.method;
         // Every route is for the pods of this node only: the token and the proxy too.
-        let pod = match self.caller_pod(caller, peer).await {
-            Ok(pod) => pod,
-            Err(r) => return (RouteLabel::Refused, text(r.status, r.body), None),
-        };
+        if found.is_none() {
+            match self.caller_pod(caller, peer).await {
+                Ok(pod) => {
+                    *found = Some(Remembered {
+                        world,
+                        pod,
+                        role: None,
+                    });
+                }
+                Err(r) => return (RouteLabel::Refused, text(r.status, r.body), false),
+            }
+        }
+        let found = found.as_mut().expect("found above");
         if *route == Route::Token {
-            return (RouteLabel::Token, self.issue_token(head, peer), None);
+            return (RouteLabel::Token, self.issue_token(head, peer), false);
         }
         if let Err(reply) = self.check_token(head, peer) {
             return (
                 RouteLabel::Unauthorized,
                 text(reply.status, reply.body),
-                None,
+                false,
             );
         }
         if method != Method::GET && method != Method::HEAD {
@@ -681,77 +795,72 @@ impl State {
                     StatusCode::METHOD_NOT_ALLOWED,
                     "kube2iam-ebpf: only GET and HEAD",
                 ),
-                None,
+                false,
             );
         }
+        let base = self.config.decision.base_arn.as_ref();
         match route {
             Route::Token => unreachable!("answered above"),
             Route::IamListing => (
                 RouteLabel::IamListing,
                 text(StatusCode::OK, "info\nsecurity-credentials/"),
-                None,
+                false,
             ),
             Route::CredentialsList => {
-                let (body, role) = match self.decide_for(&pod, caller, peer).await {
-                    Ok(d) => (
-                        Ok(
-                            policy::listed_name(&d.role, self.config.decision.base_arn.as_ref())
-                                .to_owned(),
-                        ),
-                        Some(d.role),
+                let (body, decided) = match self.role_of(found, caller, peer).await {
+                    Ok(role) => (
+                        Ok(policy::listed_name(&role.decision.role, base).to_owned()),
+                        true,
                     ),
-                    Err(r) => (Err(r), None),
+                    Err(r) => (Err(r), false),
                 };
-                (RouteLabel::CredentialsList, reply(body), role)
+                (RouteLabel::CredentialsList, reply(body), decided)
             }
             Route::Credentials(name) => {
-                let (body, role) = match self.decide_for(&pod, caller, peer).await {
-                    Ok(decision) => {
-                        let listed = policy::listed_name(
-                            &decision.role,
-                            self.config.decision.base_arn.as_ref(),
-                        );
-                        let same = name == listed
+                let (body, decided) = match self.role_of(found, caller, peer).await {
+                    Ok(role) => {
+                        let decision = &role.decision;
+                        let same = name == policy::listed_name(&decision.role, base)
                             || name == decision.role.as_str()
-                            || policy::resolve_role(name, self.config.decision.base_arn.as_ref())
-                                .is_ok_and(|r| r == decision.role);
+                            || policy::resolve_role(name, base).is_ok_and(|r| r == decision.role);
                         let body = if same {
-                            self.credentials(&decision, peer).await
+                            self.credentials(role, peer).await
                         } else {
                             let body = format!(
-                                "kube2iam-ebpf: pod {} has role {listed}, not {name}",
-                                decision.pod.display_name()
+                                "kube2iam-ebpf: pod {} has role {}, not {name}",
+                                decision.pod.display_name(),
+                                policy::listed_name(&decision.role, base),
                             );
                             self.events
                                 .record(&decision.pod, Reason::UnknownRole, &body);
                             Err(Reply::new(StatusCode::NOT_FOUND, body))
                         };
-                        (body, Some(decision.role))
+                        (body, true)
                     }
-                    Err(r) => (Err(r), None),
+                    Err(r) => (Err(r), false),
                 };
-                (RouteLabel::Credentials, reply(body), role)
+                (RouteLabel::Credentials, reply(body), decided)
             }
             Route::IamInfo => {
-                let (body, role) = match self.decide_for(&pod, caller, peer).await {
-                    Ok(d) => (
+                let (body, decided) = match self.role_of(found, caller, peer).await {
+                    Ok(role) => (
                         Ok(serde_json::json!({
                             "Code": "Success",
                             "LastUpdated": imds_time(SystemTime::now()),
-                            "InstanceProfileArn": d.role.as_str(),
+                            "InstanceProfileArn": role.decision.role.as_str(),
                             "InstanceProfileId": "kube2iam-ebpf",
                         })
                         .to_string()),
-                        Some(d.role),
+                        true,
                     ),
-                    Err(r) => (Err(r), None),
+                    Err(r) => (Err(r), false),
                 };
-                (RouteLabel::IamInfo, reply(body), role)
+                (RouteLabel::IamInfo, reply(body), decided)
             }
             Route::Blocked(refusal) => (
                 RouteLabel::Blocked,
                 text(StatusCode::FORBIDDEN, refusal.message(normalized)),
-                None,
+                false,
             ),
             Route::Proxy => {
                 // IMDS takes no query parameters: none is forwarded, so nothing a pod writes
@@ -772,12 +881,12 @@ impl State {
                                 .headers_mut()
                                 .insert(header::CONTENT_TYPE, ct.clone());
                         }
-                        (RouteLabel::Proxy, response, None)
+                        (RouteLabel::Proxy, response, false)
                     }
                     Err(e) => (
                         RouteLabel::Proxy,
                         text(StatusCode::BAD_GATEWAY, format!("kube2iam-ebpf: {e}")),
-                        None,
+                        false,
                     ),
                 }
             }
@@ -926,15 +1035,18 @@ pub async fn serve(
                 (permit, Some(slot), state.config.header_read_timeout)
             };
             let keep_alive = slot.is_some();
-            let caller = Arc::new(caller);
+            let conn = Arc::new(Conn {
+                caller,
+                remembered: Mutex::new(None),
+            });
             let state_for_conn = state.clone();
             let service = service_fn(move |request: Request<Incoming>| {
                 let started = Instant::now();
                 let head = Head::of(&request, &state_for_conn, peer_ip);
                 drop(request);
                 let state = state_for_conn.clone();
-                let caller = caller.clone();
-                async move { Ok::<_, Infallible>(state.answer(head, started, &caller, peer_ip).await) }
+                let conn = conn.clone();
+                async move { Ok::<_, Infallible>(state.answer(head, started, &conn, peer_ip).await) }
             });
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
