@@ -711,7 +711,11 @@ impl Registry {
                 }
             }
         }
-        self.persist(&mut state, gone.keys)
+        let errors = self.persist(&mut state, gone.keys);
+        // Counted at once (before the lock is let go): a relist removes pods one by one and
+        // bumps only at its end.
+        self.generation.fetch_add(1, Ordering::Release);
+        errors
     }
 
     /// Forgets a pod (deleted, or finished): its addresses go to the next claimant, if any.
@@ -734,6 +738,7 @@ impl Registry {
             let mut state = self.state();
             let seen = state.relist.take().unwrap_or_default();
             state.host_pods.retain(|uid, _| seen.contains(uid));
+            self.generation.fetch_add(1, Ordering::Release);
             seen
         };
         let stale: Vec<String> = self

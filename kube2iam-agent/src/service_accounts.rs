@@ -260,6 +260,8 @@ impl ServiceAccounts {
                     changed
                 };
                 let first = !self.synced.swap(true, Ordering::AcqRel);
+                // Counted now, not after the prefetches below, which take a while.
+                self.generation.fetch_add(1, Ordering::Release);
                 let annotated: Vec<(String, String)> = self
                     .roles
                     .read()

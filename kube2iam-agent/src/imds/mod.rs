@@ -388,6 +388,10 @@ impl State {
     ) -> Result<&'f mut Role, Reply> {
         if found.role.is_none() {
             let decision = self.decide_for(&found.pod, caller, peer).await?;
+            // After a wait, the caller is identified afresh: keep the pod the role is for.
+            if decision.pod.uid != found.pod.uid {
+                found.pod = decision.pod.clone();
+            }
             found.role = Some(Role {
                 decision,
                 cached: None,
@@ -713,7 +717,8 @@ impl State {
                 .map(|p| p.display_name());
             tracing::debug!(peer = %peer, pod, role, attested, method = %method, path = uri_path, route = route.as_str(), status = status.as_u16(), latency_us, "request");
         }
-        conn.remember(found);
+        // Kept only if nothing changed while the request was answered either.
+        conn.remember(found.filter(|f| f.world == self.world()));
         response
     }
 
