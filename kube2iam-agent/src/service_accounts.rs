@@ -225,19 +225,6 @@ impl ServiceAccounts {
         on_change: &impl Fn(&str, &str),
         now: Instant,
     ) {
-        self.apply_event(event, buffer, key, on_change, now);
-        // After the event's writes, never before them.
-        self.generation.fetch_add(1, Ordering::Release);
-    }
-
-    fn apply_event(
-        &self,
-        event: Result<watcher::Event<PartialObjectMeta<ServiceAccount>>, watcher::Error>,
-        buffer: &mut HashMap<(String, String), Annotation>,
-        key: &str,
-        on_change: &impl Fn(&str, &str),
-        now: Instant,
-    ) {
         match event {
             Ok(watcher::Event::Init) => buffer.clear(),
             Ok(watcher::Event::InitApply(meta)) => {
@@ -297,6 +284,8 @@ impl ServiceAccounts {
                 tracing::warn!(%error, "service account watch failed; relisting with backoff");
             }
         }
+        // After the event's writes, never before them.
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     /// Runs `on_change` for the account `id`, whose role just changed, within its budget.
