@@ -259,7 +259,8 @@ struct Head {
     sent_path: Option<String>,
     oversized: Option<String>,
     token: TokenCheck,
-    /// `PUT` only: the token's requested lifetime, and whether the request was forwarded.
+    /// For the token route: the token's requested lifetime (`None`: no such header), and
+    /// whether the request was forwarded.
     ttl: Option<Result<Duration, String>>,
     forwarded: bool,
     /// For the proxy only.
@@ -294,15 +295,11 @@ impl Head {
             }
             None => TokenCheck::Missing,
         };
-        // The token route's own headers, read only for a PUT (the route is PUT only).
-        let put = method == Method::PUT;
-        let ttl = put.then(|| {
-            token::parse_ttl(
-                headers
-                    .get(&TTL_HEADER)
-                    .map(|v| v.to_str().unwrap_or("invalid")),
-            )
-        });
+        // The token route's own headers, read for every request: whether a request reaches
+        // that route is decided apart from this.
+        let ttl = headers
+            .get(&TTL_HEADER)
+            .map(|v| token::parse_ttl(Some(v.to_str().unwrap_or("invalid"))));
         let accept = match &target {
             Target::Route {
                 route: Route::Proxy,
@@ -315,7 +312,7 @@ impl Head {
         };
         Head {
             oversized: oversized_body(request),
-            forwarded: put && headers.contains_key(&FORWARDED_FOR),
+            forwarded: headers.contains_key(&FORWARDED_FOR),
             method,
             target,
             sent_path,
@@ -597,10 +594,8 @@ impl State {
         if head.forwarded {
             return text(StatusCode::FORBIDDEN, "");
         }
-        let Some(ttl) = &head.ttl else {
-            unreachable!("the token route is PUT only, and a PUT's head has its TTL");
-        };
-        match ttl {
+        let ttl = head.ttl.clone().unwrap_or_else(|| token::parse_ttl(None));
+        match &ttl {
             Ok(ttl) => {
                 let mut response = text(
                     StatusCode::OK,
