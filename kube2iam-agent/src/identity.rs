@@ -524,8 +524,9 @@ pub struct Registry {
     map: Box<dyn IdentityMap>,
     /// Read by every request (many readers at once), written by the watch.
     state: RwLock<RegistryState>,
-    changed: watch::Sender<u64>,
-    /// Counts the changes, as `changed` does, for readers that only compare.
+    /// Wakes those waiting for a change (the count is `generation`).
+    changed: watch::Sender<()>,
+    /// Counts the changes (see [`Registry::bump`]).
     generation: AtomicU64,
 }
 
@@ -574,7 +575,7 @@ impl Registry {
         Registry {
             map,
             state: RwLock::new(state),
-            changed: watch::Sender::new(0),
+            changed: watch::Sender::new(()),
             generation: AtomicU64::new(0),
         }
     }
@@ -593,7 +594,7 @@ impl Registry {
     /// generation holds while the generation is unchanged.
     fn bump(&self) {
         self.generation.fetch_add(1, Ordering::Release);
-        self.changed.send_modify(|generation| *generation += 1);
+        self.changed.send_replace(());
     }
 
     /// Read before the registry is: see [`Registry::bump`].
@@ -816,7 +817,7 @@ impl Registry {
     }
 
     /// Registry changes, to wait on.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
+    pub fn subscribe(&self) -> watch::Receiver<()> {
         self.changed.subscribe()
     }
 
