@@ -448,7 +448,9 @@ impl CredentialCache {
         remaining(creds) > self.settings.min_validity
     }
 
-    /// Credentials for `key`, from the cache or STS.
+    /// Credentials for `key`, from the cache or STS (the server holds its entries instead:
+    /// [`CredentialCache::hold`], [`CredentialCache::get_from`]).
+    #[cfg(test)]
     pub async fn get(
         self: &Arc<Self>,
         key: &CacheKey,
