@@ -51,26 +51,32 @@ fn is_normal(path: &str) -> bool {
     let Some(rest) = path.strip_prefix('/') else {
         return false;
     };
-    if !rest
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.'))
-    {
-        return false;
-    }
-    let mut segments = rest.split('/').peekable();
-    while let Some(segment) = segments.next() {
-        let last = segments.peek().is_none();
-        if segment == "." || segment == ".." || (segment.is_empty() && !last) {
+    // One pass over the bytes: what every request's path goes through.
+    let rest = rest.as_bytes();
+    let mut start = 0;
+    for (i, &b) in rest.iter().enumerate() {
+        if b == b'/' {
+            // Not the last segment: it may not be empty either.
+            if matches!(&rest[start..i], b"" | b"." | b"..") {
+                return false;
+            }
+            start = i + 1;
+        } else if !(b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) {
             return false;
         }
     }
-    true
+    !matches!(&rest[start..], b"." | b"..")
 }
 
 /// Decodes, then resolves `.`/`..` and empty segments. The trailing slash is kept: IMDS
 /// distinguishes `security-credentials` from `security-credentials/`.
 pub fn normalize(raw: &str) -> Result<String, BadPath> {
-    let path = raw.split(['?', '#']).next().unwrap_or("");
+    // By bytes: `?` and `#` are ASCII, never part of a longer UTF-8 character.
+    let end = raw
+        .bytes()
+        .position(|b| b == b'?' || b == b'#')
+        .unwrap_or(raw.len());
+    let path = &raw[..end];
     if is_normal(path) {
         return Ok(path.to_owned());
     }
