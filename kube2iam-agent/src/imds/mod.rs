@@ -2,6 +2,7 @@
 //! own role, IMDSv2 tokens bound to the pod, the node's credentials and data never forwarded,
 //! metadata that is safe for any pod (an allow list) proxied to the node's metadata service.
 
+mod header_clock;
 mod health;
 pub mod path;
 pub mod token;
@@ -23,10 +24,11 @@ use hyper::{
     Method, Request, Response, StatusCode, body::Incoming, header, server::conn::http1,
     service::service_fn,
 };
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::{io::AsyncWriteExt as _, net::TcpListener, sync::Semaphore};
 
 use self::{
+    header_clock::HeaderClock,
     path::{PathRules, Route},
     token::TokenIssuer,
     upstream::Upstream,
@@ -165,10 +167,12 @@ struct Role {
     cached: Option<(CacheKey, Held)>,
 }
 
-/// One connection: who is calling (fixed for its life), and what its last request found.
+/// One connection: who is calling (fixed for its life), what its last request found, and how
+/// long it has waited for its next request's headers.
 struct Conn {
     caller: Caller,
     remembered: Mutex<Option<Remembered>>,
+    headers: HeaderClock,
 }
 
 impl Conn {
@@ -687,6 +691,8 @@ impl State {
             .map(|r| r.decision.role.as_str());
         let status = response.status();
         let elapsed = started.elapsed();
+        // Answered: the connection's next request has its header timeout from now.
+        conn.headers.answered(started + elapsed);
         let latency_us = elapsed.as_micros() as u64;
         self.stats.observe(route, status.as_u16(), elapsed);
         let attested = caller.label();
@@ -1038,23 +1044,31 @@ pub async fn serve(
             let conn = Arc::new(Conn {
                 caller,
                 remembered: Mutex::new(None),
+                headers: HeaderClock::new(Instant::now().into()),
             });
             let state_for_conn = state.clone();
+            let conn_for_service = conn.clone();
             let service = service_fn(move |request: Request<Incoming>| {
+                conn_for_service.headers.answering();
                 let started = Instant::now();
                 let head = Head::of(&request, &state_for_conn, peer_ip);
                 drop(request);
                 let state = state_for_conn.clone();
-                let conn = conn.clone();
+                let conn = conn_for_service.clone();
                 async move { Ok::<_, Infallible>(state.answer(head, started, &conn, peer_ip).await) }
             });
+            // The header timeout is the connection's HeaderClock, not hyper's timer (which
+            // would register a timer per request).
             let connection = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
+                .header_read_timeout(None)
                 .max_buf_size(state.config.max_header_bytes.max(8192))
                 .keep_alive(keep_alive)
                 .serve_connection(TokioIo::new(stream), service);
-            let _ = watcher.watch(connection).await;
+            tokio::select! {
+                _ = watcher.watch(connection) => {}
+                // Closed (dropped) unanswered, as hyper's header timeout closes it.
+                () = conn.headers.expired(header_timeout) => {}
+            }
             drop(slot);
             drop(permit);
         });
