@@ -361,6 +361,8 @@ struct Entry {
     session_name: String,
     /// Set when the cache drops the entry, for those that hold it ([`Held`]).
     evicted: AtomicBool,
+    /// Moves each time new credentials replace `snapshot` (after they do).
+    version: AtomicU64,
 }
 
 /// A cache entry held between requests (one connection's, see the metadata server): good while
@@ -371,6 +373,12 @@ pub struct Held(Arc<Entry>);
 impl Held {
     pub fn is_current(&self) -> bool {
         !self.0.evicted.load(Ordering::Acquire)
+    }
+
+    /// The entry's version, read before [`CredentialCache::get_from`], for
+    /// [`CredentialCache::reuse`].
+    pub fn version(&self) -> u64 {
+        self.0.version.load(Ordering::Acquire)
     }
 }
 
@@ -425,6 +433,7 @@ impl CredentialCache {
                     last_used: AtomicU64::new(self.since_epoch(tokio::time::Instant::now())),
                     session_name: session_name.to_owned(),
                     evicted: AtomicBool::new(false),
+                    version: AtomicU64::new(0),
                 })
             })
             .clone()
@@ -471,12 +480,7 @@ impl CredentialCache {
         held: &Held,
     ) -> Result<Arc<Issued>, StsError> {
         let entry = &held.0;
-        let now = self.since_epoch(tokio::time::Instant::now());
-        // Written at most once a millisecond: a store per request would move the entry's cache
-        // line between the runtime's threads on every request.
-        if now.saturating_sub(entry.last_used.load(Ordering::Relaxed)) >= LAST_USED_STEP_NS {
-            entry.last_used.store(now, Ordering::Relaxed);
-        }
+        self.touch(entry);
         let snapshot = entry
             .snapshot
             .read()
@@ -496,6 +500,30 @@ impl CredentialCache {
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
         self.fetch(key, entry).await
+    }
+
+    /// Whether `creds`, which [`CredentialCache::get_from`] gave from `held` when its version
+    /// was `version`, are what it would give now from the cache: the entry is still the
+    /// cache's, no credentials replaced them since, and they are fresh. Counted as the cache hit
+    /// `get_from` would count. A connection serving its pod again asks this instead of reading
+    /// the entry, whose lock and counts every connection of the pod shares.
+    pub fn reuse(&self, held: &Held, version: u64, creds: &Issued) -> bool {
+        if !held.is_current() || held.version() != version || !self.fresh(creds) {
+            return false;
+        }
+        self.touch(&held.0);
+        self.stats.hits.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Notes that a request asked for `entry` now. Written at most once a millisecond: a store
+    /// per request would move the entry's cache line between the runtime's threads on every
+    /// request.
+    fn touch(&self, entry: &Entry) {
+        let now = self.since_epoch(tokio::time::Instant::now());
+        if now.saturating_sub(entry.last_used.load(Ordering::Relaxed)) >= LAST_USED_STEP_NS {
+            entry.last_used.store(now, Ordering::Relaxed);
+        }
     }
 
     /// Starts fetching credentials for a pod that just appeared, if not cached.
@@ -574,6 +602,7 @@ impl CredentialCache {
                 slot.creds = Some(creds.clone());
                 slot.failure = None;
                 *entry.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Some(creds.clone());
+                entry.version.fetch_add(1, Ordering::Release);
                 Ok(creds)
             }
             Err(error) => {
@@ -1001,6 +1030,54 @@ mod tests {
         // Another key is not held back by this one's backoff.
         sts.fail_next(vec![]);
         assert!(cache.get(&key("other"), "s").await.is_ok());
+    }
+
+    /// A holder serves what it got again only while `get_from` would give the same from the
+    /// cache: not with a version read before newer credentials were stored, not once they are
+    /// due for refresh, not after the entry is evicted. Each reuse counts a hit.
+    #[tokio::test(start_paused = true)]
+    async fn reuse_holds_only_while_the_entry_would_give_the_same() {
+        let settings = CacheSettings {
+            // Fresh for 300 ms of wall time after they are issued.
+            refresh_before: Duration::from_secs(3600) - Duration::from_millis(300),
+            ..CacheSettings::default()
+        };
+        let sts = FakeSts::new(Duration::ZERO, Duration::from_secs(3600));
+        let cache = CredentialCache::new(sts.clone(), settings);
+        let k = key("web");
+        let held = cache.hold(&k, "s");
+        let before = held.version();
+        let first = cache.get_from(&k, &held).await.unwrap();
+        assert!(
+            !cache.reuse(&held, before, &first),
+            "read before the credentials were stored"
+        );
+        let version = held.version();
+        let got = cache.get_from(&k, &held).await.unwrap();
+        assert_eq!(got, first);
+        let hits = cache.stats.hits.load(Ordering::Relaxed);
+        assert!(cache.reuse(&held, version, &got));
+        assert!(cache.reuse(&held, version, &got));
+        assert_eq!(cache.stats.hits.load(Ordering::Relaxed), hits + 2);
+        // Due for refresh: asked of the entry again, which refreshes them.
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(!cache.reuse(&held, version, &got));
+        let version = held.version();
+        cache.get_from(&k, &held).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(sts.calls(), 2, "refreshed in the background");
+        let refreshed = cache.get_from(&k, &held).await.unwrap();
+        assert_ne!(refreshed, got);
+        assert!(
+            !cache.reuse(&held, version, &refreshed),
+            "the refresh stored newer credentials after that version"
+        );
+        let version = held.version();
+        assert!(cache.reuse(&held, version, &refreshed));
+        // Evicted: held no longer.
+        tokio::time::advance(UNUSED_GRACE + Duration::from_secs(1)).await;
+        assert_eq!(cache.evict_unused(&HashSet::new(), UNUSED_GRACE), 1);
+        assert!(!cache.reuse(&held, version, &refreshed));
     }
 
     #[tokio::test]

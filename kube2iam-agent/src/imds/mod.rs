@@ -35,7 +35,7 @@ use self::{
 };
 use crate::{
     attest::{self, AttestMap, Caller, CgroupPods},
-    credentials::{CacheKey, CredentialCache, Held, Session, StsError, imds_time},
+    credentials::{CacheKey, CredentialCache, Held, Issued, Session, StsError, imds_time},
     decision::{self, Decision, Known, Namespace, Outcome, Refusal},
     events::{PodEvents, Reason},
     identity::{CallerView, PodIdentity, Registry},
@@ -163,13 +163,35 @@ struct Remembered {
 
 struct Role {
     decision: Decision,
-    /// The credentials' cache key and entry, once a request asked for them.
-    cached: Option<(CacheKey, Held)>,
+    /// The credentials' cache entry, once a request asked for them.
+    cached: Option<Cached>,
+}
+
+struct Cached {
+    key: CacheKey,
+    held: Held,
+    /// What the last request was served from the entry, to serve again while the cache says
+    /// it would give the same ([`CredentialCache::reuse`]).
+    served: Option<Served>,
+}
+
+struct Served {
+    /// The entry's version when the credentials were got.
+    version: u64,
+    creds: Arc<Issued>,
+    document: Bytes,
+    /// Whether `document` is this connection's own copy. The answer every connection shares
+    /// counts its users in one place, which each request would move between the runtime's
+    /// threads; a connection that serves it a second time takes a copy of its own.
+    own: bool,
 }
 
 /// One connection: who is calling (fixed for its life), what its last request found, and how
 /// long it has waited for its next request's headers.
 struct Conn {
+    /// The server's state, held once per connection: a clone per request would move its
+    /// count between the runtime's threads on every request.
+    state: Arc<State>,
     caller: Caller,
     remembered: Mutex<Option<Remembered>>,
     headers: HeaderClock,
@@ -618,7 +640,7 @@ impl State {
         if !role
             .cached
             .as_ref()
-            .is_some_and(|(_, held)| held.is_current())
+            .is_some_and(|cached| cached.held.is_current())
         {
             let (key, session_name) =
                 self.cache_key(&role.decision, Some(peer))
@@ -632,42 +654,72 @@ impl State {
                         )
                     })?;
             let held = self.cache.hold(&key, &session_name);
-            role.cached = Some((key, held));
+            role.cached = Some(Cached {
+                key,
+                held,
+                served: None,
+            });
         }
         let Role {
             decision,
-            cached: Some((key, held)),
-        } = &*role
+            cached: Some(cached),
+        } = role
         else {
             unreachable!("held above");
         };
-        let creds = self.cache.get_from(key, held).await.map_err(|e| {
-            let status = match e {
-                StsError::Denied { .. } => StatusCode::FORBIDDEN,
-                StsError::Throttled { .. } => StatusCode::SERVICE_UNAVAILABLE,
-                StsError::Unavailable { .. } => StatusCode::BAD_GATEWAY,
-            };
-            let body = format!("kube2iam-ebpf: pod {}: {e}", decision.pod.display_name());
-            self.events
-                .record(&decision.pod, Reason::AssumeRoleFailed, &body);
-            Reply::new(status, body)
-        })?;
-        // Rendered once per set of credentials, not per request.
-        if let Some(document) = creds.rendered() {
-            return Ok(document);
+        if let Some(served) = &mut cached.served
+            && self
+                .cache
+                .reuse(&cached.held, served.version, &served.creds)
+        {
+            if !served.own {
+                served.document = Bytes::copy_from_slice(&served.document);
+                served.own = true;
+            }
+            return Ok(served.document.clone());
         }
-        let document = CredentialDocument {
-            code: "Success",
-            last_updated: imds_time(creds.last_updated),
-            kind: "AWS-HMAC",
-            access_key_id: &creds.access_key_id,
-            secret_access_key: &creds.secret_access_key,
-            token: &creds.session_token,
-            expiration: imds_time(creds.expiration),
+        // Read before the credentials are: newer credentials after this move it again.
+        let version = cached.held.version();
+        let creds = self
+            .cache
+            .get_from(&cached.key, &cached.held)
+            .await
+            .map_err(|e| {
+                let status = match e {
+                    StsError::Denied { .. } => StatusCode::FORBIDDEN,
+                    StsError::Throttled { .. } => StatusCode::SERVICE_UNAVAILABLE,
+                    StsError::Unavailable { .. } => StatusCode::BAD_GATEWAY,
+                };
+                let body = format!("kube2iam-ebpf: pod {}: {e}", decision.pod.display_name());
+                self.events
+                    .record(&decision.pod, Reason::AssumeRoleFailed, &body);
+                Reply::new(status, body)
+            })?;
+        // Rendered once per set of credentials, not per request.
+        let document = match creds.rendered() {
+            Some(document) => document,
+            None => {
+                let document = CredentialDocument {
+                    code: "Success",
+                    last_updated: imds_time(creds.last_updated),
+                    kind: "AWS-HMAC",
+                    access_key_id: &creds.access_key_id,
+                    secret_access_key: &creds.secret_access_key,
+                    token: &creds.session_token,
+                    expiration: imds_time(creds.expiration),
+                };
+                let document = serde_json::to_string_pretty(&document)
+                    .map_err(|e| Reply::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+                creds.keep_rendered(document)
+            }
         };
-        let document = serde_json::to_string_pretty(&document)
-            .map_err(|e| Reply::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-        Ok(creds.keep_rendered(document))
+        cached.served = Some(Served {
+            version,
+            creds,
+            document: document.clone(),
+            own: false,
+        });
+        Ok(document)
     }
 
     /// Answers one request, counts it and logs it (refusals rate-limited per caller and status).
@@ -1042,20 +1094,21 @@ pub async fn serve(
             };
             let keep_alive = slot.is_some();
             let conn = Arc::new(Conn {
+                state: state.clone(),
                 caller,
                 remembered: Mutex::new(None),
                 headers: HeaderClock::new(Instant::now().into()),
             });
-            let state_for_conn = state.clone();
             let conn_for_service = conn.clone();
             let service = service_fn(move |request: Request<Incoming>| {
                 conn_for_service.headers.answering();
                 let started = Instant::now();
-                let head = Head::of(&request, &state_for_conn, peer_ip);
+                let head = Head::of(&request, &conn_for_service.state, peer_ip);
                 drop(request);
-                let state = state_for_conn.clone();
                 let conn = conn_for_service.clone();
-                async move { Ok::<_, Infallible>(state.answer(head, started, &conn, peer_ip).await) }
+                async move {
+                    Ok::<_, Infallible>(conn.state.answer(head, started, &conn, peer_ip).await)
+                }
             });
             // The header timeout is the connection's HeaderClock, not hyper's timer (which
             // would register a timer per request).
