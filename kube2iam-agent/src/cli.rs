@@ -275,7 +275,8 @@ pub struct RunArgs {
     /// may hold; more are answered 503 and closed, so one caller cannot take every slot.
     #[arg(long, env = "MAX_CONNECTIONS_PER_CALLER", default_value_t = 1024)]
     pub max_connections_per_caller: usize,
-    /// Time a client has to send its request headers.
+    /// Time a client has to send a request's headers, counted from when its connection opened
+    /// or its previous request was answered; then the connection is closed unanswered.
     #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub header_read_timeout: Duration,
     /// Whether the kernel's record of which pod's cgroup made a connection must agree with the
