@@ -479,27 +479,45 @@ impl CredentialCache {
         key: &CacheKey,
         held: &Held,
     ) -> Result<Arc<Issued>, StsError> {
+        match self.cached(key, held) {
+            Some(creds) => Ok(creds),
+            None => self.fetch_missing(key, held).await,
+        }
+    }
+
+    /// What [`CredentialCache::get_from`] gives without waiting: the entry's credentials while
+    /// they are valid (counted as a hit; past their refresh time, refreshed in the background
+    /// too), else `None`.
+    pub fn cached(self: &Arc<Self>, key: &CacheKey, held: &Held) -> Option<Arc<Issued>> {
         let entry = &held.0;
         self.touch(entry);
-        let snapshot = entry
+        let creds = entry
             .snapshot
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        if let Some(creds) = snapshot {
-            if self.fresh(&creds) {
-                self.stats.hits.fetch_add(1, Ordering::Relaxed);
-                return Ok(creds);
-            }
-            if self.valid(&creds) {
-                // Refresh ahead in the background; this request is served now.
-                self.stats.hits.fetch_add(1, Ordering::Relaxed);
-                self.spawn_refresh(key.clone(), entry.clone(), false);
-                return Ok(creds);
-            }
+            .clone()?;
+        if self.fresh(&creds) {
+            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            return Some(creds);
         }
+        if self.valid(&creds) {
+            // Refresh ahead in the background; this request is served now.
+            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            self.spawn_refresh(key.clone(), entry.clone(), false);
+            return Some(creds);
+        }
+        None
+    }
+
+    /// The rest of [`CredentialCache::get_from`] when [`CredentialCache::cached`] had nothing:
+    /// a miss, fetched from STS (one call for every request waiting on the entry).
+    pub async fn fetch_missing(
+        &self,
+        key: &CacheKey,
+        held: &Held,
+    ) -> Result<Arc<Issued>, StsError> {
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
-        self.fetch(key, entry).await
+        self.fetch(key, &held.0).await
     }
 
     /// Whether `creds`, which [`CredentialCache::get_from`] gave from `held` when its version
