@@ -5,6 +5,8 @@
 mod header_clock;
 mod health;
 pub mod path;
+#[cfg(test)]
+mod tests;
 pub mod token;
 pub mod upstream;
 mod usage;
@@ -19,6 +21,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures::future::Either;
 use http_body_util::Full;
 use hyper::{
     Method, Request, Response, StatusCode, body::Incoming, header, server::conn::http1,
@@ -471,8 +474,7 @@ impl State {
         match decision::role(&self.config.decision, pod, &namespace, &account, false) {
             Outcome::Ok(decision) => Ok(decision),
             Outcome::Refuse(refusal) => Err(self.refuse(refusal)),
-            // Boxed: the waiting is rare, and its state would otherwise make every request's
-            // future larger (and every request moves it).
+            // Boxed, as in wait_for.
             Outcome::Wait => Box::pin(self.decide(caller, peer)).await,
         }
     }
@@ -485,16 +487,28 @@ impl State {
         step: Option<Duration>,
         mut look: impl FnMut(bool) -> Outcome<T>,
     ) -> Result<T, Reply> {
+        // The first look reads no clock: it is the last one only without a wait, and it
+        // mostly decides.
+        match look(self.config.pod_wait.is_zero()) {
+            Outcome::Ok(found) => Ok(found),
+            Outcome::Refuse(refusal) => Err(self.refuse(refusal)),
+            // Boxed: the waiting is rare, and its state (a timer, a registry subscription)
+            // would otherwise make every request's future larger, which every request moves.
+            Outcome::Wait => Box::pin(self.keep_looking(step, look)).await,
+        }
+    }
+
+    /// [`State::wait_for`] after a first look that could not decide.
+    async fn keep_looking<T>(
+        &self,
+        step: Option<Duration>,
+        mut look: impl FnMut(bool) -> Outcome<T>,
+    ) -> Result<T, Reply> {
         let mut settle = |last_look: bool| match look(last_look) {
             Outcome::Ok(found) => Some(Ok(found)),
             Outcome::Refuse(refusal) => Some(Err(self.refuse(refusal))),
             Outcome::Wait => None,
         };
-        // The first look reads no clock: it is the last one only without a wait, and it
-        // mostly decides.
-        if let Some(decided) = settle(self.config.pod_wait.is_zero()) {
-            return decided;
-        }
         let deadline = tokio::time::Instant::now() + self.config.pod_wait;
         let mut changes = self.registry.subscribe();
         loop {
@@ -603,17 +617,30 @@ impl State {
     }
 
     fn check_token(&self, head: &Head, peer: IpAddr) -> Result<(), Reply> {
-        match &head.token {
-            TokenCheck::Valid => Ok(()),
-            TokenCheck::Rejected(why) => {
-                tracing::debug!(%peer, ?why, "rejected IMDSv2 token");
-                Err(Reply::new(StatusCode::UNAUTHORIZED, ""))
-            }
-            TokenCheck::Missing if self.config.tokens == TokenMode::Required => {
-                Err(Reply::new(StatusCode::UNAUTHORIZED, ""))
-            }
-            TokenCheck::Missing => Ok(()),
+        if self.token_admits(head) {
+            return Ok(());
         }
+        if let TokenCheck::Rejected(why) = &head.token {
+            tracing::debug!(%peer, ?why, "rejected IMDSv2 token");
+        }
+        Err(Reply::new(StatusCode::UNAUTHORIZED, ""))
+    }
+
+    /// Whether the request's IMDSv2 token (or its absence) admits it.
+    fn token_admits(&self, head: &Head) -> bool {
+        match &head.token {
+            TokenCheck::Valid => true,
+            TokenCheck::Rejected(_) => false,
+            TokenCheck::Missing => self.config.tokens != TokenMode::Required,
+        }
+    }
+
+    /// Whether `name`, from a credentials path, names the role decided for the pod.
+    fn names_role(&self, name: &str, decision: &Decision) -> bool {
+        let base = self.config.decision.base_arn.as_ref();
+        name == policy::listed_name(&decision.role, base)
+            || name == decision.role.as_str()
+            || policy::resolve_role(name, base).is_ok_and(|r| r == decision.role)
     }
 
     fn issue_token(&self, head: &Head, peer: IpAddr) -> Response<Full<Bytes>> {
@@ -634,6 +661,23 @@ impl State {
             }
             Err(e) => text(StatusCode::BAD_REQUEST, e.clone()),
         }
+    }
+
+    /// What the connection served from `cached` last, again, while the cache would give the
+    /// same ([`CredentialCache::reuse`]).
+    fn serve_again(&self, cached: &mut Cached) -> Option<Bytes> {
+        let served = cached.served.as_mut()?;
+        if !self
+            .cache
+            .reuse(&cached.held, served.version, &served.creds)
+        {
+            return None;
+        }
+        if !served.own {
+            served.document = Bytes::copy_from_slice(&served.document);
+            served.own = true;
+        }
+        Some(served.document.clone())
     }
 
     async fn credentials(&self, role: &mut Role, peer: IpAddr) -> Result<Bytes, Reply> {
@@ -667,34 +711,28 @@ impl State {
         else {
             unreachable!("held above");
         };
-        if let Some(served) = &mut cached.served
-            && self
-                .cache
-                .reuse(&cached.held, served.version, &served.creds)
-        {
-            if !served.own {
-                served.document = Bytes::copy_from_slice(&served.document);
-                served.own = true;
-            }
-            return Ok(served.document.clone());
+        if let Some(document) = self.serve_again(cached) {
+            return Ok(document);
         }
         // Read before the credentials are: newer credentials after this move it again.
         let version = cached.held.version();
-        let creds = self
-            .cache
-            .get_from(&cached.key, &cached.held)
-            .await
-            .map_err(|e| {
-                let status = match e {
-                    StsError::Denied { .. } => StatusCode::FORBIDDEN,
-                    StsError::Throttled { .. } => StatusCode::SERVICE_UNAVAILABLE,
-                    StsError::Unavailable { .. } => StatusCode::BAD_GATEWAY,
-                };
-                let body = format!("kube2iam-ebpf: pod {}: {e}", decision.pod.display_name());
-                self.events
-                    .record(&decision.pod, Reason::AssumeRoleFailed, &body);
-                Reply::new(status, body)
-            })?;
+        let creds = match self.cache.cached(&cached.key, &cached.held) {
+            Some(creds) => Ok(creds),
+            // Boxed: a call to STS is rare, and its state would otherwise make every
+            // request's future larger, which every request moves.
+            None => Box::pin(self.cache.fetch_missing(&cached.key, &cached.held)).await,
+        };
+        let creds = creds.map_err(|e| {
+            let status = match e {
+                StsError::Denied { .. } => StatusCode::FORBIDDEN,
+                StsError::Throttled { .. } => StatusCode::SERVICE_UNAVAILABLE,
+                StsError::Unavailable { .. } => StatusCode::BAD_GATEWAY,
+            };
+            let body = format!("kube2iam-ebpf: pod {}: {e}", decision.pod.display_name());
+            self.events
+                .record(&decision.pod, Reason::AssumeRoleFailed, &body);
+            Reply::new(status, body)
+        })?;
         // Rendered once per set of credentials, not per request.
         let document = match creds.rendered() {
             Some(document) => document,
@@ -735,13 +773,83 @@ impl State {
         let mut found = conn.recall(world);
         let caller = &conn.caller;
         let (route, response, decided) = self.handle(&head, caller, peer, &mut found, world).await;
-        let (method, uri_path) = (&head.method, head.sent_path());
         let role = found
             .as_ref()
             .filter(|_| decided)
             .and_then(|f| f.role.as_ref())
             .map(|r| r.decision.role.as_str());
-        let status = response.status();
+        self.finish(&head, started, conn, peer, route, response.status(), role);
+        // Kept only if nothing changed while the request was answered either.
+        conn.remember(found.filter(|f| f.world == self.world()));
+        response
+    }
+
+    /// [`State::answer`] without waiting, for the one request it can answer so: a kept
+    /// connection asking again for the credentials it was served last, with nothing they were
+    /// decided and cached from changed since. `None`: anything else (it is then answered by
+    /// `answer`, which would answer this one the same).
+    fn answer_at_once(
+        &self,
+        head: &Head,
+        started: Instant,
+        conn: &Conn,
+        peer: IpAddr,
+    ) -> Option<Response<Full<Bytes>>> {
+        let Target::Route {
+            route: Route::Credentials(name),
+            ..
+        } = &head.target
+        else {
+            return None;
+        };
+        if head.oversized.is_some()
+            || !self.token_admits(head)
+            || !(head.method == Method::GET || head.method == Method::HEAD)
+        {
+            return None;
+        }
+        // Before anything is looked at (see World).
+        let world = self.world();
+        let mut remembered = conn.remembered.lock().unwrap_or_else(|p| p.into_inner());
+        let found = remembered.as_mut().filter(|f| f.world == world)?;
+        let role = found.role.as_mut()?;
+        if !self.names_role(name, &role.decision) {
+            return None;
+        }
+        let document = self.serve_again(role.cached.as_mut()?)?;
+        let response = text(StatusCode::OK, document);
+        let role_name = role.decision.role.as_str();
+        self.finish(
+            head,
+            started,
+            conn,
+            peer,
+            RouteLabel::Credentials,
+            StatusCode::OK,
+            Some(role_name),
+        );
+        // Kept only if nothing changed while the request was answered either.
+        if self.world() != world {
+            *remembered = None;
+        }
+        Some(response)
+    }
+
+    /// Counts and logs an answered request (refusals rate-limited per caller and status), and
+    /// starts the connection's wait for its next request's headers.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        head: &Head,
+        started: Instant,
+        conn: &Conn,
+        peer: IpAddr,
+        route: RouteLabel,
+        status: StatusCode,
+        role: Option<&str>,
+    ) {
+        let caller = &conn.caller;
+        let (method, uri_path) = (&head.method, head.sent_path());
         let elapsed = started.elapsed();
         // Answered: the connection's next request has its header timeout from now.
         conn.headers.answered(started + elapsed);
@@ -770,9 +878,6 @@ impl State {
                 .map(|p| p.display_name());
             tracing::debug!(peer = %peer, pod, role, attested, method = %method, path = uri_path, route = route.as_str(), status = status.as_u16(), latency_us, "request");
         }
-        // Kept only if nothing changed while the request was answered either.
-        conn.remember(found.filter(|f| f.world == self.world()));
-        response
     }
 
     /// Answers one request. Returns the route label (metrics), the response, and whether it
@@ -878,10 +983,7 @@ impl State {
                 let (body, decided) = match self.role_of(found, caller, peer).await {
                     Ok(role) => {
                         let decision = &role.decision;
-                        let same = name == policy::listed_name(&decision.role, base)
-                            || name == decision.role.as_str()
-                            || policy::resolve_role(name, base).is_ok_and(|r| r == decision.role);
-                        let body = if same {
+                        let body = if self.names_role(name, decision) {
                             self.credentials(role, peer).await
                         } else {
                             let body = format!(
@@ -1105,9 +1207,19 @@ pub async fn serve(
                 let started = Instant::now();
                 let head = Head::of(&request, &conn_for_service.state, peer_ip);
                 drop(request);
-                let conn = conn_for_service.clone();
-                async move {
-                    Ok::<_, Infallible>(conn.state.answer(head, started, &conn, peer_ip).await)
+                let state = &conn_for_service.state;
+                match state.answer_at_once(&head, started, &conn_for_service, peer_ip) {
+                    Some(response) => Either::Left(std::future::ready(Ok(response))),
+                    // Boxed: the future that may wait is large, and hyper moves the future of
+                    // every request, the ones answered at once too.
+                    None => {
+                        let conn = conn_for_service.clone();
+                        Either::Right(Box::pin(async move {
+                            Ok::<_, Infallible>(
+                                conn.state.answer(head, started, &conn, peer_ip).await,
+                            )
+                        }))
+                    }
                 }
             });
             // The header timeout is the connection's HeaderClock, not hyper's timer (which

@@ -40,7 +40,7 @@ impl State {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::{
         net::{IpAddr, Ipv4Addr, SocketAddr},
         sync::Arc,
@@ -77,7 +77,7 @@ mod tests {
         }
     }
 
-    fn state(session_per_pod: bool, default_role: Option<&str>) -> State {
+    pub(in crate::imds) fn state(session_per_pod: bool, default_role: Option<&str>) -> State {
         let config = ServerConfig {
             decision: crate::decision::Rules {
                 node: "node-a".into(),
@@ -131,7 +131,11 @@ mod tests {
         }
     }
 
-    fn pod(uid: &str, role: Annotation, external_id: Annotation) -> PodIdentity {
+    pub(in crate::imds) fn pod(
+        uid: &str,
+        role: Annotation,
+        external_id: Annotation,
+    ) -> PodIdentity {
         PodIdentity {
             namespace: "default".into(),
             name: format!("pod-{uid}"),

@@ -1,0 +1,217 @@
+//! The answer a kept connection gets at once ([`State::answer_at_once`]) is the one
+//! [`State::answer`] gives, and it is given only when nothing the answer came from changed.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use futures::future::BoxFuture;
+use http_body_util::BodyExt as _;
+use hyper::{Method, StatusCode};
+
+use super::{
+    Conn, Head, State, Target, TokenCheck, TokenMode,
+    header_clock::HeaderClock,
+    path,
+    usage::tests::{pod, state},
+};
+use crate::{
+    attest::{Caller, Mode},
+    credentials::{AssumeRequest, CacheSettings, CredentialCache, Credentials, Sts, StsError},
+    identity::Annotation,
+};
+
+/// Fresh credentials for every call, numbered.
+struct CountingSts(std::sync::atomic::AtomicUsize);
+
+impl Sts for CountingSts {
+    fn assume_role(
+        &self,
+        request: AssumeRequest,
+    ) -> BoxFuture<'static, Result<Credentials, StsError>> {
+        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        Box::pin(async move {
+            Ok(Credentials {
+                access_key_id: format!("ASIA{n}-{}", request.session_name),
+                secret_access_key: "secret".into(),
+                session_token: "token".into(),
+                expiration: SystemTime::now() + Duration::from_secs(3600),
+                last_updated: SystemTime::now(),
+            })
+        })
+    }
+}
+
+const PEER: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
+
+fn serving(tokens: TokenMode) -> Arc<State> {
+    let mut state = state(false, None);
+    state.config.decision.attestation = Mode::Off;
+    state.config.tokens = tokens;
+    state.cache = CredentialCache::new(
+        Arc::new(CountingSts(Default::default())),
+        CacheSettings::default(),
+    );
+    let web = pod("u1", Annotation::Value("web".into()), Annotation::Absent);
+    assert!(state.registry.apply(&web, &[PEER]).is_empty());
+    Arc::new(state)
+}
+
+fn conn(state: &Arc<State>) -> Conn {
+    Conn {
+        state: state.clone(),
+        caller: Caller::NotChecked,
+        remembered: Mutex::new(None),
+        headers: HeaderClock::new(tokio::time::Instant::now()),
+    }
+}
+
+fn get(state: &State, method: Method, path: &str, token: TokenCheck) -> Head {
+    let normalized = path::normalize(path).unwrap();
+    let route = path::route(&method, &normalized, &state.config.rules);
+    Head {
+        method,
+        target: Target::Route { normalized, route },
+        sent_path: None,
+        oversized: None,
+        token,
+        ttl: None,
+        forwarded: false,
+        accept: None,
+    }
+}
+
+const CREDS: &str = "/latest/meta-data/iam/security-credentials/web";
+
+async fn body(
+    response: hyper::Response<http_body_util::Full<bytes::Bytes>>,
+) -> (StatusCode, Vec<u8>) {
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, bytes.to_vec())
+}
+
+async fn answer(state: &State, conn: &Conn, head: Head) -> (StatusCode, Vec<u8>) {
+    body(state.answer(head, Instant::now(), conn, PEER).await).await
+}
+
+async fn at_once(state: &State, conn: &Conn, head: &Head) -> Option<(StatusCode, Vec<u8>)> {
+    match state.answer_at_once(head, Instant::now(), conn, PEER) {
+        Some(response) => Some(body(response).await),
+        None => None,
+    }
+}
+
+#[tokio::test]
+async fn a_kept_connection_gets_at_once_what_answer_gives_and_nothing_else() {
+    let state = serving(TokenMode::Optional);
+    let conn = conn(&state);
+    let creds = || get(&state, Method::GET, CREDS, TokenCheck::Missing);
+    assert!(
+        at_once(&state, &conn, &creds()).await.is_none(),
+        "nothing served on the connection yet"
+    );
+    // The first answer fetches them from STS (stored after the version it read); the second
+    // is the cache's.
+    let first = answer(&state, &conn, creds()).await;
+    assert_eq!(first.0, StatusCode::OK);
+    assert_eq!(answer(&state, &conn, creds()).await, first);
+    let hits = state
+        .cache
+        .stats
+        .hits
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(at_once(&state, &conn, &creds()).await, Some(first.clone()));
+    let head = get(&state, Method::HEAD, CREDS, TokenCheck::Missing);
+    assert_eq!(
+        at_once(&state, &conn, &head).await.map(|a| a.0),
+        Some(StatusCode::OK)
+    );
+    assert_eq!(
+        state
+            .cache
+            .stats
+            .hits
+            .load(std::sync::atomic::Ordering::Relaxed),
+        hits + 2,
+        "each counted as a cache hit"
+    );
+    // Another role's name, another route, another method: left to answer.
+    let other = get(
+        &state,
+        Method::GET,
+        "/latest/meta-data/iam/security-credentials/admin",
+        TokenCheck::Missing,
+    );
+    assert!(at_once(&state, &conn, &other).await.is_none());
+    assert_eq!(answer(&state, &conn, other).await.0, StatusCode::NOT_FOUND);
+    let listing = get(
+        &state,
+        Method::GET,
+        "/latest/meta-data/iam/security-credentials/",
+        TokenCheck::Missing,
+    );
+    assert!(at_once(&state, &conn, &listing).await.is_none());
+    let put = get(&state, Method::POST, CREDS, TokenCheck::Missing);
+    assert!(at_once(&state, &conn, &put).await.is_none());
+    assert_eq!(
+        answer(&state, &conn, put).await.0,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+    // Still kept after those.
+    assert_eq!(at_once(&state, &conn, &creds()).await, Some(first.clone()));
+
+    // The pod's role changes: the registry's count moves, and the next request is decided
+    // afresh (and refused: the pod no longer has the role it asks for).
+    let changed = pod("u1", Annotation::Value("batch".into()), Annotation::Absent);
+    assert!(state.registry.apply(&changed, &[PEER]).is_empty());
+    assert!(at_once(&state, &conn, &creds()).await.is_none());
+    assert_eq!(
+        answer(&state, &conn, creds()).await.0,
+        StatusCode::NOT_FOUND
+    );
+    let batch = || {
+        get(
+            &state,
+            Method::GET,
+            "/latest/meta-data/iam/security-credentials/batch",
+            TokenCheck::Missing,
+        )
+    };
+    let served = answer(&state, &conn, batch()).await;
+    assert_eq!(served.0, StatusCode::OK);
+    assert_eq!(answer(&state, &conn, batch()).await, served);
+    assert_ne!(served.1, first.1, "the new role's credentials");
+    assert_eq!(at_once(&state, &conn, &batch()).await, Some(served));
+
+    // Evicted from the cache: asked of the cache again.
+    state
+        .cache
+        .evict_unused(&Default::default(), Duration::ZERO);
+    assert!(at_once(&state, &conn, &batch()).await.is_none());
+}
+
+#[tokio::test]
+async fn a_request_without_the_token_the_agent_requires_is_never_answered_at_once() {
+    let state = serving(TokenMode::Required);
+    let conn = conn(&state);
+    let with = || get(&state, Method::GET, CREDS, TokenCheck::Valid);
+    assert_eq!(answer(&state, &conn, with()).await.0, StatusCode::OK);
+    assert_eq!(answer(&state, &conn, with()).await.0, StatusCode::OK);
+    assert!(at_once(&state, &conn, &with()).await.is_some());
+    let without = get(&state, Method::GET, CREDS, TokenCheck::Missing);
+    assert!(at_once(&state, &conn, &without).await.is_none());
+    assert_eq!(
+        answer(&state, &conn, without).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let rejected = get(
+        &state,
+        Method::GET,
+        CREDS,
+        TokenCheck::Rejected(super::token::Invalid::Expired),
+    );
+    assert!(at_once(&state, &conn, &rejected).await.is_none());
+}
