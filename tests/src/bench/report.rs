@@ -85,6 +85,9 @@ pub fn load_average() -> String {
 pub struct CpuSample {
     /// user + nice + system + irq + softirq over all CPUs (/proc/stat).
     machine_busy: Duration,
+    /// steal over all CPUs (/proc/stat): time the machine's virtual CPUs had work but the
+    /// host ran something else.
+    steal: Duration,
     /// getrusage(SELF) + getrusage(CHILDREN), user + system.
     own: Duration,
     at: Option<std::time::Instant>,
@@ -96,20 +99,20 @@ impl CpuSample {
         let ticks_per_sec = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
             .unwrap_or(100)
             .max(1);
-        let busy_ticks: u64 = std::fs::read_to_string("/proc/stat")
+        // cpu  user nice system idle iowait irq softirq steal guest guest_nice
+        let fields: Vec<u64> = std::fs::read_to_string("/proc/stat")
             .unwrap_or_default()
             .lines()
             .next()
             .map(|cpu| {
-                // cpu  user nice system idle iowait irq softirq steal guest guest_nice
-                let fields: Vec<u64> = cpu
-                    .split_whitespace()
+                cpu.split_whitespace()
                     .skip(1)
                     .filter_map(|f| f.parse().ok())
-                    .collect();
-                [0, 1, 2, 5, 6].iter().filter_map(|i| fields.get(*i)).sum()
+                    .collect()
             })
-            .unwrap_or(0);
+            .unwrap_or_default();
+        let busy_ticks: u64 = [0, 1, 2, 5, 6].iter().filter_map(|i| fields.get(*i)).sum();
+        let steal_ticks = fields.get(7).copied().unwrap_or(0);
         let usage = |who| {
             // SAFETY: getrusage fills the struct it is given.
             let mut r: libc::rusage = unsafe { std::mem::zeroed() };
@@ -121,9 +124,17 @@ impl CpuSample {
         };
         CpuSample {
             machine_busy: Duration::from_nanos(busy_ticks * 1_000_000_000 / ticks_per_sec),
+            steal: Duration::from_nanos(steal_ticks * 1_000_000_000 / ticks_per_sec),
             own: usage(libc::RUSAGE_SELF) + usage(libc::RUSAGE_CHILDREN),
             at: Some(std::time::Instant::now()),
         }
+    }
+
+    /// Cores' worth of CPU time the host took from this machine between `self` and `later`
+    /// (steal).
+    pub fn steal_until(&self, later: &CpuSample) -> Option<f64> {
+        let wall = later.at?.duration_since(self.at?).as_secs_f64();
+        (wall > 0.0).then(|| later.steal.saturating_sub(self.steal).as_secs_f64() / wall)
     }
 
     /// Cores' worth of CPU that others used between `self` and `later`: the machine's busy
@@ -605,10 +616,16 @@ impl Report {
         self.cpu_before.others_until(&self.cpu_after)
     }
 
+    /// Cores' worth of CPU time the host took from this machine during the run.
+    fn steal(&self) -> Option<f64> {
+        self.cpu_before.steal_until(&self.cpu_after)
+    }
+
     /// Whether other work took more than half a core on average during the run (others'
-    /// builds and tests sharing the CPUs).
+    /// builds and tests sharing the CPUs, or the host's, as steal).
     fn loaded(&self) -> bool {
         self.others().is_some_and(|others| others > 0.5)
+            || self.steal().is_some_and(|steal| steal > 0.5)
     }
 
     pub fn targets(&self) -> Vec<Target> {
@@ -817,7 +834,7 @@ impl Report {
         let _ = writeln!(
             out,
             "- Load average (1/5/15 min) before the run: {}; after: {} (the run's own load \
-             included). {}{}",
+             included). {}{}{}",
             self.load_before,
             self.load_after,
             match self.others() {
@@ -828,6 +845,14 @@ impl Report {
                      other)."
                 ),
                 None => "Other processes' CPU use was not measured.".to_owned(),
+            },
+            match self.steal() {
+                Some(steal) => format!(
+                    " The host took {steal:.2} cores' worth of time from this virtual machine \
+                     on average (steal in /proc/stat: its CPUs had work, the host ran \
+                     something else), which no process here shows."
+                ),
+                None => String::new(),
             },
             if self.loaded() {
                 " **Other work took more than half a core during this run: absolute numbers \
