@@ -91,7 +91,7 @@ impl Options {
         Self {
             connect_rounds: 20,
             connects_per_batch: 400,
-            get_rounds: 5,
+            get_rounds: 9,
             attest_rounds: 10,
             latency_ms: 800,
             throughput_ms: 1500,
