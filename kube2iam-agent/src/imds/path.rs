@@ -438,27 +438,35 @@ mod tests {
     /// path of up to 6 characters over an alphabet with each character that matters.
     #[test]
     fn normal_paths_are_what_normalizing_makes_of_them() {
-        let alphabet = ['/', '.', 'a', '-', '%', '\\', '2', 'e'];
+        // With `?` and `#` (cut off first) and a character of two bytes in UTF-8.
+        let alphabet = ['/', '.', 'a', '-', '%', '\\', '2', '?', '#', '\u{e9}'];
         let mut paths = vec![String::new()];
         let mut normal = 0;
         for _ in 0..6 {
             let mut longer = Vec::new();
             for p in &paths {
                 for c in alphabet {
-                    let mut q = p.clone();
-                    q.push(c);
-                    if is_normal(&q) {
+                    let mut full = p.clone();
+                    full.push(c);
+                    // The path before `?` or `#`, cut by characters: what normalize, which
+                    // cuts by bytes, goes on with.
+                    let q = &full[..full.find(['?', '#']).unwrap_or(full.len())];
+                    if is_normal(q) {
                         normal += 1;
-                        assert_eq!(normalize_path(&q), Ok(q.clone()));
-                    } else if q.starts_with('/') {
+                        assert_eq!(normalize_path(q), Ok(q.to_owned()));
+                        assert_eq!(normalize(&full), Ok(q.to_owned()), "{full:?}");
+                    } else {
+                        assert_eq!(normalize(&full), normalize_path(q), "{full:?}");
+                    }
+                    if !is_normal(q) && q.starts_with('/') {
                         // Not normal: normalizing changes it, or refuses it, or it holds a
                         // character the short cut leaves to the full path.
-                        let changed = normalize_path(&q).map_or(true, |n| n != q);
-                        let unusual = q.contains(['%', '\\']);
+                        let changed = normalize_path(q).map_or(true, |n| n != q);
+                        let unusual = q.contains(['%', '\\']) || !q.is_ascii();
                         let dots = q.split('/').any(|s| s == "." || s == "..");
                         assert!(changed || unusual || dots, "{q:?}");
                     }
-                    longer.push(q);
+                    longer.push(full);
                 }
             }
             paths = longer;
