@@ -215,3 +215,83 @@ async fn a_request_without_the_token_the_agent_requires_is_never_answered_at_onc
     );
     assert!(at_once(&state, &conn, &rejected).await.is_none());
 }
+/// credentials another connection's request replaced (a refresh ahead of expiry) are
+/// never served again at once; an oversized request is never answered at once.
+#[tokio::test]
+async fn replaced_credentials_and_oversized_requests_are_not_served_at_once() {
+    let mut state = state(false, None);
+    state.config.decision.attestation = Mode::Off;
+    state.cache = CredentialCache::new(
+        Arc::new(CountingSts(Default::default())),
+        CacheSettings {
+            // Fresh for 300 ms after they are issued.
+            refresh_before: Duration::from_secs(3600) - Duration::from_millis(300),
+            ..CacheSettings::default()
+        },
+    );
+    let web = pod("u1", Annotation::Value("web".into()), Annotation::Absent);
+    assert!(state.registry.apply(&web, &[PEER]).is_empty());
+    let state = Arc::new(state);
+    let (one, two) = (conn(&state), conn(&state));
+    let creds = || get(&state, Method::GET, CREDS, TokenCheck::Missing);
+    let x = answer(&state, &one, creds()).await;
+    assert_eq!(answer(&state, &one, creds()).await, x);
+    assert_eq!(at_once(&state, &one, &creds()).await, Some(x.clone()));
+
+    let mut big = creds();
+    big.oversized = Some("5000 bytes".into());
+    assert!(at_once(&state, &one, &big).await.is_none());
+    assert_eq!(
+        answer(&state, &one, big).await.0,
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+
+    // X is due for refresh: the other connection is served X and starts the refresh, which
+    // stores Y (fresh again, 300 ms).
+    std::thread::sleep(Duration::from_millis(350));
+    assert_eq!(answer(&state, &two, creds()).await, x);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let y = answer(&state, &two, creds()).await;
+    assert_ne!(y, x, "refreshed");
+    // The first connection, kept since X: not at once, and then Y.
+    assert!(at_once(&state, &one, &creds()).await.is_none());
+    assert_eq!(answer(&state, &one, creds()).await, y);
+    assert_eq!(at_once(&state, &one, &creds()).await, Some(y));
+}
+
+/// a registry change racing a kept connection's requests. Each request answered at
+/// once must have started before the change that made it wrong was counted: once `apply`
+/// returned, no request started afterwards is answered at once with the old role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_request_started_after_a_role_change_is_answered_at_once() {
+    let state = serving(TokenMode::Optional);
+    let conn = conn(&state);
+    let creds = || get(&state, Method::GET, CREDS, TokenCheck::Missing);
+    for round in 0..200 {
+        let role = if round % 2 == 0 { "web" } else { "other" };
+        // Bring the connection to answering at once (when its role is web).
+        let _ = answer(&state, &conn, creds()).await;
+        let _ = answer(&state, &conn, creds()).await;
+        let state2 = state.clone();
+        let changer = std::thread::spawn(move || {
+            let flip = if round % 2 == 0 { "other" } else { "web" };
+            let q = pod("u1", Annotation::Value(flip.into()), Annotation::Absent);
+            assert!(state2.registry.apply(&q, &[PEER]).is_empty());
+        });
+        let mut served_after = false;
+        let mut done = false;
+        while !done {
+            done = changer.is_finished();
+            let got = at_once(&state, &conn, &creds()).await;
+            // A request started after apply returned (done seen before it started).
+            if done && got.is_some() {
+                served_after = true;
+            }
+        }
+        changer.join().unwrap();
+        assert!(
+            !served_after,
+            "round {round} ({role}): served at once after the change"
+        );
+    }
+}
