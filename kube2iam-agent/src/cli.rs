@@ -276,8 +276,9 @@ pub struct RunArgs {
     #[arg(long, env = "MAX_CONNECTIONS_PER_CALLER", default_value_t = 1024)]
     pub max_connections_per_caller: usize,
     /// Time a client has to send a request's headers, counted from when its connection opened
-    /// or its previous request was answered; then the connection is closed unanswered.
-    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    /// or its previous request was answered (so a client that does not read its answers is cut
+    /// too); then the connection is closed unanswered. More than 0.
+    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration)]
     pub header_read_timeout: Duration,
     /// Whether the kernel's record of which pod's cgroup made a connection must agree with the
     /// pod its source address belongs to. `prefer`: wherever the kernel can name the pod (pods
@@ -304,6 +305,14 @@ pub struct RunArgs {
 /// a bare number is seconds.
 pub fn parse_duration(value: &str) -> Result<Duration, String> {
     crate::kube2iam::parse_duration(value)
+}
+
+/// [`parse_duration`], refusing 0.
+pub fn parse_positive_duration(value: &str) -> Result<Duration, String> {
+    match parse_duration(value)? {
+        Duration::ZERO => Err(format!("{value:?}: must be more than 0")),
+        duration => Ok(duration),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -696,6 +705,11 @@ mod tests {
         assert!(parse_duration("5 minutes").is_err());
         assert!(parse_duration("").is_err());
         assert!(parse_duration("m").is_err());
+        assert_eq!(parse_positive_duration("5s"), Ok(Duration::from_secs(5)));
+        for zero in ["0", "0s", "0ms"] {
+            let err = parse_positive_duration(zero).unwrap_err();
+            assert!(err.contains("more than 0"), "{zero}: {err}");
+        }
     }
 
     #[test]
