@@ -1338,7 +1338,11 @@ impl Report {
             ]);
         }
         out.push_str(&table.markdown());
-        let _ = writeln!(out, "\n{}\n", tail_note(&g.tail, self.loaded()));
+        let _ = writeln!(
+            out,
+            "\n{}\n",
+            tail_note(&g.tail, self.loaded(), self.steal())
+        );
     }
 
     fn cost_section(&self, out: &mut String, c: &CostResult) {
@@ -1723,7 +1727,7 @@ impl Report {
 }
 
 /// What the keep-alive tail probe shows, in words, from this run's numbers.
-fn tail_note(rows: &[TailRow], loaded: bool) -> String {
+fn tail_note(rows: &[TailRow], loaded: bool, steal: Option<f64>) -> String {
     let row = |key: &str| rows.iter().find(|r| r.key == key);
     let (Some(n), Some(f)) = (row("n"), row("f")) else {
         return String::new();
@@ -1771,6 +1775,14 @@ fn tail_note(rows: &[TailRow], loaded: bool) -> String {
              as usual), so part of it is not a wait behind other tasks.",
             share(f) * 100.0,
             share(n) * 100.0
+        );
+    }
+    if let Some(steal) = steal.filter(|s| *s >= 0.05) {
+        let _ = write!(
+            text,
+            " The host took {steal:.2} cores' worth of time from this machine during the run \
+             (steal): while the host does not run a virtual CPU, every task on it waits, at any \
+             priority, and SCHED_FIFO cannot remove that part of the tail."
         );
     }
     text
