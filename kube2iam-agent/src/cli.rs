@@ -275,9 +275,11 @@ pub struct RunArgs {
     /// may hold; more are answered 503 and closed, so one caller cannot take every slot.
     #[arg(long, env = "MAX_CONNECTIONS_PER_CALLER", default_value_t = 1024)]
     pub max_connections_per_caller: usize,
-    /// Time a client has to send a request's headers, counted from when its connection opened
-    /// or its previous request was answered (so a client that does not read its answers is cut
-    /// too); then the connection is closed unanswered. More than 0.
+    /// Time a client has to send a request's headers, counted from when the agent starts to
+    /// serve its connection (once it knows who made it) or its previous answer was ready (so a
+    /// client that does not read its answers is cut too, once they no longer fit in the socket
+    /// buffers); then the connection is closed unanswered. More than 0. Connections that did not
+    /// come through the redirect get 1s.
     #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration)]
     pub header_read_timeout: Duration,
     /// Whether the kernel's record of which pod's cgroup made a connection must agree with the

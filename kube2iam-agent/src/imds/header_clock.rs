@@ -2,7 +2,8 @@
 //! per connection. Hyper's own header timer registers a timer for every request and removes it
 //! when the headers are in, which a kept-alive connection pays on every request. Here a request
 //! stores one number when its headers arrive and one when it is answered; one timer per
-//! connection reads them, waking at most once per timeout while the connection is used.
+//! connection reads them, waking about once per timeout (never more than twice within one), not
+//! once per request.
 
 use std::{
     sync::atomic::{AtomicU64, Ordering},
@@ -61,7 +62,8 @@ impl HeaderClock {
                 Some(deadline) if deadline <= now => return,
                 Some(deadline) => deadline,
                 // Being answered (a wait for STS or for the pod can take seconds): look again
-                // one timeout from now, or when the answer's own deadline has passed.
+                // one timeout from now; an answer given before then starts a deadline later
+                // than that, so none is missed.
                 None => now + timeout,
             };
             tokio::time::sleep_until(wake).await;

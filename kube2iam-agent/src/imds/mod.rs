@@ -173,13 +173,13 @@ struct Role {
 struct Cached {
     key: CacheKey,
     held: Held,
-    /// What the last request was served from the entry, to serve again while the cache says
-    /// it would give the same ([`CredentialCache::reuse`]).
+    /// What the connection last served from the entry, to serve again while the cache says it
+    /// would give the same ([`CredentialCache::reuse`]).
     served: Option<Served>,
 }
 
 struct Served {
-    /// The entry's version when the credentials were got.
+    /// The entry's version, read just before the credentials were got.
     version: u64,
     creds: Arc<Issued>,
     document: Bytes,
