@@ -375,7 +375,7 @@ impl Held {
         !self.0.evicted.load(Ordering::Acquire)
     }
 
-    /// The entry's version, read before [`CredentialCache::get_from`], for
+    /// The entry's version, read before the credentials are got from it, for
     /// [`CredentialCache::reuse`].
     pub fn version(&self) -> u64 {
         self.0.version.load(Ordering::Acquire)
@@ -458,7 +458,8 @@ impl CredentialCache {
     }
 
     /// Credentials for `key`, from the cache or STS (the server holds its entries instead:
-    /// [`CredentialCache::hold`], [`CredentialCache::get_from`]).
+    /// [`CredentialCache::hold`], then [`CredentialCache::cached`] and
+    /// [`CredentialCache::fetch_missing`]).
     #[cfg(test)]
     pub async fn get(
         self: &Arc<Self>,
@@ -474,6 +475,7 @@ impl CredentialCache {
     }
 
     /// [`CredentialCache::get`] from the entry [`CredentialCache::hold`] gave for `key`.
+    #[cfg(test)]
     pub async fn get_from(
         self: &Arc<Self>,
         key: &CacheKey,
@@ -485,9 +487,8 @@ impl CredentialCache {
         }
     }
 
-    /// What [`CredentialCache::get_from`] gives without waiting: the entry's credentials while
-    /// they are valid (counted as a hit; past their refresh time, refreshed in the background
-    /// too), else `None`.
+    /// The entry's credentials while they are valid, without waiting (counted as a hit; past
+    /// their refresh time, refreshed in the background too), else `None`.
     pub fn cached(self: &Arc<Self>, key: &CacheKey, held: &Held) -> Option<Arc<Issued>> {
         let entry = &held.0;
         self.touch(entry);
@@ -509,8 +510,9 @@ impl CredentialCache {
         None
     }
 
-    /// The rest of [`CredentialCache::get_from`] when [`CredentialCache::cached`] had nothing:
-    /// a miss, fetched from STS (one call for every request waiting on the entry).
+    /// After [`CredentialCache::cached`] had nothing: a miss, fetched from STS (one call for
+    /// every request waiting on the entry; during a failure's backoff, none, and the error or
+    /// still-valid credentials are given).
     pub async fn fetch_missing(
         &self,
         key: &CacheKey,
@@ -520,11 +522,12 @@ impl CredentialCache {
         self.fetch(key, &held.0).await
     }
 
-    /// Whether `creds`, which [`CredentialCache::get_from`] gave from `held` when its version
-    /// was `version`, are what it would give now from the cache: the entry is still the
-    /// cache's, no credentials replaced them since, and they are fresh. Counted as the cache hit
-    /// `get_from` would count. A connection serving its pod again asks this instead of reading
-    /// the entry, whose lock and counts every connection of the pod shares.
+    /// Whether `creds`, got from `held` ([`CredentialCache::cached`] or
+    /// [`CredentialCache::fetch_missing`]) when its version was `version`, are what `cached`
+    /// would give now: the entry is still the cache's, no credentials replaced them since, and
+    /// they are fresh. Counted as the cache hit `cached` would count. A connection serving its
+    /// pod again asks this instead of reading the entry, whose lock and counts every
+    /// connection of the pod shares.
     pub fn reuse(&self, held: &Held, version: u64, creds: &Issued) -> bool {
         if !held.is_current() || held.version() != version || !self.fresh(creds) {
             return false;
