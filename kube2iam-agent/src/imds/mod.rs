@@ -189,13 +189,14 @@ struct Served {
     own: bool,
 }
 
-/// One connection: who is calling (fixed for its life), what its last request found, and how
-/// long it has waited for its next request's headers.
+/// One connection: who is calling and from where (fixed for its life), what its last request
+/// found, and how long it has waited for its next request's headers.
 struct Conn {
     /// The server's state, held once per connection: a clone per request would move its
     /// count between the runtime's threads on every request.
     state: Arc<State>,
     caller: Caller,
+    peer: IpAddr,
     remembered: Mutex<Option<Remembered>>,
     headers: HeaderClock,
 }
@@ -489,12 +490,20 @@ impl State {
     ) -> Result<T, Reply> {
         // The first look reads no clock: it is the last one only without a wait, and it
         // mostly decides.
-        match look(self.config.pod_wait.is_zero()) {
-            Outcome::Ok(found) => Ok(found),
-            Outcome::Refuse(refusal) => Err(self.refuse(refusal)),
+        match self.settled(look(self.config.pod_wait.is_zero())) {
+            Some(decided) => decided,
             // Boxed: the waiting is rare, and its state (a timer, a registry subscription)
             // would otherwise make every request's future larger, which every request moves.
-            Outcome::Wait => Box::pin(self.keep_looking(step, look)).await,
+            None => Box::pin(self.keep_looking(step, look)).await,
+        }
+    }
+
+    /// What a look decided, as the answer (refusals recorded); `None` while it waits.
+    fn settled<T>(&self, outcome: Outcome<T>) -> Option<Result<T, Reply>> {
+        match outcome {
+            Outcome::Ok(found) => Some(Ok(found)),
+            Outcome::Refuse(refusal) => Some(Err(self.refuse(refusal))),
+            Outcome::Wait => None,
         }
     }
 
@@ -504,11 +513,7 @@ impl State {
         step: Option<Duration>,
         mut look: impl FnMut(bool) -> Outcome<T>,
     ) -> Result<T, Reply> {
-        let mut settle = |last_look: bool| match look(last_look) {
-            Outcome::Ok(found) => Some(Ok(found)),
-            Outcome::Refuse(refusal) => Some(Err(self.refuse(refusal))),
-            Outcome::Wait => None,
-        };
+        let mut settle = |last_look: bool| self.settled(look(last_look));
         let deadline = tokio::time::Instant::now() + self.config.pod_wait;
         let mut changes = self.registry.subscribe();
         loop {
@@ -761,13 +766,8 @@ impl State {
     }
 
     /// Answers one request, counts it and logs it (refusals rate-limited per caller and status).
-    async fn answer(
-        &self,
-        head: Head,
-        started: Instant,
-        conn: &Conn,
-        peer: IpAddr,
-    ) -> Response<Full<Bytes>> {
+    async fn answer(&self, head: Head, started: Instant, conn: &Conn) -> Response<Full<Bytes>> {
+        let peer = conn.peer;
         // Before anything is looked at (see World).
         let world = self.world();
         let mut found = conn.recall(world);
@@ -778,7 +778,7 @@ impl State {
             .filter(|_| decided)
             .and_then(|f| f.role.as_ref())
             .map(|r| r.decision.role.as_str());
-        self.finish(&head, started, conn, peer, route, response.status(), role);
+        self.finish(&head, started, conn, route, response.status(), role);
         // Kept only if nothing changed while the request was answered either.
         conn.remember(found.filter(|f| f.world == self.world()));
         response
@@ -793,7 +793,6 @@ impl State {
         head: &Head,
         started: Instant,
         conn: &Conn,
-        peer: IpAddr,
     ) -> Option<Response<Full<Bytes>>> {
         let Target::Route {
             route: Route::Credentials(name),
@@ -823,7 +822,6 @@ impl State {
             head,
             started,
             conn,
-            peer,
             RouteLabel::Credentials,
             StatusCode::OK,
             Some(role_name),
@@ -837,18 +835,16 @@ impl State {
 
     /// Counts and logs an answered request (refusals rate-limited per caller and status), and
     /// starts the connection's wait for its next request's headers.
-    #[allow(clippy::too_many_arguments)]
     fn finish(
         &self,
         head: &Head,
         started: Instant,
         conn: &Conn,
-        peer: IpAddr,
         route: RouteLabel,
         status: StatusCode,
         role: Option<&str>,
     ) {
-        let caller = &conn.caller;
+        let (caller, peer) = (&conn.caller, conn.peer);
         let (method, uri_path) = (&head.method, head.sent_path());
         let elapsed = started.elapsed();
         // Answered: the connection's next request has its header timeout from now.
@@ -1198,6 +1194,7 @@ pub async fn serve(
             let conn = Arc::new(Conn {
                 state: state.clone(),
                 caller,
+                peer: peer_ip,
                 remembered: Mutex::new(None),
                 headers: HeaderClock::new(Instant::now().into()),
             });
@@ -1208,16 +1205,14 @@ pub async fn serve(
                 let head = Head::of(&request, &conn_for_service.state, peer_ip);
                 drop(request);
                 let state = &conn_for_service.state;
-                match state.answer_at_once(&head, started, &conn_for_service, peer_ip) {
+                match state.answer_at_once(&head, started, &conn_for_service) {
                     Some(response) => Either::Left(std::future::ready(Ok(response))),
                     // Boxed: the future that may wait is large, and hyper moves the future of
                     // every request, the ones answered at once too.
                     None => {
                         let conn = conn_for_service.clone();
                         Either::Right(Box::pin(async move {
-                            Ok::<_, Infallible>(
-                                conn.state.answer(head, started, &conn, peer_ip).await,
-                            )
+                            Ok::<_, Infallible>(conn.state.answer(head, started, &conn).await)
                         }))
                     }
                 }

@@ -63,6 +63,7 @@ fn conn(state: &Arc<State>) -> Conn {
     Conn {
         state: state.clone(),
         caller: Caller::NotChecked,
+        peer: PEER,
         remembered: Mutex::new(None),
         headers: HeaderClock::new(tokio::time::Instant::now()),
     }
@@ -94,11 +95,11 @@ async fn body(
 }
 
 async fn answer(state: &State, conn: &Conn, head: Head) -> (StatusCode, Vec<u8>) {
-    body(state.answer(head, Instant::now(), conn, PEER).await).await
+    body(state.answer(head, Instant::now(), conn).await).await
 }
 
 async fn at_once(state: &State, conn: &Conn, head: &Head) -> Option<(StatusCode, Vec<u8>)> {
-    match state.answer_at_once(head, Instant::now(), conn, PEER) {
+    match state.answer_at_once(head, Instant::now(), conn) {
         Some(response) => Some(body(response).await),
         None => None,
     }
