@@ -155,10 +155,10 @@ async fn a_kept_connection_gets_at_once_what_answer_gives_and_nothing_else() {
         TokenCheck::Missing,
     );
     assert!(at_once(&state, &conn, &listing).await.is_none());
-    let put = get(&state, Method::POST, CREDS, TokenCheck::Missing);
-    assert!(at_once(&state, &conn, &put).await.is_none());
+    let post = get(&state, Method::POST, CREDS, TokenCheck::Missing);
+    assert!(at_once(&state, &conn, &post).await.is_none());
     assert_eq!(
-        answer(&state, &conn, put).await.0,
+        answer(&state, &conn, post).await.0,
         StatusCode::METHOD_NOT_ALLOWED
     );
     // Still kept after those.
